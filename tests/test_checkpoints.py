@@ -1,0 +1,624 @@
+"""Tests for ``xclip_core.checkpoints``: safe loading, original <-> Hugging Face layouts, validation, saving.
+
+The mapping is checked against two references: ``transformers.XCLIPModel`` and a transcription of the original
+release's modules (github.com/microsoft/VideoX, X-CLIP/models/{xclip,cct,mit,prompt}.py, clip/model.py), which
+must accept the converted weights with ``strict=True`` and compute the same features.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import random
+import re
+import sys
+import types
+import uuid
+from collections import OrderedDict
+
+import fsspec
+import pytest
+import torch
+from torch import nn
+from transformers import XCLIPConfig as HFXCLIPConfig
+from transformers import XCLIPModel
+
+from xclip_core.checkpoints import (
+    _RESTRICTED_PICKLE,
+    CheckpointError,
+    check_state_dict,
+    config_from_original,
+    hf_to_original,
+    is_original_layout,
+    load_tensors,
+    original_to_hf,
+    save_safetensors,
+)
+from xclip_core.config import XCLIPConfig
+from xclip_core.sources import ModelSource
+
+IMAGE, CONTEXT, VOCAB = 32, 16, 99
+
+# Widths >= 64 give the original's width // 64 heads; the 32-wide one only exists in the HF layout (1 head).
+GEOMETRIES = {
+    "p16-w64": dict(
+        text=64, text_layers=1, vision=64, vision_layers=1, patch=16, frames=2, mit=1, prompt=1, proj=64
+    ),
+    "p8-w128": dict(
+        text=64, text_layers=2, vision=128, vision_layers=2, patch=8, frames=4, mit=2, prompt=2, proj=128
+    ),
+    "p8-w32": dict(
+        text=32, text_layers=1, vision=32, vision_layers=2, patch=8, frames=3, mit=2, prompt=1, proj=32
+    ),
+}
+ORIGINAL_COMPATIBLE = ["p16-w64", "p8-w128"]
+
+
+def hf_config(g: dict) -> HFXCLIPConfig:
+    heads = lambda width: max(1, width // 64)  # noqa: E731
+    return HFXCLIPConfig(
+        text_config=dict(
+            vocab_size=VOCAB,
+            hidden_size=g["text"],
+            intermediate_size=4 * g["text"],
+            num_hidden_layers=g["text_layers"],
+            num_attention_heads=heads(g["text"]),
+            max_position_embeddings=CONTEXT,
+        ),
+        vision_config=dict(
+            hidden_size=g["vision"],
+            intermediate_size=4 * g["vision"],
+            num_hidden_layers=g["vision_layers"],
+            num_attention_heads=heads(g["vision"]),
+            image_size=IMAGE,
+            patch_size=g["patch"],
+            num_frames=g["frames"],
+            mit_hidden_size=g["proj"],
+            mit_intermediate_size=4 * g["proj"],
+            mit_num_hidden_layers=g["mit"],
+            mit_num_attention_heads=heads(g["proj"]),
+        ),
+        projection_dim=g["proj"],
+        prompt_layers=g["prompt"],
+        prompt_num_attention_heads=heads(g["proj"]),
+    )
+
+
+def hf_model(name: str) -> XCLIPModel:
+    """A random model; every parameter is perturbed so that a swapped or untransposed tensor shows."""
+    torch.manual_seed(0)
+    model = XCLIPModel(hf_config(GEOMETRIES[name])).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    return model
+
+
+def inputs(model: XCLIPModel) -> tuple[torch.Tensor, torch.Tensor]:
+    frames = model.config.vision_config.num_frames
+    generator = torch.Generator().manual_seed(1)
+    video = torch.randn(2, frames, 3, IMAGE, IMAGE, generator=generator)
+    ids = torch.randint(1, VOCAB - 1, (3, CONTEXT), generator=generator)
+    ids[torch.arange(3), torch.tensor([4, 9, CONTEXT - 1])] = VOCAB - 1  # end of text: the largest id
+    return video, ids
+
+
+def features(model: XCLIPModel, video: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    with torch.no_grad():
+        return (
+            model.get_video_features(pixel_values=video).pooler_output,
+            model.get_text_features(input_ids=ids).pooler_output,
+            model(input_ids=ids, pixel_values=video).logits_per_video,
+        )
+
+
+# ---- The original modules, transcribed (init, drop path and checkpointing left out) -----------------------
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+def clip_mlp(d: int) -> nn.Sequential:
+    return nn.Sequential(
+        OrderedDict([("c_fc", nn.Linear(d, d * 4)), ("gelu", QuickGELU()), ("c_proj", nn.Linear(d * 4, d))])
+    )
+
+
+class ResidualAttentionBlock(nn.Module):  # clip/model.py and models/mit.py
+    def __init__(self, d_model, n_head, attn_mask=None):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d_model, n_head)
+        self.ln_1 = nn.LayerNorm(d_model)
+        self.mlp = clip_mlp(d_model)
+        self.ln_2 = nn.LayerNorm(d_model)
+        self.attn_mask = attn_mask
+
+    def forward(self, x):
+        y = self.ln_1(x)
+        x = x + self.attn(y, y, y, need_weights=False, attn_mask=self.attn_mask)[0]
+        return x + self.mlp(self.ln_2(x))
+
+
+class CrossFramelAttentionBlock(nn.Module):  # models/cct.py
+    def __init__(self, d_model, n_head, T):
+        super().__init__()
+        self.T = T
+        self.message_fc = nn.Linear(d_model, d_model)
+        self.message_ln = nn.LayerNorm(d_model)
+        self.message_attn = nn.MultiheadAttention(d_model, n_head)
+        self.attn = nn.MultiheadAttention(d_model, n_head)
+        self.ln_1 = nn.LayerNorm(d_model)
+        self.mlp = clip_mlp(d_model)
+        self.ln_2 = nn.LayerNorm(d_model)
+
+    def forward(self, x):
+        l, bt, d = x.size()  # noqa: E741
+        b = bt // self.T
+        x = x.view(l, b, self.T, d)
+        msg_token = self.message_fc(x[0, :, :, :])
+        msg_token = msg_token.view(b, self.T, 1, d)
+        msg_token = msg_token.permute(1, 2, 0, 3).view(self.T, b, d)
+        m = self.message_ln(msg_token)
+        msg_token = msg_token + self.message_attn(m, m, m, need_weights=False)[0]
+        msg_token = msg_token.view(self.T, 1, b, d).permute(1, 2, 0, 3)
+        x = torch.cat([x, msg_token], dim=0)
+        x = x.view(l + 1, -1, d)
+        y = self.ln_1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        x = x[:l, :, :]
+        return x + self.mlp(self.ln_2(x))
+
+
+class Transformer(nn.Module):
+    def __init__(self, blocks):
+        super().__init__()
+        self.resblocks = nn.Sequential(*blocks)
+
+    def forward(self, x):
+        return self.resblocks(x)
+
+
+class CrossFrameCommunicationTransformer(nn.Module):  # models/cct.py
+    def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim, T):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.empty(width))
+        self.positional_embedding = nn.Parameter(
+            torch.empty((input_resolution // patch_size) ** 2 + 1, width)
+        )
+        self.ln_pre = nn.LayerNorm(width)
+        self.transformer = Transformer([CrossFramelAttentionBlock(width, heads, T) for _ in range(layers)])
+        self.ln_post = nn.LayerNorm(width)
+        self.proj = nn.Parameter(torch.empty(width, output_dim))
+
+    def forward(self, x):
+        x = self.conv1(x)
+        x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+        cls = self.class_embedding + torch.zeros(x.shape[0], 1, x.shape[-1])
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding
+        x = self.ln_pre(x)
+        x = self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)
+        cls_x = self.ln_post(x[:, 0, :]) @ self.proj
+        return cls_x, x[:, 1:, :]
+
+
+class MultiframeIntegrationTransformer(nn.Module):  # models/mit.py
+    def __init__(self, T, embed_dim, layers):
+        super().__init__()
+        self.positional_embedding = nn.Parameter(torch.empty(1, T, embed_dim))
+        self.resblocks = nn.Sequential(
+            *[ResidualAttentionBlock(embed_dim, embed_dim // 64) for _ in range(layers)]
+        )
+
+    def forward(self, x):
+        ori_x = x
+        x = x + self.positional_embedding
+        x = self.resblocks(x.permute(1, 0, 2)).permute(1, 0, 2)
+        return (x + ori_x).mean(dim=1, keepdim=False)
+
+
+class MulitHeadAttention(nn.Module):  # models/prompt.py
+    def __init__(self, dim, num_heads):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, q, k, v):
+        B, N, C = q.shape
+        B, M, C = k.shape
+        q = self.q_proj(q).reshape(B, N, self.num_heads, C // self.num_heads).permute(0, 2, 1, 3)
+        k = self.k_proj(k).reshape(B, M, self.num_heads, C // self.num_heads).permute(0, 2, 1, 3)
+        v = self.v_proj(v).reshape(B, M, self.num_heads, C // self.num_heads).permute(0, 2, 1, 3)
+        attn = ((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+
+
+class PromptGeneratorLayer(nn.Module):
+    def __init__(self, d_model, nhead):
+        super().__init__()
+        self.cross_attn = MulitHeadAttention(d_model, nhead)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, d_model * 4), QuickGELU(), nn.Dropout(0.0), nn.Linear(d_model * 4, d_model)
+        )
+
+    def forward(self, x, visual):
+        q = self.norm1(x)
+        x = x + self.cross_attn(q, visual, visual)
+        return x + self.mlp(self.norm3(x))
+
+
+class VideoSpecificPrompt(nn.Module):
+    def __init__(self, layers, embed_dim):
+        super().__init__()
+        self.norm = nn.LayerNorm(embed_dim)
+        self.decoder = nn.ModuleList(
+            [PromptGeneratorLayer(embed_dim, embed_dim // 64) for _ in range(layers)]
+        )
+        self.alpha = nn.Parameter(torch.empty(embed_dim))
+
+    def forward(self, text, visual):
+        visual = self.norm(visual)
+        for layer in self.decoder:
+            text = layer(text, visual)
+        return self.alpha * text
+
+
+class OriginalXCLIP(nn.Module):  # models/xclip.py
+    def __init__(self, embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
+                 context_length, vocab_size, transformer_width, transformer_heads, transformer_layers,
+                 T, mit_layers, prompts_layers):  # fmt: skip
+        super().__init__()
+        self.prompts_generator = VideoSpecificPrompt(prompts_layers, embed_dim)
+        self.mit = MultiframeIntegrationTransformer(T, embed_dim, mit_layers)
+        self.visual = CrossFrameCommunicationTransformer(
+            image_resolution, vision_patch_size, vision_width, vision_layers, vision_width // 64, embed_dim, T
+        )
+        mask = torch.empty(context_length, context_length).fill_(float("-inf")).triu_(1)
+        self.transformer = Transformer(
+            [
+                ResidualAttentionBlock(transformer_width, transformer_heads, mask)
+                for _ in range(transformer_layers)
+            ]
+        )
+        self.token_embedding = nn.Embedding(vocab_size, transformer_width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
+        self.ln_final = nn.LayerNorm(transformer_width)
+        self.text_projection = nn.Parameter(torch.empty(transformer_width, embed_dim))
+        self.logit_scale = nn.Parameter(torch.ones([]))
+        self.prompts_visual_ln = nn.LayerNorm(vision_width)
+        self.prompts_visual_proj = nn.Parameter(torch.empty(vision_width, embed_dim))
+
+    def encode_text(self, text):
+        x = self.token_embedding(text) + self.positional_embedding
+        x = self.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)
+        x = self.ln_final(x)
+        return x[torch.arange(x.shape[0]), text.argmax(dim=-1)] @ self.text_projection
+
+    def encode_video(self, image):
+        b, t, c, h, w = image.size()
+        cls_features, img_features = self.visual(image.reshape(-1, c, h, w))
+        img_features = self.prompts_visual_ln(img_features) @ self.prompts_visual_proj
+        cls_features = cls_features.view(b, t, -1)
+        img_features = img_features.view(b, t, -1, cls_features.shape[-1])
+        return self.mit(cls_features), img_features
+
+    def forward(self, image, text):
+        b = image.shape[0]
+        video_features, img_features = self.encode_video(image)
+        img_features = img_features.mean(dim=1, keepdim=False)
+        text_features = self.encode_text(text).unsqueeze(0).expand(b, -1, -1)
+        text_features = text_features + self.prompts_generator(text_features, img_features)
+        video_features = video_features / video_features.norm(dim=-1, keepdim=True)
+        text_features = text_features / text_features.norm(dim=-1, keepdim=True)
+        return torch.einsum("bd,bkd->bk", video_features, self.logit_scale.exp() * text_features)
+
+
+def build_original(state_dict: dict, T: int, mit_layers: int, prompts_layers: int) -> OriginalXCLIP:
+    """``build_model`` from models/xclip.py (ViT branch); T and the layer counts come from its yacs config."""
+    vision_width = state_dict["visual.conv1.weight"].shape[0]
+    vision_layers = len(
+        [k for k in state_dict if k.startswith("visual.") and k.endswith(".attn.in_proj_weight")]
+    )
+    vision_patch_size = state_dict["visual.conv1.weight"].shape[-1]
+    grid_size = round((state_dict["visual.positional_embedding"].shape[0] - 1) ** 0.5)
+    transformer_width = state_dict["ln_final.weight"].shape[0]
+    model = OriginalXCLIP(
+        state_dict["text_projection"].shape[1],
+        vision_patch_size * grid_size,
+        vision_layers,
+        vision_width,
+        vision_patch_size,
+        state_dict["positional_embedding"].shape[0],
+        state_dict["token_embedding.weight"].shape[0],
+        transformer_width,
+        transformer_width // 64,
+        len({k.split(".")[2] for k in state_dict if k.startswith("transformer.resblocks")}),
+        T=T,
+        mit_layers=mit_layers,
+        prompts_layers=prompts_layers,
+    )
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()
+
+
+# ---- Layout conversion ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", GEOMETRIES)
+def test_hf_original_round_trip_and_geometry(name):
+    model = hf_model(name)
+    hf = model.state_dict()
+    original = hf_to_original(hf)
+    back = original_to_hf(original)
+    assert back.keys() == hf.keys()
+    assert all(torch.equal(back[k], hf[k]) for k in hf)
+    assert hf_to_original(back).keys() == original.keys()
+    assert is_original_layout(original) and not is_original_layout(hf)
+    assert config_from_original(original) == XCLIPConfig.from_dict(model.config.to_dict())
+
+
+@pytest.mark.parametrize("name", GEOMETRIES)
+def test_original_key_names(name):
+    g = GEOMETRIES[name]
+    original = hf_to_original(hf_model(name).state_dict())
+    w, t, p, proj = g["vision"], g["text"], g["patch"], g["proj"]
+    expected = {
+        "visual.conv1.weight": (w, 3, p, p),
+        "visual.class_embedding": (w,),
+        "visual.positional_embedding": ((IMAGE // p) ** 2 + 1, w),
+        "visual.transformer.resblocks.0.attn.in_proj_weight": (3 * w, w),
+        "visual.transformer.resblocks.0.attn.in_proj_bias": (3 * w,),
+        "visual.transformer.resblocks.0.message_attn.in_proj_weight": (3 * w, w),
+        "visual.transformer.resblocks.0.message_fc.weight": (w, w),
+        "visual.transformer.resblocks.0.mlp.c_fc.weight": (4 * w, w),
+        "visual.proj": (w, proj),
+        "transformer.resblocks.0.attn.in_proj_weight": (3 * t, t),
+        "transformer.resblocks.0.ln_1.weight": (t,),
+        "positional_embedding": (CONTEXT, t),
+        "token_embedding.weight": (VOCAB, t),
+        "text_projection": (t, proj),
+        "mit.positional_embedding": (1, g["frames"], proj),
+        "mit.resblocks.0.attn.in_proj_weight": (3 * proj, proj),
+        "prompts_visual_ln.weight": (w,),
+        "prompts_visual_proj": (w, proj),
+        "prompts_generator.norm.weight": (proj,),
+        "prompts_generator.alpha": (proj,),
+        "prompts_generator.decoder.0.cross_attn.q_proj.weight": (proj, proj),
+        "logit_scale": (),
+    }
+    assert {k: tuple(original[k].shape) for k in expected} == expected
+    assert not any("q_proj" in k for k in original if not k.startswith("prompts_generator."))
+
+
+@pytest.mark.parametrize("name", ORIGINAL_COMPATIBLE)
+def test_mapping_matches_the_original_code(name):
+    g = GEOMETRIES[name]
+    model = hf_model(name)
+    original = build_original(hf_to_original(model.state_dict()), g["frames"], g["mit"], g["prompt"])
+    video, ids = inputs(model)
+    hf_video, hf_text, hf_logits = features(model, video, ids)
+    with torch.no_grad():
+        torch.testing.assert_close(original.encode_video(video)[0], hf_video, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(original.encode_text(ids), hf_text, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(original(video, ids), hf_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_config_from_original_frames_and_errors():
+    original = hf_to_original(hf_model("p16-w64").state_dict())
+    assert config_from_original(original, num_frames=2).vision_config.num_frames == 2
+    with pytest.raises(CheckpointError, match="trained for 2 frames"):
+        config_from_original(original, num_frames=8)
+    del original["ln_final.weight"]
+    with pytest.raises(CheckpointError, match="ln_final.weight"):
+        config_from_original(original)
+
+
+def test_hf_to_original_needs_all_of_qkv():
+    hf = hf_model("p16-w64").state_dict()
+    del hf["mit.encoder.layers.0.self_attn.k_proj.bias"]
+    with pytest.raises(CheckpointError, match=r"mit\.resblocks\.0\.attn.*k_proj"):
+        hf_to_original(hf)
+
+
+# ---- Loading original-release snapshots -------------------------------------------------------------------
+
+
+class CfgNode(dict):
+    """Stands in for yacs.config.CfgNode: a dict subclass with attribute access and state in ``__dict__``."""
+
+    def __init__(self, init=None):
+        super().__init__(init or {})
+        self.__dict__["__immutable__"] = False
+
+    def __getattr__(self, name):
+        if name in self:
+            return self[name]
+        raise AttributeError(name)
+
+
+def save_snapshot(path, state_dict, monkeypatch, zipfile=True):
+    """Save as X-CLIP's utils/tools.py ``epoch_saving`` does; the config pickles as ``yacs.config.CfgNode``.
+
+    The fake ``yacs`` modules exist only while saving, so the loader cannot import the class.
+    """
+    config = CfgNode(
+        {"MODEL": CfgNode({"ARCH": "ViT-B/32", "RESUME": None}), "DATA": CfgNode({"NUM_FRAMES": 8})}
+    )
+    toy = nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(toy.parameters())
+    toy(torch.ones(1, 2)).sum().backward()
+    optimizer.step()
+    snapshot = {
+        "model": state_dict,
+        "optimizer": optimizer.state_dict(),
+        "lr_scheduler": {"t_initial": 30, "warmup_t": 5, "base_values": [8e-6]},
+        "max_accuracy": 81.3,
+        "epoch": 29,
+        "config": config,
+    }
+    with monkeypatch.context() as m:
+        fake = types.ModuleType("yacs.config")
+        fake.CfgNode = CfgNode
+        m.setattr(CfgNode, "__module__", "yacs.config")
+        m.setitem(sys.modules, "yacs", types.ModuleType("yacs"))
+        m.setitem(sys.modules, "yacs.config", fake)
+        torch.save(snapshot, path, _use_new_zipfile_serialization=zipfile)
+    assert "yacs.config" not in sys.modules
+
+
+@pytest.mark.parametrize("zipfile", [True, False], ids=["zip", "legacy"])
+def test_load_original_snapshot_into_transformers(tmp_path, monkeypatch, zipfile):
+    model = hf_model("p8-w128")
+    path = tmp_path / "best.pth"
+    save_snapshot(path, hf_to_original(model.state_dict()), monkeypatch, zipfile)
+    with pytest.raises(Exception, match="yacs"):  # the reason for the restricted loader
+        torch.load(path, weights_only=True)
+
+    loaded = load_tensors(path)
+    assert is_original_layout(loaded)
+    assert "yacs" not in sys.modules
+    fresh = XCLIPModel(hf_config(GEOMETRIES["p8-w128"])).eval()
+    fresh.load_state_dict(original_to_hf(loaded), strict=True)
+    for ours, theirs in zip(features(fresh, *inputs(model)), features(model, *inputs(model)), strict=True):
+        assert torch.equal(ours, theirs)
+
+
+def test_state_dict_selection(tmp_path):
+    weights = {"module.a": torch.ones(2), "module.b": torch.zeros(1)}
+    torch.save({"state_dict": weights, "epoch": 1}, tmp_path / "a.pt")
+    assert load_tensors(tmp_path / "a.pt").keys() == {"a", "b"}
+    torch.save(weights, tmp_path / "b.bin")
+    assert load_tensors(str(tmp_path), "b.bin").keys() == {"a", "b"}
+    torch.save({"epoch": 1, "model": {"a": "not a tensor"}}, tmp_path / "c.pth")
+    with pytest.raises(CheckpointError, match=r"c\.pth: no state dict found.*'epoch', 'model'"):
+        load_tensors(tmp_path / "c.pth")
+
+
+class Exploit:
+    def __init__(self, call):
+        self.call = call
+
+    def __reduce__(self):
+        return self.call
+
+
+@pytest.mark.parametrize("payload", ["os.system", "builtins.exec"])
+def test_pickle_that_runs_code_is_refused(tmp_path, payload):
+    marker = tmp_path / "pwned"
+    call = {
+        "os.system": (os.system, (f"touch {marker}",)),
+        "builtins.exec": (exec, (f"open({str(marker)!r}, 'w').close()",)),
+    }[payload]
+    path = tmp_path / "evil.pth"
+    torch.save({"model": {"w": torch.ones(2)}, "config": Exploit(call)}, path)
+    # Named as pickled: os.system is posix.system, and protocol 2 writes builtins as __builtin__.
+    global_name = {"os.system": f"{os.system.__module__}.system", "builtins.exec": "__builtin__.exec"}[
+        payload
+    ]
+    with pytest.raises(CheckpointError, match=rf"evil\.pth: refused to load: its pickle calls {global_name}"):
+        load_tensors(path)
+    assert not marker.exists()
+
+
+def test_restricted_unpickler_hands_out_nothing_a_pickle_can_modify():
+    # GLOBAL torch._utils._rebuild_tensor_v2, then BUILD setting its __defaults__ (a slot state).
+    patch_function = (
+        b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nN}X\x0c\x00\x00\x00__defaults__K\x01\x85s\x86b."
+    )
+    defaults = torch._utils._rebuild_tensor_v2.__defaults__
+    assert _RESTRICTED_PICKLE.load(io.BytesIO(patch_function)).__defaults__ == (1,)  # only the wrapper
+    assert torch._utils._rebuild_tensor_v2.__defaults__ == defaults
+    patch_type = b"\x80\x02ccollections\nOrderedDict\nN}X\x03\x00\x00\x00fooK\x01s\x86b."
+    with pytest.raises(TypeError, match="immutable type"):
+        _RESTRICTED_PICKLE.load(io.BytesIO(patch_type))
+
+
+# ---- Corrupt files ----------------------------------------------------------------------------------------
+
+
+def test_truncated_and_random_files(tmp_path):
+    weights = {"w": torch.randn(64, 64), "b": torch.randn(64)}
+    save_safetensors(weights, tmp_path / "model.safetensors")
+    torch.save({"model": weights, "epoch": 1}, tmp_path / "zip.pth")
+    torch.save({"model": weights, "epoch": 1}, tmp_path / "legacy.pth", _use_new_zipfile_serialization=False)
+    for name in ("model.safetensors", "zip.pth", "legacy.pth"):
+        data = (tmp_path / name).read_bytes()
+        (tmp_path / name).write_bytes(data[: len(data) // 2])
+        with pytest.raises(CheckpointError, match=rf"{re.escape(name)} is truncated, corrupt or not"):
+            load_tensors(tmp_path / name)
+    noise = random.Random(0).randbytes(4096)
+    for name in ("noise.pth", "noise.safetensors"):
+        (tmp_path / name).write_bytes(noise)
+        with pytest.raises(CheckpointError, match="truncated, corrupt or not a checkpoint"):
+            load_tensors(tmp_path / name)
+
+
+# ---- Validation, saving, fsspec ---------------------------------------------------------------------------
+
+
+def test_check_state_dict_names_each_problem():
+    model = hf_model("p16-w64")
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    state_dict = dict(model.state_dict())
+    check_state_dict(expected, state_dict)
+    del state_dict["logit_scale"]
+    state_dict["mit.extra.weight"] = torch.zeros(1)
+    state_dict["visual_projection.weight"] = torch.zeros(3, 5)
+    with pytest.raises(CheckpointError) as err:
+        check_state_dict(expected, state_dict)
+    message = str(err.value)
+    assert "1 missing, 1 unexpected, 1 mis-shaped" in message
+    assert "missing: logit_scale" in message
+    assert "unexpected: mit.extra.weight" in message
+    assert "visual_projection.weight (expected (64, 64), got (3, 5))" in message
+
+
+def test_check_state_dict_truncates_and_hints_at_original_layout():
+    model = hf_model("p8-w128")
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    original = hf_to_original(model.state_dict())
+    with pytest.raises(CheckpointError) as err:
+        check_state_dict(expected, original)
+    message = str(err.value)
+    assert "original_to_hf" in message
+    assert f"... and {len(expected.keys() - original.keys()) - 20} more" in message
+    assert len(message) < 6000
+
+
+def test_memory_url_round_trip():
+    root = f"memory://checkpoints-{uuid.uuid4().hex}"
+    hf = original_to_hf(hf_to_original(hf_model("p16-w64").state_dict()))  # q/k/v share one storage each
+    fs = fsspec.filesystem("memory")
+    try:
+        save_safetensors(hf, f"{root}/model.safetensors")
+        save_safetensors(hf, fs, f"{root.removeprefix('memory://')}/sub/fs.safetensors")
+        buffer = io.BytesIO()
+        torch.save({"model": hf_to_original(hf), "epoch": 0}, buffer)
+        with fsspec.open(f"{root}/original.pth", "wb") as f:
+            f.write(buffer.getvalue())
+        for loaded in (
+            load_tensors(root, "model.safetensors"),
+            load_tensors(f"{root}/model.safetensors"),
+            load_tensors(ModelSource(f"{root}/sub"), "fs.safetensors"),
+        ):
+            assert loaded.keys() == hf.keys() and all(torch.equal(loaded[k], hf[k]) for k in hf)
+        assert original_to_hf(load_tensors(f"{root}/original.pth")).keys() == hf.keys()
+    finally:
+        fs.rm(root.removeprefix("memory://"), recursive=True)
+
+
+def test_saved_safetensors_load_in_transformers(tmp_path):
+    model = hf_model("p16-w64")
+    save_safetensors(original_to_hf(hf_to_original(model.state_dict())), tmp_path / "model.safetensors")
+    model.config.save_pretrained(tmp_path)
+    reloaded = XCLIPModel.from_pretrained(tmp_path).eval()
+    for ours, theirs in zip(features(reloaded, *inputs(model)), features(model, *inputs(model)), strict=True):
+        assert torch.equal(ours, theirs)

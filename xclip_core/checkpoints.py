@@ -1,0 +1,443 @@
+"""Reading, converting, checking and writing X-CLIP weights.
+
+Two key layouts exist. The Hugging Face layout (``transformers.XCLIPModel``) is the one ``xclip_core`` uses;
+the original release (github.com/microsoft/VideoX, ``X-CLIP/``) saves ``.pth`` files with CLIP's names, fused
+``in_proj`` attention weights and ``x @ W`` projection matrices, inside a training snapshot
+(``{"model", "optimizer", "lr_scheduler", "max_accuracy", "epoch", "config": <yacs CfgNode>}``).
+
+Loading never executes code from a checkpoint: safetensors hold no code, and torch files are read with
+``weights_only=True`` or, for training snapshots that hold other objects, with a restricted unpickler.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import re
+import types
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import fsspec
+import safetensors.torch
+import torch
+
+from .config import TextConfig, VisionConfig, XCLIPConfig
+from .sources import ModelSource
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read, is unsafe, or does not match the model."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# Safe loading
+# ----------------------------------------------------------------------------------------------------
+
+#: Globals a pickled tensor state dict needs besides storages (which torch resolves itself). The types are C
+#: types a pickle cannot modify; functions are handed out as fresh wrappers, so a pickle cannot modify them.
+_SAFE_TYPES: dict[str, Any] = {
+    "collections.OrderedDict": OrderedDict,
+    "torch.Size": torch.Size,
+    "torch.device": torch.device,
+    **{f"torch.{name}": value for name, value in vars(torch).items() if isinstance(value, torch.dtype)},
+}
+_SAFE_FUNCTIONS = {
+    "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
+    "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
+}
+
+
+class _Refused(Exception):
+    """Raised when a pickle calls a global that is not allow-listed."""
+
+
+class _RefuseCalls(type):
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        raise _Refused(f"{cls.__module__}.{cls.__qualname__}")
+
+
+class _Inert(metaclass=_RefuseCalls):
+    """Stands in for any global that is not allow-listed (a yacs ``CfgNode``, ``os.system``...).
+
+    The global's module is never imported. The placeholder class can be instantiated the way pickle rebuilds
+    plain objects (``cls.__new__``, then state and items), and all it does is ignore what it is given; calling
+    it, the way a pickle calls a function (``REDUCE``), raises ``_Refused``.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> _Inert:
+        return object.__new__(cls)
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, value: Any) -> None:
+        pass
+
+    def extend(self, values: Any) -> None:
+        pass
+
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        qualified = f"{module}.{name}"
+        if qualified in _SAFE_TYPES:
+            return _SAFE_TYPES[qualified]
+        if qualified in _SAFE_FUNCTIONS:
+            function = _SAFE_FUNCTIONS[qualified]
+            return lambda *args, **kwargs: function(*args, **kwargs)
+        return _RefuseCalls(name, (_Inert,), {"__module__": module, "__qualname__": name})
+
+
+def _restricted_load(file: Any, **kwargs: Any) -> Any:
+    return _RestrictedUnpickler(file, **kwargs).load()
+
+
+#: Passed to ``torch.load`` as its ``pickle_module``: torch subclasses ``Unpickler`` (resolving storage types
+#: itself and deferring every other global to our ``find_class``) and calls ``load`` for the legacy format.
+_RESTRICTED_PICKLE = types.SimpleNamespace(
+    __name__="xclip_core.restricted_pickle", Unpickler=_RestrictedUnpickler, load=_restricted_load
+)
+
+
+def _torch_load(data: bytes, where: str) -> Any:
+    # Always from memory: for a real file torch may try its legacy tar format, which extracts to disk.
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        pass  # holds objects other than tensors and containers (a training snapshot): read it restricted
+    except Exception as err:
+        # Includes TorchScript archives, which weights_only refuses with a RuntimeError, so the restricted
+        # path below (where torch.load would hand them to torch.jit.load) never sees one.
+        raise _unreadable(where, err) from None
+    try:
+        return torch.load(
+            io.BytesIO(data), map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE
+        )
+    except _Refused as err:
+        raise CheckpointError(
+            f"{where}: refused to load: its pickle calls {err}, which is not a tensor constructor. A "
+            f"checkpoint must only hold tensors and plain data; this one would run code, so nothing of it "
+            f"was executed."
+        ) from None
+    except Exception as err:
+        raise _unreadable(where, err) from None
+
+
+def _unreadable(where: str, err: Exception) -> CheckpointError:
+    detail = (str(err).strip().splitlines() or [""])[0]
+    return CheckpointError(
+        f"{where} is truncated, corrupt or not a checkpoint ({type(err).__name__}: {detail}); "
+        f"re-download or re-save it"
+    )
+
+
+def _tensor_dict(obj: Any) -> bool:
+    return (
+        isinstance(obj, Mapping)
+        and len(obj) > 0
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
+
+
+def _select_state_dict(obj: Any, where: str) -> dict[str, torch.Tensor]:
+    candidates = [obj.get("model"), obj.get("state_dict"), obj] if isinstance(obj, Mapping) else [obj]
+    state_dict = next((c for c in candidates if _tensor_dict(c)), None)
+    if state_dict is None:
+        found = (
+            f"a dict with keys {sorted(map(str, obj))[:20]}"
+            if isinstance(obj, Mapping)
+            else type(obj).__name__
+        )
+        raise CheckpointError(
+            f"{where}: no state dict found: expected a dict of tensors, or one under 'model' or "
+            f"'state_dict', but the file holds {found}"
+        )
+    return {k.removeprefix("module."): v for k, v in state_dict.items()}
+
+
+def load_tensors(
+    source_or_path: ModelSource | str | os.PathLike, name: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Read a state dict from ``.safetensors``, or from a torch ``.bin``/``.pth``/``.pt`` file, on CPU.
+
+    ``source_or_path`` is a ``ModelSource`` or a local path or fsspec URL; ``name`` is the file inside it, or
+    ``None`` when ``source_or_path`` is the file itself. Torch files may be training snapshots: the state dict
+    is taken from their ``"model"`` or ``"state_dict"`` entry, and a DataParallel ``module.`` prefix is
+    removed. Raises ``CheckpointError`` for unreadable files, for pickles that would run code, and when no
+    state dict is found.
+    """
+    source = source_or_path if isinstance(source_or_path, ModelSource) else ModelSource(source_or_path)
+    where = f"{source.uri.rstrip('/')}/{name}" if name else source.uri
+    data = source.read_bytes(name or "")
+    if where.endswith(".safetensors"):
+        try:
+            obj = safetensors.torch.load(data)
+        except Exception as err:
+            raise _unreadable(where, err) from None
+    else:
+        obj = _torch_load(data, where)
+    return _select_state_dict(obj, where)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Key layouts
+# ----------------------------------------------------------------------------------------------------
+
+_LAYER_NORMS = {
+    "ln_final": "text_model.final_layer_norm",
+    "visual.ln_pre": "vision_model.pre_layernorm",
+    "visual.ln_post": "vision_model.post_layernorm",
+    "prompts_visual_ln": "prompts_visual_layernorm",
+    "prompts_generator.norm": "prompts_generator.layernorm",
+}
+#: Whole-key renames, original -> Hugging Face. Keys not listed here or under ``_BLOCKS`` keep their name
+#: (``logit_scale``, ``prompts_generator.alpha``, ``prompts_generator.decoder.*``).
+_RENAMES = {
+    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "text_projection": "text_projection.weight",
+    "visual.conv1.weight": "vision_model.embeddings.patch_embedding.weight",
+    "visual.class_embedding": "vision_model.embeddings.class_embedding",
+    "visual.positional_embedding": "vision_model.embeddings.position_embedding.weight",
+    "visual.proj": "visual_projection.weight",
+    "prompts_visual_proj": "prompts_visual_projection",
+    "mit.positional_embedding": "mit.position_embedding",
+    **{f"{old}.{p}": f"{new}.{p}" for old, new in _LAYER_NORMS.items() for p in ("weight", "bias")},
+}
+#: Original ``x @ W`` matrices that are ``nn.Linear`` weights (``W.T``) in Hugging Face.
+_TRANSPOSED = {"text_projection", "visual.proj"}
+#: Transformer blocks, original prefix -> Hugging Face prefix, and the renames inside a block.
+_BLOCKS = {
+    "transformer.resblocks.": "text_model.encoder.layers.",
+    "visual.transformer.resblocks.": "vision_model.encoder.layers.",
+    "mit.resblocks.": "mit.encoder.layers.",
+}
+_BLOCK_PARTS = {
+    "attn.": "self_attn.",
+    "ln_1.": "layer_norm1.",
+    "ln_2.": "layer_norm2.",
+    "mlp.c_fc.": "mlp.fc1.",
+    "mlp.c_proj.": "mlp.fc2.",
+}
+#: Keys without weights: OpenAI CLIP's integer metadata (dropped by the original ``build_model``) and the
+#: ``position_ids`` buffers that older ``transformers`` versions saved. Both conversions drop them.
+IGNORED_KEYS = frozenset(
+    {
+        "input_resolution",
+        "context_length",
+        "vocab_size",
+        "text_model.embeddings.position_ids",
+        "vision_model.embeddings.position_ids",
+    }
+)
+# nn.MultiheadAttention's fused ``in_proj`` (rows: q, k, v) <-> separate q/k/v projections. The prompt
+# generator's ``cross_attn`` has separate projections in both layouts.
+_FUSED = re.compile(r"(?P<attn>.+\.(?:attn|message_attn))\.in_proj_(?P<kind>weight|bias)")
+_SPLIT = re.compile(r"(?P<attn>.+\.(?:attn|message_attn))\.(?P<qkv>[qkv])_proj\.(?P<kind>weight|bias)")
+
+
+def _rename(key: str, to_hf: bool) -> str:
+    def direction(table: dict[str, str]) -> dict[str, str]:
+        return table if to_hf else {new: old for old, new in table.items()}
+
+    renames = direction(_RENAMES)
+    if key in renames:
+        return renames[key]
+    for prefix, new_prefix in direction(_BLOCKS).items():
+        if key.startswith(prefix):
+            index, _, rest = key[len(prefix) :].partition(".")
+            part = next((p for p in direction(_BLOCK_PARTS) if rest.startswith(p)), None)
+            if part is not None:
+                rest = direction(_BLOCK_PARTS)[part] + rest[len(part) :]
+            return f"{new_prefix}{index}.{rest}"
+    return key
+
+
+def original_to_hf(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Convert an original-release state dict to ``transformers.XCLIPModel`` key names and shapes.
+
+    Fused ``in_proj`` attention weights are split into q/k/v projections, ``text_projection`` and
+    ``visual.proj`` are transposed into ``nn.Linear`` weights, and ``IGNORED_KEYS`` are dropped. Unknown keys
+    pass through unchanged (``check_state_dict`` then reports them).
+    """
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if key in IGNORED_KEYS:
+            continue
+        fused = _FUSED.fullmatch(key)
+        if fused is None:
+            out[_rename(key, to_hf=True)] = value.T.contiguous() if key in _TRANSPOSED else value
+            continue
+        attn = _rename(fused["attn"] + ".", to_hf=True)
+        for qkv, part in zip("qkv", value.chunk(3), strict=True):
+            out[f"{attn}{qkv}_proj.{fused['kind']}"] = part
+    return out
+
+
+def hf_to_original(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Convert a ``transformers.XCLIPModel`` state dict to the original release's names and shapes.
+
+    The exact inverse of ``original_to_hf``; raises ``CheckpointError`` when an attention layer lacks one of
+    its q/k/v projections.
+    """
+    out: dict[str, torch.Tensor] = {}
+    fused: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        if key in IGNORED_KEYS:
+            continue
+        name = _rename(key, to_hf=False)
+        split = _SPLIT.fullmatch(name)
+        if split is None:
+            out[name] = value.T.contiguous() if name in _TRANSPOSED else value
+        else:
+            fused.setdefault((split["attn"], split["kind"]), {})[split["qkv"]] = value
+    for (attn, kind), parts in fused.items():
+        if len(parts) != 3:
+            missing = [f"{qkv}_proj" for qkv in "qkv" if qkv not in parts]
+            raise CheckpointError(f"{attn}: attention {kind} lacks {', '.join(missing)}")
+        out[f"{attn}.in_proj_{kind}"] = torch.cat([parts[qkv] for qkv in "qkv"])
+    return out
+
+
+def is_original_layout(state_dict: Mapping[str, Any]) -> bool:
+    """True for the original release's key names (``visual.*``, ``transformer.resblocks.*``)."""
+    return any(key.startswith(("visual.", "transformer.resblocks.")) for key in state_dict)
+
+
+def _heads(width: int) -> int:
+    # The original fixes every attention head at 64 channels (at least one head for tiny test models).
+    return max(1, width // 64)
+
+
+def config_from_original(
+    state_dict: Mapping[str, torch.Tensor], num_frames: int | None = None
+) -> XCLIPConfig:
+    """Infer the model geometry from an original-layout state dict, as the original ``build_model`` does.
+
+    Widths, layer counts, patch and image size, context length, vocabulary and projection size come from
+    tensor shapes; every attention block (vision incl. its message attention, text, MIT, prompt generator) has
+    ``width // 64`` heads, as in the original code. The frame count is fixed by ``mit.positional_embedding``;
+    a ``num_frames`` that differs from it raises ``CheckpointError``.
+    """
+
+    def shape(key: str) -> torch.Size:
+        if key not in state_dict:
+            raise CheckpointError(f"not an original X-CLIP state dict: it has no {key!r}")
+        return state_dict[key].shape
+
+    def count(prefix: str) -> int:
+        return len({key[len(prefix) :].split(".")[0] for key in state_dict if key.startswith(prefix)})
+
+    vision_width, channels, patch, _ = shape("visual.conv1.weight")
+    grid = round((shape("visual.positional_embedding")[0] - 1) ** 0.5)
+    text_width = shape("ln_final.weight")[0]
+    projection_dim = shape("text_projection")[1]
+    _, frames, mit_width = shape("mit.positional_embedding")
+    if num_frames is not None and num_frames != frames:
+        raise CheckpointError(
+            f"the checkpoint's MIT is trained for {frames} frames (mit.positional_embedding), "
+            f"not {num_frames}"
+        )
+    text = TextConfig(
+        vocab_size=shape("token_embedding.weight")[0],
+        hidden_size=text_width,
+        intermediate_size=shape("transformer.resblocks.0.mlp.c_fc.weight")[0],
+        num_hidden_layers=count("transformer.resblocks."),
+        num_attention_heads=_heads(text_width),
+        max_position_embeddings=shape("positional_embedding")[0],
+    )
+    vision = VisionConfig(
+        hidden_size=vision_width,
+        intermediate_size=shape("visual.transformer.resblocks.0.mlp.c_fc.weight")[0],
+        num_hidden_layers=count("visual.transformer.resblocks."),
+        num_attention_heads=_heads(vision_width),
+        mit_hidden_size=mit_width,
+        mit_intermediate_size=shape("mit.resblocks.0.mlp.c_fc.weight")[0],
+        mit_num_hidden_layers=count("mit.resblocks."),
+        mit_num_attention_heads=_heads(mit_width),
+        num_channels=channels,
+        image_size=patch * grid,
+        patch_size=patch,
+        num_frames=frames,
+    )
+    return XCLIPConfig(
+        text_config=text,
+        vision_config=vision,
+        projection_dim=projection_dim,
+        prompt_layers=count("prompts_generator.decoder."),
+        prompt_num_attention_heads=_heads(projection_dim),
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# Validation and saving
+# ----------------------------------------------------------------------------------------------------
+
+
+def check_state_dict(
+    expected: Mapping[str, torch.Size], state_dict: Mapping[str, torch.Tensor], limit: int = 20
+) -> None:
+    """Raise ``CheckpointError`` listing missing keys, unexpected keys and mis-shaped tensors.
+
+    ``expected`` maps the model's keys to shapes (``{k: v.shape for k, v in model.state_dict().items()}``).
+    Each list shows at most ``limit`` entries.
+    """
+    missing = sorted(expected.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - expected.keys())
+    mis_shaped = [
+        f"{key} (expected {tuple(expected[key])}, got {tuple(state_dict[key].shape)})"
+        for key in sorted(expected.keys() & state_dict.keys())
+        if tuple(state_dict[key].shape) != tuple(expected[key])
+    ]
+    problems = [
+        (t, items)
+        for t, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", mis_shaped))
+        if items
+    ]
+    if not problems:
+        return
+    lines = [
+        "state dict does not match the model: " + ", ".join(f"{len(items)} {t}" for t, items in problems)
+    ]
+    if is_original_layout(state_dict) and not is_original_layout(expected):
+        lines.append("it has the original release's key names; convert it with original_to_hf() first")
+    for title, items in problems:
+        more = f", ... and {len(items) - limit} more" if len(items) > limit else ""
+        lines.append(f"{title}: {', '.join(items[:limit])}{more}")
+    raise CheckpointError("\n  ".join(lines))
+
+
+def save_safetensors(
+    state_dict: Mapping[str, torch.Tensor],
+    fs_or_path: fsspec.AbstractFileSystem | str | os.PathLike,
+    path: str | None = None,
+) -> None:
+    """Write a state dict as ``.safetensors`` (metadata ``format: pt``, as ``save_pretrained`` writes).
+
+    Call it with a local path or fsspec URL, or with a filesystem and a path on it
+    (``save_safetensors(sd, source.fs, source.path("model.safetensors"))``). Tensors are made contiguous and
+    moved to CPU; one whose storage an earlier tensor already uses (q/k/v views of one fused matrix, tied
+    weights) is copied, since safetensors refuses shared storage.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, value in state_dict.items():
+        tensor = value.detach().cpu().contiguous()
+        if tensor.untyped_storage().data_ptr() in seen:
+            tensor = tensor.clone()
+        seen.add(tensor.untyped_storage().data_ptr())
+        tensors[key] = tensor
+    data = safetensors.torch.save(tensors, metadata={"format": "pt"})
+    if path is None:
+        fs, path = fsspec.core.url_to_fs(os.fspath(fs_or_path))
+    else:
+        fs = fs_or_path
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    with fs.open(path, "wb") as f:
+        f.write(data)

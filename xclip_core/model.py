@@ -1,0 +1,219 @@
+"""XCLIPModel: the two CLIP towers, the MIT and the video-specific prompt generator, wired as in the paper.
+
+::
+
+    frames (B, T, 3, H, W) ──vision (cross-frame)──> class states ──visual_projection──> (B, T, P)
+        │                                                               └──MIT──> video embedding (B, P)
+        └─ patch states ──prompts_visual_layernorm, @ prompts_visual_projection, mean over T─> (B, patches, P)
+    text ids (N, L) ──text tower──> end-of-text state ──text_projection──> (N, P)
+    logits[b, n] = scale * cos(video[b], text[n] + prompt_generator(text[n], patches[b]))
+
+The API mirrors ``transformers.XCLIPModel`` (``from_pretrained``, ``get_video_features``,
+``get_text_features``, ``forward`` with ``logits_per_video`` / ``logits_per_text``); ``encode_videos`` adds
+the one pass the index needs (video embedding and patch features together).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoints
+from .config import XCLIPConfig, preset
+from .mit import MultiframeIntegrationTransformer
+from .prompt import VideoSpecificPromptGenerator
+from .sources import ModelSource
+from .text import TextTransformer
+from .vision import VisionTransformer
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+
+
+@dataclass
+class VideoFeatures:
+    """What a search index keeps per video: both come from one pass over the frames."""
+
+    video_embeds: torch.Tensor  # (B, P) MIT output, not normalized (= get_video_features)
+    prompt_features: torch.Tensor  # (B, patches, P) input of the prompt generator
+
+
+@dataclass
+class XCLIPOutput:
+    logits_per_video: torch.Tensor  # (B, N)
+    logits_per_text: torch.Tensor  # (N, B)
+    video_embeds: torch.Tensor  # (B, P) normalized
+    text_embeds: torch.Tensor  # (B, N, P) normalized, conditioned on each video
+    loss: torch.Tensor | None = None
+
+
+class XCLIPModel(nn.Module):
+    def __init__(self, config: XCLIPConfig):
+        super().__init__()
+        self.config = config
+        text, vision = config.text_config, config.vision_config
+        self.text_model = TextTransformer(text)
+        self.vision_model = VisionTransformer(vision)
+        self.visual_projection = nn.Linear(vision.hidden_size, config.projection_dim, bias=False)
+        self.text_projection = nn.Linear(text.hidden_size, config.projection_dim, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(config.logit_scale_init_value))
+        self.prompts_visual_layernorm = nn.LayerNorm(vision.hidden_size, eps=vision.layer_norm_eps)
+        self.prompts_visual_projection = nn.Parameter(torch.empty(vision.hidden_size, config.projection_dim))
+        self.mit = MultiframeIntegrationTransformer(vision)
+        self.prompts_generator = VideoSpecificPromptGenerator(config)
+        self.init_weights()
+
+    # ----------------------------------------------------------------------------------- encoders
+    def _frames(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, C, H, W) -> patch states (B, T, patches, D) and projected class states (B, T, P)."""
+        if pixel_values.ndim != 5:
+            raise ValueError(
+                f"pixel_values must be (batch, frames, 3, H, W), got shape {tuple(pixel_values.shape)}"
+            )
+        batch, frames = pixel_values.shape[:2]
+        if frames != self.config.vision_config.num_frames:
+            raise ValueError(
+                f"this model takes {self.config.vision_config.num_frames} frames per video, got {frames}"
+            )
+        tokens, pooled = self.vision_model(pixel_values.flatten(0, 1))
+        cls = self.visual_projection(pooled).view(batch, frames, -1)
+        return tokens[:, 1:].unflatten(0, (batch, frames)), cls
+
+    def get_video_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Video embeddings (B, P), not normalized, as ``transformers.XCLIPModel.get_video_features``."""
+        _, cls = self._frames(pixel_values)
+        return self.mit(cls)
+
+    def get_text_features(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Text embeddings (N, P), not normalized and WITHOUT the video-specific prompt."""
+        return self.text_projection(self.text_model(input_ids, attention_mask)[1])
+
+    def encode_videos(self, pixel_values: torch.Tensor) -> VideoFeatures:
+        """One pass: the video embeddings and the patch features that the prompt generator consumes."""
+        patches, cls = self._frames(pixel_values)
+        patches = self.prompts_visual_layernorm(patches) @ self.prompts_visual_projection
+        return VideoFeatures(video_embeds=self.mit(cls), prompt_features=patches.mean(dim=1))
+
+    # ------------------------------------------------------------------------------------ scoring
+    def condition_text(self, text_embeds: torch.Tensor, prompt_features: torch.Tensor) -> torch.Tensor:
+        """Add each video's prompt to each text: (N, P), (B, patches, P) -> (B, N, P)."""
+        text = text_embeds.unsqueeze(0).expand(prompt_features.shape[0], -1, -1)
+        return text + self.prompts_generator(text, prompt_features)
+
+    def logits(
+        self, video_embeds: torch.Tensor, prompt_features: torch.Tensor, text_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        """The full X-CLIP score (B, N) from stored video features and unnormalized text embeddings."""
+        return self._scores(video_embeds, prompt_features, text_embeds)[2]
+
+    def _scores(
+        self, video_embeds: torch.Tensor, prompt_features: torch.Tensor, text_embeds: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        video = F.normalize(video_embeds, dim=-1)  # (B, P)
+        text = F.normalize(self.condition_text(text_embeds, prompt_features), dim=-1)  # (B, N, P)
+        return video, text, self.logit_scale.exp() * torch.einsum("bd,bnd->bn", video, text)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        return_loss: bool = False,
+    ) -> XCLIPOutput:
+        videos = self.encode_videos(pixel_values)
+        text = self.get_text_features(input_ids, attention_mask)
+        video, text, logits = self._scores(videos.video_embeds, videos.prompt_features, text)
+        loss = contrastive_loss(logits) if return_loss else None
+        return XCLIPOutput(logits, logits.T, video, text, loss)
+
+    # -------------------------------------------------------------------------------- init & I/O
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Random initialization for training from scratch (CLIP's scheme, as in ``transformers``)."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Conv2d):
+                nn.init.normal_(module.weight, std=module.weight[0].numel() ** -0.5)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, std=0.02)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        vision = self.config.vision_config
+        nn.init.normal_(self.vision_model.embeddings.class_embedding, std=vision.hidden_size**-0.5)
+        nn.init.normal_(self.prompts_visual_projection, std=vision.hidden_size**-0.5)
+        nn.init.normal_(self.mit.position_embedding, std=0.02)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        src: str | os.PathLike,
+        config: XCLIPConfig | str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> XCLIPModel:
+        """Load a checkpoint from a directory or fsspec URL, or from a single weights file.
+
+        A directory holds the Hugging Face layout (``config.json`` + ``model.safetensors`` or
+        ``pytorch_model.bin``). A single file may be an original-release ``.pth``; its geometry comes from
+        ``config`` (an ``XCLIPConfig`` or a preset name) or, if omitted, from the tensor shapes.
+        Weights are only ever read as tensors: loading never executes code from the checkpoint.
+        """
+        source = ModelSource(src, storage_options)
+        if isinstance(config, str):
+            config = preset(config)
+        if source.is_file():
+            state = checkpoints.load_tensors(source)
+        elif source.exists(""):
+            name = source.first_existing(*WEIGHT_FILES)
+            if name is None:
+                raise FileNotFoundError(
+                    f"{source.uri}: no weights found (looked for {', '.join(WEIGHT_FILES)})"
+                )
+            if config is None:
+                config = XCLIPConfig.from_dict(source.read_json("config.json"))
+            state = checkpoints.load_tensors(source, name)
+        else:
+            raise FileNotFoundError(
+                f"X-CLIP checkpoint {source.uri!r} not found. Pass a local directory or an fsspec URL "
+                "holding config.json and model.safetensors (e.g. a copy of microsoft/xclip-base-patch32), "
+                "or an original-release .pth file."
+            )
+        # derived buffers that old checkpoints stored; they are not weights
+        state = {k: v for k, v in state.items() if not k.endswith("embeddings.position_ids")}
+        if checkpoints.is_original_layout(state):
+            config = config or checkpoints.config_from_original(state)
+            state = checkpoints.original_to_hf(state)
+        if config is None:
+            raise ValueError(
+                f"{source.uri}: a single weights file needs a config (an XCLIPConfig or a preset name)"
+            )
+        with torch.device("meta"):
+            model = cls(config)
+        checkpoints.check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state)
+        model.load_state_dict(state, strict=True, assign=True)
+        return model.to(device=device, dtype=dtype).eval()
+
+    def save_pretrained(
+        self, directory: str | os.PathLike, storage_options: dict[str, Any] | None = None
+    ) -> None:
+        """Write the Hugging Face layout: ``config.json`` and ``model.safetensors``."""
+        target = ModelSource(directory, storage_options)
+        target.fs.makedirs(target.root, exist_ok=True)
+        with target.fs.open(target.path("config.json"), "w") as f:
+            f.write(self.config.to_json_string())
+        checkpoints.save_safetensors(self.state_dict(), target.fs, target.path("model.safetensors"))
+
+
+def contrastive_loss(logits_per_video: torch.Tensor) -> torch.Tensor:
+    """Symmetric cross-entropy over a (B, B) logit matrix whose diagonal holds the matching pairs."""
+    target = torch.arange(len(logits_per_video), device=logits_per_video.device)
+    return (F.cross_entropy(logits_per_video, target) + F.cross_entropy(logits_per_video.T, target)) / 2
