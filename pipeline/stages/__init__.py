@@ -1,0 +1,1 @@
+"""Pipeline stages, each a plain function testable without Ray."""
