@@ -200,3 +200,10 @@ def test_wrong_frame_count_is_a_clear_error(case):
         model.get_video_features(torch.zeros(1, vision["num_frames"] + 1, 3, size, size))
     with pytest.raises(ValueError, match="preprocess"):
         model.get_video_features(torch.zeros(1, vision["num_frames"], 3, size + 1, size + 1))
+
+
+def test_sharded_checkpoint(case):
+    spec, seed, reference, directory, _ = case
+    reference.save_pretrained(directory / "sharded", max_shard_size="20KB")
+    assert (directory / "sharded" / "model.safetensors.index.json").exists()
+    assert_parity(XCLIPModel.from_pretrained(directory / "sharded"), reference, spec, seed)

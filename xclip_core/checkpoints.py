@@ -23,6 +23,7 @@ from typing import Any
 import fsspec
 import safetensors.torch
 import torch
+from fsspec.implementations.local import LocalFileSystem
 
 from .config import TextConfig, VisionConfig, XCLIPConfig
 from .sources import ModelSource
@@ -174,14 +175,23 @@ def load_tensors(
     """
     source = source_or_path if isinstance(source_or_path, ModelSource) else ModelSource(source_or_path)
     where = f"{source.uri.rstrip('/')}/{name}" if name else source.uri
-    data = source.read_bytes(name or "")
+    if where.endswith(".safetensors.index.json"):  # sharded: the index maps every tensor to its shard file
+        shards = set(source.read_json(name or "").get("weight_map", {}).values())
+        if not shards:
+            raise CheckpointError(f"{where} names no weight files")
+        return {key: value for shard in sorted(shards) for key, value in load_tensors(source, shard).items()}
     if where.endswith(".safetensors"):
         try:
-            obj = safetensors.torch.load(data)
+            if isinstance(source.fs, LocalFileSystem):  # memory-mapped: no second copy of the weights
+                obj = safetensors.torch.load_file(source.path(name or ""))
+            else:
+                obj = safetensors.torch.load(source.read_bytes(name or ""))
+        except FileNotFoundError:
+            raise
         except Exception as err:
             raise _unreadable(where, err) from None
     else:
-        obj = _torch_load(data, where)
+        obj = _torch_load(source.read_bytes(name or ""), where)
     return _select_state_dict(obj, where)
 
 
