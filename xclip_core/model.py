@@ -68,8 +68,10 @@ class XCLIPModel(nn.Module):
         self.init_weights()
 
     # ----------------------------------------------------------------------------------- encoders
-    def _frames(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, T, C, H, W) -> patch states (B, T, patches, D) and projected class states (B, T, P)."""
+    def _frames(
+        self, pixel_values: torch.Tensor, with_patches: bool = True
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(B, T, C, H, W) -> patch states (B, T, patches, D) or None, projected class states (B, T, P)."""
         if pixel_values.ndim != 5:
             raise ValueError(
                 f"pixel_values must be (batch, frames, 3, H, W), got shape {tuple(pixel_values.shape)}"
@@ -79,13 +81,14 @@ class XCLIPModel(nn.Module):
             raise ValueError(
                 f"this model takes {self.config.vision_config.num_frames} frames per video, got {frames}"
             )
-        tokens, pooled = self.vision_model(pixel_values.flatten(0, 1))
+        tokens, pooled = self.vision_model(pixel_values.flatten(0, 1), class_only=not with_patches)
         cls = self.visual_projection(pooled).view(batch, frames, -1)
-        return tokens[:, 1:].unflatten(0, (batch, frames)), cls
+        patches = tokens[:, 1:].unflatten(0, (batch, frames)) if with_patches else None
+        return patches, cls
 
     def get_video_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Video embeddings (B, P), not normalized, as ``transformers.XCLIPModel.get_video_features``."""
-        _, cls = self._frames(pixel_values)
+        _, cls = self._frames(pixel_values, with_patches=False)
         return self.mit(cls)
 
     def get_text_features(
@@ -196,11 +199,13 @@ class XCLIPModel(nn.Module):
             raise ValueError(
                 f"{source.uri}: a single weights file needs a config (an XCLIPConfig or a preset name)"
             )
-        with torch.device("meta"):
+        with torch.device("meta"):  # no random init: every parameter is about to be loaded
             model = cls(config)
         checkpoints.check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state)
-        model.load_state_dict(state, strict=True, assign=True)
-        return model.to(device=device, dtype=dtype).eval()
+        # copy into freshly allocated (aligned) parameters rather than keep the memory-mapped file's tensors,
+        # which are not aligned for fast matrix multiplies
+        model.to_empty(device=device).load_state_dict(state, strict=True)
+        return model.to(dtype=dtype).eval()
 
     def save_pretrained(
         self, directory: str | os.PathLike, storage_options: dict[str, Any] | None = None

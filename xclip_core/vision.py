@@ -57,14 +57,17 @@ class CrossFrameCommunicationLayer(EncoderLayer):
         self.message_ln = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.message_attn = SelfAttention(dim, config.num_attention_heads)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # x: (B*T, L, D) with the class token first
+    def forward(self, x: torch.Tensor, class_only: bool = False) -> torch.Tensor:
+        """(B*T, L, D) with the class token first -> (B*T, L, D), or (B*T, 1, D) with ``class_only``."""
         frames, length, dim = x.shape
         message = self.message_fc(x[:, 0]).view(frames // self.num_frames, self.num_frames, dim)  # (B, T, D)
         message = message + self.message_attn(self.message_ln(message))
         x = torch.cat([x, message.view(frames, 1, dim)], dim=1)  # (B*T, L + 1, D)
-        x = x + self.self_attn(self.layer_norm1(x))
-        x = x[:, :length]
+        h = self.layer_norm1(x)
+        if class_only:  # only the class token is wanted (the pooled output): it alone queries
+            x = x[:, :1] + self.self_attn.out_proj(self.self_attn.attend(h[:, :1], h, h))
+        else:
+            x = (x + self.self_attn(h))[:, :length]
         return x + self.mlp(self.layer_norm2(x))
 
 
@@ -75,14 +78,18 @@ class CrossFrameEncoder(nn.Module):
             CrossFrameCommunicationLayer(config) for _ in range(config.num_hidden_layers)
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for layer in self.layers:
-            x = layer(x)
+    def forward(self, x: torch.Tensor, class_only: bool = False) -> torch.Tensor:
+        for i, layer in enumerate(self.layers):
+            x = layer(x, class_only=class_only and i == len(self.layers) - 1)
         return x
 
 
 class VisionTransformer(nn.Module):
-    """Frames (B*T, C, H, W) -> token states (B*T, L, D) and the pooled class state (B*T, D)."""
+    """Frames (B*T, C, H, W) -> token states (B*T, L, D) and the pooled class state (B*T, D).
+
+    With ``class_only`` the last layer computes the class token alone (token states (B*T, 1, D)): the
+    pooled output is the same and the last layer costs a fraction of a full one.
+    """
 
     def __init__(self, config: VisionConfig):
         super().__init__()
@@ -91,6 +98,8 @@ class VisionTransformer(nn.Module):
         self.encoder = CrossFrameEncoder(config)
         self.post_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
 
-    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = self.encoder(self.pre_layernorm(self.embeddings(pixel_values)))
+    def forward(
+        self, pixel_values: torch.Tensor, class_only: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.encoder(self.pre_layernorm(self.embeddings(pixel_values)), class_only)
         return x, self.post_layernorm(x[:, 0])
