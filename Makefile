@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install test lint bench-encoder
+.PHONY: install demo test bench-encoder bench-pipeline
 
 install: $(VENV)/.installed
 
@@ -14,9 +14,15 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[test]"
 	touch $@
 
+demo: install
+	$(BIN)/videosearch demo
+
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 bench-encoder: install
 	$(BIN)/python bench/encoder.py
+
+bench-pipeline: install
+	$(BIN)/python bench/pipeline.py

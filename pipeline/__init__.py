@@ -1,1 +1,5 @@
-"""videosearch pipeline: list, read, decode and embed videos on Ray Data; keep the library on storage."""
+"""videosearch's pipeline: embed videos from object storage on Ray Data; search the libraries it builds."""
+
+from .library import Library
+
+__all__ = ["Library"]

@@ -6,13 +6,18 @@ even dimensions, so odd-sized H.264 videos are written in yuv444p (which decord 
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+from collections.abc import Sequence
+from fractions import Fraction
 
 import av
 import decord
 import numpy as np
 
 PATTERNS = ("shapes", "noise")
+_LIVE_FORMATS = {".mkv": "matroska", ".webm": "webm", ".ts": "mpegts"}
 
 
 def _frames(num_frames: int, width: int, height: int, pattern: str, seed: int) -> np.ndarray:
@@ -59,14 +64,88 @@ def write_video(
 ) -> str:
     """Encode a video of moving coloured shapes on a textured background (``pattern="shapes"``) or of
     uniform noise (``"noise"``) with ``codec`` (``"libx264"`` or ``"mpeg4"``); returns the path."""
+    return write_frames(path, _frames(num_frames, width, height, pattern, seed), fps, codec)
+
+
+def write_frames(
+    path: str | os.PathLike,
+    frames: np.ndarray,
+    fps: int = 25,
+    codec: str = "libx264",
+    *,
+    gop: int | None = None,
+    rotation: int = 0,
+    times: Sequence[float] | None = None,
+    faststart: bool = False,
+    live: bool = False,
+) -> str:
+    """Encode uint8 ``(T, H, W, 3)`` RGB ``frames``; returns the path (the container follows its extension).
+
+    ``gop``: keyframe interval in frames (the encoder's default otherwise). ``rotation``: display rotation
+    in degrees, counter-clockwise (a phone's "rotate=90" portrait video is ``-90``), stored as a display
+    matrix: FFmpeg 8 no longer turns a ``rotate`` metadata tag into one. ``times``: each frame's presentation
+    time in seconds (variable frame rate, millisecond precision) instead of ``i / fps``. ``faststart``: put
+    the MP4 index (``moov``) before the media data. ``live``: write through a non-seekable output, as a
+    live recording does: Matroska then has no duration and no index (MP4 needs a seekable output).
+    """
     path = os.fspath(path)
+    _, height, width, _ = frames.shape
     odd = width % 2 or height % 2
-    with av.open(path, "w") as container:
+    options = {"movflags": "faststart"} if faststart else {}
+    with contextlib.ExitStack() as stack:
+        if live:
+            output, muxer = stack.enter_context(_Unseekable(path)), _LIVE_FORMATS[os.path.splitext(path)[1]]
+        else:
+            output, muxer = path, None
+        container = stack.enter_context(av.open(output, "w", format=muxer, options=options))
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = width, height
         stream.pix_fmt = "yuv444p" if codec == "libx264" and odd else "yuv420p"
-        for frame in _frames(num_frames, width, height, pattern, seed):
-            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        if gop:
+            stream.codec_context.gop_size = gop
+        if rotation:
+            stream.set_display_rotation(rotation)
+        if times is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
+        for i, frame in enumerate(frames):
+            video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+            if times is not None:
+                video_frame.pts, video_frame.time_base = round(times[i] * 1000), Fraction(1, 1000)
+            container.mux(stream.encode(video_frame))
+        container.mux(stream.encode())
+    return path
+
+
+class _Unseekable(io.RawIOBase):
+    """A write-only file that cannot seek."""
+
+    def __init__(self, path: str):
+        self.file = open(path, "wb")  # noqa: SIM115 - closed by close()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: bytes) -> int:
+        return self.file.write(data)
+
+    def close(self) -> None:
+        self.file.close()
+        super().close()
+
+
+def write_audio(path: str | os.PathLike, seconds: float = 1.0, rate: int = 16000) -> str:
+    """Encode ``seconds`` of a 440 Hz tone as AAC, an audio-only file (container from the extension)."""
+    path = os.fspath(path)
+    with av.open(path, "w") as container:
+        stream = container.add_stream("aac", rate=rate)
+        stream.layout = "mono"
+        t = np.arange(int(seconds * rate)) / rate
+        samples = (0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+        for start in range(0, len(samples) - 1023, 1024):
+            chunk = samples[None, start : start + 1024]
+            frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout="mono")
+            frame.sample_rate, frame.pts = rate, start
+            container.mux(stream.encode(frame))
         container.mux(stream.encode())
     return path
 

@@ -15,6 +15,7 @@ the one pass the index needs (video embedding and patch features together).
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -216,6 +217,16 @@ class XCLIPModel(nn.Module):
         with target.fs.open(target.path("config.json"), "w") as f:
             f.write(self.config.to_json_string())
         checkpoints.save_safetensors(self.state_dict(), target.fs, target.path("model.safetensors"))
+
+    def weights_sha256(self) -> str:
+        """Hex SHA-256 of the weights: every state-dict entry in sorted key order, as its name, dtype, shape
+        and raw bytes. Equal for equal weights wherever they were loaded from; changes with the dtype."""
+        digest = hashlib.sha256()
+        for key, tensor in sorted(self.state_dict().items()):
+            tensor = tensor.detach().cpu().contiguous()
+            digest.update(f"{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+        return digest.hexdigest()
 
 
 def contrastive_loss(logits_per_video: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,48 @@
+"""``videosearch demo``: the main job on the embedded default, start to finish on a laptop.
+
+Generates a few captioned sample videos, embeds them on a local Ray with the default model (no download),
+then runs some of the captions as text queries and prints the top results next to the expected video.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+from xclip_core.default_model import default_model_dir
+
+from .library import Library
+from .plan import EmbedOptions, embed
+from .synthetic import sample_scenes, write_clip
+
+DEMO_VIDEOS = 12
+DEMO_QUERIES = 4
+
+
+def run_demo(workdir: str | None = None) -> None:
+    """Generate, embed, query; print each step. ``workdir`` keeps the files (default: a temp dir)."""
+    with tempfile.TemporaryDirectory(prefix="videosearch-demo-") as tmp:
+        root = Path(workdir or tmp)
+        videos, library = root / "videos", root / "library"
+        videos.mkdir(parents=True, exist_ok=True)
+        scenes = sample_scenes(DEMO_VIDEOS, seed=0)
+        expected = {}
+        for i, scene in enumerate(scenes):
+            path = write_clip(videos / f"clip-{i:02d}.mp4", scene)
+            expected[scene.caption] = path
+        print(f"wrote {len(scenes)} sample videos to {videos}")
+
+        summary = embed(str(videos), str(library), EmbedOptions(model=default_model_dir()))
+        print(summary.text())
+
+        lib = Library.open(str(library))
+        right = 0
+        for caption in list(expected)[:DEMO_QUERIES]:
+            hits = lib.search(caption, k=3)
+            top_is_right = bool(hits) and hits[0].uri.endswith(Path(expected[caption]).name)
+            right += top_is_right
+            print(f"\nquery: {caption!r}   (expected {Path(expected[caption]).name})")
+            for rank, hit in enumerate(hits, 1):
+                mark = "  <- expected" if hit.uri.endswith(Path(expected[caption]).name) else ""
+                print(f"  {rank}. {hit.score:.4f}  {Path(hit.uri).name}{mark}")
+        print(f"\nright video first for {right} of {DEMO_QUERIES} queries")

@@ -1,0 +1,183 @@
+"""FAISS indexes over a library's embeddings: build, update, search, (de)serialize.
+
+Vectors are L2-normalized X-CLIP embeddings, so the metric is the inner product (= cosine similarity).
+An index maps the library's int64 row ids (never positions) to vectors; ``search`` returns those ids.
+
+Kinds, and the rule ``kind="auto"`` follows for N vectors of dimension D:
+
+* ``flat`` (N < 20,000): exact search, ``IndexIDMap2(IndexFlatIP)``. Brute force over 20k x 512 floats is
+  about 10M multiply-adds per query: a few milliseconds.
+* ``ivf`` (20,000 <= N < 1,000,000): ``IVF{nlist},Flat``, full vectors in nlist = 4 * sqrt(N) inverted lists
+  (at most N / 39, so that k-means sees enough points per centroid). Search probes
+  nprobe = clamp(nlist / 16, 16, 256) lists (about 6% of the vectors at N = 1M).
+* ``ivfpq`` (N >= 1,000,000): as ``ivf`` but the vectors are product-quantized to D / 4 bytes (16x smaller).
+  Its scores are approximate: re-rank the top results exactly from the stored embeddings.
+* ``hnsw`` (explicit only): ``IndexIDMap2(IndexHNSWFlat)``, M = 32, efSearch = 128. Cannot delete in place:
+  :func:`remove` rebuilds it.
+
+IVF centroids (and PQ codebooks) are trained by k-means on the data itself, on at most 64 points per
+centroid, with a fixed seed: the same input gives the same index. nprobe and efSearch are stored in the
+serialized index, so a deserialized index searches as it was built to.
+"""
+
+from __future__ import annotations
+
+import math
+
+import faiss
+import numpy as np
+
+FLAT_MAX = 20_000  # below this many vectors, "auto" builds an exact index
+IVF_FLAT_MAX = 1_000_000  # below this many, "auto" keeps full vectors in the IVF lists; above, PQ codes
+KINDS = ("flat", "ivf", "ivfpq", "hnsw")
+HNSW_M = 32
+HNSW_EF_SEARCH = 128
+TRAIN_POINTS_PER_CENTROID = 64
+_IP = faiss.METRIC_INNER_PRODUCT
+
+
+def auto_kind(n: int) -> str:
+    """The kind ``build_index(kind="auto")`` picks for ``n`` vectors (see the module docstring)."""
+    if n < FLAT_MAX:
+        return "flat"
+    return "ivf" if n < IVF_FLAT_MAX else "ivfpq"
+
+
+def _nlist(n: int) -> int:
+    return max(1, min(round(4 * math.sqrt(n)), n // 39))
+
+
+def _nprobe(nlist: int) -> int:
+    return min(nlist, max(16, min(256, nlist // 16)))
+
+
+def _pq_bytes(d: int) -> int:
+    """The largest divisor of ``d`` that is at most ``d / 4`` (the PQ code size in bytes)."""
+    return next(m for m in range(max(1, d // 4), 0, -1) if d % m == 0)
+
+
+def _checked(ids: np.ndarray, vectors: np.ndarray, d: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or len(vectors) != len(ids):
+        raise ValueError(f"need vectors of shape (N, D) for N={len(ids)} ids, got {vectors.shape}")
+    if d is not None and vectors.shape[1] != d:
+        raise ValueError(f"the index holds vectors of dimension {d}, got {vectors.shape[1]}")
+    if len(ids) and ids.min() < 0:
+        raise ValueError("ids must be >= 0 (-1 means 'no result')")
+    if len(np.unique(ids)) != len(ids):
+        raise ValueError("ids must be unique")
+    return ids, vectors
+
+
+def build_index(ids: np.ndarray, vectors: np.ndarray, kind: str = "auto", seed: int = 0) -> faiss.Index:
+    """An inner-product index of ``vectors`` (N, D) under the unique int64 ``ids`` (N,), ids >= 0.
+
+    ``kind`` is ``"auto"`` or one of :data:`KINDS`. Empty input gives an empty ``flat`` index (an IVF index
+    cannot be trained on nothing). ``seed`` seeds the k-means training of ``ivf``/``ivfpq``.
+    """
+    ids, vectors = _checked(ids, vectors)
+    n, d = vectors.shape
+    kind = auto_kind(n) if kind == "auto" else kind
+    if kind not in KINDS:
+        raise ValueError(f"unknown index kind {kind!r}; use 'auto' or one of {', '.join(KINDS)}")
+    if n == 0:
+        kind = "flat"
+    if kind == "flat":
+        index = faiss.index_factory(d, "IDMap2,Flat", _IP)
+    elif kind == "hnsw":
+        index = faiss.index_factory(d, f"IDMap2,HNSW{HNSW_M}", _IP)
+        faiss.ParameterSpace().set_index_parameter(index, "efSearch", HNSW_EF_SEARCH)
+    else:
+        nlist = _nlist(n)
+        codes = "Flat" if kind == "ivf" else f"PQ{_pq_bytes(d)}x8"
+        index = faiss.index_factory(d, f"IVF{nlist},{codes}", _IP)
+        clusterings = [index.cp]
+        if kind == "ivfpq":
+            clusterings.append(index.pq.cp)
+            index.do_polysemous_training = False  # the factory's default; slow and unused by our search
+        for cp in clusterings:
+            cp.seed = seed
+            cp.max_points_per_centroid = TRAIN_POINTS_PER_CENTROID
+        index.train(vectors)
+        index.nprobe = _nprobe(nlist)
+    index.add_with_ids(vectors, ids)
+    return index
+
+
+def _inner(index: faiss.Index) -> faiss.Index:
+    return faiss.downcast_index(index.index) if isinstance(index, faiss.IndexIDMap2) else index
+
+
+def kind_of(index: faiss.Index) -> str:
+    """``"flat"``, ``"ivf"``, ``"ivfpq"`` or ``"hnsw"``."""
+    inner = _inner(index)
+    for cls, kind in (
+        (faiss.IndexFlat, "flat"), (faiss.IndexIVFFlat, "ivf"), (faiss.IndexIVFPQ, "ivfpq"),
+        (faiss.IndexHNSW, "hnsw"),
+    ):
+        if isinstance(inner, cls):
+            return kind
+    raise ValueError(f"not an index built by pipeline.index: {type(inner).__name__}")
+
+
+def add(index: faiss.Index, ids: np.ndarray, vectors: np.ndarray) -> None:
+    """Add ``vectors`` under ``ids`` (unique, not yet in the index: remove changed ones first)."""
+    ids, vectors = _checked(ids, vectors, index.d)
+    index.add_with_ids(vectors, ids)
+
+
+def remove(index: faiss.Index, ids: np.ndarray) -> faiss.Index:
+    """The index without ``ids`` (absent ones are ignored); use the returned index afterwards.
+
+    ``flat``/``ivf``/``ivfpq`` indexes are changed in place and returned; ``hnsw`` is rebuilt without them.
+    """
+    ids = np.ascontiguousarray(ids, dtype=np.int64).reshape(-1)
+    if kind_of(index) != "hnsw":
+        index.remove_ids(ids)
+        return index
+    all_ids = faiss.vector_to_array(index.id_map)
+    keep = ~np.isin(all_ids, ids)
+    vectors = _inner(index).reconstruct_n(0, index.ntotal)
+    return build_index(all_ids[keep], vectors[keep], "hnsw")
+
+
+def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best ids per query and their inner products: ``(scores, ids)``, both (Q, k), best first.
+
+    ``queries`` is (Q, D) or one (D,) vector (then Q = 1). Where fewer than ``k`` results exist (k larger
+    than the index, or too few in the probed lists) the ids are -1 and the scores ``-inf``.
+    """
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    queries = queries.reshape(1, -1) if queries.ndim == 1 else queries
+    if queries.ndim != 2 or queries.shape[1] != index.d:
+        raise ValueError(f"need queries of shape (Q, {index.d}), got {queries.shape}")
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    scores, ids = index.search(queries, k)
+    scores[ids < 0] = -np.inf
+    return scores, ids
+
+
+def serialize(index: faiss.Index) -> bytes:
+    """The index as bytes (FAISS's own format, with its search parameters)."""
+    return faiss.serialize_index(index).tobytes()
+
+
+def deserialize(data: bytes) -> faiss.Index:
+    """The index that :func:`serialize` wrote."""
+    return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
+
+
+def describe(index: faiss.Index) -> str:
+    """One line: kind, search parameters, size; e.g. ``ivf (nlist=102, nprobe=16): 4000 vectors, dim 32``."""
+    kind = kind_of(index)
+    inner = _inner(index)
+    if kind == "flat":
+        params = "exact"
+    elif kind == "hnsw":
+        params = f"efSearch={inner.hnsw.efSearch}"
+    else:
+        params = f"nlist={inner.nlist}, nprobe={inner.nprobe}"
+        params += f", {inner.pq.M} bytes/vector" if kind == "ivfpq" else ""
+    return f"{kind} ({params}): {index.ntotal} vectors, dim {index.d}"

@@ -1,0 +1,254 @@
+"""The embed job as a Ray Data plan: list -> decode -> encode -> write, then index -> publish.
+
+This is the one module that knows Ray. Each stage is a plain callable from ``pipeline.stages``; here they get
+their resources: decoders are CPU actors, encoders are GPU actors when the cluster has GPUs (CPU otherwise),
+the writer is one light actor. Ray Data streams batches between them with backpressure, so memory stays
+bounded whatever the number of videos; only small uint8 frame tensors cross the object store.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from xclip_core import XCLIPConfig, XCLIPModel
+from xclip_core.sources import ModelSource
+from xclip_core.video_transforms import VideoPreprocessor
+
+from . import index as faiss_index
+from .library import Library, LibraryWriter, PartInfo, parts_dataset
+from .stages.decode import DecodeVideos
+from .stages.encode import EncodeFrames
+from .stages.list import list_objects
+from .stages.write import WritePart
+from .storage import StorageOptions, protocol_of
+
+log = logging.getLogger(__name__)
+
+PART_ROWS = 256  # rows per Parquet part file
+DECODE_TRIES = 3
+WRITE_CPUS = 0.1
+MAX_INPUT_BLOCKS = 1000  # a video whose decoding crashes its actor this often is recorded as failed
+
+
+@dataclass
+class EmbedOptions:
+    """Everything ``videosearch embed`` can set; ``None`` means "derive from the model or the cluster"."""
+
+    model: str
+    frames: int | None = None  # frames per video/segment; the model's own count by default
+    segment_s: float | None = None  # embed fixed-length segments instead of whole videos
+    batch_size: int = 4  # videos (segments) per encoder call
+    decoders: int | None = None  # decode actors
+    encoders: int | None = None  # encode actors
+    gpus_per_encoder: float | None = None  # 1 when the cluster has GPUs, else 0
+    address: str | None = None  # Ray address; None starts (or joins) a local Ray
+    storage: StorageOptions = field(default_factory=StorageOptions)
+
+
+@dataclass
+class EmbedSummary:
+    """What a finished job reports: counts, failures and speed."""
+
+    library: str
+    version: int
+    objects: int
+    ok: int
+    failed: int
+    segments: int
+    seconds: float
+    failures: list[dict[str, str]]
+
+    @property
+    def videos_per_s(self) -> float:
+        return self.objects / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "videos_per_s": round(self.videos_per_s, 3)}
+
+    def text(self) -> str:
+        lines = [
+            f"library {self.library} version {self.version}: {self.objects} objects, {self.ok} embedded "
+            f"({self.segments} segments), {self.failed} failed, {self.seconds:.1f} s, "
+            f"{self.videos_per_s:.2f} videos/s"
+        ]
+        lines += [f"  failed: {f['uri']}: {f['error']}" for f in self.failures]
+        return "\n".join(lines)
+
+
+def describe_model(src: str, storage: StorageOptions) -> tuple[XCLIPConfig, dict[str, str]]:
+    """Load the model once in the driver: a bad checkpoint fails here, before any video is touched, and the
+    library records the hash of the weights that built it."""
+    model = XCLIPModel.from_pretrained(src, storage_options=storage.for_protocol(protocol_of(src)))
+    return model.config, {"id": src, "sha256": model.weights_sha256()}
+
+
+def model_preprocessor(src: str, storage: StorageOptions) -> VideoPreprocessor:
+    """The checkpoint's own preprocessing, or X-CLIP's standard one when it ships none."""
+    options = storage.for_protocol(protocol_of(src))
+    if ModelSource(src, options).first_existing("preprocessor_config.json", "processor_config.json"):
+        return VideoPreprocessor.from_pretrained(src, options)
+    return VideoPreprocessor()
+
+
+TEXT_COLUMNS = {"uri", "etag", "error", "model_id"}
+LISTED_SCHEMA = pa.schema(
+    [("uri", pa.string()), ("size", pa.int64()), ("etag", pa.string()), ("mtime", pa.float64())]
+)
+
+
+def _text_columns_typed(stage: type) -> type:
+    """The stage, with its nullable text columns handed to Ray as Arrow strings.
+
+    Ray Data stores an all-None numpy column as an Arrow null column, which comes back to the next stage as
+    NaN floats; typing the text columns keeps an ``error`` of None a None.
+    """
+
+    class Typed(stage):
+        def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+            out = super().__call__(batch)
+            for name in TEXT_COLUMNS & out.keys():
+                out[name] = pa.array([None if v is None else str(v) for v in out[name]], pa.string())
+            return out
+
+    Typed.__name__ = Typed.__qualname__ = stage.__name__
+    return Typed
+
+
+def _connect(address: str | None) -> dict[str, float]:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=True)
+    return ray.cluster_resources()
+
+
+def embed(source: str, library: str, options: EmbedOptions) -> EmbedSummary:
+    """Build (or add a version to) ``library`` from every object under ``source``."""
+    import ray.data
+
+    started = time.perf_counter()
+    config, model = describe_model(options.model, options.storage)
+    frames = options.frames or config.vision_config.num_frames
+    if frames != config.vision_config.num_frames:
+        raise ValueError(f"the model takes {config.vision_config.num_frames} frames per video, not {frames}")
+    preprocessor = model_preprocessor(options.model, options.storage)
+    listed = list_objects(source, options.storage)
+    if not listed:
+        raise ValueError(f"nothing to embed: {source} lists no objects")
+
+    resources = _connect(options.address)
+    cpus, gpus = resources.get("CPU", 1), resources.get("GPU", 0)
+    gpus_per_encoder = (
+        options.gpus_per_encoder if options.gpus_per_encoder is not None else (1 if gpus else 0)
+    )
+    encoders = options.encoders or (max(1, int(gpus // gpus_per_encoder)) if gpus_per_encoder else 1)
+    decoders = options.decoders or max(1, int(cpus // 4) if gpus_per_encoder else 1)
+    # on CPU the encoder is the bottleneck: it gets the cores that decoding and writing leave
+    decode_cpus = 1.0 if gpus_per_encoder else 0.5
+    encode_cpus = (
+        1.0 if gpus_per_encoder else max(0.5, (cpus - decoders * decode_cpus - WRITE_CPUS) / encoders)
+    )
+    log.info(
+        "plan: %d decoders, %d encoders (%.2g GPU, %.2g CPU each)",
+        decoders,
+        encoders,
+        gpus_per_encoder,
+        encode_cpus,
+    )
+
+    # one small block per group of objects, so decoding starts at once and spreads over the actors
+    table = pa.Table.from_pylist(listed, schema=LISTED_SCHEMA)
+    step = -(-len(listed) // min(len(listed), MAX_INPUT_BLOCKS))
+    ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, len(listed), step)])
+    ds = ds.map_batches(
+        _text_columns_typed(DecodeVideos),
+        fn_constructor_kwargs=dict(
+            num_frames=frames,
+            preprocessor=preprocessor,
+            segment_s=options.segment_s,
+            storage_options=options.storage,
+        ),
+        batch_size=1,
+        batch_format="numpy",
+        concurrency=decoders,
+        num_cpus=decode_cpus,
+        max_restarts=-1,
+        max_task_retries=DECODE_TRIES,
+    )
+    ds = ds.map_batches(
+        _text_columns_typed(EncodeFrames),
+        fn_constructor_kwargs=dict(
+            model_src=options.model,
+            storage_options=options.storage,
+            batch_size=options.batch_size,
+            threads=None if gpus_per_encoder else max(1, round(encode_cpus)),
+        ),
+        batch_size=options.batch_size,
+        batch_format="numpy",
+        concurrency=encoders,
+        num_cpus=encode_cpus,
+        num_gpus=gpus_per_encoder,
+    )
+    ds = ds.map_batches(
+        WritePart,
+        fn_constructor_kwargs=dict(
+            library_uri=library,
+            embedding_dim=config.projection_dim,
+            prompt_shape=_prompt_shape(config),
+            storage_options=options.storage,
+        ),
+        batch_size=PART_ROWS,
+        batch_format="numpy",
+        concurrency=1,
+        num_cpus=WRITE_CPUS,
+    )
+    parts = ds.take_all()
+    return publish(library, parts, config, model, options, listed, started)
+
+
+def publish(
+    library: str,
+    parts: list[dict[str, Any]],
+    config: XCLIPConfig,
+    model: dict[str, str],
+    options: EmbedOptions,
+    listed: list[dict],
+    started: float,
+) -> EmbedSummary:
+    """Index the written parts and publish them as the library's next version."""
+    dim = config.projection_dim
+    writer = LibraryWriter(library, options.storage, embedding_dim=dim, prompt_shape=_prompt_shape(config))
+    infos = [PartInfo(str(p["path"]), int(p["rows"]), int(p["ok"]), int(p["errors"])) for p in parts]
+    table = parts_dataset(library, options.storage, infos, writer.schema).to_table(
+        columns=["id", "uri", "error", "embedding"]
+    )
+    ok = table.filter(pc.is_null(table["error"]))
+    vectors = ok["embedding"].combine_chunks().flatten().to_numpy().reshape(len(ok), dim)
+    index = faiss_index.build_index(ok["id"].to_numpy(), vectors)
+    version = writer.publish(
+        infos, index, model=model, base=Library.current_version(library, options.storage)
+    )
+
+    errors = table.filter(pc.is_valid(table["error"]))
+    failures = sorted(set(zip(errors["uri"].to_pylist(), errors["error"].to_pylist(), strict=True)))
+    ok_uris = set(ok["uri"].to_pylist())
+    return EmbedSummary(
+        library=library,
+        version=version.number,
+        objects=len(listed),
+        ok=len(ok_uris),
+        failed=len({uri for uri, _ in failures} - ok_uris),
+        segments=len(ok),
+        seconds=time.perf_counter() - started,
+        failures=[{"uri": uri, "error": error} for uri, error in failures],
+    )
+
+
+def _prompt_shape(config: XCLIPConfig) -> tuple[int, int]:
+    return config.vision_config.num_patches, config.projection_dim
