@@ -112,7 +112,7 @@ def _run_query(args: argparse.Namespace) -> int:
 
 
 def _run_classify(args: argparse.Namespace) -> int:
-    from .classify_videos import classify_source
+    from .zero_shot import classify_source
 
     results = classify_source(
         args.source, args.labels, args.model or _default_model(), args.template, args.k, _storage(args)

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
+import ray.data
 
 from xclip_core import XCLIPConfig, XCLIPModel
 from xclip_core.sources import ModelSource
@@ -120,9 +123,35 @@ def _text_columns_typed(stage: type) -> type:
     return Typed
 
 
-def _connect(address: str | None) -> dict[str, float]:
-    import ray
+@ray.remote(num_cpus=0)
+class _CrashLedgerActor:
+    """Unfinished decode attempts per video; lives as long as the job, whatever happens to the decoders."""
 
+    def __init__(self) -> None:
+        self.unfinished: Counter[str] = Counter()
+
+    def begin(self, uri: str) -> int:
+        self.unfinished[uri] += 1
+        return self.unfinished[uri] - 1
+
+    def end(self, uri: str) -> None:
+        self.unfinished.pop(uri, None)
+
+
+class CrashLedger:
+    """The ``crash_ledger`` of :class:`DecodeVideos`, kept by a Ray actor that outlives crashing decoders."""
+
+    def __init__(self) -> None:
+        self.actor = _CrashLedgerActor.remote()
+
+    def begin(self, uri: str) -> int:
+        return ray.get(self.actor.begin.remote(uri))
+
+    def end(self, uri: str) -> None:
+        self.actor.end.remote(uri)
+
+
+def _connect(address: str | None) -> dict[str, float]:
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=True)
     return ray.cluster_resources()
@@ -130,8 +159,6 @@ def _connect(address: str | None) -> dict[str, float]:
 
 def embed(source: str, library: str, options: EmbedOptions) -> EmbedSummary:
     """Build (or add a version to) ``library`` from every object under ``source``."""
-    import ray.data
-
     started = time.perf_counter()
     config, model = describe_model(options.model, options.storage)
     frames = options.frames or config.vision_config.num_frames
@@ -173,13 +200,15 @@ def embed(source: str, library: str, options: EmbedOptions) -> EmbedSummary:
             preprocessor=preprocessor,
             segment_s=options.segment_s,
             storage_options=options.storage,
+            crash_ledger=CrashLedger(),
+            max_tries=DECODE_TRIES,
         ),
         batch_size=1,
         batch_format="numpy",
         concurrency=decoders,
         num_cpus=decode_cpus,
-        max_restarts=-1,
-        max_task_retries=DECODE_TRIES,
+        max_restarts=-1,  # a native crash kills one decoder; Ray starts another
+        max_task_retries=DECODE_TRIES + 1,  # the last try records the video as failed (see CrashLedger)
     )
     ds = ds.map_batches(
         _text_columns_typed(EncodeFrames),

@@ -227,6 +227,34 @@ def test_decode_video_raises_reasons(bad_files: dict[str, tuple[str, str]]) -> N
         decode_video(io.BytesIO(f.read()), 8, PRE)  # no file name: probed by content only
 
 
+class Ledger:
+    """A crash ledger as the plan keeps it (there on a Ray actor): unfinished attempts per video."""
+
+    def __init__(self, unfinished: dict[str, int]):
+        self.unfinished = dict(unfinished)
+
+    def begin(self, uri: str) -> int:
+        self.unfinished[uri] = self.unfinished.get(uri, 0) + 1
+        return self.unfinished[uri] - 1
+
+    def end(self, uri: str) -> None:
+        self.unfinished.pop(uri, None)
+
+
+def test_a_video_that_crashed_the_decoder_too_often_becomes_an_error_row(videos: dict[str, str]) -> None:
+    crashing, fine = videos["h264_default_gop"], videos["one_frame"]
+    # the crashing video was begun 3 times by actors that died before ending it; the other once, and ended
+    ledger = Ledger({crashing: 3})
+    out = DecodeVideos(8, PRE, crash_ledger=ledger, max_tries=3)(listed(crashing, fine))
+    assert out["error"][0] == "the decoder crashed on this video 3 times; not retried"
+    assert not out["frames"][0].any()
+    assert out["error"][1] is None and out["frames"][1].any()
+    assert ledger.unfinished == {}  # both attempts ended: a later retry starts afresh
+    # below the limit the video is decoded again
+    again = DecodeVideos(8, PRE, crash_ledger=Ledger({crashing: 2}), max_tries=3)(listed(crashing))
+    assert again["error"][0] is None
+
+
 def test_empty_batch() -> None:
     out = DecodeVideos(8, PRE)(listed())
     assert out["frames"].shape == (0, 8, 224, 224, 3) and out["error"].shape == (0,)

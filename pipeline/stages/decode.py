@@ -87,15 +87,25 @@ def decode_video(
     if isinstance(uri_or_file, str):
         with open_video(uri_or_file, storage_options) as f:
             return decode_video(
-                f, num_frames, preprocessor, segment_s, thumbnail_size=thumbnail_size,
-                max_pixels=max_pixels, max_forward_s=max_forward_s,
+                f,
+                num_frames,
+                preprocessor,
+                segment_s,
+                thumbnail_size=thumbnail_size,
+                max_pixels=max_pixels,
+                max_forward_s=max_forward_s,
             )
     if uri_or_file.seek(0, os.SEEK_END) == 0:
         raise DecodeError("empty object")
     uri_or_file.seek(0)
     decode = functools.partial(
-        _decode_segments, num_frames=num_frames, preprocessor=preprocessor, segment_s=segment_s,
-        thumbnail_size=thumbnail_size, max_pixels=max_pixels, max_forward_s=max_forward_s,
+        _decode_segments,
+        num_frames=num_frames,
+        preprocessor=preprocessor,
+        segment_s=segment_s,
+        thumbnail_size=thumbnail_size,
+        max_pixels=max_pixels,
+        max_forward_s=max_forward_s,
     )
     with _open_container(uri_or_file) as container:
         stream = _video_stream(container, max_pixels)
@@ -126,6 +136,10 @@ class DecodeVideos:
     Constructed once per actor. Every video gives one row per segment, or exactly one error row (zero frames,
     empty thumbnail, NaN times, zero sizes, ``error`` set) when anything about it fails: one bad object never
     fails the batch.
+
+    A crash in native decoder code kills the process, not just the call. ``crash_ledger`` (any object with
+    ``begin(uri) -> int``, the number of earlier unfinished attempts, and ``end(uri)``) survives the actor:
+    a video that was begun ``max_tries`` times without ending becomes an error row instead of a new crash.
     """
 
     def __init__(
@@ -136,7 +150,11 @@ class DecodeVideos:
         storage_options: StorageOptions | None = None,
         thumbnail_size: int = 160,
         max_pixels: int = MAX_PIXELS,
+        crash_ledger: Any = None,
+        max_tries: int = 3,
     ):
+        self.crash_ledger = crash_ledger
+        self.max_tries = max_tries
         self.num_frames = num_frames
         self.preprocessor = preprocessor
         self.segment_s = segment_s
@@ -150,16 +168,25 @@ class DecodeVideos:
         sources: list[int] = []  # the input row of each output row
         rows: list[dict[str, Any]] = []
         for i, uri in enumerate(listed["uri"]):
+            tries = self.crash_ledger.begin(str(uri)) if self.crash_ledger is not None else 0
             try:
+                if tries >= self.max_tries:
+                    raise DecodeError(f"the decoder crashed on this video {tries} times; not retried")
                 if listed["size"][i] == 0:
                     raise DecodeError("empty object")
                 decoded = decode_video(
-                    str(uri), self.num_frames, self.preprocessor, self.segment_s,
-                    storage_options=self.storage_options, thumbnail_size=self.thumbnail_size,
+                    str(uri),
+                    self.num_frames,
+                    self.preprocessor,
+                    self.segment_s,
+                    storage_options=self.storage_options,
+                    thumbnail_size=self.thumbnail_size,
                     max_pixels=self.max_pixels,
                 )
             except Exception as e:  # noqa: BLE001 - any failure becomes this video's error row
                 decoded = [self._error_row(error_reason(e, str(uri), self.storage_options))]
+            if self.crash_ledger is not None:
+                self.crash_ledger.end(str(uri))
             rows.extend(decoded)
             sources.extend([i] * len(decoded))
         out: dict[str, np.ndarray] = {name: column[sources] for name, column in listed.items()}
@@ -291,12 +318,21 @@ def _decode_segments(
         indices = segment_frame_indices(frame_count, num_frames, first, max(last, first + 1))
         frames = [reader.rgb_at(i / fps) for i in indices]
         height, width = frames[0].shape[:2]
-        rows.append({
-            "segment": number, "start_s": start_s, "end_s": end_s, "duration_s": duration, "fps": fps,
-            "frame_count": frame_count, "width": width, "height": height,
-            "frames": _resize_crop(preprocessor, frames),
-            "thumbnail": _thumbnail(frames[len(frames) // 2], thumbnail_size), "error": None,
-        })
+        rows.append(
+            {
+                "segment": number,
+                "start_s": start_s,
+                "end_s": end_s,
+                "duration_s": duration,
+                "fps": fps,
+                "frame_count": frame_count,
+                "width": width,
+                "height": height,
+                "frames": _resize_crop(preprocessor, frames),
+                "thumbnail": _thumbnail(frames[len(frames) // 2], thumbnail_size),
+                "error": None,
+            }
+        )
     return rows
 
 
@@ -371,8 +407,9 @@ class _FrameReader:
             raise DecodeError("no decodable frames")
         reached = self.current[0]
         if target - reached > max(1.0, 2 * self.period):
-            raise DecodeError(f"truncated or corrupt: video data ends at {reached:.2f} s, frame wanted at "
-                              f"{target:.2f} s")
+            raise DecodeError(
+                f"truncated or corrupt: video data ends at {reached:.2f} s, frame wanted at {target:.2f} s"
+            )
 
     def _worth_seeking(self, target: float) -> bool:
         if self.current is None or target - self.current[0] <= self.max_forward_s:
@@ -408,8 +445,10 @@ def _to_rgb(frame: av.VideoFrame, max_pixels: int) -> np.ndarray:
     _check_size(frame.width, frame.height, max_pixels)
     rgb = frame.to_ndarray(format="rgb24")
     if rgb.dtype != np.uint8 or rgb.shape != (frame.height, frame.width, 3) or min(rgb.shape) == 0:
-        raise DecodeError(f"truncated or corrupt: decoded frame of shape {rgb.shape} for a "
-                          f"{frame.width}x{frame.height} picture")
+        raise DecodeError(
+            f"truncated or corrupt: decoded frame of shape {rgb.shape} for a "
+            f"{frame.width}x{frame.height} picture"
+        )
     turns = round(frame.rotation / 90) % 4  # counter-clockwise, like np.rot90
     return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
 
@@ -425,8 +464,9 @@ def _thumbnail(frame: np.ndarray, size: int) -> bytes:
     """JPEG (quality 80) of ``frame`` with its shorter side resized to ``size``."""
     height, width = frame.shape[:2]
     scale = size / min(height, width)
-    image = Image.fromarray(frame).resize((max(1, round(width * scale)), max(1, round(height * scale))),
-                                          Image.Resampling.BILINEAR)
+    image = Image.fromarray(frame).resize(
+        (max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BILINEAR
+    )
     out = io.BytesIO()
     image.save(out, "JPEG", quality=80)
     return out.getvalue()
