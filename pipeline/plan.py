@@ -9,9 +9,11 @@ bounded whatever the number of videos; only small uint8 frame tensors cross the 
 from __future__ import annotations
 
 import logging
+import math
+import os
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import pyarrow as pa
@@ -91,6 +93,11 @@ def describe_model(src: str, storage: StorageOptions) -> tuple[XCLIPConfig, dict
     return model.config, {"id": src, "sha256": model.weights_sha256()}
 
 
+def absolute_source(src: str) -> str:
+    """``src`` with a local path made absolute; URLs (``s3://``, ``file://``...) unchanged."""
+    return src if "://" in src else os.path.abspath(src)
+
+
 def model_preprocessor(src: str, storage: StorageOptions) -> VideoPreprocessor:
     """The checkpoint's own preprocessing, or X-CLIP's standard one when it ships none."""
     options = storage.for_protocol(protocol_of(src))
@@ -160,6 +167,8 @@ def _connect(address: str | None) -> dict[str, float]:
 def embed(source: str, library: str, options: EmbedOptions) -> EmbedSummary:
     """Build (or add a version to) ``library`` from every object under ``source``."""
     started = time.perf_counter()
+    # the manifest records the model for `query`, which may run from another directory
+    options = replace(options, model=absolute_source(options.model))
     config, model = describe_model(options.model, options.storage)
     frames = options.frames or config.vision_config.num_frames
     if frames != config.vision_config.num_frames:
@@ -216,7 +225,8 @@ def embed(source: str, library: str, options: EmbedOptions) -> EmbedSummary:
             model_src=options.model,
             storage_options=options.storage,
             batch_size=options.batch_size,
-            threads=None if gpus_per_encoder else max(1, round(encode_cpus)),
+            # decoding is ~30x cheaper than encoding on a CPU: the encoder's threads use the idle share too
+            threads=None if gpus_per_encoder else math.ceil(encode_cpus),
         ),
         batch_size=options.batch_size,
         batch_format="numpy",

@@ -15,8 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from pipeline.storage import StorageOptions
+from xclip_core import TextConfig, VisionConfig, XCLIPConfig, XCLIPModel
+from xclip_core.processor import XCLIPProcessor
+from xclip_core.tokenizer import CLIPTokenizer
+from xclip_core.video_transforms import VideoPreprocessor
 
 # Dummy credentials for the moto server, no proxy for it; what could point botocore elsewhere is cleared.
 AWS_TEST_ENV = {
@@ -29,8 +34,14 @@ AWS_TEST_ENV = {
     "NO_PROXY": "127.0.0.1,localhost",
     "no_proxy": "127.0.0.1,localhost",
 }
-AWS_CLEARED = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_SECURITY_TOKEN", "AWS_REGION", "AWS_ENDPOINT_URL",
-               "AWS_ENDPOINT_URL_S3")
+AWS_CLEARED = (
+    "AWS_PROFILE",
+    "AWS_SESSION_TOKEN",
+    "AWS_SECURITY_TOKEN",
+    "AWS_REGION",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+)
 
 
 def free_port() -> int:
@@ -84,7 +95,9 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
             mp.setenv(name, value)
         proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-            stdout=log_file, stderr=subprocess.STDOUT, env=dict(os.environ),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            env=dict(os.environ),
         )
         try:
             _wait_until_up(proc, url, log)
@@ -112,3 +125,45 @@ def bucket(s3: MotoS3) -> Iterator[str]:
     s3fs.S3FileSystem.clear_instance_cache()
     yield s3.make_bucket()
     s3fs.S3FileSystem.clear_instance_cache()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random X-CLIP (32 px, patch 16, 4 frames, one or two layers per block) with its processor files.
+
+    Every parameter is perturbed away from the initialisation (LayerNorms of 1, zero biases...), so that no
+    part of the model is an identity that could hide a mix-up. The text tower keeps CLIP's vocabulary and
+    77-token context, so the standard tokenizer fits.
+    """
+    torch.manual_seed(1234)
+    config = XCLIPConfig(
+        text_config=TextConfig(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
+        ),
+        vision_config=VisionConfig(
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=16,
+            num_frames=4,
+            mit_hidden_size=32,
+            mit_intermediate_size=64,
+            mit_num_hidden_layers=1,
+            mit_num_attention_heads=4,
+        ),
+        projection_dim=32,
+        prompt_layers=1,
+        prompt_num_attention_heads=4,
+    )
+    model = XCLIPModel(config)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    directory = tmp_path_factory.mktemp("models") / "tiny-xclip"
+    model.save_pretrained(directory)
+    XCLIPProcessor(CLIPTokenizer.from_pretrained(), VideoPreprocessor(size=32, crop_size=32)).save_pretrained(
+        directory
+    )
+    return directory

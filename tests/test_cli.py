@@ -7,16 +7,13 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from media import decode_frames, write_audio, write_video
 
 from pipeline.cli import main
-from xclip_core import TextConfig, VisionConfig, XCLIPConfig, XCLIPModel
+from xclip_core import XCLIPModel
 from xclip_core.classify import ZeroShotClassifier
 from xclip_core.processor import XCLIPProcessor
 from xclip_core.sampling import segment_frame_indices
-from xclip_core.tokenizer import CLIPTokenizer
-from xclip_core.video_transforms import VideoPreprocessor
 
 
 @pytest.mark.parametrize("command", ["embed", "query", "classify", "demo"])
@@ -25,36 +22,6 @@ def test_every_command_has_help(command: str) -> None:
         [sys.executable, "-m", "pipeline.cli", command, "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert f"usage: videosearch {command}" in out
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> str:
-    torch.manual_seed(0)
-    config = XCLIPConfig(
-        text_config=TextConfig(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
-        ),
-        vision_config=VisionConfig(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=16,
-            num_frames=4,
-            mit_hidden_size=32,
-            mit_intermediate_size=64,
-            mit_num_attention_heads=2,
-        ),
-        projection_dim=32,
-        prompt_num_attention_heads=2,
-    )
-    directory = tmp_path_factory.mktemp("tiny")
-    XCLIPModel(config).save_pretrained(directory)
-    XCLIPProcessor(CLIPTokenizer.from_pretrained(), VideoPreprocessor(size=32, crop_size=32)).save_pretrained(
-        directory
-    )
-    return str(directory)
 
 
 def test_classify_reports_labels_per_video_and_errors_per_bad_file(tmp_path, tiny_model, capsys) -> None:
@@ -67,7 +34,7 @@ def test_classify_reports_labels_per_video_and_errors_per_bad_file(tmp_path, tin
     labels.write_text("juggling\nswimming\n# a comment\nplaying guitar\n")
 
     code = main(
-        ["classify", str(videos), "--labels", str(labels), "--model", tiny_model, "-k", "2", "--json"]
+        ["classify", str(videos), "--labels", str(labels), "--model", str(tiny_model), "-k", "2", "--json"]
     )
     assert code == 0
     results = {r["uri"].rsplit("/", 1)[-1]: r for r in json.loads(capsys.readouterr().out)}
@@ -92,5 +59,5 @@ def test_classify_reports_labels_per_video_and_errors_per_bad_file(tmp_path, tin
 
 def test_bad_labels_is_a_clear_error(tmp_path, tiny_model, capsys) -> None:
     write_video(tmp_path / "a.mp4", 8, 32, 32)
-    assert main(["classify", str(tmp_path), "--labels", "kinetics401", "--model", tiny_model]) == 2
+    assert main(["classify", str(tmp_path), "--labels", "kinetics401", "--model", str(tiny_model)]) == 2
     assert "unknown label set 'kinetics401'" in capsys.readouterr().err

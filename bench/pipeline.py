@@ -1,0 +1,442 @@
+"""The embed pipeline against its own stages and against a plain loop: throughput measured in one run.
+
+Usage: python bench/pipeline.py [--videos 200] [--seconds 10] [--width 640 --height 360]
+                                [--model PRESET_OR_DIR] [--batch-size 4] [--workdir DIR]
+
+Generates ``--videos`` real H.264 clips (moving shapes from ``pipeline.synthetic``, 25 fps; cached in the
+workdir, so re-runs reuse them) and a checkpoint (``--model``: a preset's geometry with seeded random weights,
+default ``xclip-base-patch32``, or an existing checkpoint directory). Then, one after the other in this
+process, it times:
+
+  decode alone    ``DecodeVideos`` over every video, one video per call, in this process
+  encode alone    ``EncodeFrames`` over the pre-decoded frames, ``--batch-size`` videos per call, with torch's
+                  default thread count, and again with the thread count the pipeline gives its encoder
+  pipeline        ``pipeline.plan.embed`` into a fresh library on a local Ray with the default plan; Ray is
+                  started before the clock starts (``ray.init`` is timed and reported on its own)
+  plain loop      decord ``VideoReader`` + ``segment_frame_indices`` + ``VideoPreprocessor`` +
+                  ``XCLIPModel.encode_videos``, one video at a time
+
+and prints videos/s for each, the ratios pipeline / slowest stage alone (goal >= 0.85) and pipeline / plain
+loop (goal >= 1.3), the driver's peak RSS (getrusage), the Ray workers' peak RSS (psutil, sampled during the
+pipeline run; RSS counts the object-store pages a worker touched, so the sum double-counts those), and the
+machine: cores, torch threads, load average before and after (other processes skew every figure alike).
+Stage and loop figures exclude model loading (reported separately); the pipeline figure includes everything
+its job does after Ray is up (model check and hash in the driver, actor start-up and model load, indexing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+import resource
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from pipeline.plan import EmbedOptions, embed  # noqa: E402
+from pipeline.stages.decode import DecodeVideos  # noqa: E402
+from pipeline.stages.encode import EncodeFrames, _compute_dtype  # noqa: E402
+from pipeline.stages.list import list_objects  # noqa: E402
+from pipeline.synthetic import all_scenes, write_clip  # noqa: E402
+from xclip_core import XCLIPConfig, XCLIPModel  # noqa: E402
+from xclip_core.config import preset  # noqa: E402
+from xclip_core.processor import XCLIPProcessor  # noqa: E402
+from xclip_core.sampling import segment_frame_indices  # noqa: E402
+from xclip_core.tokenizer import CLIPTokenizer  # noqa: E402
+from xclip_core.video_transforms import VideoPreprocessor  # noqa: E402
+
+FPS = 25
+SEED = 0
+RSS_SAMPLE_S = 0.2  # how often the Ray workers' memory is sampled during the pipeline run
+
+
+@dataclass
+class Result:
+    """One timed measurement: ``videos`` processed in ``seconds``; ``peak_rss_mib`` is the driver's peak RSS
+    at its end (cumulative over the run so far), ``load`` the 1-minute load average then."""
+
+    name: str
+    videos: int
+    seconds: float
+    detail: str = ""
+    peak_rss_mib: float = field(default_factory=lambda: driver_peak_rss_mib())
+    load: float = field(default_factory=lambda: os.getloadavg()[0])
+
+    @property
+    def rate(self) -> float:
+        return self.videos / self.seconds
+
+
+def driver_peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def make_videos(workdir: Path, count: int, seconds: float, width: int, height: int) -> list[Path]:
+    """``count`` cached H.264 clips of moving shapes; only the missing ones are written."""
+    cache = workdir / f"videos-{width}x{height}-{seconds:g}s-{FPS}fps"
+    cache.mkdir(parents=True, exist_ok=True)
+    scenes = all_scenes()
+    random.Random(SEED).shuffle(scenes)
+    paths, written, started = [], 0, time.perf_counter()
+    for i in range(count):
+        path = cache / f"clip-{i:04d}.mp4"
+        if not path.exists():
+            partial = path.with_suffix(f".tmp-{os.getpid()}.mp4")
+            write_clip(partial, scenes[i % len(scenes)], seconds=seconds, fps=FPS, width=width, height=height)
+            partial.replace(path)
+            written += 1
+        paths.append(path)
+    if written:
+        print(f"wrote {written} videos to {cache} in {time.perf_counter() - started:.0f} s", flush=True)
+    return paths
+
+
+def make_source(source: Path, videos: list[Path]) -> Path:
+    """A directory holding exactly these videos (hard links into the cache), for the pipeline to list."""
+    source.mkdir(parents=True)
+    for path in videos:
+        os.link(path, source / path.name)
+    return source
+
+
+def make_checkpoint(workdir: Path, model: str) -> str:
+    """A checkpoint directory: ``model`` itself if it is one, else the preset with seeded random weights."""
+    if Path(model).is_dir():
+        return model
+    config = preset(model)
+    target = workdir / "models" / f"{model.removeprefix('microsoft/')}-random-{SEED}"
+    if not (target / "model.safetensors").exists():
+        torch.manual_seed(SEED)
+        staging = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+        XCLIPModel(config).save_pretrained(staging)
+        size = config.vision_config.image_size
+        processor = XCLIPProcessor(
+            CLIPTokenizer.from_pretrained(), VideoPreprocessor(size=size, crop_size=size)
+        )
+        processor.save_pretrained(staging)
+        staging.replace(target)
+    return str(target)
+
+
+def num_frames_of(model_dir: str) -> int:
+    return XCLIPConfig.from_json_file(Path(model_dir) / "config.json").vision_config.num_frames
+
+
+def load_preprocessor(model_dir: str) -> VideoPreprocessor:
+    try:
+        return VideoPreprocessor.from_pretrained(model_dir)
+    except FileNotFoundError:
+        return VideoPreprocessor()
+
+
+# ---------------------------------------------------------------------------------------- measurements
+def measure_decode(source: Path, model_dir: str) -> tuple[Result, list[np.ndarray]]:
+    """The decode stage alone: ``DecodeVideos`` on one listed video per call (as the plan batches it)."""
+    decoder = DecodeVideos(num_frames=num_frames_of(model_dir), preprocessor=load_preprocessor(model_dir))
+    listed = list_objects(str(source))
+    frames = []
+    started = time.perf_counter()
+    for row in listed:
+        out = decoder({name: np.array([value], dtype=object) for name, value in row.items()})
+        if out["error"][0] is not None:
+            raise RuntimeError(f"decoding {row['uri']} failed: {out['error'][0]}")
+        frames.append(out["frames"][0])
+    seconds = time.perf_counter() - started
+    detail = f"PyAV, torch {torch.get_num_threads()} threads for the resize"
+    return Result("decode stage alone", len(listed), seconds, detail), frames
+
+
+def measure_encode(frames: list[np.ndarray], model_dir: str, batch_size: int, threads: int | None) -> Result:
+    """The encode stage alone: ``EncodeFrames`` on the pre-decoded frames, ``batch_size`` videos per call,
+    after one untimed warm-up batch. ``threads`` None keeps torch's current thread count."""
+    previous = torch.get_num_threads()
+    started = time.perf_counter()
+    encoder = EncodeFrames(model_dir, batch_size=batch_size, threads=threads)
+    load_s = time.perf_counter() - started
+    try:
+        used = torch.get_num_threads()
+
+        def batch(start: int) -> dict[str, np.ndarray]:
+            chunk = frames[start : start + batch_size]
+            return {"error": np.full(len(chunk), None, dtype=object), "frames": np.stack(chunk)}
+
+        encoder(batch(0))  # warm-up
+        started = time.perf_counter()
+        for start in range(0, len(frames), batch_size):
+            encoder(batch(start))
+        seconds = time.perf_counter() - started
+    finally:
+        torch.set_num_threads(previous)
+    plural = "s" * (used > 1)
+    name = "encode stage alone" if threads is None else f"encode alone, {used} thread{plural}"
+    detail = (
+        f"{encoder.device.type}, batch {batch_size}, torch {used} thread{plural}; model load {load_s:.1f} s"
+    )
+    return Result(name, len(frames), seconds, detail)
+
+
+class WorkerMemory:
+    """Samples the RSS of this driver's Ray worker processes (titled ``ray::...``) in a background thread;
+    keeps each worker's peak (under its most specific title) and the peak of their sum."""
+
+    def __init__(self, interval_s: float = RSS_SAMPLE_S):
+        import psutil
+
+        self.psutil, self.interval_s = psutil, interval_s
+        self.peaks: dict[int, tuple[str, float]] = {}  # pid -> (title, peak RSS MiB)
+        self.peak_sum_mib = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> WorkerMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        me = self.psutil.Process()
+        while not self._stop.wait(self.interval_s):
+            total = 0.0
+            for proc in me.children(recursive=True):
+                try:
+                    title = (proc.cmdline() or [""])[0]
+                    rss = proc.memory_info().rss / 2**20
+                except self.psutil.Error:
+                    continue
+                if not title.startswith("ray::") or "Agent" in title:  # Ray's own agents are not workers
+                    continue
+                total += rss
+                old_title, old_rss = self.peaks.get(proc.pid, ("ray::IDLE", 0.0))
+                self.peaks[proc.pid] = (title if title != "ray::IDLE" else old_title, max(rss, old_rss))
+            self.peak_sum_mib = max(self.peak_sum_mib, total)
+
+    def report(self) -> list[str]:
+        rows = sorted(self.peaks.values(), key=lambda item: -item[1])
+        return [f"{rss:7.0f} MiB  {title.removeprefix('ray::')[:80]}" for title, rss in rows]
+
+
+@dataclass
+class PipelineRun:
+    result: Result
+    ray_init_s: float
+    summary_s: float  # the job's own timer (EmbedSummary.seconds)
+    one_video_s: float  # the same job on one video, Ray up: the job's fixed cost plus one video
+    plan: logging.LogRecord | None  # plan.py's "plan: ..." record; args = decoders, encoders, GPU, CPU each
+    workers: WorkerMemory
+
+    @property
+    def steady_rate(self) -> float | None:
+        """Videos/s once the job runs: the extra videos over the extra time of the N-video job."""
+        extra_s = self.result.seconds - self.one_video_s
+        return (self.result.videos - 1) / extra_s if self.result.videos > 1 and extra_s > 0 else None
+
+    @property
+    def encoder_threads(self) -> int | None:
+        """The torch threads plan.py gives a CPU encoder: round(its CPUs); None for GPU encoders."""
+        if self.plan is None or self.plan.args[2]:
+            return None
+        return max(1, round(self.plan.args[3]))
+
+
+def measure_pipeline(run_dir: Path, videos: list[Path], model_dir: str, batch_size: int) -> PipelineRun:
+    """The whole job: ``embed`` on a local Ray that is started (and timed) before the clock starts; then the
+    same job on one video (after, so that its start-up is the warmer one: its cost is not overstated)."""
+    import ray
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    plan_log = _capture_log("pipeline.plan")
+    options = EmbedOptions(model=model_dir, batch_size=batch_size)
+    started = time.perf_counter()
+    ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=True)
+    ray_init_s = time.perf_counter() - started
+    try:
+        with WorkerMemory() as workers:
+            started = time.perf_counter()
+            summary = embed(str(make_source(run_dir / "all", videos)), str(run_dir / "library"), options)
+            seconds = time.perf_counter() - started
+        started = time.perf_counter()
+        embed(str(make_source(run_dir / "one", videos[:1])), str(run_dir / "library-one"), options)
+        one_video_s = time.perf_counter() - started
+    finally:
+        ray.shutdown()
+    if summary.ok != summary.objects:
+        raise RuntimeError(f"the pipeline did not embed every video:\n{summary.text()}")
+    plan = next((r for r in plan_log if r.msg.startswith("plan:")), None)
+    result = Result("full Ray pipeline", summary.objects, seconds, "embed() wall time, Ray already up")
+    return PipelineRun(result, ray_init_s, summary.seconds, one_video_s, plan, workers)
+
+
+def measure_plain_loop(videos: list[Path], model_dir: str) -> Result:
+    """One process, one video at a time: decord, X-CLIP sampling and preprocessing, ``encode_videos``
+    (embedding + prompt features, the pipeline's work). One untimed warm-up video first."""
+    import decord
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = _compute_dtype(device)
+    model = XCLIPModel.from_pretrained(model_dir, dtype=dtype, device=device)
+    preprocessor = load_preprocessor(model_dir)
+    num_frames = model.config.vision_config.num_frames
+
+    @torch.inference_mode()
+    def embed_one(path: Path) -> np.ndarray:
+        reader = decord.VideoReader(str(path))
+        frames = reader.get_batch(segment_frame_indices(len(reader), num_frames)).asnumpy()
+        pixels = preprocessor(frames)["pixel_values"].to(device, dtype)
+        out = model.encode_videos(pixels)
+        out.prompt_features.to(torch.float16).cpu()
+        return torch.nn.functional.normalize(out.video_embeds.float(), dim=-1).cpu().numpy()
+
+    embed_one(videos[0])  # warm-up
+    started = time.perf_counter()
+    for path in videos:
+        embed_one(path)
+    seconds = time.perf_counter() - started
+    detail = f"decord + preprocessor + encode_videos, {device.type}, torch {torch.get_num_threads()} threads"
+    return Result("plain loop", len(videos), seconds, detail)
+
+
+def _capture_log(name: str) -> list[logging.LogRecord]:
+    """The INFO records that logger ``name`` will emit from now on (kept, not printed)."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.INFO)
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger(name)
+    logger.setLevel(logging.INFO)
+    logger.addHandler(handler)
+    return records
+
+
+# ------------------------------------------------------------------------------------------------ report
+def print_report(
+    args: argparse.Namespace,
+    stages: list[Result],
+    pipeline: PipelineRun,
+    plain: Result,
+    load: tuple[float, float],
+) -> None:
+    cores, usable, threads = os.cpu_count(), len(os.sched_getaffinity(0)), torch.get_num_threads()
+    cuda = "yes" if torch.cuda.is_available() else "no"
+    print(
+        f"\nmachine: {cores} cores ({usable} usable), torch {torch.__version__} with {threads} threads by "
+        f"default, CUDA {cuda}; load average {load[0]:.2f} before, {load[1]:.2f} after"
+    )
+    model = args.model if args.model == args.checkpoint else f"{args.model} ({args.checkpoint})"
+    print(
+        f"input: {args.videos} H.264 videos, {args.seconds:g} s {args.width}x{args.height} at {FPS} fps; "
+        f"model {model}, {num_frames_of(args.checkpoint)} frames per video, batch size {args.batch_size}"
+    )
+    print(pipeline.plan.getMessage() if pipeline.plan else "plan: (not logged)")
+    run = pipeline.result
+    rows = [*stages, run, plain]
+    for r in rows:
+        print(
+            f"  {r.name:26s} {r.rate:8.2f} videos/s   {r.videos} in {r.seconds:6.1f} s   "
+            f"load {r.load:4.1f}   driver peak RSS {r.peak_rss_mib:5.0f} MiB   ({r.detail})"
+        )
+    with_init = run.videos / (run.seconds + pipeline.ray_init_s)
+    print(
+        f"  {'pipeline incl. ray.init':26s} {with_init:8.2f} videos/s   ray.init "
+        f"{pipeline.ray_init_s:.1f} s; the job's own summary: {pipeline.summary_s:.1f} s"
+    )
+    steady = pipeline.steady_rate
+    print(
+        f"  {'pipeline once running':26s} "
+        + (f"{steady:8.2f} videos/s" if steady else "     n/a")
+        + f"   (N-1) / (T_N - T_1): the same job on 1 video took {pipeline.one_video_s:.1f} s"
+    )
+
+    standard = [r for r in stages if not r.name.startswith("encode alone,")]
+    slowest = min(standard, key=lambda r: r.rate)
+    print("ratios:")
+    ratios = [
+        (f"pipeline / slowest stage alone ({slowest.name.split()[0]})", run.rate / slowest.rate, 0.85),
+        ("pipeline / plain loop", run.rate / plain.rate, 1.3),
+    ]
+    for label, value, goal in ratios:
+        verdict = "met" if value >= goal else "MISSED"
+        print(f"  {label:48s} {value:5.2f}   goal >= {goal}: {verdict}")
+    for r in stages:
+        if r.name.startswith("encode alone,"):
+            print(
+                f"  {'pipeline / ' + r.name:48s} {run.rate / r.rate:5.2f}   (the pipeline encoder's threads)"
+            )
+    if steady:
+        print(f"  {'pipeline once running / slowest stage alone':48s} {steady / slowest.rate:5.2f}")
+
+    print(f"memory: driver peak RSS {driver_peak_rss_mib():.0f} MiB over the whole run (getrusage)")
+    print(
+        f"  Ray workers' peak RSS (psutil every {RSS_SAMPLE_S} s), peak of their sum "
+        f"{pipeline.workers.peak_sum_mib:.0f} MiB:"
+    )
+    for line in pipeline.workers.report():
+        print(f"    {line}")
+
+
+def _progress(result: Result) -> Result:
+    print(f"{result.name}: {result.rate:.2f} videos/s", flush=True)
+    return result
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--videos", type=int, default=200)
+    parser.add_argument("--seconds", type=float, default=10.0, help="length of each video")
+    parser.add_argument("--width", type=int, default=640)
+    parser.add_argument("--height", type=int, default=360)
+    parser.add_argument("--model", default="xclip-base-patch32", help="a preset name or a checkpoint dir")
+    parser.add_argument("--batch-size", type=int, default=4, help="videos per encoder call")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / "videosearch-bench-pipeline",
+        help="where videos and checkpoints are cached",
+    )
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    if args.width % 2 or args.height % 2:
+        raise SystemExit("--width and --height must be even (H.264 in yuv420p)")
+    load_before = os.getloadavg()[0]
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    videos = make_videos(args.workdir, args.videos, args.seconds, args.width, args.height)
+    args.checkpoint = make_checkpoint(args.workdir, args.model)
+    run_dir = args.workdir / f"run-{os.getpid()}"
+    try:
+        decode, frames = measure_decode(make_source(run_dir / "videos", videos), args.checkpoint)
+        _progress(decode)
+        stages = [decode, _progress(measure_encode(frames, args.checkpoint, args.batch_size, threads=None))]
+        pipeline = measure_pipeline(run_dir, videos, args.checkpoint, args.batch_size)
+        _progress(pipeline.result)
+        plain = _progress(measure_plain_loop(videos, args.checkpoint))
+        threads = pipeline.encoder_threads
+        if threads is not None and threads != torch.get_num_threads():  # the encoder as the pipeline runs it
+            stages.append(
+                _progress(measure_encode(frames, args.checkpoint, args.batch_size, threads=threads))
+            )
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    print_report(args, stages, pipeline, plain, (load_before, os.getloadavg()[0]))
+
+
+if __name__ == "__main__":
+    main()
