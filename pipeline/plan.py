@@ -214,7 +214,7 @@ def embed(source: str, library: str, options: EmbedOptions) -> EmbedSummary:
         ),
         batch_size=1,
         batch_format="numpy",
-        concurrency=decoders,
+        compute=ray.data.ActorPoolStrategy(size=decoders),
         num_cpus=decode_cpus,
         max_restarts=-1,  # a native crash kills one decoder; Ray starts another
         max_task_retries=DECODE_TRIES + 1,  # the last try records the video as failed (see CrashLedger)
@@ -230,7 +230,7 @@ def embed(source: str, library: str, options: EmbedOptions) -> EmbedSummary:
         ),
         batch_size=options.batch_size,
         batch_format="numpy",
-        concurrency=encoders,
+        compute=ray.data.ActorPoolStrategy(size=encoders),
         num_cpus=encode_cpus,
         num_gpus=gpus_per_encoder,
     )
@@ -244,7 +244,7 @@ def embed(source: str, library: str, options: EmbedOptions) -> EmbedSummary:
         ),
         batch_size=PART_ROWS,
         batch_format="numpy",
-        concurrency=1,
+        compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=WRITE_CPUS,
     )
     parts = ds.take_all()

@@ -18,6 +18,7 @@ credentials never appear in them.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import os
 import threading
@@ -39,6 +40,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 S3_PROTOCOLS = ("s3", "s3a")
+S3_CLIENT_CONFIG = {"connect_timeout": 10, "retries": {"max_attempts": 3, "mode": "standard"}}
 
 _PRECONDITION_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict"}
 _DENIED_CODES = {
@@ -107,7 +109,8 @@ class StorageOptions:
         """fsspec keyword arguments for a filesystem of ``protocol`` (nothing for non-S3 protocols)."""
         if protocol not in S3_PROTOCOLS:
             return {}
-        kwargs: dict[str, Any] = {"anon": self.anon}
+        # fail within seconds, not minutes, when an endpoint does not answer; botocore's standard retries
+        kwargs: dict[str, Any] = {"anon": self.anon, "config_kwargs": copy.deepcopy(S3_CLIENT_CONFIG)}
         if self.endpoint_url:
             kwargs["endpoint_url"] = self.endpoint_url
         if self.profile and not self.anon:

@@ -327,8 +327,11 @@ def test_for_protocol() -> None:
     )
     assert options.for_protocol("s3") == {
         "anon": False, "endpoint_url": "http://e:1", "profile": "p",
-        "client_kwargs": {"region_name": "r", "verify": False}, "config_kwargs": {"connect_timeout": 1},
+        "client_kwargs": {"region_name": "r", "verify": False},
+        # the defaults' retries stay, the flag's timeout wins
+        "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 3, "mode": "standard"}},
     }
+    assert StorageOptions().for_protocol("s3")["config_kwargs"]["connect_timeout"] == 10
     assert "profile" not in StorageOptions(profile="p", anon=True).for_protocol("s3")
     for protocol in ("file", "memory", "gcs", "https"):
         assert options.for_protocol(protocol) == {}
