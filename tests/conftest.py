@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from models import perturbed
 
 from pipeline.storage import StorageOptions
 from xclip_core import TextConfig, VisionConfig, XCLIPConfig, XCLIPModel
@@ -157,10 +158,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         prompt_layers=1,
         prompt_num_attention_heads=4,
     )
-    model = XCLIPModel(config)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.1)
+    model = perturbed(XCLIPModel(config))
     directory = tmp_path_factory.mktemp("models") / "tiny-xclip"
     model.save_pretrained(directory)
     XCLIPProcessor(CLIPTokenizer.from_pretrained(), VideoPreprocessor(size=32, crop_size=32)).save_pretrained(

@@ -7,7 +7,7 @@ import fsspec
 import numpy as np
 import pytest
 import torch
-import transformers
+from models import reference_model
 
 from xclip_core import XCLIPModel
 from xclip_core.classify import BUNDLED_LABEL_SETS, ZeroShotClassifier, classify, load_labels
@@ -80,21 +80,16 @@ def test_label_errors(tmp_path):
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """A tiny random reference X-CLIP (every parameter perturbed) and ours loaded from its checkpoint."""
-    torch.manual_seed(0)
-    config = transformers.XCLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+    reference = reference_model(
+        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                          max_position_embeddings=77),  # 77 = the tokenizer's max_length padding
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                            image_size=SIZE, patch_size=8, num_frames=FRAMES, mit_hidden_size=16,
                            mit_intermediate_size=32, mit_num_hidden_layers=1, mit_num_attention_heads=2),
         projection_dim=16,
         prompt_layers=1,
         prompt_num_attention_heads=2,
     )
-    reference = transformers.XCLIPModel(config).eval()
-    with torch.no_grad():
-        for param in reference.parameters():
-            param.add_(torch.randn_like(param) * 0.1)
     directory = tmp_path_factory.mktemp("tiny-xclip")
     reference.save_pretrained(directory)
     return reference, XCLIPModel.from_pretrained(directory)

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import transformers
+from models import reference_model
 
 from pipeline.schema import DECODED, ENCODED, part_schema
 from pipeline.stages.encode import EncodeFrames, ModelLoadError
@@ -28,21 +29,16 @@ MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, transformers.XCLIPModel]:
     """A tiny random X-CLIP saved by transformers with a 32-pixel preprocessor config; the reference model."""
-    torch.manual_seed(0)
-    config = transformers.XCLIPConfig(
-        text_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+    reference = reference_model(
+        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                          vocab_size=100, max_position_embeddings=8),
-        vision_config=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+        vision=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                            image_size=CROP, patch_size=8, num_frames=FRAMES, mit_hidden_size=32,
                            mit_intermediate_size=64, mit_num_hidden_layers=1, mit_num_attention_heads=4),
         projection_dim=DIM,
         prompt_layers=1,
         prompt_num_attention_heads=4,
     )
-    reference = transformers.XCLIPModel(config).eval()
-    with torch.no_grad():
-        for param in reference.parameters():
-            param.add_(torch.randn_like(param) * 0.1)
     directory = tmp_path_factory.mktemp("xclip")
     reference.save_pretrained(directory)
     VideoPreprocessor(size=CROP, crop_size=CROP).save_pretrained(directory)

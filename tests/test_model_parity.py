@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from models import reference_model
 
 from xclip_core import XCLIPConfig, XCLIPModel
 from xclip_core.checkpoints import hf_to_original
@@ -105,16 +106,10 @@ CONFIGS = {
 VOCAB, CONTEXT = 1000, 16
 
 
-def reference_model(spec: dict, seed: int) -> transformers.XCLIPModel:
-    torch.manual_seed(seed)
+def reference_for(spec: dict, seed: int) -> transformers.XCLIPModel:
     text = dict(spec["text"], vocab_size=VOCAB, max_position_embeddings=CONTEXT)
     others = {k: v for k, v in spec.items() if k not in ("text", "vision")}
-    config = transformers.XCLIPConfig(text_config=text, vision_config=spec["vision"], **others)
-    model = transformers.XCLIPModel(config).eval()
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn_like(param) * 0.1)
-    return model
+    return reference_model(text, spec["vision"], seed, **others)
 
 
 def inputs(spec: dict, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -160,7 +155,7 @@ def assert_parity(ours: XCLIPModel, reference: transformers.XCLIPModel, spec: di
 def case(request, tmp_path_factory):
     spec = CONFIGS[request.param]
     seed = list(CONFIGS).index(request.param)
-    reference = reference_model(spec, seed)
+    reference = reference_for(spec, seed)
     directory = tmp_path_factory.mktemp(request.param)
     reference.save_pretrained(directory / "hf")
     return spec, seed, reference, directory, request.param
