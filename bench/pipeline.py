@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import random
 import resource
 import shutil
 import sys
@@ -48,7 +47,7 @@ from pipeline.plan import EmbedOptions, embed  # noqa: E402
 from pipeline.stages.decode import DecodeVideos  # noqa: E402
 from pipeline.stages.encode import EncodeFrames, _compute_dtype  # noqa: E402
 from pipeline.stages.list import list_objects  # noqa: E402
-from pipeline.synthetic import all_scenes, write_clip  # noqa: E402
+from pipeline.synthetic import all_shapes, sample_scenes, write_clip  # noqa: E402
 from xclip_core import XCLIPConfig, XCLIPModel  # noqa: E402
 from xclip_core.config import preset  # noqa: E402
 from xclip_core.processor import XCLIPProcessor  # noqa: E402
@@ -87,8 +86,7 @@ def make_videos(workdir: Path, count: int, seconds: float, width: int, height: i
     """``count`` cached H.264 clips of moving shapes; only the missing ones are written."""
     cache = workdir / f"videos-{width}x{height}-{seconds:g}s-{FPS}fps"
     cache.mkdir(parents=True, exist_ok=True)
-    scenes = all_scenes()
-    random.Random(SEED).shuffle(scenes)
+    scenes = sample_scenes(min(count, len(all_shapes())), seed=SEED, max_shapes=2)
     paths, written, started = [], 0, time.perf_counter()
     for i in range(count):
         path = cache / f"clip-{i:04d}.mp4"
