@@ -41,14 +41,21 @@ def trainable(name: str, freeze: str) -> bool:
     return keep is None or any(part in name for part in keep)
 
 
+def freeze(model: torch.nn.Module, option: str) -> None:
+    """Set which parameters learn (before wrapping the model for data-parallel training)."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(trainable(name, option))
+
+
 class Trainer:
     """Optimizer steps on (videos, captions) batches, and checkpoints that resume exactly."""
 
-    def __init__(self, model: XCLIPModel, tokenizer: CLIPTokenizer, config: TrainConfig | None = None):
+    def __init__(self, model: torch.nn.Module, tokenizer: CLIPTokenizer, config: TrainConfig | None = None):
+        """``model``: an :class:`XCLIPModel`, or one wrapped for data-parallel training (its ``.module``)."""
         self.model, self.tokenizer = model, tokenizer
+        self.xclip: XCLIPModel = getattr(model, "module", model)
         self.config = config or TrainConfig()
-        for name, param in model.named_parameters():
-            param.requires_grad_(trainable(name, self.config.freeze))
+        freeze(model, self.config.freeze)
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             params, lr=self.config.learning_rate, weight_decay=self.config.weight_decay
@@ -60,7 +67,7 @@ class Trainer:
         if len(captions) != len(pixel_values) or len(captions) < 2:
             raise ValueError("a batch needs at least two videos, each with one caption")
         self.model.train()
-        context = self.model.config.text_config.max_position_embeddings
+        context = self.xclip.config.text_config.max_position_embeddings
         tokens = self.tokenizer(captions, max_length=min(context, self.tokenizer.model_max_length))
         loss = self.model(tokens["input_ids"], pixel_values, tokens["attention_mask"], return_loss=True).loss
         self.optimizer.zero_grad(set_to_none=True)
@@ -77,7 +84,7 @@ class Trainer:
         """Write ``checkpoint-<step>/`` under ``uri``: the model (Hugging Face layout) and the training state
         (optimizer, step, random generator), tensors only. Returns the checkpoint's URI."""
         target = join(uri, f"checkpoint-{self.step_count:08d}")
-        self.model.save_pretrained(
+        self.xclip.save_pretrained(
             target, storage_options=(options or StorageOptions()).for_protocol(protocol_of(uri))
         )
         state = {

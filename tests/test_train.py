@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.synthetic import render, sample_scenes
+from pipeline.plan import TrainOptions, train
+from pipeline.synthetic import render, sample_scenes, write_dataset
 from pipeline.train import TrainConfig, Trainer, trainable
 from xclip_core import XCLIPModel
 from xclip_core.tokenizer import CLIPTokenizer
@@ -58,3 +59,18 @@ def test_freezing_the_towers_trains_only_x_clip_blocks(tiny_model, batch) -> Non
     )
     with pytest.raises(ValueError, match="unknown freeze option"):
         trainable("x", "everything")
+
+
+def test_ray_train_job_decodes_trains_and_checkpoints(tiny_model, tmp_path) -> None:
+    table = write_dataset(tmp_path / "clips", sample_scenes(6, seed=4), seconds=1.0, fps=8)
+    with open(table, "a") as f:
+        f.write(f"{tmp_path / 'bad.mp4'},a file that is not a video\n")  # must not stop the job
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    options = TrainOptions(
+        output=str(tmp_path / "run"), model=str(tiny_model), epochs=2, batch_size=6, train=TrainConfig(1e-3)
+    )
+    # two epochs of one six-clip batch each: one optimizer step per epoch, a checkpoint after each
+    assert train(table, options) == str(tmp_path / "run" / "checkpoint-00000002")
+    trained = XCLIPModel.from_pretrained(tmp_path / "run" / "checkpoint-00000002")
+    start = XCLIPModel.from_pretrained(tiny_model)
+    assert not torch.equal(trained.mit.position_embedding, start.mit.position_embedding)
