@@ -169,6 +169,38 @@ def _connect(address: str | None) -> dict[str, float]:
     return ray.cluster_resources()
 
 
+def decoded(
+    listed: list[dict[str, Any]],
+    frames: int,
+    preprocessor: VideoPreprocessor,
+    segment_s: float | None,
+    storage: StorageOptions,
+    decoders: int,
+    decode_cpus: float,
+) -> ray.data.Dataset:
+    """The listed objects as a dataset of decoded rows (the decode stage on an actor pool)."""
+    # one small block per group of objects, so decoding starts at once and spreads over the actors
+    table = pa.Table.from_pylist(listed, schema=LISTED_SCHEMA)
+    step = -(-len(listed) // min(len(listed), MAX_INPUT_BLOCKS))
+    return ray.data.from_arrow([table.slice(i, step) for i in range(0, len(listed), step)]).map_batches(
+        _text_columns_typed(DecodeVideos),
+        fn_constructor_kwargs=dict(
+            num_frames=frames,
+            preprocessor=preprocessor,
+            segment_s=segment_s,
+            storage_options=storage,
+            crash_ledger=CrashLedger(),
+            max_tries=DECODE_TRIES,
+        ),
+        batch_size=1,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=decoders),
+        num_cpus=decode_cpus,
+        max_restarts=-1,  # a native crash kills one decoder; Ray starts another
+        max_task_retries=DECODE_TRIES + 1,  # the last try records the video as failed (see CrashLedger)
+    )
+
+
 def embed(source: str, library: str, options: EmbedOptions) -> EmbedSummary:
     """Build (or add a version to) ``library`` from every object under ``source``."""
     started = time.perf_counter()
@@ -203,27 +235,7 @@ def embed(source: str, library: str, options: EmbedOptions) -> EmbedSummary:
         encode_cpus,
     )
 
-    # one small block per group of objects, so decoding starts at once and spreads over the actors
-    table = pa.Table.from_pylist(listed, schema=LISTED_SCHEMA)
-    step = -(-len(listed) // min(len(listed), MAX_INPUT_BLOCKS))
-    ds = ray.data.from_arrow([table.slice(i, step) for i in range(0, len(listed), step)])
-    ds = ds.map_batches(
-        _text_columns_typed(DecodeVideos),
-        fn_constructor_kwargs=dict(
-            num_frames=frames,
-            preprocessor=preprocessor,
-            segment_s=options.segment_s,
-            storage_options=options.storage,
-            crash_ledger=CrashLedger(),
-            max_tries=DECODE_TRIES,
-        ),
-        batch_size=1,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=decoders),
-        num_cpus=decode_cpus,
-        max_restarts=-1,  # a native crash kills one decoder; Ray starts another
-        max_task_retries=DECODE_TRIES + 1,  # the last try records the video as failed (see CrashLedger)
-    )
+    ds = decoded(listed, frames, preprocessor, options.segment_s, options.storage, decoders, decode_cpus)
     ds = ds.map_batches(
         _text_columns_typed(EncodeFrames),
         fn_constructor_kwargs=dict(
@@ -375,21 +387,9 @@ def train(captions_table: str, options: TrainOptions) -> str:
     )
     _connect(None)
     listed = [{k: row[k] for k in LISTED_SCHEMA.names} for row in rows]
-    ds = (
-        ray.data.from_arrow(pa.Table.from_pylist(listed, schema=LISTED_SCHEMA))
-        .map_batches(
-            _text_columns_typed(DecodeVideos),
-            fn_constructor_kwargs=dict(
-                num_frames=geometry.vision_config.num_frames,
-                preprocessor=preprocessor,
-                storage_options=options.storage,
-            ),
-            batch_size=1,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=1),
-            num_cpus=0.5,
-        )
-        .filter(lambda row: row["error"] is None)
+    frames = geometry.vision_config.num_frames
+    ds = decoded(listed, frames, preprocessor, None, options.storage, 1, 0.5).filter(
+        lambda row: row["error"] is None
     )
     trainer = TorchTrainer(
         _train_worker,
