@@ -25,14 +25,13 @@ import ray.data
 import torch
 
 from xclip_core import XCLIPConfig, XCLIPModel
-from xclip_core.sources import ModelSource
 from xclip_core.tokenizer import CLIPTokenizer
 from xclip_core.video_transforms import VideoPreprocessor
 
 from . import index as faiss_index
 from .library import Library, LibraryWriter, PartInfo, parts_dataset
 from .stages.decode import DecodeVideos
-from .stages.encode import EncodeFrames
+from .stages.encode import EncodeFrames, checkpoint_preprocessor
 from .stages.list import list_objects
 from .stages.write import WritePart
 from .storage import StorageOptions, filesystem, join, protocol_of
@@ -101,14 +100,6 @@ def describe_model(src: str, storage: StorageOptions) -> tuple[XCLIPConfig, dict
 def absolute_source(src: str) -> str:
     """``src`` with a local path made absolute; URLs (``s3://``, ``file://``...) unchanged."""
     return src if "://" in src else os.path.abspath(src)
-
-
-def model_preprocessor(src: str, storage: StorageOptions) -> VideoPreprocessor:
-    """The checkpoint's own preprocessing, or X-CLIP's standard one when it ships none."""
-    options = storage.for_protocol(protocol_of(src))
-    if ModelSource(src, options).first_existing("preprocessor_config.json", "processor_config.json"):
-        return VideoPreprocessor.from_pretrained(src, options)
-    return VideoPreprocessor()
 
 
 TEXT_COLUMNS = {"uri", "etag", "error", "model_id"}
@@ -210,7 +201,9 @@ def embed(source: str, library: str, options: EmbedOptions) -> EmbedSummary:
     frames = options.frames or config.vision_config.num_frames
     if frames != config.vision_config.num_frames:
         raise ValueError(f"the model takes {config.vision_config.num_frames} frames per video, not {frames}")
-    preprocessor = model_preprocessor(options.model, options.storage)
+    preprocessor = checkpoint_preprocessor(
+        options.model, options.storage.for_protocol(protocol_of(options.model))
+    )
     listed = list_objects(source, options.storage)
     if not listed:
         raise ValueError(f"nothing to embed: {source} lists no objects")
@@ -379,7 +372,7 @@ def train(captions_table: str, options: TrainOptions) -> str:
     rows = read_captions(captions_table, options.storage)
     geometry = options.config or describe_model(options.model, options.storage)[0]
     preprocessor = (
-        model_preprocessor(options.model, options.storage)
+        checkpoint_preprocessor(options.model, options.storage.for_protocol(protocol_of(options.model)))
         if options.model
         else VideoPreprocessor(
             size=geometry.vision_config.image_size, crop_size=geometry.vision_config.image_size

@@ -51,7 +51,7 @@ class EncodeFrames:
         options = storage_options.for_protocol(protocol_of(model_src))
         try:
             model = XCLIPModel.from_pretrained(model_src, storage_options=options)
-            self.preprocessor = _preprocessor(model_src, options)
+            self.preprocessor = checkpoint_preprocessor(model_src, options)
         except Exception as e:
             raise ModelLoadError(f"cannot load the X-CLIP model from {model_src!r}: {e}") from e
         sha = model.weights_sha256()
@@ -120,7 +120,7 @@ def _compute_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
 
 
-def _preprocessor(model_src: str, storage_options: dict[str, Any]) -> VideoPreprocessor:
+def checkpoint_preprocessor(model_src: str, storage_options: dict[str, Any]) -> VideoPreprocessor:
     """The checkpoint's preprocessor; the X-CLIP defaults where it has no preprocessor config."""
     try:
         return VideoPreprocessor.from_pretrained(model_src, storage_options)
