@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install demo test bench-encoder bench-pipeline
+.PHONY: install demo test default-model bench-encoder bench-pipeline
 
 install: $(VENV)/.installed
 
@@ -20,6 +20,10 @@ demo: install
 test: install
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# the bundled default model, from scratch (seeded): generate clips, train on Ray Train, evaluate held-out
+default-model: install
+	$(BIN)/python -m pipeline.bundled_model xclip_core/data/default-model
 
 bench-encoder: install
 	$(BIN)/python bench/encoder.py

@@ -7,8 +7,14 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .storage import StorageError, StorageOptions
+from .video_table import DEFAULT_TEMPLATE
+
+if TYPE_CHECKING:
+    from xclip_core.config import XCLIPConfig
 
 
 def _storage_flags(parser: argparse.ArgumentParser) -> None:
@@ -76,8 +82,114 @@ def _parser() -> argparse.ArgumentParser:
     classify.add_argument("--json", action="store_true")
     _storage_flags(classify)
 
+    train = commands.add_parser(
+        "train", help="train or fine-tune X-CLIP on captioned or labeled videos (Ray Train)"
+    )
+    train.add_argument("table", help="CSV or Parquet table with uri,caption or uri,label columns")
+    train.add_argument("output", help="where checkpoint-<step>/ directories go (local path or URL)")
+    start = train.add_mutually_exclusive_group()
+    start.add_argument("--model", help="checkpoint to fine-tune (default: the bundled model)")
+    start.add_argument(
+        "--config",
+        help="train from scratch: videosearch-tiny, a preset (xclip-base-patch32...) or a config.json",
+    )
+    start.add_argument("--resume", metavar="CHECKPOINT", help="continue a run from one of its checkpoints")
+    train.add_argument("--epochs", type=int, default=1, help="epochs in all (default 1)")
+    train.add_argument("--batch-size", type=int, default=8, help="clips per worker and step (default 8)")
+    train.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
+    train.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
+    train.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up, then cosine decay")
+    train.add_argument(
+        "--freeze", default="none", help="none, or towers: train only X-CLIP's own blocks (as for few-shot)"
+    )
+    train.add_argument("--precision", default="auto", help="auto (bf16 on GPU, else fp32), fp32 or bf16")
+    train.add_argument("--workers", type=int, default=1, help="data-parallel workers (default 1)")
+    train.add_argument("--gpu", action="store_true", help="one GPU per worker")
+    train.add_argument("--cpus-per-worker", type=float, help="default: the cluster's CPUs shared out")
+    train.add_argument(
+        "--template", default=DEFAULT_TEMPLATE, help="caption of a label (default 'a video of {}')"
+    )
+    train.add_argument("--seed", type=int, default=0, help="initialization and shuffling seed (default 0)")
+    train.add_argument("--address", help="Ray address (default: start a local Ray)")
+    train.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _storage_flags(train)
+
+    evaluate = commands.add_parser(
+        "eval", help="recall@1/5/10 of captioned videos, or zero-shot accuracy of labeled ones"
+    )
+    evaluate.add_argument("library")
+    evaluate.add_argument(
+        "--captions",
+        "--labels",
+        dest="table",
+        required=True,
+        metavar="FILE",
+        help="CSV or Parquet table of the library's videos: uri,caption (retrieval) or uri,label (accuracy)",
+    )
+    evaluate.add_argument(
+        "--template", default=DEFAULT_TEMPLATE, help="prompt of a label (default 'a video of {}')"
+    )
+    evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    _storage_flags(evaluate)
+
     commands.add_parser("demo", help="embed generated sample videos with the bundled model, then query them")
     return parser
+
+
+def _config(name: str) -> XCLIPConfig:
+    """``--config``: the tiny default geometry, a published preset, or a config.json file."""
+    from xclip_core.config import XCLIPConfig, preset
+
+    if name == "videosearch-tiny":
+        from xclip_core.default_model import tiny_config
+
+        return tiny_config()
+    if Path(name).is_file():
+        return XCLIPConfig.from_json_file(name)
+    try:
+        return preset(name)
+    except KeyError as err:
+        raise ValueError(f"{err.args[0]}; or videosearch-tiny, or the path of a config.json") from None
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig
+    from .train_plan import TrainOptions, train
+
+    from_scratch = _config(args.config) if args.config else None
+    options = TrainOptions(
+        output=args.output,
+        model=None if (from_scratch or args.resume) else (args.model or _default_model()),
+        config=from_scratch,
+        resume=args.resume,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        use_gpu=args.gpu,
+        cpus_per_worker=args.cpus_per_worker,
+        template=args.template,
+        seed=args.seed,
+        address=args.address,
+        train=TrainConfig(
+            learning_rate=args.lr,
+            weight_decay=args.weight_decay,
+            freeze=args.freeze,
+            warmup_steps=args.warmup_steps,
+            precision=args.precision,
+        ),
+        storage=_storage(args),
+    )
+    summary = train(args.table, options)
+    print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.text())
+    return 0
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate
+
+    result = evaluate(args.library, args.table, _storage(args), args.template)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.text())
+    return 0
 
 
 def _run_embed(args: argparse.Namespace) -> int:
@@ -140,9 +252,14 @@ def _run_demo(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    run = {"embed": _run_embed, "query": _run_query, "classify": _run_classify, "demo": _run_demo}[
-        args.command
-    ]
+    run = {
+        "embed": _run_embed,
+        "query": _run_query,
+        "classify": _run_classify,
+        "train": _run_train,
+        "eval": _run_eval,
+        "demo": _run_demo,
+    }[args.command]
     try:
         return run(args)
     except (StorageError, ValueError, FileNotFoundError) as err:

@@ -113,7 +113,9 @@ def kind_of(index: faiss.Index) -> str:
     """``"flat"``, ``"ivf"``, ``"ivfpq"`` or ``"hnsw"``."""
     inner = _inner(index)
     for cls, kind in (
-        (faiss.IndexFlat, "flat"), (faiss.IndexIVFFlat, "ivf"), (faiss.IndexIVFPQ, "ivfpq"),
+        (faiss.IndexFlat, "flat"),
+        (faiss.IndexIVFFlat, "ivf"),
+        (faiss.IndexIVFPQ, "ivfpq"),
         (faiss.IndexHNSW, "hnsw"),
     ):
         if isinstance(inner, cls):

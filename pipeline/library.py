@@ -412,8 +412,12 @@ class LibraryWriter:
         while True:
             claimed = {**manifest, "version": number}
             try:
-                put_if(join(self.uri, _manifest_path(number)), json.dumps(claimed, indent=1).encode(), None,
-                       self.options)
+                put_if(
+                    join(self.uri, _manifest_path(number)),
+                    json.dumps(claimed, indent=1).encode(),
+                    None,
+                    self.options,
+                )
                 return Version(number, claimed)
             except PreconditionFailed:
                 if current_token(join(self.uri, CURRENT), self.options) != (base.token if base else None):

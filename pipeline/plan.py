@@ -18,14 +18,10 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.csv as pa_csv
-import pyarrow.parquet as pq
 import ray
 import ray.data
-import torch
 
 from xclip_core import XCLIPConfig, XCLIPModel
-from xclip_core.tokenizer import CLIPTokenizer
 from xclip_core.video_transforms import VideoPreprocessor
 
 from . import index as faiss_index
@@ -34,8 +30,7 @@ from .stages.decode import DecodeVideos
 from .stages.encode import EncodeFrames, checkpoint_preprocessor
 from .stages.list import list_objects
 from .stages.write import WritePart
-from .storage import StorageOptions, filesystem, join, protocol_of
-from .train import TrainConfig, Trainer, freeze
+from .storage import StorageOptions, protocol_of
 
 log = logging.getLogger(__name__)
 
@@ -301,100 +296,3 @@ def publish(
 
 def _prompt_shape(config: XCLIPConfig) -> tuple[int, int]:
     return config.vision_config.num_patches, config.projection_dim
-
-
-# ------------------------------------------------------------------------------------------------- training
-@dataclass
-class TrainOptions:
-    """What ``videosearch train`` can set."""
-
-    output: str  # where checkpoints go: checkpoint-<step>/ in the Hugging Face layout
-    model: str | None = None  # a checkpoint to fine-tune; None trains config from scratch
-    config: XCLIPConfig | None = None  # geometry when training from scratch
-    epochs: int = 1
-    batch_size: int = 8
-    workers: int = 1
-    use_gpu: bool = False
-    train: TrainConfig = field(default_factory=TrainConfig)
-    storage: StorageOptions = field(default_factory=StorageOptions)
-
-
-def read_captions(table_uri: str, storage: StorageOptions) -> list[dict[str, Any]]:
-    """``uri,caption`` rows of a CSV or Parquet table (with sizes for the decode stage)."""
-    fs, path = filesystem(table_uri, storage)
-    with fs.open(path, "rb") as f:
-        table = pq.read_table(f) if path.endswith(".parquet") else pa_csv.read_csv(f)
-    if not {"uri", "caption"} <= set(table.column_names):
-        raise ValueError(f"{table_uri} needs the columns uri and caption, has {table.column_names}")
-    rows = table.select(["uri", "caption"]).to_pylist()
-    for row in rows:
-        row_fs, row_path = filesystem(row["uri"], storage)
-        row.update(size=row_fs.size(row_path), etag=None, mtime=None)
-    return rows
-
-
-def _train_worker(config: dict[str, Any]) -> None:
-    """One Ray Train worker: its shard of decoded clips, X-CLIP steps, checkpoints from rank 0."""
-    import ray.train
-    import ray.train.torch
-
-    options: TrainOptions = config["options"]
-    if options.model:
-        model = XCLIPModel.from_pretrained(
-            options.model, storage_options=options.storage.for_protocol(protocol_of(options.model))
-        )
-    else:
-        model = XCLIPModel(options.config)
-    freeze(model, options.train.freeze)
-    trainer = Trainer(ray.train.torch.prepare_model(model), CLIPTokenizer.from_pretrained(), options.train)
-    preprocessor: VideoPreprocessor = config["preprocessor"]
-    shard = ray.train.get_dataset_shard("train")
-    for epoch in range(options.epochs):
-        losses = []
-        for batch in shard.iter_batches(batch_size=options.batch_size, batch_format="numpy"):
-            if len(batch["uri"]) < 2:
-                continue  # the contrastive loss needs at least two clips
-            pixel_values = torch.stack([preprocessor.normalize(frames) for frames in batch["frames"]])
-            captions = [config["captions"][uri] for uri in batch["uri"]]
-            losses.append(trainer.step(pixel_values.to(next(model.parameters()).device), captions))
-        if ray.train.get_context().get_world_rank() == 0:
-            trainer.save(options.output, options.storage)
-        ray.train.report(
-            {"epoch": epoch, "loss": sum(losses) / max(len(losses), 1), "steps": trainer.step_count}
-        )
-
-
-def train(captions_table: str, options: TrainOptions) -> str:
-    """Train X-CLIP on a ``uri,caption`` table with Ray Train; returns the URI of the last checkpoint."""
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    rows = read_captions(captions_table, options.storage)
-    geometry = options.config or describe_model(options.model, options.storage)[0]
-    preprocessor = (
-        checkpoint_preprocessor(options.model, options.storage.for_protocol(protocol_of(options.model)))
-        if options.model
-        else VideoPreprocessor(
-            size=geometry.vision_config.image_size, crop_size=geometry.vision_config.image_size
-        )
-    )
-    _connect(None)
-    listed = [{k: row[k] for k in LISTED_SCHEMA.names} for row in rows]
-    frames = geometry.vision_config.num_frames
-    ds = decoded(listed, frames, preprocessor, None, options.storage, 1, 0.5).filter(
-        lambda row: row["error"] is None
-    )
-    trainer = TorchTrainer(
-        _train_worker,
-        train_loop_config={
-            "options": options,
-            "preprocessor": preprocessor,
-            "captions": {row["uri"]: row["caption"] for row in rows},
-        },
-        scaling_config=ScalingConfig(num_workers=options.workers, use_gpu=options.use_gpu),
-        datasets={"train": ds},
-    )
-    trainer.fit()
-    fs, path = filesystem(options.output, options.storage)
-    last = max(fs.ls(path, detail=False), key=lambda name: name.rsplit("/", 1)[-1])
-    return join(options.output, last.rsplit("/", 1)[-1])

@@ -44,12 +44,26 @@ S3_CLIENT_CONFIG = {"connect_timeout": 10, "retries": {"max_attempts": 3, "mode"
 
 _PRECONDITION_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict"}
 _DENIED_CODES = {
-    "AccessDenied", "403", "Forbidden", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AllAccessDisabled",
-    "ExpiredToken", "InvalidToken", "AccountProblem",
+    "AccessDenied",
+    "403",
+    "Forbidden",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AllAccessDisabled",
+    "ExpiredToken",
+    "InvalidToken",
+    "AccountProblem",
 }
 _UNREACHABLE_NAMES = {
-    "EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError", "ReadTimeoutError",
-    "ClientConnectorError", "ServerDisconnectedError", "FSTimeoutError", "ConnectionError", "TimeoutError",
+    "EndpointConnectionError",
+    "ConnectTimeoutError",
+    "ConnectionClosedError",
+    "ReadTimeoutError",
+    "ClientConnectorError",
+    "ServerDisconnectedError",
+    "FSTimeoutError",
+    "ConnectionError",
+    "TimeoutError",
 }
 _CREDENTIAL_NAMES = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
 _GENERIC_LOCK = threading.Lock()

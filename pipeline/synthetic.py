@@ -149,8 +149,8 @@ def write_clip(
     scene: Scene,
     seconds: float = 2.0,
     fps: int = 12,
-    width: int = 160,
-    height: int = 120,
+    width: int = 128,
+    height: int = 128,
 ) -> str:
     """Encode the scene as an H.264 MP4 file; returns the path."""
     path = os.fspath(path)
@@ -164,13 +164,15 @@ def write_clip(
 
 
 def write_dataset(directory: str | os.PathLike, scenes: list[Scene], **clip_options) -> str:
-    """Write one clip per scene and ``captions.csv`` (``uri,caption``) beside them; returns the CSV's path."""
+    """Write one clip per scene and ``captions.csv`` (``uri,caption``, names relative to the table) beside
+    them; returns the CSV's path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    rows = [
-        (write_clip(directory / f"clip-{i:05d}.mp4", s, **clip_options), s.caption)
-        for i, s in enumerate(scenes)
-    ]
+    rows = []
+    for i, scene in enumerate(scenes):
+        name = f"clip-{i:05d}.mp4"
+        write_clip(directory / name, scene, **clip_options)
+        rows.append((name, scene.caption))
     table = directory / "captions.csv"
     with open(table, "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)

@@ -1,13 +1,17 @@
 """Training X-CLIP with its objective: the symmetric contrastive loss over the video-conditioned logits.
 
-This is the single-process core (one optimizer step, freezing, resumable checkpoints on any fsspec store);
-the Ray Train data-parallel loop will call it from each worker.
+This is the single-process core (one optimizer step, the learning-rate schedule, mixed precision, freezing,
+resumable checkpoints on any fsspec store); the Ray Train job (:mod:`pipeline.train_plan`) runs it in each
+data-parallel worker.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
-from collections.abc import Iterable
+import json
+import math
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -26,11 +30,41 @@ FREEZE = {
 }
 
 
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+HISTORY = "history.json"  # in a checkpoint: the per-epoch records of the run so far
+
+
+def read_history(checkpoint: str, options: StorageOptions | None = None) -> list[dict[str, float]]:
+    """The per-epoch records (epoch, loss, steps) of the run up to ``checkpoint``."""
+    return json.loads(read_bytes(join(checkpoint, HISTORY), options))
+
+
 @dataclass
 class TrainConfig:
-    learning_rate: float = 1e-4
+    learning_rate: float = 1e-4  # peak learning rate
     weight_decay: float = 0.01
     freeze: str = "none"  # a key of FREEZE
+    warmup_steps: int = 0  # linear warm-up to the peak
+    total_steps: int | None = None  # cosine decay to 0 at this step; None keeps the peak
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA, float32 elsewhere
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; known: {', '.join(PRECISIONS)}")
+        trainable("", self.freeze)  # names the known options when this one is not
+
+    def learning_rate_at(self, step: int) -> float:
+        """The schedule: a pure function of the step, so a resumed run continues it exactly."""
+        rate = self.learning_rate
+        if step < self.warmup_steps:
+            rate *= (step + 1) / self.warmup_steps
+        if self.total_steps:
+            decay_steps = max(1, self.total_steps - self.warmup_steps)
+            progress = min(1.0, max(0, step - self.warmup_steps) / decay_steps)
+            rate *= 0.5 * (1 + math.cos(math.pi * progress))
+        return rate
 
 
 def trainable(name: str, freeze: str) -> bool:
@@ -61,6 +95,14 @@ class Trainer:
             params, lr=self.config.learning_rate, weight_decay=self.config.weight_decay
         )
         self.step_count = 0
+        self.epoch = 0  # epochs finished; saved with the checkpoint so that a resumed run knows where it is
+        self.history: list[dict[str, float]] = []  # per finished epoch: epoch, loss (mean), steps (in all)
+
+    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        precision = self.config.precision
+        if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def step(self, pixel_values: torch.Tensor, captions: list[str]) -> float:
         """One optimizer step on a batch whose i-th caption describes the i-th video; returns the loss."""
@@ -68,8 +110,15 @@ class Trainer:
             raise ValueError("a batch needs at least two videos, each with one caption")
         self.model.train()
         context = self.xclip.config.text_config.max_position_embeddings
-        tokens = self.tokenizer(captions, max_length=min(context, self.tokenizer.model_max_length))
-        loss = self.model(tokens["input_ids"], pixel_values, tokens["attention_mask"], return_loss=True).loss
+        tokens = self.tokenizer(
+            captions, max_length=min(context, self.tokenizer.model_max_length), padding="longest"
+        )
+        device = pixel_values.device
+        ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.learning_rate_at(self.step_count)
+        with self._autocast(device):
+            loss = self.model(ids, pixel_values, mask, return_loss=True).loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -78,6 +127,13 @@ class Trainer:
 
     def fit(self, batches: Iterable[tuple[torch.Tensor, list[str]]]) -> list[float]:
         return [self.step(pixel_values, captions) for pixel_values, captions in batches]
+
+    def end_epoch(self, losses: list[float]) -> dict[str, float]:
+        """Count a finished epoch whose steps gave ``losses``; returns its record in :attr:`history`."""
+        self.epoch += 1
+        record = {"epoch": self.epoch, "loss": sum(losses) / max(len(losses), 1), "steps": self.step_count}
+        self.history.append(record)
+        return record
 
     # ----------------------------------------------------------------------------------------- checkpoints
     def save(self, uri: str, options: StorageOptions | None = None) -> str:
@@ -90,26 +146,36 @@ class Trainer:
         state = {
             "optimizer": self.optimizer.state_dict(),
             "step": self.step_count,
+            "epoch": self.epoch,
             "rng": torch.get_rng_state(),
             "config": asdict(self.config),
         }
         buffer = io.BytesIO()
         torch.save(state, buffer)
         write_bytes(join(target, "trainer_state.pt"), buffer.getvalue(), options)
+        write_bytes(join(target, HISTORY), json.dumps(self.history, indent=1).encode(), options)
         return target
 
     @classmethod
     def resume(
-        cls, checkpoint: str, tokenizer: CLIPTokenizer, options: StorageOptions | None = None
+        cls,
+        checkpoint: str,
+        tokenizer: CLIPTokenizer,
+        options: StorageOptions | None = None,
+        wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
     ) -> Trainer:
-        """A trainer exactly as it was when ``checkpoint`` was saved."""
+        """A trainer exactly as it was when ``checkpoint`` was saved. ``wrap`` prepares the (frozen) model for
+        data-parallel training before the optimizer is built, as in a Ray Train worker."""
         storage = (options or StorageOptions()).for_protocol(protocol_of(checkpoint))
         model = XCLIPModel.from_pretrained(checkpoint, storage_options=storage)
         state: dict[str, Any] = torch.load(
             io.BytesIO(read_bytes(join(checkpoint, "trainer_state.pt"), options)), weights_only=True
         )
-        trainer = cls(model, tokenizer, TrainConfig(**state["config"]))
+        config = TrainConfig(**state["config"])
+        freeze(model, config.freeze)
+        trainer = cls(wrap(model) if wrap else model, tokenizer, config)
         trainer.optimizer.load_state_dict(state["optimizer"])
-        trainer.step_count = state["step"]
+        trainer.step_count, trainer.epoch = state["step"], state["epoch"]
+        trainer.history = read_history(checkpoint, options)
         torch.set_rng_state(state["rng"])
         return trainer

@@ -31,8 +31,13 @@ def _frames(num_frames: int, width: int, height: int, pattern: str, seed: int) -
     texture = rng.integers(-24, 25, (height, width, 1)).astype(np.float32)
     checker = np.where((x // 5 + y // 5) % 2 == 0, 20.0, -20.0)[..., None]
     shapes = [  # (is_disc, colour, size, start, velocity)
-        (bool(rng.integers(2)), rng.integers(0, 256, 3), rng.uniform(0.1, 0.3) * min(width, height),
-         rng.uniform(0, 1, 2) * (width, height), rng.uniform(-4, 4, 2))
+        (
+            bool(rng.integers(2)),
+            rng.integers(0, 256, 3),
+            rng.uniform(0.1, 0.3) * min(width, height),
+            rng.uniform(0, 1, 2) * (width, height),
+            rng.uniform(-4, 4, 2),
+        )
         for _ in range(4)
     ]
     frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)

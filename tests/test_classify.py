@@ -15,21 +15,32 @@ from xclip_core.processor import XCLIPProcessor
 from xclip_core.tokenizer import CLIPTokenizer
 from xclip_core.video_transforms import VideoPreprocessor
 
-LABELS = ["abseiling", "brush hair", "playing guitar", "ApplyEyeMakeup",
-          "passing American football (in game)"]
+LABELS = [
+    "abseiling",
+    "brush hair",
+    "playing guitar",
+    "ApplyEyeMakeup",
+    "passing American football (in game)",
+]
 FRAMES, SIZE = 3, 32
 
 
 # ------------------------------------------------------------------------------------------------ label sets
 # Entries as they stand in microsoft/VideoX X-CLIP/labels/*.csv (id -> name).
 KNOWN = {
-    "kinetics400": (400, {0: "abseiling", 1: "air drumming", 208: "passing American football (in game)",
-                          399: "zumba"}),
+    "kinetics400": (
+        400,
+        {0: "abseiling", 1: "air drumming", 208: "passing American football (in game)", 399: "zumba"},
+    ),
     "kinetics600": (600, {0: "abseiling", 1: "acting in play", 2: "adjusting glasses", 599: "zumba"}),
-    "ucf101": (101, {0: "ApplyEyeMakeup", 1: "ApplyLipstick", 2: "Archery", 99: "WritingOnBoard",
-                     100: "YoYo"}),
-    "hmdb51": (51, {0: "brush hair", 1: "cartwheel", 2: "catch", 47: "throw", 48: "turn", 49: "walk",
-                    50: "wave"}),
+    "ucf101": (
+        101,
+        {0: "ApplyEyeMakeup", 1: "ApplyLipstick", 2: "Archery", 99: "WritingOnBoard", 100: "YoYo"},
+    ),
+    "hmdb51": (
+        51,
+        {0: "brush hair", 1: "cartwheel", 2: "catch", 47: "throw", 48: "turn", 49: "walk", 50: "wave"},
+    ),
 }
 
 
@@ -81,11 +92,26 @@ def test_label_errors(tmp_path):
 def models(tmp_path_factory):
     """A tiny random reference X-CLIP (every parameter perturbed) and ours loaded from its checkpoint."""
     reference = reference_model(
-        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                         max_position_embeddings=77),  # 77 = the tokenizer's max_length padding
-        vision=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                           image_size=SIZE, patch_size=8, num_frames=FRAMES, mit_hidden_size=16,
-                           mit_intermediate_size=32, mit_num_hidden_layers=1, mit_num_attention_heads=2),
+        text=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=77,
+        ),  # 77 = the tokenizer's max_length padding
+        vision=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=SIZE,
+            patch_size=8,
+            num_frames=FRAMES,
+            mit_hidden_size=16,
+            mit_intermediate_size=32,
+            mit_num_hidden_layers=1,
+            mit_num_attention_heads=2,
+        ),
         projection_dim=16,
         prompt_layers=1,
         prompt_num_attention_heads=2,

@@ -137,8 +137,11 @@ def test_display_rotation_is_applied(tmp_path: Path, rotation: int) -> None:
     assert (row["width"], row["height"]) == ((32, 64) if portrait else (64, 32))
     assert Image.open(io.BytesIO(row["thumbnail"])).size == ((160, 320) if portrait else (320, 160))
     red = row["frames"][0, :, :, 0].astype(int) - row["frames"][0, :, :, 2]  # red minus blue
-    corner = {-90: (slice(0, 12), slice(-12, None)), 90: (slice(-12, None), slice(0, 12)),
-              180: (slice(-8, None), slice(-12, None))}[rotation]
+    corner = {
+        -90: (slice(0, 12), slice(-12, None)),
+        90: (slice(-12, None), slice(0, 12)),
+        180: (slice(-8, None), slice(-12, None)),
+    }[rotation]
     assert red[corner].mean() > 200  # phone "rotate=90" (-90 here): stored top left shows at the top right
 
 
@@ -268,8 +271,19 @@ def test_s3_video_decodes_like_the_local_copy(s3, bucket: str, videos: dict[str,
     remote = DecodeVideos(8, PRE, segment_s=4, storage_options=s3.options)(batch)
     local = DecodeVideos(8, PRE, segment_s=4)(listed(path))
     assert list(remote["uri"]) == [f"s3://{bucket}/clips/a.mp4"] * 3 and remote["etag"][0] == rows[0]["etag"]
-    for name in ("segment", "start_s", "end_s", "duration_s", "fps", "frame_count", "width", "height",
-                 "frames", "thumbnail", "error"):
+    for name in (
+        "segment",
+        "start_s",
+        "end_s",
+        "duration_s",
+        "fps",
+        "frame_count",
+        "width",
+        "height",
+        "frames",
+        "thumbnail",
+        "error",
+    ):
         assert np.array_equal(remote[name], local[name]), name
 
 

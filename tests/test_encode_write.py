@@ -30,11 +30,27 @@ MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
 def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, transformers.XCLIPModel]:
     """A tiny random X-CLIP saved by transformers with a 32-pixel preprocessor config; the reference model."""
     reference = reference_model(
-        text=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
-                         vocab_size=100, max_position_embeddings=8),
-        vision=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=CROP, patch_size=8, num_frames=FRAMES, mit_hidden_size=32,
-                           mit_intermediate_size=64, mit_num_hidden_layers=1, mit_num_attention_heads=4),
+        text=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            vocab_size=100,
+            max_position_embeddings=8,
+        ),
+        vision=dict(
+            hidden_size=48,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=CROP,
+            patch_size=8,
+            num_frames=FRAMES,
+            mit_hidden_size=32,
+            mit_intermediate_size=64,
+            mit_num_hidden_layers=1,
+            mit_num_attention_heads=4,
+        ),
         projection_dim=DIM,
         prompt_layers=1,
         prompt_num_attention_heads=4,

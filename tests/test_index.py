@@ -45,7 +45,11 @@ def test_flat_is_brute_force_top_k_with_the_given_ids(data) -> None:
 
 def test_auto_rule() -> None:
     assert [fx.auto_kind(n) for n in (0, 19_999, 20_000, 999_999, 1_000_000)] == [
-        "flat", "flat", "ivf", "ivf", "ivfpq",
+        "flat",
+        "flat",
+        "ivf",
+        "ivf",
+        "ivfpq",
     ]
 
 

@@ -39,15 +39,28 @@ def rows(ids: range, failed: tuple[int, ...] = ()) -> pa.Table:
     for i in ids:
         ok = i not in failed
         emb = rng.standard_normal(DIM)
-        out.append({
-            "id": i, "uri": f"s3://videos/v{i // 2}.mp4", "size": 100, "etag": "e", "mtime": 1.0,
-            "segment": i % 2, "start_s": 0.0, "end_s": 1.0, "duration_s": 2.0, "fps": 25.0, "frame_count": 50,
-            "width": 320, "height": 240, "thumbnail": b"jpg" if ok else None,
-            "error": None if ok else "broken",
-            "embedding": (emb / np.linalg.norm(emb)).tolist() if ok else None,
-            "prompt_features": rng.standard_normal(SHAPE[0] * SHAPE[1]).tolist() if ok else None,
-            "model_id": MODEL["id"] if ok else None,
-        })
+        out.append(
+            {
+                "id": i,
+                "uri": f"s3://videos/v{i // 2}.mp4",
+                "size": 100,
+                "etag": "e",
+                "mtime": 1.0,
+                "segment": i % 2,
+                "start_s": 0.0,
+                "end_s": 1.0,
+                "duration_s": 2.0,
+                "fps": 25.0,
+                "frame_count": 50,
+                "width": 320,
+                "height": 240,
+                "thumbnail": b"jpg" if ok else None,
+                "error": None if ok else "broken",
+                "embedding": (emb / np.linalg.norm(emb)).tolist() if ok else None,
+                "prompt_features": rng.standard_normal(SHAPE[0] * SHAPE[1]).tolist() if ok else None,
+                "model_id": MODEL["id"] if ok else None,
+            }
+        )
     return pa.Table.from_pylist(out, schema=part_schema(DIM, SHAPE))
 
 
@@ -203,12 +216,18 @@ def test_write_part_validates_and_casts(tmp_path) -> None:
     table = rows(range(0, 3), failed=(1,))
     with pytest.raises(ValueError, match=r"missing \['fps'\]"):
         w.write_part(table.drop_columns(["fps"]))
-    loose = table.set_column(table.schema.get_field_index("embedding"), "embedding",
-                             pa.array(table["embedding"].to_pylist(), pa.list_(pa.float64())))
+    loose = table.set_column(
+        table.schema.get_field_index("embedding"),
+        "embedding",
+        pa.array(table["embedding"].to_pylist(), pa.list_(pa.float64())),
+    )
     info = w.write_part(loose)
     assert info == PartInfo(info.path, rows=3, ok=2, errors=1)
-    short = table.set_column(table.schema.get_field_index("embedding"), "embedding",
-                             pa.array([[0.0] * (DIM - 1)] * 3, pa.list_(pa.float32())))
+    short = table.set_column(
+        table.schema.get_field_index("embedding"),
+        "embedding",
+        pa.array([[0.0] * (DIM - 1)] * 3, pa.list_(pa.float32())),
+    )
     with pytest.raises(ValueError, match="'embedding' cannot be cast"):
         w.write_part(short)
 

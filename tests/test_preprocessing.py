@@ -119,8 +119,9 @@ VIDEOS = [
 @pytest.mark.parametrize(("width", "height", "codec", "pattern"), VIDEOS)
 def test_pixel_values_match_transformers(processors, tmp_path, width, height, codec, pattern) -> None:
     ours, reference = processors
-    path = write_video(tmp_path / "clip.mp4", 12, width, height,
-                       codec=codec, pattern=pattern, seed=width + height)
+    path = write_video(
+        tmp_path / "clip.mp4", 12, width, height, codec=codec, pattern=pattern, seed=width + height
+    )
     frames = decode_frames(path, segment_frame_indices(12, 8))
     assert frames.shape == (8, height, width, 3)
     expected = reference(videos=list(frames), return_tensors="pt")["pixel_values"]
@@ -155,8 +156,9 @@ def test_configs_match_transformers(tmp_path, config, frame_shapes) -> None:
 def test_text_and_batch_match_transformers(processors) -> None:
     ours, reference = processors
     videos = [np.random.default_rng(i).integers(0, 256, (4, 90, 120, 3), dtype=np.uint8) for i in range(2)]
-    expected = reference(text=TEXTS, videos=videos, return_tensors="pt", padding="max_length",
-                         truncation=True)
+    expected = reference(
+        text=TEXTS, videos=videos, return_tensors="pt", padding="max_length", truncation=True
+    )
     got = ours(text=TEXTS, videos=videos)
     assert set(got) == {"input_ids", "attention_mask", "pixel_values"}
     assert torch.equal(got["input_ids"], expected["input_ids"])

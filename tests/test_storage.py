@@ -102,17 +102,22 @@ def test_list_local(tmp_path: Path) -> None:
 
     rows = list_objects(str(tmp_path))
     assert [r["uri"] for r in rows] == [
-        f"{tmp_path}/a.mp4", f"{tmp_path}/sub/b.mkv", f"{tmp_path}/sub/deeper/c.mkv", f"{tmp_path}/zero.mp4",
+        f"{tmp_path}/a.mp4",
+        f"{tmp_path}/sub/b.mkv",
+        f"{tmp_path}/sub/deeper/c.mkv",
+        f"{tmp_path}/zero.mp4",
     ]
     assert [r["size"] for r in rows] == [3, 2, 1, 0]
     assert all(r["etag"] is None for r in rows)
     assert rows[0]["mtime"] == pytest.approx((tmp_path / "a.mp4").stat().st_mtime)
 
     assert [r["uri"] for r in list_objects(f"{tmp_path}/**/*.mkv")] == [
-        f"{tmp_path}/sub/b.mkv", f"{tmp_path}/sub/deeper/c.mkv",
+        f"{tmp_path}/sub/b.mkv",
+        f"{tmp_path}/sub/deeper/c.mkv",
     ]
     assert [r["uri"] for r in list_objects(f"file://{tmp_path}/*.mp4")] == [
-        f"file://{tmp_path}/a.mp4", f"file://{tmp_path}/zero.mp4",
+        f"file://{tmp_path}/a.mp4",
+        f"file://{tmp_path}/zero.mp4",
     ]
     assert [r["uri"] for r in list_objects(str(tmp_path / "a.mp4"))] == [f"{tmp_path}/a.mp4"]
     assert list_objects(str(tmp_path / "empty-dir")) == []
@@ -174,7 +179,9 @@ def test_access_denied_message() -> None:
     wrapped = OSError(13, "Access Denied")
     wrapped.__cause__ = denied
     for exc in (denied, wrapped, PermissionError("Access Denied")):
-        err = translate_error(exc, "s3://private/videos", "listing", StorageOptions(endpoint_url="http://e:1"))
+        err = translate_error(
+            exc, "s3://private/videos", "listing", StorageOptions(endpoint_url="http://e:1")
+        )
         assert isinstance(err, StorageError)
         for expected in ("access denied", "s3://private/videos", "--anon", "http://e:1"):
             assert expected in str(err)
@@ -285,7 +292,8 @@ def test_local_put_if_leaves_only_the_file_and_its_lock(tmp_path: Path) -> None:
 
 def test_storage_options_repr_hides_secrets() -> None:
     options = StorageOptions(
-        endpoint_url="http://user:pa55word@minio:9000", profile="dev",
+        endpoint_url="http://user:pa55word@minio:9000",
+        profile="dev",
         extra={"key": "AKIAEXAMPLE", "secret": SECRET, "client_kwargs": {"aws_session_token": "tok-123"}},
     )
     for text in (repr(options), str(options), f"{options}"):
@@ -302,7 +310,10 @@ def test_storage_options_flags_win_over_env(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("AWS_REGION", "eu-central-1")
     env = StorageOptions.from_env_and_flags()
     assert (env.endpoint_url, env.profile, env.region, env.anon) == (
-        "http://s3-specific:2", "env-profile", "eu-central-1", False,
+        "http://s3-specific:2",
+        "env-profile",
+        "eu-central-1",
+        False,
     )
     monkeypatch.delenv("AWS_ENDPOINT_URL_S3")
     monkeypatch.delenv("AWS_REGION")
@@ -310,10 +321,16 @@ def test_storage_options_flags_win_over_env(monkeypatch: pytest.MonkeyPatch) -> 
     assert (env.endpoint_url, env.region) == ("http://generic:1", "eu-west-1")
 
     flags = StorageOptions.from_env_and_flags(
-        endpoint_url="http://flag:3", profile="flag-profile", anon=True, region="us-west-2",
+        endpoint_url="http://flag:3",
+        profile="flag-profile",
+        anon=True,
+        region="us-west-2",
     )
     assert (flags.endpoint_url, flags.profile, flags.region, flags.anon) == (
-        "http://flag:3", "flag-profile", "us-west-2", True,
+        "http://flag:3",
+        "flag-profile",
+        "us-west-2",
+        True,
     )
     for name in ("AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_DEFAULT_REGION"):
         monkeypatch.delenv(name)
@@ -322,11 +339,15 @@ def test_storage_options_flags_win_over_env(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_for_protocol() -> None:
     options = StorageOptions(
-        endpoint_url="http://e:1", profile="p", region="r",
+        endpoint_url="http://e:1",
+        profile="p",
+        region="r",
         extra={"config_kwargs": {"connect_timeout": 1}, "client_kwargs": {"verify": False}},
     )
     assert options.for_protocol("s3") == {
-        "anon": False, "endpoint_url": "http://e:1", "profile": "p",
+        "anon": False,
+        "endpoint_url": "http://e:1",
+        "profile": "p",
         "client_kwargs": {"region_name": "r", "verify": False},
         # the defaults' retries stay, the flag's timeout wins
         "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 3, "mode": "standard"}},

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
-from pipeline.plan import TrainOptions, train
+from pipeline.cli import main
 from pipeline.synthetic import render, sample_scenes, write_dataset
 from pipeline.train import TrainConfig, Trainer, trainable
+from pipeline.train_plan import TrainOptions, train
 from xclip_core import XCLIPModel
 from xclip_core.tokenizer import CLIPTokenizer
 from xclip_core.video_transforms import VideoPreprocessor
@@ -70,7 +73,59 @@ def test_ray_train_job_decodes_trains_and_checkpoints(tiny_model, tmp_path) -> N
         output=str(tmp_path / "run"), model=str(tiny_model), epochs=2, batch_size=6, train=TrainConfig(1e-3)
     )
     # two epochs of one six-clip batch each: one optimizer step per epoch, a checkpoint after each
-    assert train(table, options) == str(tmp_path / "run" / "checkpoint-00000002")
+    summary = train(table, options)
+    assert summary.checkpoint == str(tmp_path / "run" / "checkpoint-00000002")
+    assert (summary.clips, summary.failed, [e["steps"] for e in summary.epochs]) == (6, 1, [1, 2])
     trained = XCLIPModel.from_pretrained(tmp_path / "run" / "checkpoint-00000002")
     start = XCLIPModel.from_pretrained(tiny_model)
     assert not torch.equal(trained.mit.position_embedding, start.mit.position_embedding)
+
+
+def test_schedule_warms_up_then_decays_to_zero_and_precision_is_checked() -> None:
+    config = TrainConfig(learning_rate=1e-3, warmup_steps=10, total_steps=110)
+    rates = [config.learning_rate_at(step) for step in range(111)]
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
+    assert rates[60] == pytest.approx(5e-4) and rates[110] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(rates[9:], rates[10:], strict=False))
+    assert TrainConfig(learning_rate=1e-3).learning_rate_at(10_000) == 1e-3
+    with pytest.raises(ValueError, match="unknown precision"):
+        TrainConfig(precision="fp8")
+
+
+def test_bf16_autocast_steps_keep_float32_weights(tiny_model, batch) -> None:
+    trainer = Trainer(
+        XCLIPModel.from_pretrained(tiny_model), CLIPTokenizer.from_pretrained(), TrainConfig(precision="bf16")
+    )
+    loss = trainer.step(*batch)
+    assert loss == loss and loss > 0  # finite
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+
+
+def test_cli_trains_from_scratch_on_labels_then_resumes(tiny_model, tmp_path, capsys) -> None:
+    scenes = sample_scenes(6, seed=7)
+    write_dataset(tmp_path / "clips", scenes, seconds=1.0, fps=8)
+    with open(tmp_path / "clips" / "labels.csv", "w") as f:
+        f.write("uri,label\n")
+        f.writelines(f"clip-{i:05d}.mp4,{s.shapes[0].kind}\n" for i, s in enumerate(scenes))
+    table, run = str(tmp_path / "clips" / "labels.csv"), str(tmp_path / "run")
+    common = ["--batch-size", "3", "--lr", "1e-3", "--json"]
+    assert main(["train", table, run, "--config", str(tiny_model / "config.json"), *common]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["checkpoint"] == str(tmp_path / "run" / "checkpoint-00000002")
+    assert [e["epoch"] for e in first["epochs"]] == [1] and first["clips"] == 6
+
+    assert main(["train", table, run, "--resume", first["checkpoint"], "--epochs", "2", *common]) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert second["checkpoint"] == str(tmp_path / "run" / "checkpoint-00000004")
+    assert second["epochs"][0] == first["epochs"][0] and second["epochs"][1]["steps"] == 4
+    # each checkpoint is a complete model directory: the embed job can take it as --model
+    assert XCLIPModel.from_pretrained(second["checkpoint"]).config.vision_config.image_size == 32
+    assert CLIPTokenizer.from_pretrained(second["checkpoint"])("a circle")["input_ids"].shape == (1, 77)
+
+
+def test_cli_train_rejects_a_bad_table_before_starting_ray(tmp_path, capsys) -> None:
+    (tmp_path / "t.csv").write_text("path,text\nx.mp4,y\n")
+    assert main(["train", str(tmp_path / "t.csv"), str(tmp_path / "run"), "--config", "nope"]) == 2
+    assert "unknown X-CLIP preset 'nope'" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "t.csv"), str(tmp_path / "run")]) == 2
+    assert "needs a 'uri' column" in capsys.readouterr().err

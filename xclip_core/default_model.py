@@ -25,25 +25,26 @@ TINY_SEED = 20261123
 
 
 def tiny_config() -> XCLIPConfig:
-    """A small X-CLIP (112 px, patch 16, 8 frames, 4+4 layers): about 0.05 s per video on a laptop CPU."""
+    """The bundled model's geometry: 96 px, patch 16, 8 frames, 4 vision and 3 text layers 128 wide
+    (8.8 M parameters, 6.3 M of them the token embeddings): about 0.02 s per video on a laptop CPU."""
     return XCLIPConfig(
         text_config=TextConfig(
-            hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4
+            hidden_size=128, intermediate_size=512, num_hidden_layers=3, num_attention_heads=2
         ),
         vision_config=VisionConfig(
-            hidden_size=192,
-            intermediate_size=768,
+            hidden_size=128,
+            intermediate_size=512,
             num_hidden_layers=4,
-            num_attention_heads=3,
-            image_size=112,
+            num_attention_heads=2,
+            image_size=96,
             patch_size=16,
             num_frames=8,
-            mit_hidden_size=256,
-            mit_intermediate_size=1024,
-            mit_num_attention_heads=4,
+            mit_hidden_size=128,
+            mit_intermediate_size=512,
+            mit_num_attention_heads=2,
         ),
-        projection_dim=256,
-        prompt_num_attention_heads=4,
+        projection_dim=128,
+        prompt_num_attention_heads=2,
     )
 
 
@@ -57,7 +58,7 @@ def default_model_dir() -> str:
         staging = target.with_name(f"{target.name}.tmp-{os.getpid()}")
         XCLIPModel(tiny_config()).save_pretrained(staging)
         XCLIPProcessor(
-            CLIPTokenizer.from_pretrained(), VideoPreprocessor(size=112, crop_size=112)
+            CLIPTokenizer.from_pretrained(), VideoPreprocessor(size=96, crop_size=96)
         ).save_pretrained(staging)
         if not target.exists():  # another process may have won the race: its copy is identical
             staging.replace(target)

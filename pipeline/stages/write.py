@@ -32,9 +32,7 @@ def row_id(uri: str, segment: int) -> int:
     return int.from_bytes(digest, "big") & _ID_MASK
 
 
-def rows_to_table(
-    batch: Mapping[str, Any], embedding_dim: int, prompt_shape: tuple[int, int]
-) -> pa.Table:
+def rows_to_table(batch: Mapping[str, Any], embedding_dim: int, prompt_shape: tuple[int, int]) -> pa.Table:
     """Encoded rows (a dict of columns, as the encode stage returns them) -> an Arrow table with the
     part schema. ``id`` is computed with :func:`row_id`; ``prompt_features`` are flattened per row; other
     columns than the schema's are ignored. ``None`` (and NaN in numeric columns) becomes null."""
