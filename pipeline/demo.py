@@ -16,7 +16,7 @@ from .plan import EmbedOptions, embed
 from .synthetic import sample_scenes, write_clip
 
 DEMO_VIDEOS = 12
-DEMO_QUERIES = 4
+DEMO_QUERIES = 6
 
 
 def run_demo(workdir: str | None = None) -> None:
@@ -37,7 +37,7 @@ def run_demo(workdir: str | None = None) -> None:
 
         lib = Library.open(str(library))
         right = 0
-        for caption in list(expected)[:DEMO_QUERIES]:
+        for caption in list(expected)[:: len(expected) // DEMO_QUERIES][:DEMO_QUERIES]:
             hits = lib.search(caption, k=3)
             top_is_right = bool(hits) and hits[0].uri.endswith(Path(expected[caption]).name)
             right += top_is_right

@@ -35,9 +35,9 @@ from .storage import StorageOptions, protocol_of
 log = logging.getLogger(__name__)
 
 PART_ROWS = 256  # rows per Parquet part file
-DECODE_TRIES = 3
+DECODE_TRIES = 3  # a video whose decoding crashes its actor this often is recorded as failed
 WRITE_CPUS = 0.1
-MAX_INPUT_BLOCKS = 1000  # a video whose decoding crashes its actor this often is recorded as failed
+MAX_INPUT_BLOCKS = 1000  # input blocks of the decode stage (groups of listed objects)
 
 
 @dataclass
@@ -149,7 +149,8 @@ class CrashLedger:
         self.actor.end.remote(uri)
 
 
-def _connect(address: str | None) -> dict[str, float]:
+def connect(address: str | None) -> dict[str, float]:
+    """Join the Ray cluster at ``address`` (or start a local one) once per process; its resources."""
     if not ray.is_initialized():
         ray.init(address=address, include_dashboard=False, configure_logging=False, log_to_driver=True)
     return ray.cluster_resources()
@@ -182,8 +183,8 @@ def decoded(
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=decoders),
         num_cpus=decode_cpus,
-        max_restarts=-1,  # a native crash kills one decoder; Ray starts another
-        max_task_retries=DECODE_TRIES + 1,  # the last try records the video as failed (see CrashLedger)
+        # a native crash kills one decoder: Ray Data restarts the actor and retries its task (without limit
+        # by default); the crash ledger turns the video into an error row after DECODE_TRIES crashes
     )
 
 
@@ -203,7 +204,7 @@ def embed(source: str, library: str, options: EmbedOptions) -> EmbedSummary:
     if not listed:
         raise ValueError(f"nothing to embed: {source} lists no objects")
 
-    resources = _connect(options.address)
+    resources = connect(options.address)
     cpus, gpus = resources.get("CPU", 1), resources.get("GPU", 0)
     gpus_per_encoder = (
         options.gpus_per_encoder if options.gpus_per_encoder is not None else (1 if gpus else 0)

@@ -9,13 +9,15 @@ plus the training state that resumes the run exactly.
 
 from __future__ import annotations
 
-import logging
+import contextlib
 import math
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+import ray.data
 import torch
 
 from xclip_core import XCLIPConfig, XCLIPModel
@@ -23,13 +25,11 @@ from xclip_core.processor import XCLIPProcessor
 from xclip_core.tokenizer import CLIPTokenizer
 from xclip_core.video_transforms import VideoPreprocessor
 
-from .plan import _connect, decoded, describe_model
+from .plan import connect, decoded, describe_model
 from .stages.encode import checkpoint_preprocessor
 from .storage import StorageOptions, filesystem, join, protocol_of, storage_errors
 from .train import TrainConfig, Trainer, freeze, read_history
 from .video_table import DEFAULT_TEMPLATE, read_video_table
-
-log = logging.getLogger(__name__)
 
 SHUFFLE_BUFFER = 1024  # clips each worker draws its batches from, in random order
 
@@ -41,7 +41,7 @@ class TrainOptions:
     output: str  # where checkpoints go: checkpoint-<step>/ in the Hugging Face layout
     model: str | None = None  # a checkpoint to fine-tune; None trains ``config`` from scratch
     config: XCLIPConfig | None = None  # geometry when training from scratch
-    resume: str | None = None  # a checkpoint of an earlier run to continue (its model and optimizer state)
+    resume: str | None = None  # a checkpoint of an earlier run to continue with its own settings and state
     epochs: int = 1  # epochs in all, those of a resumed run included
     batch_size: int = 8  # clips per worker and step
     workers: int = 1
@@ -104,6 +104,8 @@ def _train_worker(config: dict[str, Any]) -> None:
         trainer = Trainer.resume(
             options.resume, tokenizer, options.storage, wrap=ray.train.torch.prepare_model
         )
+        # the run's own settings, its cosine stretched if it now runs to more epochs
+        trainer.config = replace(trainer.config, total_steps=options.train.total_steps)
     else:
         model = _start_model(options)
         freeze(model, options.train.freeze)
@@ -150,7 +152,7 @@ def train(table_uri: str, options: TrainOptions) -> TrainSummary:
         geometry = options.config
         size = geometry.vision_config.image_size
         preprocessor = VideoPreprocessor(size=size, crop_size=size)
-    resources = _connect(options.address)
+    resources = connect(options.address)
     texts: dict[str, list[str]] = {}
     for row in rows:
         texts.setdefault(row.uri, []).append(row.text)
@@ -161,19 +163,22 @@ def train(table_uri: str, options: TrainOptions) -> TrainSummary:
             listed.append({"uri": uri, "size": fs.size(path), "etag": None, "mtime": None})
     cpus = options.cpus_per_worker or max(1.0, resources.get("CPU", 1) // options.workers)
     decoders = max(1, int(resources.get("CPU", 1)))
-    clips = (
-        decoded(listed, geometry.vision_config.num_frames, preprocessor, None, options.storage, decoders, 1.0)
-        .filter(lambda row: row["error"] is None)
-        .materialize()  # decoded once: every epoch reads the object store
-    )
+    with _in_order():  # the clips in table order, whichever decoder finishes first: seeded shuffles repeat
+        clips = (
+            decoded(
+                listed, geometry.vision_config.num_frames, preprocessor, None, options.storage, decoders, 1.0
+            )
+            .filter(lambda row: row["error"] is None)
+            .materialize()  # decoded once: every epoch reads the object store
+        )
     count = clips.count()
     if count < 2:
         raise ValueError(
             f"only {count} of {len(rows)} videos in {table_uri} could be decoded: nothing to train on"
         )
-    steps_per_epoch = math.ceil(count / options.workers / options.batch_size)
     settings = options.train
     if settings.total_steps is None:  # cosine decay over the whole run
+        steps_per_epoch = math.ceil(count / options.workers / options.batch_size)
         settings = replace(settings, total_steps=steps_per_epoch * options.epochs)
     trainer = TorchTrainer(
         _train_worker,
@@ -193,6 +198,17 @@ def train(table_uri: str, options: TrainOptions) -> TrainSummary:
     last = last_checkpoint(options.output, options.storage)
     history = read_history(last, options.storage)
     return TrainSummary(last, count, len(listed) - count, history, time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def _in_order() -> Iterator[None]:
+    """Ray Data keeps the input order of the datasets executed inside."""
+    options = ray.data.DataContext.get_current().execution_options
+    before, options.preserve_order = options.preserve_order, True
+    try:
+        yield
+    finally:
+        options.preserve_order = before
 
 
 def last_checkpoint(output: str, storage: StorageOptions) -> str:

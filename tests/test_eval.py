@@ -11,6 +11,8 @@ import csv
 import json
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline import Library
@@ -105,6 +107,12 @@ def test_tables_resolve_relative_uris_and_reject_bad_columns(tmp_path) -> None:
     assert [(r.uri, r.text, r.label) for r in rows] == [
         (str(tmp_path / "a.mp4"), "a photo of a dog", "dog"),
         ("s3://b/c.mp4", "a photo of a cat", "cat"),
+    ]
+    parquet = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"uri": ["b.mp4", "b.mp4"], "caption": ["one", "two"]}), parquet)
+    assert [(r.uri, r.text) for r in read_video_table(str(parquet))] == [
+        (str(tmp_path / "b.mp4"), "one"),
+        (str(tmp_path / "b.mp4"), "two"),
     ]
     bad = write_table(tmp_path / "bad.csv", ("path", "caption"), [("a.mp4", "x")])
     with pytest.raises(ValueError, match="needs a 'uri' column"):
