@@ -214,6 +214,7 @@ def _in_order() -> Iterator[None]:
 def last_checkpoint(output: str, storage: StorageOptions) -> str:
     """The newest ``checkpoint-<step>`` under a run's output."""
     fs, path = filesystem(output, storage)
+    fs.invalidate_cache(path)  # instances are shared: never answer from an older listing
     names = [name.rstrip("/").rsplit("/", 1)[-1] for name in fs.ls(path, detail=False)]
     steps = sorted(name for name in names if name.startswith("checkpoint-"))
     if not steps:

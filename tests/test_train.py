@@ -129,3 +129,24 @@ def test_cli_train_rejects_a_bad_table_before_starting_ray(tmp_path, capsys) -> 
     assert "unknown X-CLIP preset 'nope'" in capsys.readouterr().err
     assert main(["train", str(tmp_path / "t.csv"), str(tmp_path / "run")]) == 2
     assert "needs a 'uri' column" in capsys.readouterr().err
+
+
+def test_two_data_parallel_workers_checkpoint_to_s3_and_resume_from_there(
+    tiny_model, tmp_path, s3, bucket
+) -> None:
+    table = write_dataset(tmp_path / "clips", sample_scenes(8, seed=9), seconds=1.0, fps=8)
+    run = f"s3://{bucket}/runs/two-workers"
+    options = TrainOptions(
+        output=run, model=str(tiny_model), batch_size=2, workers=2, cpus_per_worker=1, storage=s3.options
+    )
+    summary = train(table, options)
+    # eight clips shared by two workers, two per step: two steps each, the gradients averaged between them
+    assert summary.checkpoint == f"{run}/checkpoint-00000002" and summary.epochs[0]["steps"] == 2
+    trained = XCLIPModel.from_pretrained(summary.checkpoint, storage_options=s3.options.for_protocol("s3"))
+    start = XCLIPModel.from_pretrained(tiny_model)
+    assert not torch.equal(trained.mit.position_embedding, start.mit.position_embedding)
+
+    again = TrainOptions(output=run, resume=summary.checkpoint, epochs=2, batch_size=2, storage=s3.options)
+    resumed = train(table, again)
+    assert resumed.checkpoint == f"{run}/checkpoint-00000006"  # one worker now: four steps of two clips
+    assert [e["steps"] for e in resumed.epochs] == [2, 6]
