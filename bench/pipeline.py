@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import resource
 import shutil
@@ -234,7 +235,9 @@ class PipelineRun:
     ray_init_s: float
     summary_s: float  # the job's own timer (EmbedSummary.seconds)
     one_video_s: float  # the same job on one video, Ray up: the job's fixed cost plus one video
-    plan: logging.LogRecord | None  # plan.py's "plan: ..." record; args = decoders, encoders, GPU, CPU each
+    plan: (
+        logging.LogRecord | None
+    )  # plan.py's "plan: ..." record; args = decoders, CPU each, encoders, GPU, CPU each
     workers: WorkerMemory
 
     @property
@@ -245,10 +248,10 @@ class PipelineRun:
 
     @property
     def encoder_threads(self) -> int | None:
-        """The torch threads plan.py gives a CPU encoder: round(its CPUs); None for GPU encoders."""
-        if self.plan is None or self.plan.args[2]:
+        """The torch threads plan.py gives a CPU encoder: its CPUs rounded up; None for GPU encoders."""
+        if self.plan is None or self.plan.args[3]:
             return None
-        return max(1, round(self.plan.args[3]))
+        return math.ceil(self.plan.args[4])
 
 
 def measure_pipeline(run_dir: Path, videos: list[Path], model_dir: str, batch_size: int) -> PipelineRun:

@@ -25,6 +25,7 @@ from xclip_core import XCLIPConfig, XCLIPModel
 from xclip_core.video_transforms import VideoPreprocessor
 
 from . import index as faiss_index
+from .cpu_shares import share_cpus, time_decode, time_encode
 from .library import Library, LibraryWriter, PartInfo, parts_dataset
 from .stages.decode import DecodeVideos
 from .stages.encode import EncodeFrames, checkpoint_preprocessor
@@ -85,11 +86,11 @@ class EmbedSummary:
         return "\n".join(lines)
 
 
-def describe_model(src: str, storage: StorageOptions) -> tuple[XCLIPConfig, dict[str, str]]:
+def describe_model(src: str, storage: StorageOptions) -> tuple[XCLIPModel, dict[str, str]]:
     """Load the model once in the driver: a bad checkpoint fails here, before any video is touched, and the
     library records the hash of the weights that built it."""
     model = XCLIPModel.from_pretrained(src, storage_options=storage.for_protocol(protocol_of(src)))
-    return model.config, {"id": src, "sha256": model.weights_sha256()}
+    return model, {"id": src, "sha256": model.weights_sha256()}
 
 
 def absolute_source(src: str) -> str:
@@ -193,7 +194,8 @@ def embed(source: str, library: str, options: EmbedOptions) -> EmbedSummary:
     started = time.perf_counter()
     # the manifest records the model for `query`, which may run from another directory
     options = replace(options, model=absolute_source(options.model))
-    config, model = describe_model(options.model, options.storage)
+    loaded, model = describe_model(options.model, options.storage)
+    config = loaded.config
     frames = options.frames or config.vision_config.num_frames
     if frames != config.vision_config.num_frames:
         raise ValueError(f"the model takes {config.vision_config.num_frames} frames per video, not {frames}")
@@ -210,15 +212,24 @@ def embed(source: str, library: str, options: EmbedOptions) -> EmbedSummary:
         options.gpus_per_encoder if options.gpus_per_encoder is not None else (1 if gpus else 0)
     )
     encoders = options.encoders or (max(1, int(gpus // gpus_per_encoder)) if gpus_per_encoder else 1)
-    decoders = options.decoders or max(1, int(cpus // 4) if gpus_per_encoder else 1)
-    # on CPU the encoder is the bottleneck: it gets the cores that decoding and writing leave
-    decode_cpus = 1.0 if gpus_per_encoder else 0.5
-    encode_cpus = (
-        1.0 if gpus_per_encoder else max(0.5, (cpus - decoders * decode_cpus - WRITE_CPUS) / encoders)
-    )
+    if gpus_per_encoder:  # GPUs encode fast: a quarter of the CPUs decode, one core per decoder
+        decoders, decode_cpus, encode_cpus = options.decoders or max(1, int(cpus // 4)), 1.0, 1.0
+    else:  # CPUs only: shared between the stages in proportion to one video's measured cost in each
+        shares = share_cpus(
+            cpus,
+            time_decode(listed, frames, preprocessor, options.segment_s, options.storage),
+            time_encode(loaded),
+            encoders,
+            options.decoders,
+            reserved=WRITE_CPUS,
+        )
+        decoders, decode_cpus, encode_cpus = shares.decoders, shares.cpus_per_decoder, shares.cpus_per_encoder
+        log.info("one video: decode %.3f s, encode %.3f s (one thread)", shares.decode_s, shares.encode_s)
+    del loaded  # the actors load their own copies
     log.info(
-        "plan: %d decoders, %d encoders (%.2g GPU, %.2g CPU each)",
+        "plan: %d decoders (%.2g CPU each), %d encoders (%.2g GPU, %.2g CPU each)",
         decoders,
+        decode_cpus,
         encoders,
         gpus_per_encoder,
         encode_cpus,
@@ -231,7 +242,7 @@ def embed(source: str, library: str, options: EmbedOptions) -> EmbedSummary:
             model_src=options.model,
             storage_options=options.storage,
             batch_size=options.batch_size,
-            # decoding is ~30x cheaper than encoding on a CPU: the encoder's threads use the idle share too
+            # on a CPU the encoder runs its share of the cores, rounded up
             threads=None if gpus_per_encoder else math.ceil(encode_cpus),
         ),
         batch_size=options.batch_size,

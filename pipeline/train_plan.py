@@ -146,7 +146,7 @@ def train(table_uri: str, options: TrainOptions) -> TrainSummary:
     rows = read_video_table(table_uri, options.storage, options.template)
     source = options.resume or options.model
     if source:
-        geometry = describe_model(source, options.storage)[0]
+        geometry = describe_model(source, options.storage)[0].config
         preprocessor = checkpoint_preprocessor(source, options.storage.for_protocol(protocol_of(source)))
     else:
         geometry = options.config

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -136,17 +137,19 @@ def test_two_data_parallel_workers_checkpoint_to_s3_and_resume_from_there(
 ) -> None:
     table = write_dataset(tmp_path / "clips", sample_scenes(8, seed=9), seconds=1.0, fps=8)
     run = f"s3://{bucket}/runs/two-workers"
+    # credentials in the options, not only in this process's environment: Ray's workers may predate it
+    storage = replace(s3.options, extra={"key": "testing", "secret": "testing"})
     options = TrainOptions(
-        output=run, model=str(tiny_model), batch_size=2, workers=2, cpus_per_worker=1, storage=s3.options
+        output=run, model=str(tiny_model), batch_size=2, workers=2, cpus_per_worker=1, storage=storage
     )
     summary = train(table, options)
     # eight clips shared by two workers, two per step: two steps each, the gradients averaged between them
     assert summary.checkpoint == f"{run}/checkpoint-00000002" and summary.epochs[0]["steps"] == 2
-    trained = XCLIPModel.from_pretrained(summary.checkpoint, storage_options=s3.options.for_protocol("s3"))
+    trained = XCLIPModel.from_pretrained(summary.checkpoint, storage_options=storage.for_protocol("s3"))
     start = XCLIPModel.from_pretrained(tiny_model)
     assert not torch.equal(trained.mit.position_embedding, start.mit.position_embedding)
 
-    again = TrainOptions(output=run, resume=summary.checkpoint, epochs=2, batch_size=2, storage=s3.options)
+    again = TrainOptions(output=run, resume=summary.checkpoint, epochs=2, batch_size=2, storage=storage)
     resumed = train(table, again)
     assert resumed.checkpoint == f"{run}/checkpoint-00000006"  # one worker now: four steps of two clips
     assert [e["steps"] for e in resumed.epochs] == [2, 6]

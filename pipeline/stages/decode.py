@@ -26,6 +26,7 @@ import io
 import math
 import os
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import IO, Any
 
 import av
@@ -46,7 +47,7 @@ MAX_FORWARD_S = 1.0  # decode forward rather than seek when the next frame is at
 _IO_BUFFER_SIZE = 32 << 10  # bytes PyAV asks the file object for per read
 # demuxers whose "video" is a picture; the image ones read by content are all named "<codec>_pipe". (A GIF is
 # read as a video: animated GIFs are short clips.)
-_NOT_VIDEO = {"image2": "an image", "ico": "an image", "tty": "text"}  # tty: text files, by extension
+_NOT_VIDEO = {"ico": "an image"}  # demuxers that probe by content and find no video (images: *_pipe)
 _INDEXED_FORMATS = {"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm"}  # FFmpeg demuxers with keyframe indexes
 _UNTIMED_FORMATS = {"avi"}  # no presentation timestamps (with B-frames FFmpeg's guesses are out of order)
 _INT_COLUMNS = ("segment", "frame_count", "width", "height")
@@ -215,20 +216,26 @@ class DecodeVideos:
 def _open_container(file: IO[bytes]) -> InputContainer:
     """``av.open`` with FFmpeg's error messages captured, so a failure can say what was wrong.
 
-    FFmpeg logging is enabled (level ERROR) only while the container opens: stream probing decodes with one
-    thread, while logging from decoder threads into Python can deadlock.
+    The format is probed by content only: given the file's name, FFmpeg would also trust its extension and
+    take random bytes called ``x.mp4`` for a broken MP4. FFmpeg logging is enabled (level ERROR) only while
+    the container opens: stream probing decodes with one thread, while logging from decoder threads into
+    Python can deadlock. PyAV drops a message equal to the previous one; here every message counts (the
+    second truncated file in a worker logs what the first did).
     """
-    level = av.logging.get_level()
+    level, skip_repeated = av.logging.get_level(), av.logging.get_skip_repeated()
     av.logging.set_level(av.logging.ERROR)
+    av.logging.set_skip_repeated(False)
     try:
         with av.logging.Capture() as logs:
-            return av.open(file, "r", buffer_size=_IO_BUFFER_SIZE)
+            unnamed = SimpleNamespace(read=file.read, seek=file.seek, tell=file.tell)
+            return av.open(unnamed, "r", buffer_size=_IO_BUFFER_SIZE)
     except av.error.FFmpegError as e:
         if logs:  # a demuxer recognised the data and then failed on it
             raise DecodeError(f"truncated or corrupt: {_ffmpeg_message(e, logs[-1])}") from e
         raise DecodeError("not a video: unrecognised format") from e
     finally:
         av.logging.set_level(level)
+        av.logging.set_skip_repeated(skip_repeated)
 
 
 def _ffmpeg_message(exc: av.error.FFmpegError, log: tuple[int, str, str] | None = None) -> str:
