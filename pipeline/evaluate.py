@@ -12,12 +12,11 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import numpy as np
 import pyarrow.compute as pc
 import torch
 
 from .library import Library
-from .search import Searcher
+from .search import Searcher, float32_rows
 from .storage import StorageOptions
 from .video_table import DEFAULT_TEMPLATE, DescribedVideo, read_video_table
 
@@ -56,8 +55,8 @@ class _VideoScores:
         self.uris = sorted(set(table["uri"].to_pylist()))
         self.position = {uri: i for i, uri in enumerate(self.uris)}
         self.row_video = torch.tensor([self.position[uri] for uri in table["uri"].to_pylist()])
-        self.embeddings = torch.from_numpy(_stack(table["embedding"])).view(len(table), dim)
-        self.prompts = torch.from_numpy(_stack(table["prompt_features"])).view(len(table), patches, dim)
+        self.embeddings = torch.from_numpy(float32_rows(table["embedding"])).view(len(table), dim)
+        self.prompts = torch.from_numpy(float32_rows(table["prompt_features"])).view(len(table), patches, dim)
 
     @torch.inference_mode()
     def __call__(self, texts: list[str]) -> torch.Tensor:
@@ -77,10 +76,6 @@ class _VideoScores:
                 block = scores[:, t : t + TEXTS_PER_CHUNK]
                 block.scatter_reduce_(0, videos, logits, reduce="amax")
         return scores
-
-
-def _stack(column: Any) -> np.ndarray:
-    return np.stack(column.to_numpy(zero_copy_only=False)).astype(np.float32)
 
 
 def evaluate(

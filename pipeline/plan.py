@@ -217,7 +217,7 @@ def embed(source: str, library: str, options: EmbedOptions) -> EmbedSummary:
     else:  # CPUs only: shared between the stages in proportion to one video's measured cost in each
         shares = share_cpus(
             cpus,
-            time_decode(listed, frames, preprocessor, options.segment_s, options.storage),
+            time_decode(listed, frames, preprocessor, options.storage),
             time_encode(loaded),
             encoders,
             options.decoders,

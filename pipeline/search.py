@@ -90,11 +90,8 @@ class Searcher:
             ids, ["id", "uri", "start_s", "end_s", "segment", "embedding", "prompt_features"]
         )
         patches, dim = self.library.manifest["prompt_shape"]
-        video = torch.from_numpy(
-            np.stack(rows["embedding"].to_numpy(zero_copy_only=False)).astype(np.float32)
-        )
-        prompt = np.stack(rows["prompt_features"].to_numpy(zero_copy_only=False)).astype(np.float32)
-        prompt = torch.from_numpy(prompt).view(len(ids), patches, dim)
+        video = torch.from_numpy(float32_rows(rows["embedding"]))
+        prompt = torch.from_numpy(float32_rows(rows["prompt_features"])).view(len(ids), patches, dim)
         dtype = next(self.model.parameters()).dtype
         logits = self.model.logits(video.to(dtype), prompt.to(dtype), text_embeds)[:, 0]
         scores = (logits / self.model.logit_scale.exp()).float().tolist()
@@ -110,6 +107,11 @@ class Searcher:
             )
             for i in order
         ]
+
+
+def float32_rows(column: Any) -> np.ndarray:
+    """A column of fixed-size lists (float16 or float32) as one float32 array, a row per row."""
+    return np.stack(column.to_numpy(zero_copy_only=False)).astype(np.float32)
 
 
 def _tokenizer_for(source: str, options: dict[str, Any]) -> CLIPTokenizer:

@@ -25,7 +25,7 @@ from xclip_core.processor import XCLIPProcessor
 from xclip_core.tokenizer import CLIPTokenizer
 from xclip_core.video_transforms import VideoPreprocessor
 
-from .plan import connect, decoded, describe_model
+from .plan import connect, decoded
 from .stages.encode import checkpoint_preprocessor
 from .storage import StorageOptions, filesystem, join, protocol_of, storage_errors
 from .train import TrainConfig, Trainer, freeze, read_history
@@ -146,8 +146,10 @@ def train(table_uri: str, options: TrainOptions) -> TrainSummary:
     rows = read_video_table(table_uri, options.storage, options.template)
     source = options.resume or options.model
     if source:
-        geometry = describe_model(source, options.storage)[0].config
-        preprocessor = checkpoint_preprocessor(source, options.storage.for_protocol(protocol_of(source)))
+        storage = options.storage.for_protocol(protocol_of(source))
+        # loaded once here: a bad checkpoint fails before Ray starts
+        geometry = XCLIPModel.from_pretrained(source, storage_options=storage).config
+        preprocessor = checkpoint_preprocessor(source, storage)
     else:
         geometry = options.config
         size = geometry.vision_config.image_size

@@ -43,7 +43,7 @@ def test_timings_come_from_a_real_video_and_the_model(tmp_path, tiny_model) -> N
     preprocessor = VideoPreprocessor(size=32, crop_size=32)
     options = StorageOptions()
     bad = list_objects(str(tmp_path / "bad"), options)
-    assert time_decode(bad, 4, preprocessor, None, options) == FALLBACK_DECODE_S
+    assert time_decode(bad, 4, preprocessor, options) == FALLBACK_DECODE_S
     good = [row for row in list_objects(str(tmp_path / "good"), options) if row["uri"].endswith(".mp4")]
-    assert 0 < time_decode(bad + good, 4, preprocessor, None, options) < 10
+    assert 0 < time_decode(bad + good, 4, preprocessor, options) < 10
     assert 0 < time_encode(XCLIPModel.from_pretrained(tiny_model)) < 10
