@@ -80,6 +80,9 @@ def test_ray_train_job_decodes_trains_and_checkpoints(tiny_model, tmp_path) -> N
     trained = XCLIPModel.from_pretrained(tmp_path / "run" / "checkpoint-00000002")
     start = XCLIPModel.from_pretrained(tiny_model)
     assert not torch.equal(trained.mit.position_embedding, start.mit.position_embedding)
+    # the same seed, the same run: clips in table order whichever decoder finishes first, seeded shuffles
+    again = train(table, replace(options, output=str(tmp_path / "again")))
+    assert XCLIPModel.from_pretrained(again.checkpoint).weights_sha256() == trained.weights_sha256()
 
 
 def test_schedule_warms_up_then_decays_to_zero_and_precision_is_checked() -> None:
