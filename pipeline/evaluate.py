@@ -62,10 +62,9 @@ class _VideoScores:
     def __call__(self, texts: list[str]) -> torch.Tensor:
         model, tokenizer = self.searcher.model, self.searcher.tokenizer
         dtype = next(model.parameters()).dtype
-        context = min(model.config.text_config.max_position_embeddings, tokenizer.model_max_length)
         scores = torch.full((len(self.uris), len(texts)), -torch.inf)
         for t in range(0, len(texts), TEXTS_PER_CHUNK):
-            tokens = tokenizer(texts[t : t + TEXTS_PER_CHUNK], max_length=context, padding="longest")
+            tokens = model.tokenize(tokenizer, texts[t : t + TEXTS_PER_CHUNK])
             text_embeds = model.get_text_features(tokens["input_ids"], tokens["attention_mask"])
             for r in range(0, len(self.row_video), ROWS_PER_CHUNK):
                 rows = slice(r, r + ROWS_PER_CHUNK)

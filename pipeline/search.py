@@ -71,8 +71,7 @@ class Searcher:
         """The unnormalized X-CLIP text embedding (1, P) of a query."""
         if not isinstance(text, str) or not text.strip():
             raise ValueError("the query text is empty")
-        context = self.model.config.text_config.max_position_embeddings
-        tokens = self.tokenizer(text, max_length=min(context, self.tokenizer.model_max_length))
+        tokens = self.model.tokenize(self.tokenizer, text, padding="max_length")
         return self.model.get_text_features(tokens["input_ids"], tokens["attention_mask"])
 
     @torch.inference_mode()

@@ -109,16 +109,13 @@ class Trainer:
         if len(captions) != len(pixel_values) or len(captions) < 2:
             raise ValueError("a batch needs at least two videos, each with one caption")
         self.model.train()
-        context = self.xclip.config.text_config.max_position_embeddings
-        tokens = self.tokenizer(
-            captions, max_length=min(context, self.tokenizer.model_max_length), padding="longest"
-        )
-        device = pixel_values.device
-        ids, mask = tokens["input_ids"].to(device), tokens["attention_mask"].to(device)
+        tokens = self.xclip.tokenize(self.tokenizer, captions)
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.learning_rate_at(self.step_count)
-        with self._autocast(device):
-            loss = self.model(ids, pixel_values, mask, return_loss=True).loss
+        with self._autocast(pixel_values.device):
+            loss = self.model(
+                tokens["input_ids"], pixel_values, tokens["attention_mask"], return_loss=True
+            ).loss
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

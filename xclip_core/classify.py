@@ -144,16 +144,12 @@ class ZeroShotClassifier:
         labels = self._labels(labels)
         key = tuple(labels)
         if key not in self._cache:
-            context = self.model.config.text_config.max_position_embeddings
-            max_length = min(self.tokenizer.model_max_length, context)
             prompts = [self.template.format(label) for label in labels]
             chunks = []
             for start in range(0, len(prompts), self.batch_size):
-                tokens = self.tokenizer(
-                    prompts[start : start + self.batch_size], padding="max_length", max_length=max_length
-                )
-                ids, mask = (tokens[k].to(self._param.device) for k in ("input_ids", "attention_mask"))
-                chunks.append(self.model.get_text_features(ids, mask))
+                chunk = prompts[start : start + self.batch_size]
+                tokens = self.model.tokenize(self.tokenizer, chunk, padding="max_length")
+                chunks.append(self.model.get_text_features(tokens["input_ids"], tokens["attention_mask"]))
             self._cache[key] = torch.cat(chunks)
         return self._cache[key]
 

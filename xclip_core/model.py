@@ -30,6 +30,7 @@ from .mit import MultiframeIntegrationTransformer
 from .prompt import VideoSpecificPromptGenerator
 from .sources import ModelSource
 from .text import TextTransformer
+from .tokenizer import CLIPTokenizer
 from .vision import VisionTransformer
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -91,6 +92,16 @@ class XCLIPModel(nn.Module):
         """Video embeddings (B, P), not normalized, as ``transformers.XCLIPModel.get_video_features``."""
         _, cls = self._frames(pixel_values, with_patches=False)
         return self.mit(cls)
+
+    def tokenize(
+        self, tokenizer: CLIPTokenizer, texts: str | list[str], padding: bool | str = "longest"
+    ) -> dict[str, torch.Tensor]:
+        """``texts`` as this model's text tower takes them: truncated to its context (or the tokenizer's,
+        if shorter), on the model's device; ``input_ids`` and ``attention_mask`` for
+        :meth:`get_text_features`."""
+        context = min(self.config.text_config.max_position_embeddings, tokenizer.model_max_length)
+        tokens = tokenizer(texts, max_length=context, padding=padding)
+        return {name: tensor.to(self.logit_scale.device) for name, tensor in tokens.items()}
 
     def get_text_features(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
