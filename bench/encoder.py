@@ -7,7 +7,10 @@ Random weights are saved once in the Hugging Face layout and both implementation
 timed in alternating rounds in one process (reference, ours, reference, ours...), so that load from other
 processes hits both alike; each implementation's best and median round are reported. Peak memory is measured
 separately, each implementation in its own subprocess (load + one batch). Also prints the max abs difference
-of the embeddings.
+of the embeddings, and a roofline: each implementation's floating-point operations per batch (torch's
+FlopCounterMode: matrix multiplies, convolution, attention), the GFLOP/s it reaches, and this machine's
+rate on the model's largest matrix multiply, timed in the same run, which bounds what any implementation of
+the same arithmetic can reach.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -44,6 +49,28 @@ def load_encoder(impl: str, checkpoint: str, dtype: torch.dtype, device: str) ->
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def count_flops(encode: Callable, x: torch.Tensor) -> int:
+    with FlopCounterMode(display=False) as counter:
+        encode(x)
+    return counter.get_total_flops()
+
+
+def matmul_gflops(rows: int, width: int, hidden: int, dtype: torch.dtype, device: str, rounds: int) -> float:
+    """Best GFLOP/s of one ``(rows, width) x (width, hidden)`` linear layer (the MLP's first) here."""
+    x = torch.randn(rows, width, dtype=dtype, device=device)
+    weight = torch.randn(hidden, width, dtype=dtype, device=device)
+    bias = torch.randn(hidden, dtype=dtype, device=device)
+    F.linear(x, weight, bias)
+    best = float("inf")
+    for _ in range(rounds):
+        sync(device)
+        start = time.perf_counter()
+        F.linear(x, weight, bias)
+        sync(device)
+        best = min(best, time.perf_counter() - start)
+    return 2 * rows * width * hidden / best / 1e9
 
 
 def peak_memory(impl: str, work: str, args: argparse.Namespace) -> dict:
@@ -101,6 +128,9 @@ def main() -> None:
     seconds: dict[str, list[float]] = {impl: [] for impl in impls}
     with torch.inference_mode():
         outputs = {impl: encoders[impl](x).float().cpu() for impl in impls}  # warm-up
+        flops = {impl: count_flops(encoders[impl], x) for impl in impls}
+        rows = args.batch * vision.num_frames * (vision.num_patches + 1)  # the MLP sees patches + class
+        peak = matmul_gflops(rows, vision.hidden_size, vision.intermediate_size, dtype, args.device, 5)
         for _ in range(args.rounds):
             for impl in impls:
                 sync(args.device)
@@ -128,6 +158,18 @@ def main() -> None:
         print(f"  ratio ours / reference ({stat}): {rate['ours'][stat] / rate['reference'][stat]:.2f}x")
     diff = (outputs["ours"] - outputs["reference"]).abs().max().item()
     print(f"  max abs difference of video embeddings: {diff:.2e}")
+    print(
+        f"roofline: this machine's {rows}x{vision.hidden_size} by {vision.hidden_size}x"
+        f"{vision.intermediate_size} matrix multiply runs at {peak:.1f} GFLOP/s"
+    )
+    for impl in impls:
+        reached = flops[impl] / min(seconds[impl]) / 1e9
+        print(
+            f"  {impl:9s} {flops[impl] / args.batch / 1e9:6.1f} GFLOP per video, {reached:6.1f} GFLOP/s "
+            f"({reached / peak:.0%} of that rate)"
+        )
+    ceiling = min(seconds["reference"]) / (flops["ours"] / (peak * 1e9))
+    print(f"  ours / reference if all of our arithmetic ran at that rate: {ceiling:.2f}x")
 
 
 if __name__ == "__main__":

@@ -16,10 +16,13 @@ process, it times:
   plain loop      decord ``VideoReader`` + ``segment_frame_indices`` + ``VideoPreprocessor`` +
                   ``XCLIPModel.encode_videos``, one video at a time
 
-and prints videos/s for each, the ratios pipeline / slowest stage alone (goal >= 0.85) and pipeline / plain
-loop (goal >= 1.3), the driver's peak RSS (getrusage), the Ray workers' peak RSS (psutil, sampled during the
-pipeline run; RSS counts the object-store pages a worker touched, so the sum double-counts those), and the
-machine: cores, torch threads, load average before and after (other processes skew every figure alike).
+and prints videos/s and cores busy (CPU time / wall time of this process) for each, the ratios pipeline /
+slowest stage alone (goal >= 0.85) and pipeline / plain loop (goal >= 1.3), on a machine without a GPU the
+CPU bound (cores / the two stages' CPU-seconds per video: the most any schedule of them on these cores can
+reach, start-up excluded), the driver's peak RSS (getrusage), the Ray workers' peak RSS (psutil, sampled
+during the pipeline run; RSS counts the object-store pages a worker touched, so the sum double-counts those),
+and the machine: cores, torch threads, load average before and after (other processes skew every figure
+alike).
 Stage and loop figures exclude model loading (reported separately); the pipeline figure includes everything
 its job does after Ray is up (model check and hash in the driver, actor start-up and model load, indexing).
 """
@@ -63,13 +66,15 @@ RSS_SAMPLE_S = 0.2  # how often the Ray workers' memory is sampled during the pi
 
 @dataclass
 class Result:
-    """One timed measurement: ``videos`` processed in ``seconds``; ``peak_rss_mib`` is the driver's peak RSS
-    at its end (cumulative over the run so far), ``load`` the 1-minute load average then."""
+    """One timed measurement: ``videos`` processed in ``seconds``; ``cpu_seconds`` the CPU time this process
+    spent meanwhile (all its threads; None where the work ran in other processes); ``peak_rss_mib`` is the
+    driver's peak RSS at its end (cumulative over the run so far), ``load`` the 1-minute load average then."""
 
     name: str
     videos: int
     seconds: float
     detail: str = ""
+    cpu_seconds: float | None = None
     peak_rss_mib: float = field(default_factory=lambda: driver_peak_rss_mib())
     load: float = field(default_factory=lambda: os.getloadavg()[0])
 
@@ -146,15 +151,15 @@ def measure_decode(source: Path, model_dir: str) -> tuple[Result, list[np.ndarra
     decoder = DecodeVideos(num_frames=num_frames_of(model_dir), preprocessor=load_preprocessor(model_dir))
     listed = list_objects(str(source))
     frames = []
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for row in listed:
         out = decoder({name: np.array([value], dtype=object) for name, value in row.items()})
         if out["error"][0] is not None:
             raise RuntimeError(f"decoding {row['uri']} failed: {out['error'][0]}")
         frames.append(out["frames"][0])
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     detail = f"PyAV, torch {torch.get_num_threads()} threads for the resize"
-    return Result("decode stage alone", len(listed), seconds, detail), frames
+    return Result("decode stage alone", len(listed), seconds, detail, cpu), frames
 
 
 def measure_encode(frames: list[np.ndarray], model_dir: str, batch_size: int, threads: int | None) -> Result:
@@ -172,10 +177,10 @@ def measure_encode(frames: list[np.ndarray], model_dir: str, batch_size: int, th
             return {"error": np.full(len(chunk), None, dtype=object), "frames": np.stack(chunk)}
 
         encoder(batch(0))  # warm-up
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.process_time()
         for start in range(0, len(frames), batch_size):
             encoder(batch(start))
-        seconds = time.perf_counter() - started
+        seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     finally:
         torch.set_num_threads(previous)
     plural = "s" * (used > 1)
@@ -183,7 +188,7 @@ def measure_encode(frames: list[np.ndarray], model_dir: str, batch_size: int, th
     detail = (
         f"{encoder.device.type}, batch {batch_size}, torch {used} thread{plural}; model load {load_s:.1f} s"
     )
-    return Result(name, len(frames), seconds, detail)
+    return Result(name, len(frames), seconds, detail, cpu)
 
 
 class WorkerMemory:
@@ -304,12 +309,12 @@ def measure_plain_loop(videos: list[Path], model_dir: str) -> Result:
         return torch.nn.functional.normalize(out.video_embeds.float(), dim=-1).cpu().numpy()
 
     embed_one(videos[0])  # warm-up
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     for path in videos:
         embed_one(path)
-    seconds = time.perf_counter() - started
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
     detail = f"decord + preprocessor + encode_videos, {device.type}, torch {torch.get_num_threads()} threads"
-    return Result("plain loop", len(videos), seconds, detail)
+    return Result("plain loop", len(videos), seconds, detail, cpu)
 
 
 def _capture_log(name: str) -> list[logging.LogRecord]:
@@ -346,8 +351,9 @@ def print_report(
     run = pipeline.result
     rows = [*stages, run, plain]
     for r in rows:
+        busy = f"{r.cpu_seconds / r.seconds:4.2f}" if r.cpu_seconds is not None else " n/a"
         print(
-            f"  {r.name:26s} {r.rate:8.2f} videos/s   {r.videos} in {r.seconds:6.1f} s   "
+            f"  {r.name:26s} {r.rate:8.2f} videos/s   {r.videos} in {r.seconds:6.1f} s   cores busy {busy}   "
             f"load {r.load:4.1f}   driver peak RSS {r.peak_rss_mib:5.0f} MiB   ({r.detail})"
         )
     with_init = run.videos / (run.seconds + pipeline.ray_init_s)
@@ -379,6 +385,7 @@ def print_report(
             )
     if steady:
         print(f"  {'pipeline once running / slowest stage alone':48s} {steady / slowest.rate:5.2f}")
+    print_cpu_bound(standard, run, steady, plain, slowest)
 
     print(f"memory: driver peak RSS {driver_peak_rss_mib():.0f} MiB over the whole run (getrusage)")
     print(
@@ -387,6 +394,25 @@ def print_report(
     )
     for line in pipeline.workers.report():
         print(f"    {line}")
+
+
+def print_cpu_bound(
+    stages: list[Result], run: Result, steady: float | None, plain: Result, slowest: Result
+) -> None:
+    """Where decoding and encoding share the same cores (no GPU), no schedule beats cores / (CPU-seconds
+    per video of both stages): print that bound and the figures against it."""
+    if torch.cuda.is_available() or any(r.cpu_seconds is None for r in stages):
+        return
+    cores = len(os.sched_getaffinity(0))
+    per_video = {r.name.split()[0]: r.cpu_seconds / r.videos for r in stages}
+    bound = cores / sum(per_video.values())
+    spent = " + ".join(f"{name} {seconds:.3f}" for name, seconds in per_video.items())
+    print(
+        f"CPU bound: both stages share {cores} cores, so no schedule exceeds cores / CPU-seconds per video "
+        f"({spent}) = {bound:.2f} videos/s,\n  i.e. {bound / slowest.rate:.2f} x slowest stage alone and "
+        f"{bound / plain.rate:.2f} x the plain loop; the pipeline reaches {run.rate / bound:.2f} of it"
+        + (f" ({steady / bound:.2f} once running)" if steady else "")
+    )
 
 
 def _progress(result: Result) -> Result:

@@ -35,6 +35,7 @@ from xclip_core.checkpoints import (
     save_safetensors,
 )
 from xclip_core.config import XCLIPConfig
+from xclip_core.model import XCLIPModel as OurModel
 from xclip_core.sources import ModelSource
 
 IMAGE, CONTEXT, VOCAB = 32, 16, 99
@@ -561,19 +562,46 @@ def test_truncated_and_random_files(tmp_path):
             load_tensors(tmp_path / name)
 
 
+def test_truncated_checkpoint_directory_fails_before_loading(tmp_path):
+    hf_model("p16-w64").save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors is truncated.*past the end"):
+        OurModel.from_pretrained(tmp_path)
+
+
+def test_safetensors_header_that_lies_about_a_tensor(tmp_path):
+    data = bytearray(1024)
+    header = b'{"w": {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 32]}}'
+    path = tmp_path / "lies.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + data)
+    with pytest.raises(CheckpointError, match=r"tensor 'w': bytes 0\.\.32 do not hold a F32 \[4, 4\]"):
+        load_tensors(path)
+
+
+@pytest.mark.parametrize("stored, loaded", [(torch.float16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_weights_convert_to_the_requested_dtype(tmp_path, stored, loaded):
+    hf_model("p16-w64").to(stored).save_pretrained(tmp_path)
+    saved = load_tensors(tmp_path, "model.safetensors")
+    assert next(iter(saved.values())).dtype == stored
+    model = OurModel.from_pretrained(tmp_path, dtype=loaded)
+    state = model.state_dict()
+    assert all(state[k].dtype == loaded and torch.equal(state[k], v.to(loaded)) for k, v in saved.items())
+
+
 # ---- Validation, saving, fsspec ---------------------------------------------------------------------------
 
 
 def test_check_state_dict_names_each_problem():
     model = hf_model("p16-w64")
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    state_dict = dict(model.state_dict())
-    check_state_dict(expected, state_dict)
-    del state_dict["logit_scale"]
-    state_dict["mit.extra.weight"] = torch.zeros(1)
-    state_dict["visual_projection.weight"] = torch.zeros(3, 5)
+    found = dict(expected)
+    check_state_dict(expected, found)
+    del found["logit_scale"]
+    found["mit.extra.weight"] = torch.Size([1])
+    found["visual_projection.weight"] = torch.Size([3, 5])
     with pytest.raises(CheckpointError) as err:
-        check_state_dict(expected, state_dict)
+        check_state_dict(expected, found)
     message = str(err.value)
     assert "1 missing, 1 unexpected, 1 mis-shaped" in message
     assert "missing: logit_scale" in message
@@ -584,7 +612,7 @@ def test_check_state_dict_names_each_problem():
 def test_check_state_dict_truncates_and_hints_at_original_layout():
     model = hf_model("p8-w128")
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    original = hf_to_original(model.state_dict())
+    original = {k: v.shape for k, v in hf_to_original(model.state_dict()).items()}
     with pytest.raises(CheckpointError) as err:
         check_state_dict(expected, original)
     message = str(err.value)

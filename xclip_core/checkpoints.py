@@ -17,14 +17,14 @@ import pickle
 import re
 import types
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import fsspec
 import safetensors.torch
 import torch
-from fsspec.implementations.local import LocalFileSystem
 
+from . import safetensors_reader
 from .config import TextConfig, VisionConfig, XCLIPConfig
 from .sources import ModelSource
 
@@ -162,37 +162,97 @@ def _select_state_dict(obj: Any, where: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state_dict.items()}
 
 
-def load_tensors(
-    source_or_path: ModelSource | str | os.PathLike, name: str | None = None
-) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``.safetensors``, or from a torch ``.bin``/``.pth``/``.pt`` file, on CPU.
+class Weights(Mapping[str, torch.Size]):
+    """A checkpoint's tensors: their shapes by name, known before any tensor is read, and ``tensors()``, which
+    reads them one at a time (from a safetensors file: straight from storage, so a model loads without a
+    second copy of its weights in memory)."""
+
+    def __init__(
+        self, shapes: Mapping[str, torch.Size], tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]]
+    ):
+        self.shapes = dict(shapes)
+        self._tensors = tensors
+
+    @classmethod
+    def of(cls, state_dict: Mapping[str, torch.Tensor]) -> Weights:
+        """Weights already in memory."""
+        return cls({k: v.shape for k, v in state_dict.items()}, lambda: iter(state_dict.items()))
+
+    def __getitem__(self, key: str) -> torch.Size:
+        return self.shapes[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` for every tensor, on CPU."""
+        return (item for item in self._tensors() if item[0] in self.shapes)
+
+    def without(self, drop: Callable[[str], bool]) -> Weights:
+        """These weights less the names for which ``drop`` is true."""
+        return Weights({k: v for k, v in self.shapes.items() if not drop(k)}, self.tensors)
+
+
+def open_weights(source_or_path: ModelSource | str | os.PathLike, name: str | None = None) -> Weights:
+    """The weights in ``.safetensors`` (one file or a sharded ``.safetensors.index.json``), or in a torch
+    ``.bin``/``.pth``/``.pt`` file.
 
     ``source_or_path`` is a ``ModelSource`` or a local path or fsspec URL; ``name`` is the file inside it, or
-    ``None`` when ``source_or_path`` is the file itself. Torch files may be training snapshots: the state dict
-    is taken from their ``"model"`` or ``"state_dict"`` entry, and a DataParallel ``module.`` prefix is
-    removed. Raises ``CheckpointError`` for unreadable files, for pickles that would run code, and when no
-    state dict is found.
+    ``None`` when ``source_or_path`` is the file itself. Safetensors headers are read (and checked against
+    the file's size) at once and tensors on demand; torch files are read whole, as by :func:`load_tensors`.
+    Raises ``CheckpointError`` for unreadable files, for pickles that would run code, and when no state dict
+    is found.
     """
     source = source_or_path if isinstance(source_or_path, ModelSource) else ModelSource(source_or_path)
     where = f"{source.uri.rstrip('/')}/{name}" if name else source.uri
     if where.endswith(".safetensors.index.json"):  # sharded: the index maps every tensor to its shard file
-        shards = set(source.read_json(name or "").get("weight_map", {}).values())
+        shards = sorted(set(source.read_json(name or "").get("weight_map", {}).values()))
         if not shards:
             raise CheckpointError(f"{where} names no weight files")
-        return {key: value for shard in sorted(shards) for key, value in load_tensors(source, shard).items()}
+        parts = [open_weights(source, shard) for shard in shards]
+        shapes = {key: shape for part in parts for key, shape in part.items()}
+        return Weights(shapes, lambda: (item for part in parts for item in part.tensors()))
     if where.endswith(".safetensors"):
-        try:
-            if isinstance(source.fs, LocalFileSystem):  # memory-mapped: no second copy of the weights
-                obj = safetensors.torch.load_file(source.path(name or ""))
-            else:
-                obj = safetensors.torch.load(source.read_bytes(name or ""))
-        except FileNotFoundError:
-            raise
-        except Exception as err:
-            raise _unreadable(where, err) from None
-    else:
-        obj = _torch_load(source.read_bytes(name or ""), where)
-    return _select_state_dict(obj, where)
+        return _safetensors_weights(source, name or "", where)
+    return Weights.of(_select_state_dict(_torch_load(source.read_bytes(name or ""), where), where))
+
+
+def _safetensors_weights(source: ModelSource, name: str, where: str) -> Weights:
+    path = source.path(name)
+    try:
+        with source.fs.open(path, "rb") as f:
+            stored = safetensors_reader.read_header(f, source.fs.size(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{source.uri}: no file {name!r} (looked for {path})") from None
+    except ValueError as err:
+        raise _unreadable(where, err) from None
+    if not stored:
+        raise CheckpointError(f"{where}: no state dict found: the file holds no tensors")
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        with source.fs.open(path, "rb") as f:
+            for key, entry in stored.items():
+                try:
+                    tensor = safetensors_reader.read_tensor(f, entry)
+                except ValueError as err:
+                    raise _unreadable(where, err) from None
+                yield key.removeprefix("module."), tensor
+
+    return Weights({k.removeprefix("module."): v.shape for k, v in stored.items()}, tensors)
+
+
+def load_tensors(
+    source_or_path: ModelSource | str | os.PathLike, name: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Read a whole state dict into memory, on CPU: :func:`open_weights`, every tensor read.
+
+    Torch files may be training snapshots: the state dict is taken from their ``"model"`` or ``"state_dict"``
+    entry, and a DataParallel ``module.`` prefix is removed.
+    """
+    return dict(open_weights(source_or_path, name).tensors())
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -391,19 +451,20 @@ def config_from_original(
 
 
 def check_state_dict(
-    expected: Mapping[str, torch.Size], state_dict: Mapping[str, torch.Tensor], limit: int = 20
+    expected: Mapping[str, torch.Size], found: Mapping[str, torch.Size], limit: int = 20
 ) -> None:
     """Raise ``CheckpointError`` listing missing keys, unexpected keys and mis-shaped tensors.
 
-    ``expected`` maps the model's keys to shapes (``{k: v.shape for k, v in model.state_dict().items()}``).
-    Each list shows at most ``limit`` entries.
+    Both map names to shapes: ``expected`` the model's (``{k: v.shape for k, v in
+    model.state_dict().items()}``), ``found`` the checkpoint's (e.g. :class:`Weights`). Each list shows at
+    most ``limit`` entries.
     """
-    missing = sorted(expected.keys() - state_dict.keys())
-    unexpected = sorted(state_dict.keys() - expected.keys())
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys())
     mis_shaped = [
-        f"{key} (expected {tuple(expected[key])}, got {tuple(state_dict[key].shape)})"
-        for key in sorted(expected.keys() & state_dict.keys())
-        if tuple(state_dict[key].shape) != tuple(expected[key])
+        f"{key} (expected {tuple(expected[key])}, got {tuple(found[key])})"
+        for key in sorted(expected.keys() & found.keys())
+        if tuple(found[key]) != tuple(expected[key])
     ]
     problems = [
         (t, items)
@@ -415,7 +476,7 @@ def check_state_dict(
     lines = [
         "state dict does not match the model: " + ", ".join(f"{len(items)} {t}" for t, items in problems)
     ]
-    if is_original_layout(state_dict) and not is_original_layout(expected):
+    if is_original_layout(found) and not is_original_layout(expected):
         lines.append("it has the original release's key names; convert it with original_to_hf() first")
     for title, items in problems:
         more = f", ... and {len(items) - limit} more" if len(items) > limit else ""

@@ -186,7 +186,7 @@ class XCLIPModel(nn.Module):
         if isinstance(config, str):
             config = preset(config)
         if source.is_file():
-            state = checkpoints.load_tensors(source)
+            weights = checkpoints.open_weights(source)
         elif source.exists(""):
             name = source.first_existing(*WEIGHT_FILES)
             if name is None:
@@ -195,7 +195,7 @@ class XCLIPModel(nn.Module):
                 )
             if config is None:
                 config = XCLIPConfig.from_dict(source.read_json("config.json"))
-            state = checkpoints.load_tensors(source, name)
+            weights = checkpoints.open_weights(source, name)
         else:
             raise FileNotFoundError(
                 f"X-CLIP checkpoint {source.uri!r} not found. Pass a local directory or an fsspec URL "
@@ -203,21 +203,26 @@ class XCLIPModel(nn.Module):
                 "or an original-release .pth file."
             )
         # derived buffers that old checkpoints stored; they are not weights
-        state = {k: v for k, v in state.items() if not k.endswith("embeddings.position_ids")}
-        if checkpoints.is_original_layout(state):
+        weights = weights.without(lambda key: key.endswith("embeddings.position_ids"))
+        if checkpoints.is_original_layout(weights):
+            state = dict(weights.tensors())
             config = config or checkpoints.config_from_original(state)
-            state = checkpoints.original_to_hf(state)
+            weights = checkpoints.Weights.of(checkpoints.original_to_hf(state))
         if config is None:
             raise ValueError(
                 f"{source.uri}: a single weights file needs a config (an XCLIPConfig or a preset name)"
             )
         with torch.device("meta"):  # no random init: every parameter is about to be loaded
             model = cls(config)
-        checkpoints.check_state_dict({k: v.shape for k, v in model.state_dict().items()}, state)
-        # copy into freshly allocated (aligned) parameters rather than keep the memory-mapped file's tensors,
-        # which are not aligned for fast matrix multiplies
-        model.to_empty(device=device).load_state_dict(state, strict=True)
-        return model.to(dtype=dtype).eval()
+        checkpoints.check_state_dict({k: v.shape for k, v in model.state_dict().items()}, weights)
+        # fresh (aligned) parameters in the wanted dtype, filled one tensor at a time: loading holds the model
+        # plus one tensor, never a second copy of the weights
+        model = model.to(dtype=dtype).to_empty(device=device)
+        parameters = model.state_dict()
+        with torch.no_grad():
+            for key, tensor in weights.tensors():
+                parameters[key].copy_(tensor)
+        return model.eval()
 
     def save_pretrained(
         self, directory: str | os.PathLike, storage_options: dict[str, Any] | None = None
