@@ -252,16 +252,10 @@ def embed(source: str, library: str, options: EmbedOptions) -> EmbedSummary:
         num_gpus=gpus_per_encoder,
     )
     ds = ds.map_batches(
-        WritePart,
-        fn_constructor_kwargs=dict(
-            library_uri=library,
-            embedding_dim=config.projection_dim,
-            prompt_shape=_prompt_shape(config),
-            storage_options=options.storage,
-        ),
+        # a plain Ray task (no actor of its own: writing needs no start-up, and pooled workers start quicker)
+        WritePart(library, config.projection_dim, _prompt_shape(config), options.storage),
         batch_size=PART_ROWS,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=WRITE_CPUS,
     )
     parts = ds.take_all()
