@@ -191,9 +191,10 @@ def measure_encode(frames: list[np.ndarray], model_dir: str, batch_size: int, th
     return Result(name, len(frames), seconds, detail, cpu)
 
 
-class WorkerMemory:
-    """Samples the RSS of this driver's Ray worker processes (titled ``ray::...``) in a background thread;
-    keeps each worker's peak (under its most specific title) and the peak of their sum."""
+class WorkerUsage:
+    """Samples this driver's child processes in a background thread: the RSS of its Ray workers (titled
+    ``ray::...``; each worker's peak under its most specific title, and the peak of their sum), and the CPU
+    time of every child (workers, raylet, GCS...) spent while sampling, with the machine's busy CPU time."""
 
     def __init__(self, interval_s: float = RSS_SAMPLE_S):
         import psutil
@@ -201,16 +202,26 @@ class WorkerMemory:
         self.psutil, self.interval_s = psutil, interval_s
         self.peaks: dict[int, tuple[str, float]] = {}  # pid -> (title, peak RSS MiB)
         self.peak_sum_mib = 0.0
+        self.cpu: dict[int, tuple[str, float, float]] = {}  # pid -> (title, CPU s at first sight, latest)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> WorkerMemory:
+    def __enter__(self) -> WorkerUsage:
+        self._started = time.time()
+        self._machine = self._machine_busy_s()
+        self._driver = time.process_time()
         self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
+        self.driver_cpu_s = time.process_time() - self._driver
+        self.machine_busy_s = self._machine_busy_s() - self._machine
+
+    def _machine_busy_s(self) -> float:
+        times = self.psutil.cpu_times()
+        return sum(times) - times.idle - getattr(times, "iowait", 0.0)
 
     def _run(self) -> None:
         me = self.psutil.Process()
@@ -220,8 +231,13 @@ class WorkerMemory:
                 try:
                     title = (proc.cmdline() or [""])[0]
                     rss = proc.memory_info().rss / 2**20
+                    cpu = sum(proc.cpu_times()[:2])
+                    born_during = proc.create_time() >= self._started
                 except self.psutil.Error:
                     continue
+                short = title.removeprefix("ray::") if title.startswith("ray::") else Path(title).name
+                old_title, first, _ = self.cpu.get(proc.pid, (short, 0.0 if born_during else cpu, 0.0))
+                self.cpu[proc.pid] = (short if short != "IDLE" else old_title, first, cpu)
                 if not title.startswith("ray::") or "Agent" in title:  # Ray's own agents are not workers
                     continue
                 total += rss
@@ -233,6 +249,13 @@ class WorkerMemory:
         rows = sorted(self.peaks.values(), key=lambda item: -item[1])
         return [f"{rss:7.0f} MiB  {title.removeprefix('ray::')[:80]}" for title, rss in rows]
 
+    def cpu_by_title(self) -> dict[str, float]:
+        """CPU seconds spent while sampling, per process title (the driver as ``driver``)."""
+        spent = {"driver": self.driver_cpu_s}
+        for title, first, latest in self.cpu.values():
+            spent[title[:60]] = spent.get(title[:60], 0.0) + latest - first
+        return dict(sorted(spent.items(), key=lambda item: -item[1]))
+
 
 @dataclass
 class PipelineRun:
@@ -243,7 +266,7 @@ class PipelineRun:
     plan: (
         logging.LogRecord | None
     )  # plan.py's "plan: ..." record; args = decoders, CPU each, encoders, GPU, CPU each
-    workers: WorkerMemory
+    workers: WorkerUsage
 
     @property
     def steady_rate(self) -> float | None:
@@ -272,7 +295,7 @@ def measure_pipeline(run_dir: Path, videos: list[Path], model_dir: str, batch_si
     ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=True)
     ray_init_s = time.perf_counter() - started
     try:
-        with WorkerMemory() as workers:
+        with WorkerUsage() as workers:
             started = time.perf_counter()
             summary = embed(str(make_source(run_dir / "all", videos)), str(run_dir / "library"), options)
             seconds = time.perf_counter() - started
@@ -387,6 +410,17 @@ def print_report(
         print(f"  {'pipeline once running / slowest stage alone':48s} {steady / slowest.rate:5.2f}")
     print_cpu_bound(standard, run, steady, plain, slowest)
 
+    cpu = pipeline.workers.cpu_by_title()
+    total = sum(cpu.values())
+    busy = pipeline.workers.machine_busy_s / run.seconds
+    print(
+        f"CPU time during the pipeline: the machine was busy {busy:.2f} cores on average; this driver and "
+        f"its children spent {total:.1f} CPU-s "
+        f"({total / run.videos:.3f} per video):"
+    )
+    for title, seconds in cpu.items():
+        if seconds >= 0.1:
+            print(f"    {seconds:7.1f} s  {title}")
     print(f"memory: driver peak RSS {driver_peak_rss_mib():.0f} MiB over the whole run (getrusage)")
     print(
         f"  Ray workers' peak RSS (psutil every {RSS_SAMPLE_S} s), peak of their sum "

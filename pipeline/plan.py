@@ -170,7 +170,8 @@ def decoded(
     # one small block per group of objects, so decoding starts at once and spreads over the actors
     table = pa.Table.from_pylist(listed, schema=LISTED_SCHEMA)
     step = -(-len(listed) // min(len(listed), MAX_INPUT_BLOCKS))
-    return ray.data.from_arrow([table.slice(i, step) for i in range(0, len(listed), step)]).map_batches(
+    blocks = [table.slice(i, step) for i in range(0, len(listed), step)]
+    return ray.data.from_blocks(blocks).map_batches(  # block metadata computed here, not in remote tasks
         _text_columns_typed(DecodeVideos),
         fn_constructor_kwargs=dict(
             num_frames=frames,
