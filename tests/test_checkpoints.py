@@ -579,6 +579,20 @@ def test_safetensors_header_that_lies_about_a_tensor(tmp_path):
         load_tensors(path)
 
 
+def test_every_safetensors_dtype_reads_back_exactly(tmp_path):
+    from xclip_core.safetensors_reader import DTYPES
+
+    torch.manual_seed(0)
+    tensors = {name: (torch.randn(3, 5) * 100).to(dtype) for name, dtype in DTYPES.items()}
+    tensors["empty"] = torch.zeros(0, 4)
+    tensors["scalar"] = torch.tensor(2.5)
+    save_safetensors(tensors, tmp_path / "all.safetensors")  # written by the safetensors library
+    loaded = load_tensors(tmp_path / "all.safetensors")
+    assert loaded.keys() == tensors.keys()
+    for name, tensor in tensors.items():
+        assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+
+
 @pytest.mark.parametrize("stored, loaded", [(torch.float16, torch.float32), (torch.float32, torch.bfloat16)])
 def test_weights_convert_to_the_requested_dtype(tmp_path, stored, loaded):
     hf_model("p16-w64").to(stored).save_pretrained(tmp_path)

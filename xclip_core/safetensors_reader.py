@@ -1,7 +1,9 @@
 """Reading ``.safetensors`` files one tensor at a time with plain reads: no memory map, no whole-file buffer.
 
 A checkpoint is read straight into the model's parameters, so loading takes the model's memory plus one
-tensor, and a file on object storage is fetched in sequential ranges instead of as one blob.
+tensor, and a file on object storage is fetched in sequential ranges instead of as one blob. (The
+``safetensors`` library, which writes our files, reads either a local path through a memory map or a whole
+file's bytes; neither gives that bound for a checkpoint on object storage.)
 
 The format: an 8-byte little-endian header length, a JSON header ``{name: {"dtype", "shape",
 "data_offsets": [begin, end]}, "__metadata__": {...}}`` (offsets relative to the end of the header), then
