@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from .storage import StorageError, StorageOptions
 from .video_table import DEFAULT_TEMPLATE
@@ -152,7 +153,7 @@ def _config(name: str) -> XCLIPConfig:
         raise ValueError(f"{err.args[0]}; or videosearch-tiny, or the path of a config.json") from None
 
 
-def _run_train(args: argparse.Namespace) -> int:
+def _run_train(args: argparse.Namespace, out: TextIO) -> int:
     from .train import TrainConfig
     from .train_plan import TrainOptions, train
 
@@ -180,19 +181,19 @@ def _run_train(args: argparse.Namespace) -> int:
         storage=_storage(args),
     )
     summary = train(args.table, options)
-    print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.text())
+    print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.text(), file=out)
     return 0
 
 
-def _run_eval(args: argparse.Namespace) -> int:
+def _run_eval(args: argparse.Namespace, out: TextIO) -> int:
     from .evaluate import evaluate
 
     result = evaluate(args.library, args.table, _storage(args), args.template)
-    print(json.dumps(result.to_dict(), indent=2) if args.json else result.text())
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.text(), file=out)
     return 0
 
 
-def _run_embed(args: argparse.Namespace) -> int:
+def _run_embed(args: argparse.Namespace, out: TextIO) -> int:
     from .plan import EmbedOptions, embed
 
     options = EmbedOptions(
@@ -207,45 +208,45 @@ def _run_embed(args: argparse.Namespace) -> int:
         storage=_storage(args),
     )
     summary = embed(args.source, args.library, options)
-    print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.text())
+    print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.text(), file=out)
     return 0 if summary.ok else 1
 
 
-def _run_query(args: argparse.Namespace) -> int:
+def _run_query(args: argparse.Namespace, out: TextIO) -> int:
     from .library import Library
 
     hits = Library.open(args.library, _storage(args)).search(args.text, k=args.k)
     if args.json:
-        print(json.dumps([hit.to_dict() for hit in hits], indent=2))
+        print(json.dumps([hit.to_dict() for hit in hits], indent=2), file=out)
     else:
         for rank, hit in enumerate(hits, 1):
-            print(f"{rank:3d}. {hit.score:.4f}  {hit.uri}  [{hit.start_s:.1f}s-{hit.end_s:.1f}s]")
+            print(f"{rank:3d}. {hit.score:.4f}  {hit.uri}  [{hit.start_s:.1f}s-{hit.end_s:.1f}s]", file=out)
     return 0
 
 
-def _run_classify(args: argparse.Namespace) -> int:
+def _run_classify(args: argparse.Namespace, out: TextIO) -> int:
     from .zero_shot import classify_source
 
     results = classify_source(
         args.source, args.labels, args.model or _default_model(), args.template, args.k, _storage(args)
     )
     if args.json:
-        print(json.dumps(results, indent=2))
+        print(json.dumps(results, indent=2), file=out)
     else:
         for result in results:
             if result["error"]:
-                print(f"{result['uri']}: failed: {result['error']}")
+                print(f"{result['uri']}: failed: {result['error']}", file=out)
                 continue
-            print(result["uri"])
+            print(result["uri"], file=out)
             for label, prob in result["labels"]:
-                print(f"  {prob:6.3f}  {label}")
+                print(f"  {prob:6.3f}  {label}", file=out)
     return 0
 
 
-def _run_demo(args: argparse.Namespace) -> int:
+def _run_demo(args: argparse.Namespace, out: TextIO) -> int:
     from .demo import run_demo
 
-    run_demo()
+    run_demo(out=out)
     return 0
 
 
@@ -260,8 +261,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "eval": _run_eval,
         "demo": _run_demo,
     }[args.command]
+    out = sys.stdout
     try:
-        return run(args)
+        # Ray forwards its workers' and raylet's log lines to stdout: they go to stderr, so that stdout holds
+        # the command's result alone (a --json result stays parseable)
+        with contextlib.redirect_stdout(sys.stderr):
+            return run(args, out)
     except (StorageError, ValueError, FileNotFoundError) as err:
         print(f"videosearch {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import TextIO
 
 from xclip_core.default_model import default_model_dir
 
@@ -19,8 +20,9 @@ DEMO_VIDEOS = 12
 DEMO_QUERIES = 6
 
 
-def run_demo(workdir: str | None = None) -> None:
-    """Generate, embed, query; print each step. ``workdir`` keeps the files (default: a temp dir)."""
+def run_demo(workdir: str | None = None, out: TextIO | None = None) -> None:
+    """Generate, embed, query; print each step to ``out`` (default: stdout). ``workdir`` keeps the files
+    (default: a temp dir)."""
     with tempfile.TemporaryDirectory(prefix="videosearch-demo-") as tmp:
         root = Path(workdir or tmp)
         videos, library = root / "videos", root / "library"
@@ -30,10 +32,10 @@ def run_demo(workdir: str | None = None) -> None:
         for i, scene in enumerate(scenes):
             path = write_clip(videos / f"clip-{i:02d}.mp4", scene)
             expected[scene.caption] = path
-        print(f"wrote {len(scenes)} sample videos to {videos}")
+        print(f"wrote {len(scenes)} sample videos to {videos}", file=out)
 
         summary = embed(str(videos), str(library), EmbedOptions(model=default_model_dir()))
-        print(summary.text())
+        print(summary.text(), file=out)
 
         lib = Library.open(str(library))
         right = 0
@@ -41,8 +43,8 @@ def run_demo(workdir: str | None = None) -> None:
             hits = lib.search(caption, k=3)
             top_is_right = bool(hits) and hits[0].uri.endswith(Path(expected[caption]).name)
             right += top_is_right
-            print(f"\nquery: {caption!r}   (expected {Path(expected[caption]).name})")
+            print(f"\nquery: {caption!r}   (expected {Path(expected[caption]).name})", file=out)
             for rank, hit in enumerate(hits, 1):
                 mark = "  <- expected" if hit.uri.endswith(Path(expected[caption]).name) else ""
-                print(f"  {rank}. {hit.score:.4f}  {Path(hit.uri).name}{mark}")
-        print(f"\nright video first for {right} of {DEMO_QUERIES} queries")
+                print(f"  {rank}. {hit.score:.4f}  {Path(hit.uri).name}{mark}", file=out)
+        print(f"\nright video first for {right} of {DEMO_QUERIES} queries", file=out)

@@ -13,10 +13,13 @@ and run concurrently.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +36,7 @@ from media import _frames, write_audio, write_frames, write_video
 from PIL import Image
 
 from pipeline import Library
+from pipeline.plan import DECODE_TRIES
 from xclip_core import XCLIPModel
 from xclip_core.sampling import segment_frame_indices
 from xclip_core.tokenizer import CLIPTokenizer
@@ -520,3 +524,68 @@ def test_unreachable_endpoint_exits_2_quickly(failed_runs: FailedRuns) -> None:
     # the start-up of Python on a loaded machine does not count.
     baseline = failed_runs.runs["empty source"]
     assert result.seconds - baseline.seconds < 30, (result.seconds, baseline.seconds)
+
+
+# ----------------------------------------------------------------------------- a decoder that dies mid-video
+
+
+class DecoderKiller(threading.Thread):
+    """Kills (SIGKILL, as a crash in native decoder code ends a process) every decode actor that has
+    ``poison`` open, whenever one does; ``killed`` holds their pids."""
+
+    def __init__(self, poison: Path):
+        super().__init__(daemon=True)
+        self.poison = str(poison.resolve())
+        self.killed: set[int] = set()
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.005):
+            for pid in self._decoders() - self.killed:
+                if self._has_poison_open(pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                        self.killed.add(pid)
+
+    @staticmethod
+    def _decoders() -> set[int]:
+        pids = set()
+        for entry in Path("/proc").iterdir():
+            with contextlib.suppress(OSError):
+                if entry.name.isdigit() and b"DecodeVideos" in (entry / "cmdline").read_bytes():
+                    pids.add(int(entry.name))
+        return pids
+
+    def _has_poison_open(self, pid: int) -> bool:
+        with contextlib.suppress(OSError):
+            return any(os.readlink(fd) == self.poison for fd in Path(f"/proc/{pid}/fd").iterdir())
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="finds the decoders through /proc")
+def test_a_video_that_kills_its_decoder_is_failed_after_bounded_tries(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_video(videos / "a-fine.mp4", 20, 64, 48, fps=FPS, seed=21)
+    # long and with one keyframe, so that its decoder keeps it open long enough to be seen and killed
+    poison = Path(write_frames(videos / "z-poison.mp4", _frames(600, 320, 240, "noise", 22), FPS, gop=600))
+    killer = DecoderKiller(poison)
+    killer.start()
+    try:
+        embed = run("embed", videos, tmp_path / "library", "--model", tiny_model, "--decoders", "1", "--json")
+    finally:
+        killer.done.set()
+        killer.join()
+    summary = embed.json()
+    assert len(killer.killed) == DECODE_TRIES  # each try crashed a fresh decoder; none was tried again
+    assert (summary["objects"], summary["ok"], summary["failed"]) == (2, 1, 1)
+    assert summary["failures"] == [
+        {
+            "uri": str(poison.resolve()),
+            "error": f"the decoder crashed on this video {DECODE_TRIES} times; not retried",
+        }
+    ]
+    rows = rows_by_key(Library.open(str(tmp_path / "library")).table())
+    assert sorted(uri.rsplit("/", 1)[-1] for uri, _ in rows) == ["a-fine.mp4", "z-poison.mp4"]
