@@ -250,6 +250,10 @@ def _run_demo(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _ray_running() -> bool:
+    return "ray" in sys.modules and sys.modules["ray"].is_initialized()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
@@ -261,12 +265,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "eval": _run_eval,
         "demo": _run_demo,
     }[args.command]
-    out = sys.stdout
+    out, ray_was_running = sys.stdout, _ray_running()
     try:
         # Ray forwards its workers' and raylet's log lines to stdout: they go to stderr, so that stdout holds
         # the command's result alone (a --json result stays parseable)
         with contextlib.redirect_stdout(sys.stderr):
-            return run(args, out)
+            try:
+                return run(args, out)
+            finally:
+                if _ray_running() and not ray_was_running:  # the Ray this command started: its forwarding
+                    sys.modules["ray"].shutdown()  # stops now, not after the result
     except (StorageError, ValueError, FileNotFoundError) as err:
         print(f"videosearch {args.command}: error: {err}", file=sys.stderr)
         return 2
