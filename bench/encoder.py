@@ -88,7 +88,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--preset", default="xclip-base-patch32")
+    parser.add_argument(
+        "--preset", default="xclip-base-patch32", help="a published geometry, or videosearch-tiny"
+    )
     parser.add_argument("--batch", type=int, default=4, help="videos per forward pass")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per implementation")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -104,9 +106,10 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from xclip_core.config import preset
+    from xclip_core.default_model import tiny_config
 
     hf_logging.disable_progress_bar()
-    config = preset(args.preset)
+    config = tiny_config() if args.preset == "videosearch-tiny" else preset(args.preset)
     vision = config.vision_config
     dtype = getattr(torch, args.dtype)
     impls = ("reference", "ours")
