@@ -202,7 +202,7 @@ def open_weights(source_or_path: ModelSource | str | os.PathLike, name: str | No
 
     ``source_or_path`` is a ``ModelSource`` or a local path or fsspec URL; ``name`` is the file inside it, or
     ``None`` when ``source_or_path`` is the file itself. Safetensors headers are read (and checked against
-    the file's size) at once and tensors on demand; torch files are read whole, as by :func:`load_tensors`.
+    the file's size) at once and tensors on demand; torch files are read whole (``torch.load``).
     Raises ``CheckpointError`` for unreadable files, for pickles that would run code, and when no state dict
     is found.
     """

@@ -84,7 +84,7 @@ def read_header(file: IO[bytes], size: int) -> dict[str, StoredTensor]:
 
 
 def read_tensor(file: IO[bytes], stored: StoredTensor) -> torch.Tensor:
-    """One tensor, read into its own (writable, aligned) CPU memory."""
+    """One tensor, read into its own writable CPU memory (callers copy it where it belongs)."""
     file.seek(stored.start)
     buffer = bytearray(stored.end - stored.start)
     view, done = memoryview(buffer), 0
