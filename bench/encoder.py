@@ -105,11 +105,10 @@ def main() -> None:
     from transformers import XCLIPModel as ReferenceModel
     from transformers.utils import logging as hf_logging
 
-    from xclip_core.config import preset
-    from xclip_core.default_model import tiny_config
+    from xclip_core.default_model import named_config
 
     hf_logging.disable_progress_bar()
-    config = tiny_config() if args.preset == "videosearch-tiny" else preset(args.preset)
+    config = named_config(args.preset)
     vision = config.vision_config
     dtype = getattr(torch, args.dtype)
     impls = ("reference", "ours")

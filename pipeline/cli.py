@@ -139,16 +139,13 @@ def _parser() -> argparse.ArgumentParser:
 
 def _config(name: str) -> XCLIPConfig:
     """``--config``: the tiny default geometry, a published preset, or a config.json file."""
-    from xclip_core.config import XCLIPConfig, preset
+    from xclip_core.config import XCLIPConfig
+    from xclip_core.default_model import TINY, named_config
 
-    if name == "videosearch-tiny":
-        from xclip_core.default_model import tiny_config
-
-        return tiny_config()
-    if Path(name).is_file():
+    if name != TINY and Path(name).is_file():
         return XCLIPConfig.from_json_file(name)
     try:
-        return preset(name)
+        return named_config(name)
     except KeyError as err:
         raise ValueError(f"{err.args[0]}; or videosearch-tiny, or the path of a config.json") from None
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import TextConfig, VisionConfig, XCLIPConfig
+from .config import TextConfig, VisionConfig, XCLIPConfig, preset
 
 BUNDLED = Path(__file__).resolve().parent / "data" / "default-model"
+TINY = "videosearch-tiny"  # the name of the bundled model's geometry
 
 
 def tiny_config() -> XCLIPConfig:
@@ -35,6 +36,12 @@ def tiny_config() -> XCLIPConfig:
         projection_dim=128,
         prompt_num_attention_heads=2,
     )
+
+
+def named_config(name: str) -> XCLIPConfig:
+    """The geometry called ``name``: ``videosearch-tiny`` (the bundled model's) or a published checkpoint's
+    preset (``KeyError`` naming the known presets otherwise)."""
+    return tiny_config() if name == TINY else preset(name)
 
 
 def default_model_dir() -> str:
