@@ -1,6 +1,6 @@
 """The embed pipeline against its own stages and against a plain loop: throughput measured in one run.
 
-Usage: python bench/pipeline.py [--videos 200] [--seconds 10] [--width 640 --height 360]
+Usage: python bench/pipeline.py [--videos 200] [--distinct N] [--seconds 10] [--width 640 --height 360]
                                 [--model PRESET_OR_DIR] [--batch-size 4] [--workdir DIR]
 
 Generates ``--videos`` real H.264 clips (moving shapes from ``pipeline.synthetic``, 25 fps; cached in the
@@ -30,6 +30,7 @@ its job does after Ray is up (model check and hash in the driver, actor start-up
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import math
 import os
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,7 +53,7 @@ from pipeline.plan import EmbedOptions, embed  # noqa: E402
 from pipeline.stages.decode import DecodeVideos  # noqa: E402
 from pipeline.stages.encode import EncodeFrames, _compute_dtype  # noqa: E402
 from pipeline.stages.list import list_objects  # noqa: E402
-from pipeline.synthetic import all_shapes, sample_scenes, write_clip  # noqa: E402
+from pipeline.synthetic import Scene, all_shapes, sample_scenes, write_clip  # noqa: E402
 from xclip_core import XCLIPConfig, XCLIPModel  # noqa: E402
 from xclip_core.config import preset  # noqa: E402
 from xclip_core.processor import XCLIPProcessor  # noqa: E402
@@ -88,30 +90,39 @@ def driver_peak_rss_mib() -> float:
 
 
 # ------------------------------------------------------------------------------------------------ inputs
-def make_videos(workdir: Path, count: int, seconds: float, width: int, height: int) -> list[Path]:
-    """``count`` cached H.264 clips of moving shapes; only the missing ones are written."""
+def make_videos(
+    workdir: Path, count: int, seconds: float, width: int, height: int, distinct: int | None = None
+) -> list[Path]:
+    """``count`` cached H.264 clips of moving shapes, of which ``distinct`` (all by default) are different
+    files and the rest repeat them; only the missing ones are written, on every core."""
     cache = workdir / f"videos-{width}x{height}-{seconds:g}s-{FPS}fps"
     cache.mkdir(parents=True, exist_ok=True)
-    scenes = sample_scenes(min(count, len(all_shapes())), seed=SEED, max_shapes=2)
-    paths, written, started = [], 0, time.perf_counter()
-    for i in range(count):
-        path = cache / f"clip-{i:04d}.mp4"
-        if not path.exists():
-            partial = path.with_suffix(f".tmp-{os.getpid()}.mp4")
-            write_clip(partial, scenes[i % len(scenes)], seconds=seconds, fps=FPS, width=width, height=height)
-            partial.replace(path)
-            written += 1
-        paths.append(path)
-    if written:
-        print(f"wrote {written} videos to {cache} in {time.perf_counter() - started:.0f} s", flush=True)
-    return paths
+    distinct = min(count, distinct or count)
+    scenes = sample_scenes(min(distinct, len(all_shapes())), seed=SEED, max_shapes=2)
+    paths = [cache / f"clip-{i:04d}.mp4" for i in range(distinct)]
+    missing = [(path, scenes[i % len(scenes)]) for i, path in enumerate(paths) if not path.exists()]
+    if missing:
+        started = time.perf_counter()
+        with ProcessPoolExecutor(os.cpu_count()) as pool:
+            write = functools.partial(write_clip_atomically, seconds=seconds, width=width, height=height)
+            list(pool.map(write, *zip(*missing, strict=True)))  # re-raises what a writer raised
+        print(f"wrote {len(missing)} videos to {cache} in {time.perf_counter() - started:.0f} s", flush=True)
+    return [paths[i % distinct] for i in range(count)]
+
+
+def write_clip_atomically(path: Path, scene: Scene, seconds: float, width: int, height: int) -> None:
+    """One clip, written under a temporary name and renamed: an interrupted run leaves no partial clip."""
+    partial = path.with_suffix(f".tmp-{os.getpid()}.mp4")
+    write_clip(partial, scene, seconds=seconds, fps=FPS, width=width, height=height)
+    partial.replace(path)
 
 
 def make_source(source: Path, videos: list[Path]) -> Path:
-    """A directory holding exactly these videos (hard links into the cache), for the pipeline to list."""
+    """A directory holding exactly these videos (hard links into the cache, one name per position in the
+    list: a repeated clip is listed as another video), for the pipeline to list."""
     source.mkdir(parents=True)
-    for path in videos:
-        os.link(path, source / path.name)
+    for i, path in enumerate(videos):
+        os.link(path, source / f"video-{i:05d}{path.suffix}")
     return source
 
 
@@ -367,7 +378,8 @@ def print_report(
     )
     model = args.model if args.model == args.checkpoint else f"{args.model} ({args.checkpoint})"
     print(
-        f"input: {args.videos} H.264 videos, {args.seconds:g} s {args.width}x{args.height} at {FPS} fps; "
+        f"input: {args.videos} H.264 videos ({min(args.distinct or args.videos, args.videos)} distinct), "
+        f"{args.seconds:g} s {args.width}x{args.height} at {FPS} fps; "
         f"model {model}, {num_frames_of(args.checkpoint)} frames per video, batch size {args.batch_size}"
     )
     print(pipeline.plan.getMessage() if pipeline.plan else "plan: (not logged)")
@@ -459,6 +471,12 @@ def parse_args() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--videos", type=int, default=200)
+    parser.add_argument(
+        "--distinct",
+        type=int,
+        help="different clips written (default: --videos); the others repeat them, for large runs without"
+        " the wait for writing them",
+    )
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each video")
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--height", type=int, default=360)
@@ -479,7 +497,7 @@ def main() -> None:
         raise SystemExit("--width and --height must be even (H.264 in yuv420p)")
     load_before = os.getloadavg()[0]
     args.workdir.mkdir(parents=True, exist_ok=True)
-    videos = make_videos(args.workdir, args.videos, args.seconds, args.width, args.height)
+    videos = make_videos(args.workdir, args.videos, args.seconds, args.width, args.height, args.distinct)
     args.checkpoint = make_checkpoint(args.workdir, args.model)
     run_dir = args.workdir / f"run-{os.getpid()}"
     try:

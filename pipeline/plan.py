@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 PART_ROWS = 256  # rows per Parquet part file
 DECODE_TRIES = 3  # a video whose decoding crashes its actor this often is recorded as failed
 WRITE_CPUS = 0.1
+GPU_ENCODER_CPUS = 1.0  # a GPU encoder's CPU: batches in, results out (the frames are normalized on the GPU)
 MAX_INPUT_BLOCKS = 1000  # input blocks of the decode stage (groups of listed objects)
 
 
@@ -213,8 +214,9 @@ def embed(source: str, library: str, options: EmbedOptions) -> EmbedSummary:
         options.gpus_per_encoder if options.gpus_per_encoder is not None else (1 if gpus else 0)
     )
     encoders = options.encoders or (max(1, int(gpus // gpus_per_encoder)) if gpus_per_encoder else 1)
-    if gpus_per_encoder:  # GPUs encode fast: a quarter of the CPUs decode, one core per decoder
-        decoders, decode_cpus, encode_cpus = options.decoders or max(1, int(cpus // 4)), 1.0, 1.0
+    if gpus_per_encoder:  # GPUs encode fast: every CPU the encoders and the writer leave decodes
+        decoders = options.decoders or max(1, int(cpus - encoders * GPU_ENCODER_CPUS - WRITE_CPUS))
+        decode_cpus, encode_cpus = 1.0, GPU_ENCODER_CPUS
     else:  # CPUs only: shared between the stages in proportion to one video's measured cost in each
         shares = share_cpus(
             cpus,
@@ -226,6 +228,7 @@ def embed(source: str, library: str, options: EmbedOptions) -> EmbedSummary:
         )
         decoders, decode_cpus, encode_cpus = shares.decoders, shares.cpus_per_decoder, shares.cpus_per_encoder
         log.info("one video: decode %.3f s, encode %.3f s (one thread)", shares.decode_s, shares.encode_s)
+    decoders = min(decoders, len(listed))  # an object is decoded by one actor: more would idle
     del loaded  # the actors load their own copies
     log.info(
         "plan: %d decoders (%.2g CPU each), %d encoders (%.2g GPU, %.2g CPU each)",
@@ -242,6 +245,7 @@ def embed(source: str, library: str, options: EmbedOptions) -> EmbedSummary:
         fn_constructor_kwargs=dict(
             model_src=options.model,
             storage_options=options.storage,
+            device="cuda" if gpus_per_encoder else "cpu",  # the plan decides, not what the actor can see
             batch_size=options.batch_size,
             # on a CPU the encoder runs its share of the cores, rounded up
             threads=None if gpus_per_encoder else math.ceil(encode_cpus),

@@ -100,7 +100,7 @@ def reference_embeddings(reference: transformers.XCLIPModel, clips: np.ndarray) 
 
 def test_encode_matches_reference_and_passes_error_rows(checkpoint):
     src, reference = checkpoint
-    stage = EncodeFrames(src, batch_size=8)
+    stage = EncodeFrames(src, device="cpu", batch_size=8)  # float32 (on a GPU: half precision)
     clips = videos(3)
     errors = [None, "cannot decode: moov atom", None, None]
     batch = decoded_batch([clips[0], None, clips[1], clips[2]], errors)
@@ -152,6 +152,25 @@ def test_sub_batches_give_the_same_result_as_one_batch(checkpoint):
     np.testing.assert_allclose(
         split["prompt_features"].astype(np.float32), whole["prompt_features"].astype(np.float32), atol=2e-3
     )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
+def test_encode_on_cuda_runs_in_half_precision_and_agrees_with_the_reference(checkpoint):
+    src, reference = checkpoint
+    stage = EncodeFrames(src, device="cuda", batch_size=3)
+    assert stage.dtype in (torch.bfloat16, torch.float16)
+    assert {(p.device.type, p.dtype) for p in stage.model.parameters()} == {("cuda", stage.dtype)}
+    assert stage.model_id == EncodeFrames(src, device="cpu").model_id  # hash of the weights as loaded
+
+    clips = videos(5, seed=3)
+    out = stage(decoded_batch([clips[0], None, *clips[1:]], [None, "cannot decode", None, None, None, None]))
+    good = [0, 2, 3, 4, 5]
+    assert out["embedding"].dtype == np.float32 and out["prompt_features"].dtype == np.float16
+    np.testing.assert_allclose(np.linalg.norm(out["embedding"][good], axis=1), 1.0, rtol=1e-5)
+    expected = reference_embeddings(reference, clips)  # float32 on the CPU
+    cosine = (out["embedding"][good] * expected).sum(axis=1)
+    assert cosine.min() > 0.99, cosine  # half precision: close, not equal
+    assert not out["embedding"][1].any()
 
 
 def test_bad_model_source_is_a_clear_error(tmp_path, checkpoint):

@@ -175,7 +175,8 @@ def normalize(
     std: Sequence[float] | None = XCLIP_STD,
     rescale_factor: float | None = 1 / 255,
 ) -> torch.Tensor:
-    """uint8 ``(T, H, W, 3)`` -> float32 ``(T, 3, H, W)`` pixel values ``(x * rescale_factor - mean) / std``.
+    """uint8 ``(T, H, W, 3)`` -> float32 ``(T, 3, H, W)`` pixel values ``(x * rescale_factor - mean) / std``,
+    on the device the frames are on.
 
     Rounding follows ``transformers`` exactly: rescale in float64 then cast to float32, normalise in float32.
     ``rescale_factor=None`` skips the rescale, ``mean=None`` (or ``std=None``) the normalisation.
@@ -183,7 +184,9 @@ def normalize(
     x = as_video(frames).permute(0, 3, 1, 2)
     x = (x.to(torch.float64) * rescale_factor).to(torch.float32) if rescale_factor else x.to(torch.float32)
     if mean is not None and std is not None:
-        mean_t, std_t = (torch.tensor(v, dtype=torch.float32).view(3, 1, 1) for v in (mean, std))
+        mean_t, std_t = (
+            torch.tensor(v, dtype=torch.float32, device=x.device).view(3, 1, 1) for v in (mean, std)
+        )
         x = (x - mean_t) / std_t
     return x.contiguous()
 

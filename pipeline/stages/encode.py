@@ -106,9 +106,9 @@ class EncodeFrames:
     @torch.inference_mode()
     def _encode(self, videos: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """uint8 ``(B, T, H, W, 3)`` -> normalized embeddings float32 ``(B, P)``, prompt features float16."""
-        frames = torch.from_numpy(videos)
+        frames = torch.from_numpy(videos).to(self.device)  # uint8 crosses to the GPU: a quarter of float32
         pixels = self.preprocessor.normalize(frames.flatten(0, 1)).unflatten(0, frames.shape[:2])
-        out = self.model.encode_videos(pixels.to(self.device, self.dtype))
+        out = self.model.encode_videos(pixels.to(self.dtype))
         embedding = F.normalize(out.video_embeds.float(), dim=-1)
         return embedding.cpu().numpy(), out.prompt_features.to(torch.float16).cpu().numpy()
 
