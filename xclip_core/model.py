@@ -67,7 +67,8 @@ class XCLIPModel(nn.Module):
         self.prompts_visual_projection = nn.Parameter(torch.empty(vision.hidden_size, config.projection_dim))
         self.mit = MultiframeIntegrationTransformer(vision)
         self.prompts_generator = VideoSpecificPromptGenerator(config)
-        self.init_weights()
+        if self.logit_scale.device.type != "meta":  # from_pretrained builds on meta, then loads every weight
+            self.init_weights()
 
     # ----------------------------------------------------------------------------------- encoders
     def _frames(

@@ -6,14 +6,14 @@ import torch
 from torch import nn
 
 from .config import TextConfig
-from .transformer import Encoder
+from .transformer import Encoder, embedding
 
 
 class TextEmbeddings(nn.Module):
     def __init__(self, config: TextConfig):
         super().__init__()
-        self.token_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.position_embedding = nn.Embedding(config.max_position_embeddings, config.hidden_size)
+        self.token_embedding = embedding(config.vocab_size, config.hidden_size)
+        self.position_embedding = embedding(config.max_position_embeddings, config.hidden_size)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         # (N, L) -> (N, L, D)

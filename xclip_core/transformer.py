@@ -24,6 +24,13 @@ def activation(name: str):
     return ACTIVATIONS[name]
 
 
+def embedding(num_embeddings: int, dim: int) -> nn.Embedding:
+    """An ``nn.Embedding`` whose weight is left uninitialized: ``XCLIPModel.init_weights`` or a checkpoint
+    fills it. (Its own random init has no kernel on the meta device that ``from_pretrained`` builds on, and
+    the fallback imports ``torch._dynamo``: seconds in every process that loads a model.)"""
+    return nn.Embedding(num_embeddings, dim, _weight=torch.empty(num_embeddings, dim))
+
+
 class Attention(nn.Module):
     """Multi-head attention with separate q/k/v projections, computed with fused SDPA."""
 

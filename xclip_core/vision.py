@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .config import VisionConfig
-from .transformer import EncoderLayer, SelfAttention
+from .transformer import EncoderLayer, SelfAttention, embedding
 
 
 class VisionEmbeddings(nn.Module):
@@ -24,7 +24,7 @@ class VisionEmbeddings(nn.Module):
         self.patch_embedding = nn.Conv2d(
             config.num_channels, dim, kernel_size=config.patch_size, stride=config.patch_size, bias=False
         )
-        self.position_embedding = nn.Embedding(config.num_patches + 1, dim)
+        self.position_embedding = embedding(config.num_patches + 1, dim)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # (N, C, H, W) -> (N, 1 + patches, D)
