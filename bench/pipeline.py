@@ -12,17 +12,18 @@ process, it times:
   encode alone    ``EncodeFrames`` over the pre-decoded frames, ``--batch-size`` videos per call, with torch's
                   default thread count, and again with the thread count the pipeline gives its encoder
   pipeline        ``pipeline.plan.embed`` into a fresh library on a local Ray with the default plan; Ray is
-                  started before the clock starts (``ray.init`` is timed and reported on its own)
+                  started before the clock starts (``ray.init`` is timed and reported on its own); then
+                  the same job on one video, and a trivial Ray Data job of the same shape (start-up floor)
   plain loop      decord ``VideoReader`` + ``segment_frame_indices`` + ``VideoPreprocessor`` +
                   ``XCLIPModel.encode_videos``, one video at a time
 
 and prints videos/s and cores busy (CPU time / wall time of this process) for each, the ratios pipeline /
 slowest stage alone (goal >= 0.85) and pipeline / plain loop (goal >= 1.3), on a machine without a GPU the
 CPU bound (cores / the two stages' CPU-seconds per video: the most any schedule of them on these cores can
-reach, start-up excluded), the driver's peak RSS (getrusage), the Ray workers' peak RSS (psutil, sampled
-during the pipeline run; RSS counts the object-store pages a worker touched, so the sum double-counts those),
-and the machine: cores, torch threads, load average before and after (other processes skew every figure
-alike).
+reach, start-up excluded) and the best whole-job ratios it allows after Ray Data's start-up floor, the
+driver's peak RSS (getrusage), the Ray workers' peak RSS (psutil, sampled during the pipeline run; RSS counts
+the object-store pages a worker touched, so the sum double-counts those), and the machine: cores, torch
+threads, load average before and after (other processes skew every figure alike).
 Stage and loop figures exclude model loading (reported separately); the pipeline figure includes everything
 its job does after Ray is up (model check and hash in the driver, actor start-up and model load, indexing).
 """
@@ -278,6 +279,7 @@ class PipelineRun:
         logging.LogRecord | None
     )  # plan.py's "plan: ..." record; args = decoders, CPU each, encoders, GPU, CPU each
     workers: WorkerUsage
+    floor_s: float  # a trivial Ray Data job of the pipeline's shape on one row: start-up no job avoids
 
     @property
     def steady_rate(self) -> float | None:
@@ -313,13 +315,43 @@ def measure_pipeline(run_dir: Path, videos: list[Path], model_dir: str, batch_si
         started = time.perf_counter()
         embed(str(make_source(run_dir / "one", videos[:1])), str(run_dir / "library-one"), options)
         one_video_s = time.perf_counter() - started
+        floor_s = measure_ray_data_floor()
     finally:
         ray.shutdown()
     if summary.ok != summary.objects:
         raise RuntimeError(f"the pipeline did not embed every video:\n{summary.text()}")
     plan = next((r for r in plan_log if r.msg.startswith("plan:")), None)
     result = Result("full Ray pipeline", summary.objects, seconds, "embed() wall time, Ray already up")
-    return PipelineRun(result, ray_init_s, summary.seconds, one_video_s, plan, workers)
+    return PipelineRun(result, ray_init_s, summary.seconds, one_video_s, plan, workers, floor_s)
+
+
+class _ImportsStageModules:
+    """An actor that does nothing but import what the pipeline's actors import."""
+
+    def __init__(self) -> None:
+        import av  # noqa: F401
+        import torch  # noqa: F401
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return batch
+
+
+def _pass(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return batch
+
+
+def measure_ray_data_floor() -> float:
+    """Seconds of a job shaped like the pipeline (two one-actor pools whose actors import torch and PyAV,
+    then a task) on one row that none of them works on, Ray already up: the start-up that no job avoids."""
+    import ray.data
+
+    started = time.perf_counter()
+    ds = ray.data.from_items([{"row": 0}])
+    for _ in range(2):
+        pool = ray.data.ActorPoolStrategy(size=1)
+        ds = ds.map_batches(_ImportsStageModules, batch_size=1, compute=pool, num_cpus=0.5)
+    ds.map_batches(_pass, num_cpus=0.1).take_all()
+    return time.perf_counter() - started
 
 
 def measure_plain_loop(videos: list[Path], model_dir: str) -> Result:
@@ -420,7 +452,7 @@ def print_report(
             )
     if steady:
         print(f"  {'pipeline once running / slowest stage alone':48s} {steady / slowest.rate:5.2f}")
-    print_cpu_bound(standard, run, steady, plain, slowest)
+    print_cpu_bound(standard, run, steady, plain, slowest, pipeline.floor_s)
 
     cpu = pipeline.workers.cpu_by_title()
     total = sum(cpu.values())
@@ -443,10 +475,11 @@ def print_report(
 
 
 def print_cpu_bound(
-    stages: list[Result], run: Result, steady: float | None, plain: Result, slowest: Result
+    stages: list[Result], run: Result, steady: float | None, plain: Result, slowest: Result, floor_s: float
 ) -> None:
     """Where decoding and encoding share the same cores (no GPU), no schedule beats cores / (CPU-seconds
-    per video of both stages): print that bound and the figures against it."""
+    per video of both stages): print that bound, the figures against it, and the best whole-job ratios any
+    Ray Data job could reach: this many videos at the bound after Ray Data's start-up floor."""
     if torch.cuda.is_available() or any(r.cpu_seconds is None for r in stages):
         return
     cores = len(os.sched_getaffinity(0))
@@ -458,6 +491,12 @@ def print_cpu_bound(
         f"({spent}) = {bound:.2f} videos/s,\n  i.e. {bound / slowest.rate:.2f} x slowest stage alone and "
         f"{bound / plain.rate:.2f} x the plain loop; the pipeline reaches {run.rate / bound:.2f} of it"
         + (f" ({steady / bound:.2f} once running)" if steady else "")
+    )
+    best = run.videos / (floor_s + run.videos / bound)
+    print(
+        f"  Ray Data start-up floor (a trivial job of the same shape, one row): {floor_s:.1f} s; at the "
+        f"bound after it, {run.videos} videos run at {best:.2f} videos/s at best: "
+        f"{best / slowest.rate:.2f} x slowest stage alone, {best / plain.rate:.2f} x the plain loop"
     )
 
 

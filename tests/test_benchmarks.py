@@ -38,3 +38,5 @@ def test_pipeline_benchmark_reports_ratios_and_cpu(tmp_path: Path) -> None:
     )  # fmt: skip
     for line in ("full Ray pipeline", "plain loop", "pipeline / plain loop", "CPU time during the pipeline"):
         assert line in out, out
+    floor = re.search(r"start-up floor \(a trivial job of the same shape, one row\): (\S+) s", out)
+    assert floor and float(floor[1]) > 0, out

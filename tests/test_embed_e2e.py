@@ -44,6 +44,7 @@ from xclip_core.video_transforms import VideoPreprocessor
 
 FRAMES, CROP = 4, 32  # the tiny model's frames per video and input size
 TOL = 1e-4
+CPU_ENCODERS = ["--gpus-per-encoder", "0"]  # float32, as the parity to TOL needs (a GPU runs half precision)
 EMBED_TIMEOUT = 300
 QUERIES = ("a red square moving left", "noise")
 
@@ -236,6 +237,7 @@ def s3_job(s3: MotoS3, tiny_model: Path, tmp_path_factory: pytest.TempPathFactor
         tiny_model,
         "--endpoint-url",
         s3.endpoint_url,
+        *CPU_ENCODERS,
         "--json",
     )
     s3fs.S3FileSystem.clear_instance_cache()
@@ -370,7 +372,7 @@ def local_jobs(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Lo
     write_frames(videos / "long.mp4", _frames(100, 64, 48, "shapes", 11), FPS, gop=10)  # keyframe every 1 s
     write_video(videos / "short.mkv", 25, 48, 48, fps=FPS, seed=12)
     model_cwd = tiny_model.parent
-    args = ["--model", tiny_model.name, "--segment", "4", "--json"]
+    args = ["--model", tiny_model.name, "--segment", "4", *CPU_ENCODERS, "--json"]
     first = run("embed", videos, library, *args, cwd=model_cwd)
     first_rows = rows_by_key(Library.open(str(library)).table()) if first.code == 0 else {}
     write_video(videos / "added.mp4", 30, 64, 48, fps=FPS, seed=13)
