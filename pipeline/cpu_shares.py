@@ -64,6 +64,17 @@ def time_encode(model: XCLIPModel) -> float:
         torch.set_num_threads(threads)
 
 
+def time_stages(
+    listed: list[dict[str, Any]],
+    frames: int,
+    preprocessor: VideoPreprocessor,
+    storage: StorageOptions,
+    model: XCLIPModel,
+) -> tuple[float, float]:
+    """One video's seconds to decode (:func:`time_decode`) and to encode (:func:`time_encode`)."""
+    return time_decode(listed, frames, preprocessor, storage), time_encode(model)
+
+
 def share_cpus(
     cpus: float,
     decode_s: float,

@@ -8,11 +8,13 @@ bounded whatever the number of videos; only small uint8 frame tensors cross the 
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -25,7 +27,7 @@ from xclip_core import XCLIPConfig, XCLIPModel
 from xclip_core.video_transforms import VideoPreprocessor
 
 from . import index as faiss_index
-from .cpu_shares import share_cpus, time_decode, time_encode
+from .cpu_shares import share_cpus, time_stages
 from .library import Library, LibraryWriter, PartInfo, parts_dataset
 from .stages.decode import DecodeVideos
 from .stages.encode import EncodeFrames, checkpoint_preprocessor
@@ -191,6 +193,48 @@ def decoded(
     )
 
 
+@dataclass(frozen=True)
+class StageResources:
+    """The actors of the decode and encode stages and what each one is given."""
+
+    decoders: int
+    cpus_per_decoder: float
+    encoders: int
+    gpus_per_encoder: float
+    cpus_per_encoder: float
+
+    @property
+    def encoder_device(self) -> str:
+        return "cuda" if self.gpus_per_encoder else "cpu"
+
+
+def stage_resources(
+    cpus: float,
+    gpus: float,
+    objects: int,
+    options: EmbedOptions,
+    timings: Callable[[], tuple[float, float]],
+) -> StageResources:
+    """Share a cluster of ``cpus`` and ``gpus`` between the stages, for ``objects`` listed objects.
+
+    With GPUs (unless ``options.gpus_per_encoder`` is 0), one encoder per ``gpus_per_encoder`` GPUs, and every
+    CPU that the encoders and the writer leave decodes. With CPUs only, ``timings()`` (one video's seconds
+    to decode and to encode, one thread) shares the CPUs in proportion (:func:`share_cpus`). What
+    ``options`` sets is kept; there are never more decoders than objects (each is decoded by one actor).
+    """
+    gpus_per_encoder = options.gpus_per_encoder if options.gpus_per_encoder is not None else float(gpus > 0)
+    encoders = options.encoders or (max(1, int(gpus // gpus_per_encoder)) if gpus_per_encoder else 1)
+    if gpus_per_encoder:  # GPUs encode fast: every CPU the encoders and the writer leave decodes
+        decoders = options.decoders or max(1, int(cpus - encoders * GPU_ENCODER_CPUS - WRITE_CPUS))
+        decode_cpus, encode_cpus = 1.0, GPU_ENCODER_CPUS
+    else:  # CPUs only: shared between the stages in proportion to one video's measured cost in each
+        decode_s, encode_s = timings()
+        shares = share_cpus(cpus, decode_s, encode_s, encoders, options.decoders, reserved=WRITE_CPUS)
+        decoders, decode_cpus, encode_cpus = shares.decoders, shares.cpus_per_decoder, shares.cpus_per_encoder
+        log.info("one video: decode %.3f s, encode %.3f s (one thread)", decode_s, encode_s)
+    return StageResources(min(decoders, objects), decode_cpus, encoders, gpus_per_encoder, encode_cpus)
+
+
 def embed(source: str, library: str, options: EmbedOptions) -> EmbedSummary:
     """Build (or add a version to) ``library`` from every object under ``source``."""
     started = time.perf_counter()
@@ -209,52 +253,40 @@ def embed(source: str, library: str, options: EmbedOptions) -> EmbedSummary:
         raise ValueError(f"nothing to embed: {source} lists no objects")
 
     resources = connect(options.address)
-    cpus, gpus = resources.get("CPU", 1), resources.get("GPU", 0)
-    gpus_per_encoder = (
-        options.gpus_per_encoder if options.gpus_per_encoder is not None else (1 if gpus else 0)
+    stages = stage_resources(
+        resources.get("CPU", 1),
+        resources.get("GPU", 0),
+        len(listed),
+        options,
+        timings=functools.partial(time_stages, listed, frames, preprocessor, options.storage, loaded),
     )
-    encoders = options.encoders or (max(1, int(gpus // gpus_per_encoder)) if gpus_per_encoder else 1)
-    if gpus_per_encoder:  # GPUs encode fast: every CPU the encoders and the writer leave decodes
-        decoders = options.decoders or max(1, int(cpus - encoders * GPU_ENCODER_CPUS - WRITE_CPUS))
-        decode_cpus, encode_cpus = 1.0, GPU_ENCODER_CPUS
-    else:  # CPUs only: shared between the stages in proportion to one video's measured cost in each
-        shares = share_cpus(
-            cpus,
-            time_decode(listed, frames, preprocessor, options.storage),
-            time_encode(loaded),
-            encoders,
-            options.decoders,
-            reserved=WRITE_CPUS,
-        )
-        decoders, decode_cpus, encode_cpus = shares.decoders, shares.cpus_per_decoder, shares.cpus_per_encoder
-        log.info("one video: decode %.3f s, encode %.3f s (one thread)", shares.decode_s, shares.encode_s)
-    decoders = min(decoders, len(listed))  # an object is decoded by one actor: more would idle
     del loaded  # the actors load their own copies
     log.info(
         "plan: %d decoders (%.2g CPU each), %d encoders (%.2g GPU, %.2g CPU each)",
-        decoders,
-        decode_cpus,
-        encoders,
-        gpus_per_encoder,
-        encode_cpus,
+        stages.decoders,
+        stages.cpus_per_decoder,
+        stages.encoders,
+        stages.gpus_per_encoder,
+        stages.cpus_per_encoder,
     )
 
+    decoders, decode_cpus = stages.decoders, stages.cpus_per_decoder
     ds = decoded(listed, frames, preprocessor, options.segment_s, options.storage, decoders, decode_cpus)
     ds = ds.map_batches(
         _text_columns_typed(EncodeFrames),
         fn_constructor_kwargs=dict(
             model_src=options.model,
             storage_options=options.storage,
-            device="cuda" if gpus_per_encoder else "cpu",  # the plan decides, not what the actor can see
+            device=stages.encoder_device,  # the plan decides, not what the actor can see
             batch_size=options.batch_size,
             # on a CPU the encoder runs its share of the cores, rounded up
-            threads=None if gpus_per_encoder else math.ceil(encode_cpus),
+            threads=None if stages.gpus_per_encoder else math.ceil(stages.cpus_per_encoder),
         ),
         batch_size=options.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=encoders),
-        num_cpus=encode_cpus,
-        num_gpus=gpus_per_encoder,
+        compute=ray.data.ActorPoolStrategy(size=stages.encoders),
+        num_cpus=stages.cpus_per_encoder,
+        num_gpus=stages.gpus_per_encoder,
     )
     ds = ds.map_batches(
         # a plain Ray task (no actor of its own: writing needs no start-up, and pooled workers start quicker)
