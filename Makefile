@@ -23,7 +23,7 @@ test: install
 
 # the bundled default model, from scratch (seeded): generate clips, train on Ray Train, evaluate held-out
 default-model: install
-	$(BIN)/python -m pipeline.bundled_model xclip_core/data/default-model
+	$(BIN)/python -m pipeline.samples.bundled_model xclip_core/data/default-model
 
 bench-encoder: install
 	$(BIN)/python bench/encoder.py

@@ -3,17 +3,18 @@
 Usage: python bench/pipeline.py [--videos 200] [--distinct N] [--seconds 10] [--width 640 --height 360]
                                 [--model PRESET_OR_DIR] [--batch-size 4] [--workdir DIR]
 
-Generates ``--videos`` real H.264 clips (moving shapes from ``pipeline.synthetic``, 25 fps; cached in the
-workdir, so re-runs reuse them) and a checkpoint (``--model``: a preset's geometry with seeded random weights,
-default ``xclip-base-patch32``, or an existing checkpoint directory). Then, one after the other in this
-process, it times:
+Generates ``--videos`` real H.264 clips (moving shapes from ``pipeline.samples.synthetic``, 25 fps; cached in
+the workdir, so re-runs reuse them) and a checkpoint (``--model``: a preset's geometry with seeded random
+weights, default ``xclip-base-patch32``, or an existing checkpoint directory). Then, one after the other in
+this process, it times:
 
   decode alone    ``DecodeVideos`` over every video, one video per call, in this process
   encode alone    ``EncodeFrames`` over the pre-decoded frames, ``--batch-size`` videos per call, with torch's
                   default thread count, and again with the thread count the pipeline gives its encoder
-  pipeline        ``pipeline.plan.embed`` into a fresh library on a local Ray with the default plan; Ray is
-                  started before the clock starts (``ray.init`` is timed and reported on its own); then
-                  the same job on one video, and a trivial Ray Data job of the same shape (start-up floor)
+  pipeline        ``pipeline.embed.job.embed`` into a fresh library on a local Ray with the default plan;
+                  Ray is started before the clock starts (``ray.init`` is timed and reported on its own);
+                  then the same job on one video, and a trivial Ray Data job of the same shape (start-up
+                  floor)
   plain loop      decord ``VideoReader`` + ``segment_frame_indices`` + ``VideoPreprocessor`` +
                   ``XCLIPModel.encode_videos``, one video at a time
 
@@ -50,12 +51,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipeline.plan import EmbedOptions, embed  # noqa: E402
-from pipeline.stages.decode import DecodeVideos  # noqa: E402
-from pipeline.stages.encode import EncodeFrames, _compute_dtype  # noqa: E402
-from pipeline.stages.list import list_objects  # noqa: E402
-from pipeline.synthetic import Scene, all_shapes, sample_scenes, write_clip  # noqa: E402
-from xclip_core import XCLIPConfig, XCLIPModel  # noqa: E402
+from pipeline.embed.job import embed  # noqa: E402
+from pipeline.embed.options import EmbedOptions  # noqa: E402
+from pipeline.embed.stages.decode import DecodeSettings, DecodeVideos  # noqa: E402
+from pipeline.embed.stages.encode import EncodeFrames, compute_dtype  # noqa: E402
+from pipeline.embed.stages.list import list_objects  # noqa: E402
+from pipeline.models import load_model  # noqa: E402
+from pipeline.samples.synthetic import Scene, all_shapes, sample_scenes, write_clip  # noqa: E402
+from xclip_core import XCLIPModel  # noqa: E402
 from xclip_core.config import preset  # noqa: E402
 from xclip_core.processor import XCLIPProcessor  # noqa: E402
 from xclip_core.sampling import segment_frame_indices  # noqa: E402
@@ -146,21 +149,11 @@ def make_checkpoint(workdir: Path, model: str) -> str:
     return str(target)
 
 
-def num_frames_of(model_dir: str) -> int:
-    return XCLIPConfig.from_json_file(Path(model_dir) / "config.json").vision_config.num_frames
-
-
-def load_preprocessor(model_dir: str) -> VideoPreprocessor:
-    try:
-        return VideoPreprocessor.from_pretrained(model_dir)
-    except FileNotFoundError:
-        return VideoPreprocessor()
-
-
 # ---------------------------------------------------------------------------------------- measurements
 def measure_decode(source: Path, model_dir: str) -> tuple[Result, list[np.ndarray]]:
     """The decode stage alone: ``DecodeVideos`` on one listed video per call (as the plan batches it)."""
-    decoder = DecodeVideos(num_frames=num_frames_of(model_dir), preprocessor=load_preprocessor(model_dir))
+    model = load_model(model_dir)
+    decoder = DecodeVideos(DecodeSettings(model.num_frames, model.preprocessor))
     listed = list_objects(str(source))
     frames = []
     started, cpu = time.perf_counter(), time.process_time()
@@ -277,7 +270,7 @@ class PipelineRun:
     one_video_s: float  # the same job on one video, Ray up: the job's fixed cost plus one video
     plan: (
         logging.LogRecord | None
-    )  # plan.py's "plan: ..." record; args = decoders, CPU each, encoders, GPU, CPU each
+    )  # the embed job's "plan: ..." record; args = decoders, CPU each, encoders, GPU, CPU each
     workers: WorkerUsage
     floor_s: float  # a trivial Ray Data job of the pipeline's shape on one row: start-up no job avoids
 
@@ -289,7 +282,7 @@ class PipelineRun:
 
     @property
     def encoder_threads(self) -> int | None:
-        """The torch threads plan.py gives a CPU encoder: its CPUs rounded up; None for GPU encoders."""
+        """The torch threads the embed job gives a CPU encoder: its CPUs rounded up; None for GPU encoders."""
         if self.plan is None or self.plan.args[3]:
             return None
         return math.ceil(self.plan.args[4])
@@ -302,7 +295,7 @@ def measure_pipeline(run_dir: Path, videos: list[Path], model_dir: str, batch_si
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    plan_log = _capture_log("pipeline.plan")
+    plan_log = _capture_log("pipeline.embed.job")
     options = EmbedOptions(model=model_dir, batch_size=batch_size)
     started = time.perf_counter()
     ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=True)
@@ -360,19 +353,18 @@ def measure_plain_loop(videos: list[Path], model_dir: str) -> Result:
     import decord
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = _compute_dtype(device)
-    model = XCLIPModel.from_pretrained(model_dir, dtype=dtype, device=device)
-    preprocessor = load_preprocessor(model_dir)
-    num_frames = model.config.vision_config.num_frames
+    dtype = compute_dtype(device)
+    model = load_model(model_dir, dtype=dtype, device=device)
+    preprocessor, num_frames = model.preprocessor, model.num_frames
 
     @torch.inference_mode()
     def embed_one(path: Path) -> np.ndarray:
         reader = decord.VideoReader(str(path))
         frames = reader.get_batch(segment_frame_indices(len(reader), num_frames)).asnumpy()
         pixels = preprocessor(frames)["pixel_values"].to(device, dtype)
-        out = model.encode_videos(pixels)
-        out.prompt_features.to(torch.float16).cpu()
-        return torch.nn.functional.normalize(out.video_embeds.float(), dim=-1).cpu().numpy()
+        embedding, rerank = model.encode_videos(pixels)
+        rerank.to(torch.float16).cpu()
+        return torch.nn.functional.normalize(embedding.float(), dim=-1).cpu().numpy()
 
     embed_one(videos[0])  # warm-up
     started, cpu = time.perf_counter(), time.process_time()
@@ -412,7 +404,8 @@ def print_report(
     print(
         f"input: {args.videos} H.264 videos ({min(args.distinct or args.videos, args.videos)} distinct), "
         f"{args.seconds:g} s {args.width}x{args.height} at {FPS} fps; "
-        f"model {model}, {num_frames_of(args.checkpoint)} frames per video, batch size {args.batch_size}"
+        f"model {model}, {load_model(args.checkpoint).num_frames} frames per video, "
+        f"batch size {args.batch_size}"
     )
     print(pipeline.plan.getMessage() if pipeline.plan else "plan: (not logged)")
     run = pipeline.result

@@ -1,5 +1,20 @@
-"""videosearch's pipeline: embed videos from object storage on Ray Data; search the libraries it builds."""
+"""videosearch's pipeline: embed videos from object storage on Ray Data; search the libraries it builds.
 
-from .library import Library
+One call to search: ``pipeline.Searcher.open("s3://bucket/library").search("a dog catching a frisbee")``.
+``pipeline.Library`` reads a library's rows and versions without a model. Both are imported on first use,
+so that ``import pipeline.storage`` (in a Ray worker, say) stays light.
+"""
 
-__all__ = ["Library"]
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {"Library": "pipeline.library", "Searcher": "pipeline.search"}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import functools
 import json
 import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
+from .embed.options import EmbedOptions
 from .storage import StorageError, StorageOptions
+from .train.options import TrainOptions
+from .train.trainer import TrainConfig
 from .video_table import DEFAULT_TEMPLATE
 
 if TYPE_CHECKING:
@@ -32,10 +37,9 @@ def _storage(args: argparse.Namespace) -> StorageOptions:
     )
 
 
-def _default_model() -> str:
-    from xclip_core.default_model import default_model_dir
-
-    return default_model_dir()
+def _default(options: type, name: str) -> Any:
+    """The default of field ``name`` of an options dataclass: the one place a default is written."""
+    return next(f.default for f in dataclasses.fields(options) if f.name == name)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -53,7 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     embed.add_argument("--model", help="X-CLIP checkpoint directory or URL (default: the bundled model)")
     embed.add_argument("--frames", type=int, help="frames per video or segment (default: the model's)")
     embed.add_argument("--segment", type=float, metavar="SECONDS", help="embed segments of this length")
-    embed.add_argument("--batch-size", type=int, default=4, help="videos per encoder call (default 4)")
+    embed.add_argument(
+        "--batch-size",
+        type=int,
+        default=_default(EmbedOptions, "batch_size"),
+        help="videos per encoder call (default %(default)s)",
+    )
     embed.add_argument("--decoders", type=int, help="decode actors (default: from the cluster's CPUs)")
     embed.add_argument("--encoders", type=int, help="encode actors (default: one per GPU, else 1)")
     embed.add_argument("--gpus-per-encoder", type=float, help="GPUs per encode actor (default 1 if any)")
@@ -95,22 +104,51 @@ def _parser() -> argparse.ArgumentParser:
         help="train from scratch: videosearch-tiny, a preset (xclip-base-patch32...) or a config.json",
     )
     start.add_argument("--resume", metavar="CHECKPOINT", help="continue a run from one of its checkpoints")
-    train.add_argument("--epochs", type=int, default=1, help="epochs in all (default 1)")
-    train.add_argument("--batch-size", type=int, default=8, help="clips per worker and step (default 8)")
-    train.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (default 1e-4)")
-    train.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (default 0.01)")
-    train.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up, then cosine decay")
+    run = functools.partial(_default, TrainOptions)
+    step = functools.partial(_default, TrainConfig)
     train.add_argument(
-        "--freeze", default="none", help="none, or towers: train only X-CLIP's own blocks (as for few-shot)"
+        "--epochs", type=int, default=run("epochs"), help="epochs in all (default %(default)s)"
     )
-    train.add_argument("--precision", default="auto", help="auto (bf16 on GPU, else fp32), fp32 or bf16")
-    train.add_argument("--workers", type=int, default=1, help="data-parallel workers (default 1)")
+    train.add_argument(
+        "--batch-size",
+        type=int,
+        default=run("batch_size"),
+        help="clips per worker and step (default %(default)s)",
+    )
+    train.add_argument(
+        "--lr", type=float, default=step("learning_rate"), help="peak learning rate (default %(default)s)"
+    )
+    train.add_argument(
+        "--weight-decay",
+        type=float,
+        default=step("weight_decay"),
+        help="AdamW weight decay (default %(default)s)",
+    )
+    train.add_argument(
+        "--warmup-steps", type=int, default=step("warmup_steps"), help="linear warm-up, then cosine decay"
+    )
+    train.add_argument(
+        "--freeze",
+        default=step("freeze"),
+        help="none, or towers: train only X-CLIP's own blocks (as for few-shot); default %(default)s",
+    )
+    train.add_argument(
+        "--precision", default=step("precision"), help="auto (bf16 on GPU, else fp32), fp32 or bf16"
+    )
+    train.add_argument(
+        "--workers", type=int, default=run("workers"), help="data-parallel workers (default %(default)s)"
+    )
     train.add_argument("--gpu", action="store_true", help="one GPU per worker")
     train.add_argument("--cpus-per-worker", type=float, help="default: the cluster's CPUs shared out")
     train.add_argument(
         "--template", default=DEFAULT_TEMPLATE, help="caption of a label (default 'a video of {}')"
     )
-    train.add_argument("--seed", type=int, default=0, help="initialization and shuffling seed (default 0)")
+    train.add_argument(
+        "--seed",
+        type=int,
+        default=run("seed"),
+        help="initialization and shuffling seed (default %(default)s)",
+    )
     train.add_argument("--address", help="Ray address (default: start a local Ray)")
     train.add_argument("--json", action="store_true", help="print the summary as JSON")
     _storage_flags(train)
@@ -151,13 +189,13 @@ def _config(name: str) -> XCLIPConfig:
 
 
 def _run_train(args: argparse.Namespace, out: TextIO) -> int:
-    from .train import TrainConfig
-    from .train_plan import TrainOptions, train
+    from .models import default_model_source
+    from .train.job import train
 
     from_scratch = _config(args.config) if args.config else None
     options = TrainOptions(
         output=args.output,
-        model=None if (from_scratch or args.resume) else (args.model or _default_model()),
+        model=None if (from_scratch or args.resume) else (args.model or default_model_source()),
         config=from_scratch,
         resume=args.resume,
         epochs=args.epochs,
@@ -183,7 +221,7 @@ def _run_train(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _run_eval(args: argparse.Namespace, out: TextIO) -> int:
-    from .evaluate import evaluate
+    from .search.evaluate import evaluate
 
     result = evaluate(args.library, args.table, _storage(args), args.template)
     print(json.dumps(result.to_dict(), indent=2) if args.json else result.text(), file=out)
@@ -191,10 +229,10 @@ def _run_eval(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _run_embed(args: argparse.Namespace, out: TextIO) -> int:
-    from .plan import EmbedOptions, embed
+    from .embed.job import embed
 
     options = EmbedOptions(
-        model=args.model or _default_model(),
+        model=args.model,
         frames=args.frames,
         segment_s=args.segment,
         batch_size=args.batch_size,
@@ -210,9 +248,9 @@ def _run_embed(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _run_query(args: argparse.Namespace, out: TextIO) -> int:
-    from .library import Library
+    from .search import Searcher
 
-    hits = Library.open(args.library, _storage(args)).search(args.text, k=args.k)
+    hits = Searcher.open(args.library, _storage(args)).search(args.text, k=args.k)
     if args.json:
         print(json.dumps([hit.to_dict() for hit in hits], indent=2), file=out)
     else:
@@ -222,11 +260,9 @@ def _run_query(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _run_classify(args: argparse.Namespace, out: TextIO) -> int:
-    from .zero_shot import classify_source
+    from .search.classify import classify_source
 
-    results = classify_source(
-        args.source, args.labels, args.model or _default_model(), args.template, args.k, _storage(args)
-    )
+    results = classify_source(args.source, args.labels, args.model, args.template, args.k, _storage(args))
     if args.json:
         print(json.dumps(results, indent=2), file=out)
     else:
@@ -241,7 +277,7 @@ def _run_classify(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _run_demo(args: argparse.Namespace, out: TextIO) -> int:
-    from .demo import run_demo
+    from .samples.demo import run_demo
 
     run_demo(out=out)
     return 0

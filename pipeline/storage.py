@@ -1,11 +1,12 @@
 """Storage layer: one way to reach S3, local disks and anything else fsspec reads.
 
-Everything takes a URI (``s3://bucket/key``, ``/local/path``, ``file:///x``, ``memory://x``, ...) and an
-optional :class:`StorageOptions`. Failures at the edge (missing bucket, access denied, unreachable endpoint,
+A :class:`Store` binds a URI (``s3://bucket/key``, ``/local/path``, ``file:///x``, ``memory://x``, ...) to its
+filesystem and :class:`StorageOptions` once; the library, the stages and the jobs carry stores, never
+``(uri, options)`` pairs. Failures at the edge (missing bucket, access denied, unreachable endpoint,
 missing object) become :class:`StorageError` subclasses whose messages name the URI and say what to check;
 credentials never appear in them.
 
-:func:`put_if` is the compare-and-swap the library's publish step is built on:
+:meth:`Store.put_if` is the compare-and-swap the library's publish step is built on:
 
 * S3: a conditional ``PutObject`` (``If-Match: <etag>``, or ``If-None-Match: *`` for "must not exist yet");
   the server decides, so two writers cannot both win. Tokens are ETags.
@@ -26,7 +27,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import IO, Any
 from urllib.parse import urlsplit, urlunsplit
 
 from fsspec.asyn import sync
@@ -163,25 +164,6 @@ def protocol_of(uri: str) -> str:
     return split_protocol(uri)[0] or "file"
 
 
-def filesystem(uri: str, options: StorageOptions | None = None) -> tuple[AbstractFileSystem, str]:
-    """The fsspec filesystem for ``uri`` and the path inside it (``bucket/key`` on S3, absolute locally).
-
-    ``options=None`` reads the environment (:meth:`StorageOptions.from_env_and_flags`). No request is made
-    here; network errors surface (as :class:`StorageError`) from the operations.
-    """
-    options = options if options is not None else StorageOptions.from_env_and_flags()
-    protocol = protocol_of(uri)
-    try:
-        return url_to_fs(uri, **options.for_protocol(protocol))
-    except ImportError as e:
-        raise StorageError(
-            f"cannot open {uri}: support for {protocol}:// is not installed ({e}). "
-            "Install the fsspec implementation for it (s3fs for s3://)."
-        ) from e
-    except ValueError as e:
-        raise StorageError(f"cannot open {uri}: {e}") from e
-
-
 def join(uri: str, *parts: str) -> str:
     """Join path segments onto a URI, keeping its scheme: ``join("s3://b/lib", "parts", "x")``."""
     out = uri
@@ -303,21 +285,194 @@ def content_token(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def read_bytes(uri: str, options: StorageOptions | None = None) -> bytes:
-    """The whole object. A missing one raises :class:`ObjectNotFound`."""
-    fs, path = filesystem(uri, options)
-    with storage_errors(uri, "reading", options):
-        return fs.cat_file(path)
+class Store:
+    """A location on some filesystem (a root URI) bound once to its filesystem and options: the handle that
+    the library, the stages and the jobs carry instead of ``(uri, options)`` pairs.
 
+    ``Store("s3://bucket/lib", options)``; names below it are relative (``store.read_bytes("_current")``), and
+    ``store / "parts"`` is the store one level down on the same filesystem. Every operation translates storage
+    failures into :class:`StorageError` naming the URI. The filesystem is created on first use and not
+    pickled: a store sent to a Ray worker opens its own there.
+    """
 
-def write_bytes(uri: str, data: bytes, options: StorageOptions | None = None) -> None:
-    """Write (replace) the whole object. Locally: parent directories are created, the write is atomic."""
-    fs, path = filesystem(uri, options)
-    with storage_errors(uri, "writing", options):
-        if is_local(fs):
-            _local_atomic_write(path, data)
-        else:
-            fs.pipe_file(path, data)
+    def __init__(self, uri: str | os.PathLike, options: StorageOptions | None = None) -> None:
+        self.uri = os.fspath(uri)
+        self.options = options if options is not None else StorageOptions.from_env_and_flags()
+        self._fs: tuple[AbstractFileSystem, str] | None = None
+
+    def __repr__(self) -> str:
+        return f"Store({self.uri!r}, {self.options!r})"
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_fs": None}
+
+    def __truediv__(self, name: str) -> Store:
+        child = Store(join(self.uri, name), self.options)
+        if self._fs is not None:
+            child._fs = (self._fs[0], join(self._fs[1], name))
+        return child
+
+    @property
+    def protocol(self) -> str:
+        """The URI's scheme, ``"file"`` for a plain path."""
+        return protocol_of(self.uri)
+
+    @property
+    def fs(self) -> AbstractFileSystem:
+        """The fsspec filesystem (created on first use)."""
+        return self._opened()[0]
+
+    def path(self, name: str = "") -> str:
+        """The path of ``name`` inside the filesystem (``bucket/key`` on S3, absolute locally)."""
+        return join(self._opened()[1], name)
+
+    def url(self, name: str = "") -> str:
+        """The URI of ``name``, with this store's scheme."""
+        return join(self.uri, name)
+
+    def fsspec_options(self) -> dict[str, Any]:
+        """fsspec keyword arguments for this store's protocol (for libraries that open URLs themselves)."""
+        return self.options.for_protocol(self.protocol)
+
+    def _opened(self) -> tuple[AbstractFileSystem, str]:
+        if self._fs is None:
+            try:
+                self._fs = url_to_fs(self.uri, **self.fsspec_options())
+            except ImportError as e:
+                raise StorageError(
+                    f"cannot open {self.uri}: support for {self.protocol}:// is not installed ({e}). "
+                    "Install the fsspec implementation for it (s3fs for s3://)."
+                ) from e
+            except ValueError as e:
+                raise StorageError(f"cannot open {self.uri}: {e}") from e
+        return self._fs
+
+    def errors(self, action: str, name: str = "") -> contextlib.AbstractContextManager[None]:
+        """Re-raise storage failures inside the block as :class:`StorageError` about ``name``."""
+        return storage_errors(self.url(name), action, self.options)
+
+    @property
+    def is_s3(self) -> bool:
+        """Whether this store is S3 (conditional writes, ETags)."""
+        return is_s3(self.fs)
+
+    @property
+    def is_local(self) -> bool:
+        """Whether this store is the local disk."""
+        return is_local(self.fs)
+
+    # ------------------------------------------------------------------------------------------- reading
+    def read_bytes(self, name: str = "") -> bytes:
+        """The whole object. A missing one raises :class:`ObjectNotFound`."""
+        with self.errors("reading", name):
+            return self.fs.cat_file(self.path(name))
+
+    def size(self, name: str = "") -> int:
+        """The object's size in bytes."""
+        with self.errors("reading", name):
+            return int(self.fs.size(self.path(name)))
+
+    def open(self, name: str = "", mode: str = "rb", **kwargs: Any) -> IO[bytes]:
+        """A file object (``fs.open``); for writing locally, parent directories are created first."""
+        path = self.path(name)
+        with self.errors("writing" if "w" in mode else "reading", name):
+            if "w" in mode and self.is_local:
+                self.fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
+            return self.fs.open(path, mode, **kwargs)
+
+    def names(self, name: str = "") -> list[str]:
+        """The names directly below ``name`` (``[]`` where there is nothing), never from a cached listing."""
+        directory = self.path(name)
+        with self.errors("listing", name):
+            self.fs.invalidate_cache(directory)
+            try:
+                entries = self.fs.ls(directory, detail=False)
+            except FileNotFoundError:
+                return []
+        return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries)
+
+    def read_with_token(self, name: str = "") -> tuple[bytes, str]:
+        """The object's bytes and the version token to pass to :meth:`put_if` to replace exactly this
+        version. On S3 both come from one ``GetObject`` (the ETag of the bytes returned, never of a later
+        version)."""
+        path = self.path(name)
+        with self.errors("reading", name):
+            if self.is_s3:
+                bucket, key, _ = self.fs.split_path(path)
+                return sync(self.fs.loop, _s3_get, self.fs, bucket, key)
+            data = self.fs.cat_file(path)
+            return data, content_token(data)
+
+    def current_token(self, name: str = "") -> str | None:
+        """The object's current version token, ``None`` if it does not exist (S3: one ``HeadObject``)."""
+        path = self.path(name)
+        with self.errors("reading", name):
+            try:
+                if self.is_s3:
+                    bucket, key, _ = self.fs.split_path(path)
+                    return self.fs.call_s3("head_object", Bucket=bucket, Key=key)["ETag"]
+                return content_token(self.fs.cat_file(path))
+            except FileNotFoundError as e:
+                if _error_code(e) == "NoSuchBucket":
+                    raise
+                return None
+
+    # ------------------------------------------------------------------------------------------- writing
+    def write_bytes(self, name: str, data: bytes) -> None:
+        """Write (replace) the whole object. Locally: parent directories are created, the write is atomic."""
+        path = self.path(name)
+        with self.errors("writing", name):
+            if self.is_local:
+                _local_atomic_write(path, data)
+            else:
+                self.fs.pipe_file(path, data)
+
+    def put_if(self, name: str, data: bytes, expected_etag: str | None) -> str:
+        """Compare-and-swap: write ``data`` only if the object is still at version ``expected_etag``.
+
+        ``expected_etag=None`` means "only if it does not exist yet". Returns the new version token (the ETag
+        on S3, the SHA-256 of ``data`` elsewhere). Raises :class:`PreconditionFailed` when the object changed
+        (or exists, or was deleted) in the meantime. See the module docstring for how atomic this is on each
+        kind of store; on S3 it needs a store that honours conditional writes (AWS S3 does; some
+        S3-compatible stores ignore the headers).
+        """
+        uri, path = self.url(name), self.path(name)
+        with self.errors("publishing", name):
+            if self.is_s3:
+                return _s3_put_if(self.fs, uri, path, data, expected_etag)
+            if self.is_local:
+                return _local_put_if(uri, path, data, expected_etag)
+            with _GENERIC_LOCK:  # best effort: atomic within this process only
+                try:
+                    current = content_token(self.fs.cat_file(path))
+                except FileNotFoundError:
+                    current = None
+                if current != expected_etag:
+                    raise _lost(uri, expected_etag, current is None)
+                self.fs.pipe_file(path, data)
+                return content_token(data)
+
+    def check_container(self) -> None:
+        """Raise :class:`StorageError` if the bucket (S3) or the base directory (local) is missing.
+
+        The URI may be a glob; its part before the first wildcard is checked. Other stores are not checked.
+        """
+        path = self.path()
+        if self.is_s3:
+            bucket = self.fs.split_path(path)[0]
+            with self.errors("listing"):
+                try:
+                    self.fs.call_s3("head_bucket", Bucket=bucket)
+                except FileNotFoundError as e:  # HEAD has no body: a bare 404, not NoSuchBucket
+                    where = _where(self.uri, self.options)
+                    raise StorageError(
+                        f"listing {self.uri}: bucket '{bucket}' does not exist at {where}. "
+                        "Check the bucket name, --endpoint-url and --region."
+                    ) from e
+        elif self.is_local:
+            root = glob_root(path)
+            if not os.path.exists(root):
+                raise StorageError(f"listing {self.uri}: {root} does not exist. Check the path.")
 
 
 async def _s3_get(fs: Any, bucket: str, key: str) -> tuple[bytes, str]:
@@ -326,61 +481,6 @@ async def _s3_get(fs: Any, bucket: str, key: str) -> tuple[bytes, str]:
         return await response["Body"].read(), response["ETag"]
     finally:
         response["Body"].close()
-
-
-def read_with_token(uri: str, options: StorageOptions | None = None) -> tuple[bytes, str]:
-    """The object's bytes and the version token to pass to :func:`put_if` to replace exactly this version.
-
-    On S3 both come from one ``GetObject`` (the ETag of the bytes returned, never of a later version).
-    """
-    fs, path = filesystem(uri, options)
-    with storage_errors(uri, "reading", options):
-        if is_s3(fs):
-            bucket, key, _ = fs.split_path(path)
-            return sync(fs.loop, _s3_get, fs, bucket, key)
-        data = fs.cat_file(path)
-        return data, content_token(data)
-
-
-def current_token(uri: str, options: StorageOptions | None = None) -> str | None:
-    """The object's current version token, ``None`` if it does not exist (S3: one ``HeadObject``)."""
-    fs, path = filesystem(uri, options)
-    with storage_errors(uri, "reading", options):
-        try:
-            if is_s3(fs):
-                bucket, key, _ = fs.split_path(path)
-                return fs.call_s3("head_object", Bucket=bucket, Key=key)["ETag"]
-            return content_token(fs.cat_file(path))
-        except FileNotFoundError as e:
-            if _error_code(e) == "NoSuchBucket":
-                raise
-            return None
-
-
-def put_if(uri: str, data: bytes, expected_etag: str | None, options: StorageOptions | None = None) -> str:
-    """Compare-and-swap: write ``data`` only if the object is still at version ``expected_etag``.
-
-    ``expected_etag=None`` means "only if it does not exist yet". Returns the new version token (the ETag on
-    S3, the SHA-256 of ``data`` elsewhere). Raises :class:`PreconditionFailed` when the object changed (or
-    exists, or was deleted) in the meantime. See the module docstring for how atomic this is on each kind of
-    store; on S3 it needs a store that honours conditional writes (AWS S3 does; some S3-compatible stores
-    ignore the headers).
-    """
-    fs, path = filesystem(uri, options)
-    with storage_errors(uri, "publishing", options):
-        if is_s3(fs):
-            return _s3_put_if(fs, uri, path, data, expected_etag)
-        if is_local(fs):
-            return _local_put_if(uri, path, data, expected_etag)
-        with _GENERIC_LOCK:  # best effort: atomic within this process only
-            try:
-                current = content_token(fs.cat_file(path))
-            except FileNotFoundError:
-                current = None
-            if current != expected_etag:
-                raise _lost(uri, expected_etag, current is None)
-            fs.pipe_file(path, data)
-            return content_token(data)
 
 
 def _lost(uri: str, expected: str | None, missing: bool) -> PreconditionFailed:
@@ -459,28 +559,6 @@ def _local_atomic_write(path: str, data: bytes) -> None:
             os.close(dir_fd)
 
 
-def check_container(uri: str, options: StorageOptions | None = None) -> None:
-    """Raise :class:`StorageError` if the bucket (S3) or the base directory (local) of ``uri`` is missing.
-
-    ``uri`` may be a glob; its part before the first wildcard is checked. Other stores are not checked.
-    """
-    fs, path = filesystem(uri, options)
-    if is_s3(fs):
-        bucket = fs.split_path(path)[0]
-        with storage_errors(uri, "listing", options):
-            try:
-                fs.call_s3("head_bucket", Bucket=bucket)
-            except FileNotFoundError as e:  # HEAD has no body: a bare 404, not NoSuchBucket
-                raise StorageError(
-                    f"listing {uri}: bucket '{bucket}' does not exist at {_where(uri, options)}. "
-                    "Check the bucket name, --endpoint-url and --region."
-                ) from e
-    elif is_local(fs):
-        root = glob_root(path)
-        if not os.path.exists(root):
-            raise StorageError(f"listing {uri}: {root} does not exist. Check the path.")
-
-
 def has_magic(path: str) -> bool:
     """Whether ``path`` is a glob pattern."""
     return any(c in path for c in "*?[")
@@ -504,3 +582,8 @@ def to_timestamp(value: Any) -> float | None:
         with contextlib.suppress(ValueError):
             return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
     return None
+
+
+def as_store(location: str | os.PathLike | Store, options: StorageOptions | None = None) -> Store:
+    """``location`` itself if it is a :class:`Store`, else a store of that URI with ``options``."""
+    return location if isinstance(location, Store) else Store(location, options)

@@ -16,7 +16,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from fsspec.core import split_protocol
 
-from .storage import StorageOptions, join, read_bytes
+from .storage import StorageOptions, Store, join
 
 DEFAULT_TEMPLATE = "a video of {}"
 
@@ -42,7 +42,7 @@ def read_video_table(
     """The rows of a ``uri,caption`` or ``uri,label`` table (``.parquet``, else CSV with a header)."""
     if "{}" not in template:
         raise ValueError(f"the label template must contain '{{}}' where the label goes: {template!r}")
-    data = read_bytes(table_uri, storage)
+    data = Store(table_uri, storage).read_bytes()
     table = (
         pq.read_table(io.BytesIO(data))
         if table_uri.endswith(".parquet")

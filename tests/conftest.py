@@ -1,86 +1,26 @@
-"""Shared fixtures. S3 is a real moto server spoken to over HTTP on 127.0.0.1, as in s3fs's own test suite."""
+"""Shared fixtures (helpers: ``helpers.py``). S3 is a real moto server spoken to over HTTP on 127.0.0.1.
+
+Tests of whole jobs live in ``e2e/``; any other test that uses the moto server is marked ``e2e`` here too, so
+that ``pytest -m "not e2e"`` runs the fast unit tests alone.
+"""
 
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from models import perturbed
+from helpers import AWS_CLEARED, AWS_TEST_ENV, MotoS3, free_port, perturbed, wait_until_up
 
 from pipeline.storage import StorageOptions
 from xclip_core import TextConfig, VisionConfig, XCLIPConfig, XCLIPModel
 from xclip_core.processor import XCLIPProcessor
 from xclip_core.tokenizer import CLIPTokenizer
 from xclip_core.video_transforms import VideoPreprocessor
-
-# Dummy credentials for the moto server, no proxy for it; what could point botocore elsewhere is cleared.
-AWS_TEST_ENV = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_CONFIG_FILE": "/nonexistent/aws-config",
-    "AWS_SHARED_CREDENTIALS_FILE": "/nonexistent/aws-credentials",
-    "AWS_EC2_METADATA_DISABLED": "true",
-    "NO_PROXY": "127.0.0.1,localhost",
-    "no_proxy": "127.0.0.1,localhost",
-}
-AWS_CLEARED = (
-    "AWS_PROFILE",
-    "AWS_SESSION_TOKEN",
-    "AWS_SECURITY_TOKEN",
-    "AWS_REGION",
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on (right now)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class MotoS3:
-    """A running moto S3 server."""
-
-    endpoint_url: str
-    options: StorageOptions
-
-    def make_bucket(self, prefix: str = "test") -> str:
-        """Create a bucket with a fresh unique name and return the name."""
-        import s3fs
-
-        name = f"{prefix}-{uuid.uuid4().hex[:16]}"
-        s3fs.S3FileSystem(endpoint_url=self.endpoint_url, skip_instance_cache=True).mkdir(name)
-        return name
-
-
-def _wait_until_up(proc: subprocess.Popen, url: str, log: Path, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"moto_server exited with {proc.returncode}:\n{log.read_text()[-2000:]}")
-        try:
-            urllib.request.urlopen(f"{url}/moto-api/", timeout=2).close()
-            return
-        except urllib.error.HTTPError:
-            return  # it answered
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"moto_server did not answer on {url} in {timeout:.0f} s:\n{log.read_text()[-2000:]}")
 
 
 @pytest.fixture(scope="session")
@@ -101,7 +41,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
             env=dict(os.environ),
         )
         try:
-            _wait_until_up(proc, url, log)
+            wait_until_up(proc, url, log)
             yield MotoS3(endpoint_url=url, options=StorageOptions(endpoint_url=url, region="us-east-1"))
         finally:
             proc.terminate()
@@ -165,3 +105,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
         directory
     )
     return directory
+
+
+E2E_FIXTURES = {"s3", "bucket"}  # a test that talks to the moto server is end-to-end wherever it lives
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark as ``e2e`` every test under ``e2e/`` and every test that uses the moto server."""
+    e2e = Path(__file__).parent / "e2e"
+    for item in items:
+        if item.path.is_relative_to(e2e) or E2E_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)

@@ -1,7 +1,8 @@
 """The model used when none is named: small enough for a laptop CPU, and never downloaded.
 
 ``videosearch-tiny``, trained from scratch by this project on synthetic clips of coloured shapes
-(``pipeline/bundled_model.py``, ``make default-model``), ships as package data in ``data/default-model``.
+(``pipeline/samples/bundled_model.py``, ``make default-model``), ships as package data in
+``data/default-model``.
 """
 
 from __future__ import annotations

@@ -10,14 +10,18 @@
 
 The API mirrors ``transformers.XCLIPModel`` (``from_pretrained``, ``get_video_features``,
 ``get_text_features``, ``forward`` with ``logits_per_video`` / ``logits_per_text``); ``encode_videos`` adds
-the one pass the index needs (video embedding and patch features together).
+the one pass the index needs (video embedding and patch features together). The model also implements the
+pipeline's model interface (``pipeline.models.VideoTextModel``): ``identity``, ``processor``,
+``encode_texts`` and ``score`` (the exact video-conditioned score, as a cosine).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -26,11 +30,14 @@ from torch import nn
 
 from . import checkpoints
 from .config import XCLIPConfig, preset
+from .identity import ModelIdentity
 from .mit import MultiframeIntegrationTransformer
+from .processor import XCLIPProcessor
 from .prompt import VideoSpecificPromptGenerator
 from .sources import ModelSource
 from .text import TextTransformer
 from .tokenizer import CLIPTokenizer
+from .video_transforms import VideoPreprocessor
 from .vision import VisionTransformer
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -41,7 +48,11 @@ class VideoFeatures:
     """What a search index keeps per video: both come from one pass over the frames."""
 
     video_embeds: torch.Tensor  # (B, P) MIT output, not normalized (= get_video_features)
-    prompt_features: torch.Tensor  # (B, patches, P) input of the prompt generator
+    prompt_features: torch.Tensor  # (B, patches, P) input of the prompt generator: the re-rank features
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        """``embedding, rerank_features = model.encode_videos(pixel_values)``."""
+        return iter((self.video_embeds, self.prompt_features))
 
 
 @dataclass
@@ -54,9 +65,13 @@ class XCLIPOutput:
 
 
 class XCLIPModel(nn.Module):
+    family = "xclip"
+
     def __init__(self, config: XCLIPConfig):
         super().__init__()
         self.config = config
+        self.source: str | None = None  # set by from_pretrained: where the weights came from
+        self.storage_options: dict[str, Any] | None = None  # how to read more files from there
         text, vision = config.text_config, config.vision_config
         self.text_model = TextTransformer(text)
         self.vision_model = VisionTransformer(vision)
@@ -69,6 +84,55 @@ class XCLIPModel(nn.Module):
         self.prompts_generator = VideoSpecificPromptGenerator(config)
         if self.logit_scale.device.type != "meta":  # from_pretrained builds on meta, then loads every weight
             self.init_weights()
+
+    # ------------------------------------------------------------------------ the model interface
+    @cached_property
+    def identity(self) -> ModelIdentity:
+        """Source and weights hash; computed on first use (before any change of dtype: the hash is of the
+        weights as they are then)."""
+        return ModelIdentity(self.source or "<in memory>", self.weights_sha256(), self.family)
+
+    @cached_property
+    def processor(self) -> XCLIPProcessor:
+        """The tokenizer and video preprocessor for this model (:meth:`XCLIPProcessor.for_model`)."""
+        return XCLIPProcessor.for_model(
+            self.source, self.config.vision_config.image_size, self.storage_options
+        )
+
+    @property
+    def tokenizer(self) -> CLIPTokenizer:
+        return self.processor.tokenizer
+
+    @property
+    def preprocessor(self) -> VideoPreprocessor:
+        return self.processor.video_preprocessor
+
+    @property
+    def num_frames(self) -> int:
+        """Frames per video the model takes."""
+        return self.config.vision_config.num_frames
+
+    @property
+    def embedding_dim(self) -> int:
+        """Width P of the video and text embeddings."""
+        return self.config.projection_dim
+
+    @property
+    def rerank_shape(self) -> tuple[int, int]:
+        """Shape of one video's re-rank features: the prompt generator's input (patches, P)."""
+        return self.config.vision_config.num_patches, self.config.projection_dim
+
+    def encode_texts(self, texts: str | list[str]) -> torch.Tensor:
+        """Text embeddings (N, P) of ``texts`` with this model's tokenizer (truncated to the context)."""
+        tokens = self.tokenize(self.tokenizer, texts)
+        return self.get_text_features(tokens["input_ids"], tokens["attention_mask"])
+
+    def score(
+        self, text_embeds: torch.Tensor, video_embeds: torch.Tensor, prompt_features: torch.Tensor
+    ) -> torch.Tensor:
+        """The exact X-CLIP score (B, N) of stored videos against texts, as a cosine in [-1, 1]: the
+        logits without their scale."""
+        return self._scores(video_embeds, prompt_features, text_embeds)[2] / self.logit_scale.exp()
 
     # ----------------------------------------------------------------------------------- encoders
     def _frames(
@@ -223,6 +287,7 @@ class XCLIPModel(nn.Module):
         with torch.no_grad():
             for key, tensor in weights.tensors():
                 parameters[key].copy_(tensor)
+        model.source, model.storage_options = os.fspath(src), storage_options
         return model.eval()
 
     def save_pretrained(

@@ -36,6 +36,29 @@ class XCLIPProcessor:
             return cls(tokenizer, VideoPreprocessor())
         return cls(tokenizer, VideoPreprocessor.from_pretrained(src, storage_options))
 
+    @classmethod
+    def for_model(
+        cls, src: str | os.PathLike | None, image_size: int, storage_options: dict[str, Any] | None = None
+    ) -> XCLIPProcessor:
+        """The processor to use with the model at ``src``: the one rule for checkpoints that lack files.
+
+        The checkpoint's own tokenizer files and ``preprocessor_config.json`` where it has them; else the
+        bundled CLIP vocabulary and a preprocessor for ``image_size`` (shortest edge and crop, X-CLIP's mean
+        and deviation). A single weights file (an original-release ``.pth``) or ``src=None`` (a model built in
+        memory) has no files of its own.
+        """
+        try:
+            tokenizer = CLIPTokenizer.from_pretrained(src, storage_options)
+        except FileNotFoundError:
+            tokenizer = CLIPTokenizer.from_pretrained()
+        try:
+            if src is None:
+                raise FileNotFoundError("a model built in memory has no preprocessor config")
+            preprocessor = VideoPreprocessor.from_pretrained(src, storage_options)
+        except (FileNotFoundError, NotADirectoryError):
+            preprocessor = VideoPreprocessor(size=image_size, crop_size=image_size)
+        return cls(tokenizer, preprocessor)
+
     def save_pretrained(
         self, directory: str | os.PathLike, storage_options: dict[str, Any] | None = None
     ) -> None:

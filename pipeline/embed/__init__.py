@@ -1,0 +1,1 @@
+"""The embed job: list -> decode -> encode -> write on Ray Data, then index -> publish (see ``job``)."""

@@ -1,0 +1,53 @@
+"""What an embed job is asked to do (:class:`EmbedOptions`, whose defaults the CLI shows) and reports."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..storage import StorageOptions
+
+
+@dataclass
+class EmbedOptions:
+    """Everything ``videosearch embed`` can set; ``None`` means "derive from the model or the cluster"."""
+
+    model: str | None = None  # checkpoint directory, URL or file; None: the bundled model
+    frames: int | None = None  # frames per video/segment; the model's own count by default
+    segment_s: float | None = None  # embed fixed-length segments instead of whole videos
+    batch_size: int = 4  # videos (segments) per encoder call
+    decoders: int | None = None  # decode actors
+    encoders: int | None = None  # encode actors
+    gpus_per_encoder: float | None = None  # 1 when the cluster has GPUs, else 0
+    address: str | None = None  # Ray address; None starts (or joins) a local Ray
+    storage: StorageOptions = field(default_factory=StorageOptions)
+
+
+@dataclass
+class EmbedSummary:
+    """What a finished job reports: counts, failures and speed."""
+
+    library: str
+    version: int
+    objects: int
+    ok: int
+    failed: int
+    segments: int
+    seconds: float
+    failures: list[dict[str, str]]
+
+    @property
+    def videos_per_s(self) -> float:
+        return self.objects / self.seconds if self.seconds > 0 else 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "videos_per_s": round(self.videos_per_s, 3)}
+
+    def text(self) -> str:
+        lines = [
+            f"library {self.library} version {self.version}: {self.objects} objects, {self.ok} embedded "
+            f"({self.segments} segments), {self.failed} failed, {self.seconds:.1f} s, "
+            f"{self.videos_per_s:.2f} videos/s"
+        ]
+        lines += [f"  failed: {f['uri']}: {f['error']}" for f in self.failures]
+        return "\n".join(lines)

@@ -1,0 +1,321 @@
+"""Decode stage: listed objects -> model-ready frames, one row per segment of each video (schema ``DECODED``).
+
+Videos are read with PyAV through the fsspec file object (``av.open(fs.open(path))``). s3fs files are
+seekable and fetch byte ranges on demand, so only the container index and the stretches of the stream that
+hold the sampled frames are downloaded. decord is not used here: its Python API reads a file object whole
+into memory before decoding (and builds its frame index by demuxing every packet), which for an object store
+means downloading every video entirely even when 8 frames of it are needed.
+
+The ``i``-th frame index of X-CLIP's sampling (:func:`segment_frame_indices`) stands for the time ``i / fps``;
+:class:`~pipeline.embed.stages.frame_reader.FrameReader` finds the frame shown then, seeking where that saves
+decoding.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import IO, Any
+
+import av
+import av.logging
+import numpy as np
+from av.container import InputContainer
+from av.video.stream import VideoStream
+from PIL import Image
+
+from xclip_core.sampling import segment_frame_indices, segments
+from xclip_core.video_transforms import VideoPreprocessor
+
+from ...library.schema import DECODED, LISTED
+from ...storage import StorageOptions, Store, translate_error
+from .frame_reader import DecodeError, FrameReader, check_size
+
+S3_BLOCK_SIZE = 1 << 20  # bytes fetched per ranged read of a remote object
+MAX_PIXELS = 8192 * 4320  # frames larger than 8K are refused, not decoded
+MAX_FORWARD_S = 1.0  # decode forward rather than seek when the next frame is at most this far ahead
+_IO_BUFFER_SIZE = 32 << 10  # bytes PyAV asks the file object for per read
+# demuxers whose "video" is a picture; the image ones read by content are all named "<codec>_pipe". (A GIF is
+# read as a video: animated GIFs are short clips.)
+_NOT_VIDEO = {"ico": "an image"}  # demuxers that probe by content and find no video (images: *_pipe)
+_INT_COLUMNS = ("segment", "frame_count", "width", "height")
+_FLOAT_COLUMNS = ("start_s", "end_s", "duration_s", "fps")
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How videos are decoded: the same for every video of a job.
+
+    ``num_frames`` frames per video (or per segment of ``segment_s`` seconds), resized and centre-cropped by
+    ``preprocessor.resize_crop``; a JPEG thumbnail whose shorter side is ``thumbnail_size``; frames larger
+    than ``max_pixels`` refused; seeking only when the next frame wanted lies more than ``max_forward_s``
+    ahead.
+    """
+
+    num_frames: int
+    preprocessor: VideoPreprocessor
+    segment_s: float | None = None
+    thumbnail_size: int = 160
+    max_pixels: int = MAX_PIXELS
+    max_forward_s: float = MAX_FORWARD_S
+
+    @property
+    def frames_shape(self) -> tuple[int, int, int, int]:
+        """The shape of one row's ``frames``: (num_frames, crop height, crop width, 3)."""
+        height, width = self.preprocessor.crop_size
+        return self.num_frames, height, width, 3
+
+
+def open_video(video: Store, block_size: int = S3_BLOCK_SIZE) -> IO[bytes]:
+    """A seekable binary file object for the object ``video``. Remote objects fetch ``block_size`` ranges on
+    demand (``readahead`` cache: one block kept, no whole-file caching); storage failures raise
+    ``StorageError``."""
+    kwargs = {} if video.is_local else {"block_size": block_size, "cache_type": "readahead"}
+    return video.open("", "rb", **kwargs)
+
+
+def decode_video(
+    video: str | os.PathLike | Store | IO[bytes],
+    settings: DecodeSettings,
+    options: StorageOptions | None = None,
+) -> list[dict[str, Any]]:
+    """Decode one video into one row per segment (one row when ``settings.segment_s`` is None).
+
+    ``video`` is an object's URI (with ``options``) or :class:`~pipeline.storage.Store` (opened with
+    :func:`open_video`), or a seekable binary file object. Each row has the ``DECODED`` columns except the
+    listing's (``uri``, ``size``, ``etag``, ``mtime``), ``error`` None and ``frames`` uint8
+    ``settings.frames_shape``. A video that cannot be decoded raises :class:`DecodeError` (or the underlying
+    error; see :func:`error_reason`).
+    """
+    if isinstance(video, str | os.PathLike):
+        video = Store(video, options)
+    if isinstance(video, Store):
+        with open_video(video) as f:
+            return decode_video(f, settings)
+    if video.seek(0, os.SEEK_END) == 0:
+        raise DecodeError("empty object")
+    video.seek(0)
+    with _open_container(video) as container:
+        stream = _video_stream(container, settings.max_pixels)
+        timing = _header_timing(container, stream)
+        if timing is not None:
+            return _decode_segments(container, stream, timing, settings)
+        timing = _scan_timing(container, stream)  # the header lacks duration or rate: read every packet
+    video.seek(0)  # and start over (raw streams cannot seek back)
+    with _open_container(video) as container:
+        return _decode_segments(container, _video_stream(container, settings.max_pixels), timing, settings)
+
+
+def error_reason(exc: BaseException, uri: str = "", options: StorageOptions | None = None) -> str:
+    """The short human-readable reason stored in ``error`` for an exception raised by :func:`decode_video`."""
+    if isinstance(exc, DecodeError):
+        return str(exc)
+    if isinstance(exc, av.error.FFmpegError):
+        return f"truncated or corrupt: {_ffmpeg_message(exc)}"
+    translated = translate_error(exc, uri, "reading", options)
+    if translated is not exc:
+        return str(translated)
+    return f"{type(exc).__name__}: {exc}"
+
+
+class DecodeVideos:
+    """Ray Data ``map_batches`` callable: a batch of listed rows -> a batch of ``DECODED`` rows.
+
+    Constructed once per actor. Every video gives one row per segment, or exactly one error row (zero frames,
+    empty thumbnail, NaN times, zero sizes, ``error`` set) when anything about it fails: one bad object never
+    fails the batch.
+
+    A crash in native decoder code kills the process, not just the call. ``crash_ledger`` (any object with
+    ``begin(uri) -> int``, the number of earlier unfinished attempts, and ``end(uri)``) survives the actor:
+    a video that was begun ``max_tries`` times without ending becomes an error row instead of a new crash.
+    """
+
+    def __init__(
+        self,
+        settings: DecodeSettings,
+        storage_options: StorageOptions | None = None,
+        crash_ledger: Any = None,
+        max_tries: int = 3,
+    ):
+        self.settings = settings
+        self.storage_options = storage_options
+        self.crash_ledger = crash_ledger
+        self.max_tries = max_tries
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Decode every video of ``batch`` (columns ``uri``, ``size``, ``etag``, ``mtime``)."""
+        listed = {name: np.asarray(batch[name]) for name in LISTED}
+        sources: list[int] = []  # the input row of each output row
+        rows: list[dict[str, Any]] = []
+        for i, uri in enumerate(listed["uri"]):
+            tries = self.crash_ledger.begin(str(uri)) if self.crash_ledger is not None else 0
+            try:
+                if tries >= self.max_tries:
+                    raise DecodeError(f"the decoder crashed on this video {tries} times; not retried")
+                if listed["size"][i] == 0:
+                    raise DecodeError("empty object")
+                decoded = decode_video(Store(str(uri), self.storage_options), self.settings)
+            except Exception as e:  # noqa: BLE001 - any failure becomes this video's error row
+                decoded = [self._error_row(error_reason(e, str(uri), self.storage_options))]
+            if self.crash_ledger is not None:
+                self.crash_ledger.end(str(uri))
+            rows.extend(decoded)
+            sources.extend([i] * len(decoded))
+        out: dict[str, np.ndarray] = {name: column[sources] for name, column in listed.items()}
+        for name in DECODED[len(LISTED) :]:
+            values = [row[name] for row in rows]
+            if name == "frames":
+                empty = np.zeros((0, *self.settings.frames_shape), np.uint8)
+                out[name] = np.stack(values) if values else empty
+            elif name in _INT_COLUMNS:
+                out[name] = np.array(values, dtype=np.int64)
+            elif name in _FLOAT_COLUMNS:
+                out[name] = np.array(values, dtype=np.float64)
+            else:  # bytes and optional strings: object arrays (numpy's own bytes type would strip b"\0")
+                out[name] = np.empty(len(values), dtype=object)
+                out[name][:] = values
+        return out
+
+    def _error_row(self, reason: str) -> dict[str, Any]:
+        row: dict[str, Any] = dict.fromkeys(_INT_COLUMNS, 0) | dict.fromkeys(_FLOAT_COLUMNS, math.nan)
+        frames = np.zeros(self.settings.frames_shape, np.uint8)
+        return row | {"frames": frames, "thumbnail": b"", "error": reason}
+
+
+def _open_container(file: IO[bytes]) -> InputContainer:
+    """``av.open`` with FFmpeg's error messages captured, so a failure can say what was wrong.
+
+    The format is probed by content only: given the file's name, FFmpeg would also trust its extension and
+    take random bytes called ``x.mp4`` for a broken MP4. FFmpeg logging is enabled (level ERROR) only while
+    the container opens: stream probing decodes with one thread, while logging from decoder threads into
+    Python can deadlock. PyAV drops a message equal to the previous one; here every message counts (the
+    second truncated file in a worker logs what the first did).
+    """
+    level, skip_repeated = av.logging.get_level(), av.logging.get_skip_repeated()
+    av.logging.set_level(av.logging.ERROR)
+    av.logging.set_skip_repeated(False)
+    try:
+        with av.logging.Capture() as logs:
+            unnamed = SimpleNamespace(read=file.read, seek=file.seek, tell=file.tell)
+            return av.open(unnamed, "r", buffer_size=_IO_BUFFER_SIZE)
+    except av.error.FFmpegError as e:
+        if logs:  # a demuxer recognised the data and then failed on it
+            raise DecodeError(f"truncated or corrupt: {_ffmpeg_message(e, logs[-1])}") from e
+        raise DecodeError("not a video: unrecognised format") from e
+    finally:
+        av.logging.set_level(level)
+        av.logging.set_skip_repeated(skip_repeated)
+
+
+def _ffmpeg_message(exc: av.error.FFmpegError, log: tuple[int, str, str] | None = None) -> str:
+    """FFmpeg's own message for ``exc``: the logged one (more specific) if there is one."""
+    log = log or (exc.log[1] if exc.log else None)
+    return log[2].strip() if log else str(exc.strerror)
+
+
+def _video_stream(container: InputContainer, max_pixels: int) -> VideoStream:
+    if not container.streams.video:
+        raise DecodeError("not a video: no video stream")
+    name = container.format.name
+    kind = "an image" if name.endswith("_pipe") else _NOT_VIDEO.get(name)
+    if kind:
+        raise DecodeError(f"not a video: {kind} ({name.removesuffix('_pipe')})")
+    stream = container.streams.video[0]
+    check_size(stream.codec_context.width, stream.codec_context.height, max_pixels)
+    stream.codec_context.thread_count = 1  # one decoder thread per worker: Ray gives each actor its CPUs
+    return stream
+
+
+def _header_timing(container: InputContainer, stream: VideoStream) -> tuple[float, float, int] | None:
+    """``(duration_s, fps, frame_count)`` from the header (a frame count inconsistent with duration and rate
+    is replaced by their product), ``None`` if two of the three are unknown."""
+    fps = float(stream.average_rate or stream.guessed_rate or 0)
+    if stream.duration:
+        duration = float(stream.duration * stream.time_base)
+    else:
+        duration = container.duration / av.time_base if container.duration else 0.0
+    count = stream.frames
+    if fps > 0 and duration > 0:
+        estimate = max(1, round(duration * fps))
+        if not count or abs(count - estimate) > max(2, 0.05 * estimate):  # missing or wrong
+            count = estimate
+    elif count and fps > 0:
+        duration = count / fps
+    elif count and duration > 0:
+        fps = count / duration
+    else:
+        return None
+    return max(duration, count / fps), fps, count
+
+
+def _scan_timing(container: InputContainer, stream: VideoStream) -> tuple[float, float, int]:
+    """``(duration_s, fps, frame_count)`` by demuxing all of the stream's packets (reads the whole file)."""
+    start, end, count = stream.start_time or 0, None, 0
+    for packet in container.demux(stream):
+        if packet.size:
+            count += 1
+            if packet.pts is not None:
+                end = max(end or 0, packet.pts + (packet.duration or 0))
+    if count == 0:
+        raise DecodeError("no decodable frames")
+    if end is not None and end > start:
+        duration = float((end - start) * stream.time_base)
+        return duration, count / duration, count
+    rate = stream.average_rate or stream.guessed_rate  # no timestamps at all (raw streams)
+    if not rate:
+        raise DecodeError("unknown frame rate and duration")
+    return count / float(rate), float(rate), count
+
+
+def _decode_segments(
+    container: InputContainer, stream: VideoStream, timing: tuple[float, float, int], settings: DecodeSettings
+) -> list[dict[str, Any]]:
+    duration, fps, frame_count = timing
+    reader = FrameReader(container, stream, fps, settings.max_pixels, settings.max_forward_s)
+    segment_s = settings.segment_s
+    windows = segments(duration, segment_s) if segment_s else [(0.0, duration)]
+    rows = []
+    for number, (start_s, end_s) in enumerate(windows):
+        first = min(math.ceil(start_s * fps - 1e-6), frame_count - 1)
+        last = frame_count if number == len(windows) - 1 else math.ceil(end_s * fps - 1e-6)
+        indices = segment_frame_indices(frame_count, settings.num_frames, first, max(last, first + 1))
+        frames = [reader.rgb_at(i / fps) for i in indices]
+        height, width = frames[0].shape[:2]
+        rows.append(
+            {
+                "segment": number,
+                "start_s": start_s,
+                "end_s": end_s,
+                "duration_s": duration,
+                "fps": fps,
+                "frame_count": frame_count,
+                "width": width,
+                "height": height,
+                "frames": _resize_crop(settings.preprocessor, frames),
+                "thumbnail": _thumbnail(frames[len(frames) // 2], settings.thumbnail_size),
+                "error": None,
+            }
+        )
+    return rows
+
+
+def _resize_crop(preprocessor: VideoPreprocessor, frames: list[np.ndarray]) -> np.ndarray:
+    if len({f.shape for f in frames}) == 1:
+        return preprocessor.resize_crop(np.stack(frames)).numpy()
+    # the resolution changed within the segment: resize each frame on its own (same result per frame)
+    return np.concatenate([preprocessor.resize_crop(f[None]).numpy() for f in frames])
+
+
+def _thumbnail(frame: np.ndarray, size: int) -> bytes:
+    """JPEG (quality 80) of ``frame`` with its shorter side resized to ``size``."""
+    height, width = frame.shape[:2]
+    scale = size / min(height, width)
+    image = Image.fromarray(frame).resize(
+        (max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BILINEAR
+    )
+    out = io.BytesIO()
+    image.save(out, "JPEG", quality=80)
+    return out.getvalue()

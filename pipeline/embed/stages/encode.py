@@ -1,0 +1,115 @@
+"""Encode stage: decoded rows (uint8 frames) -> video embeddings and re-rank features, with any model family.
+
+One :class:`EncodeFrames` per actor holds the model (:func:`pipeline.models.load_model`); Ray Data calls it on
+numpy batches (dict of columns). Rows whose ``error`` is not ``None`` pass through with zero embeddings; rows
+whose frames do not fit the model become error rows. Nothing in a batch makes the stage raise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ...models import load_model
+from ...storage import StorageOptions
+
+
+class ModelLoadError(RuntimeError):
+    """The model source could not be loaded: missing, unreadable, or not a checkpoint of a known family."""
+
+
+class EncodeFrames:
+    """Ray Data callable: drops ``frames``, adds ``embedding``, ``prompt_features`` and ``model_id``.
+
+    ``embedding`` is float32 ``(rows, P)``, L2-normalized; ``prompt_features`` (the re-rank features, only
+    for a family that has them) float16 ``(rows, *rerank_shape)``; ``model_id`` is the identity's tag on
+    every row. The model runs on ``device`` ("auto": CUDA if available, else CPU), in bfloat16 (float16 where
+    bfloat16 is not supported) on CUDA and float32 on CPU, over sub-batches of at most ``batch_size`` videos.
+    ``threads`` sets torch's CPU thread count if given.
+
+    Attributes: ``identity`` (the hash is of the float32 weights as loaded, so CPU and GPU actors agree);
+    ``frame_shape`` = the ``(T, crop, crop, 3)`` the model takes; ``embedding_dim`` and ``rerank_shape``.
+    """
+
+    def __init__(
+        self,
+        model_src: str | None,
+        storage_options: StorageOptions | None = None,
+        device: str = "auto",
+        batch_size: int = 8,
+        threads: int | None = None,
+    ):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if threads:
+            torch.set_num_threads(threads)
+        try:
+            model = load_model(model_src, storage_options)
+            self.preprocessor = model.preprocessor
+        except Exception as e:
+            raise ModelLoadError(f"cannot load the model from {model_src!r}: {e}") from e
+        self.identity = model.identity
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.dtype = compute_dtype(self.device)
+        self.model = model.to(self.device, self.dtype)
+        self.batch_size = batch_size
+
+        height, width = self.preprocessor.crop_size
+        self.frame_shape = (model.num_frames, height, width, 3)
+        self.embedding_dim = model.embedding_dim
+        self.rerank_shape = model.rerank_shape
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Encode the batch's good rows; see the class docstring for the columns."""
+        errors = np.array(batch["error"], dtype=object)  # a copy: frame problems are added to it
+        frames = batch["frames"]
+        rows = len(errors)
+        for i in range(rows):
+            if errors[i] is None:
+                errors[i] = self._check(frames[i])
+        good = [i for i in range(rows) if errors[i] is None]
+        embedding = np.zeros((rows, self.embedding_dim), np.float32)
+        rerank = np.zeros((rows, *self.rerank_shape), np.float16) if self.rerank_shape else None
+        for start in range(0, len(good), self.batch_size):
+            chunk = good[start : start + self.batch_size]
+            embedding[chunk], features = self._encode(np.stack([frames[i] for i in chunk]))
+            if rerank is not None:
+                rerank[chunk] = features
+        out = {name: column for name, column in batch.items() if name != "frames"}
+        out.update(error=errors, embedding=embedding, model_id=np.full(rows, self.identity.tag, dtype=object))
+        if rerank is not None:
+            out["prompt_features"] = rerank
+        return out
+
+    def _check(self, frames: Any) -> str | None:
+        """Why ``frames`` cannot go into the model, or ``None`` if they can."""
+        shape, dtype = tuple(getattr(frames, "shape", ())), getattr(frames, "dtype", type(frames).__name__)
+        if shape == self.frame_shape and dtype == np.uint8:
+            return None
+        return (
+            f"frames are {dtype} {shape}, the model takes uint8 {self.frame_shape} (frames, crop, crop, RGB):"
+            " the decoder's frame count or crop size does not match the model"
+        )
+
+    @torch.inference_mode()
+    def _encode(self, videos: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """uint8 ``(B, T, H, W, 3)`` -> normalized embeddings float32 ``(B, P)``, re-rank features float16
+        (or ``None``)."""
+        frames = torch.from_numpy(videos).to(self.device)  # uint8 crosses to the GPU: a quarter of float32
+        pixels = self.preprocessor.normalize(frames.flatten(0, 1)).unflatten(0, frames.shape[:2])
+        embedding, rerank = self.model.encode_videos(pixels.to(self.dtype))
+        embedding = F.normalize(embedding.float(), dim=-1).cpu().numpy()
+        return embedding, None if rerank is None else rerank.to(torch.float16).cpu().numpy()
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """float32 on CPU; on CUDA bfloat16 where the GPU supports it natively, else float16."""
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16

@@ -1,0 +1,152 @@
+"""Reading the frames a sampling wants from a video stream: forward decoding, seeking over long gaps.
+
+Frames are chosen by time: the frame shown at time ``t`` is the first decoded frame whose time is at least
+``t`` minus half a frame period (``fps`` the stream's average rate, times relative to the stream start). For a
+constant-frame-rate video this is exactly frame ``round(t * fps)``; for a variable-frame-rate one it samples
+uniformly in time. (AVI has no presentation timestamps: its frames are counted.)
+
+Seeking: the decoder runs forward and seeks (to the keyframe at or before the next frame wanted) only where
+that skips decoding: in containers with a keyframe index (MP4/MOV, Matroska/WebM), when the next frame wanted
+lies more than ``max_forward_s`` ahead and a keyframe lies between it and the current position. Elsewhere
+(MPEG-TS, AVI, raw streams) it only decodes forward. Unreferenced frames (most B-frames) before the next
+frame wanted are not decoded at all.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import av
+import numpy as np
+from av.container import InputContainer
+from av.video.stream import VideoStream
+
+INDEXED_FORMATS = {"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm"}  # FFmpeg demuxers with keyframe indexes
+UNTIMED_FORMATS = {"avi"}  # no presentation timestamps (with B-frames FFmpeg's guesses are out of order)
+
+
+class DecodeError(Exception):
+    """A video cannot be decoded; the message is the short reason stored in the row's ``error``."""
+
+
+def check_size(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise DecodeError(f"resolution {width}x{height} exceeds the limit of {max_pixels} pixels")
+
+
+class FrameReader:
+    """RGB frames of a video stream at non-decreasing times, decoding forward and seeking over long gaps."""
+
+    def __init__(
+        self,
+        container: InputContainer,
+        stream: VideoStream,
+        fps: float,
+        max_pixels: int,
+        max_forward_s: float,
+    ):
+        self.container, self.stream = container, stream
+        self.time_base = float(stream.time_base)
+        self.start = stream.start_time or 0
+        self.period = 1.0 / fps
+        self.max_pixels = max_pixels
+        # frames are timed by counting them (in display order) where the container has no timestamps
+        self.counted = container.format.name in UNTIMED_FORMATS
+        # seek only where the container has a keyframe index; elsewhere (MPEG-TS, raw streams) FFmpeg
+        # seeks by bisecting on timestamps and may land past keyframes, even when seeking to the start
+        self.max_forward_s = max_forward_s if container.format.name in INDEXED_FORMATS else math.inf
+        self.skip_before = -math.inf  # frames shown before this time are never picked: skip if unreferenced
+        self.frames = self._decode()
+        self.current: tuple[float, av.VideoFrame] | None = None  # the last decoded frame and its time
+        self.rgb: tuple[float, np.ndarray] | None = None  # the last converted frame
+
+    def rgb_at(self, target: float) -> np.ndarray:
+        """uint8 ``(H, W, 3)`` RGB, display rotation applied, of the first frame whose time is at least
+        ``target - period / 2`` (``target`` in seconds from the stream start, never decreasing)."""
+        earliest = target - self.period / 2
+        if self.current is None or self.current[0] < earliest:
+            self.skip_before = -math.inf if self.counted else target - self.period
+            if self._worth_seeking(target):
+                self._seek(target)
+            while self.current is None or self.current[0] < earliest:
+                if not self._advance():
+                    self._check_ended(target)
+                    break
+        time, frame = self.current
+        if self.rgb is None or self.rgb[0] != time:
+            self.rgb = time, to_rgb(frame, self.max_pixels)
+        return self.rgb[1]
+
+    def _decode(self) -> Iterator[av.VideoFrame]:
+        """Decode from the demuxer's position on. Frames that no other frame references (most B-frames) and
+        that are shown before ``skip_before`` are not decoded at all: that changes no other frame. (Never
+        where frames are counted: a skipped frame would not be counted.)"""
+        context = self.stream.codec_context
+        for packet in self.container.demux(self.stream):
+            early = packet.pts is not None and self._seconds(packet.pts) < self.skip_before
+            context.skip_frame = "NONREF" if early else "DEFAULT"
+            yield from packet.decode()
+
+    def _advance(self) -> bool:
+        frame = next(self.frames, None)
+        if frame is None:
+            return False
+        if frame.pts is not None and not self.counted:
+            time = self._seconds(frame.pts)
+        else:  # no timestamps: count frames, and never seek
+            time = self.current[0] + self.period if self.current else 0.0
+            self.max_forward_s = math.inf
+        self.current = time, frame
+        return True
+
+    def _check_ended(self, target: float) -> None:
+        """The stream ended before ``target``: the last frame stands in unless data is clearly missing."""
+        if self.current is None:
+            raise DecodeError("no decodable frames")
+        reached = self.current[0]
+        if target - reached > max(1.0, 2 * self.period):
+            raise DecodeError(
+                f"truncated or corrupt: video data ends at {reached:.2f} s, frame wanted at {target:.2f} s"
+            )
+
+    def _worth_seeking(self, target: float) -> bool:
+        if self.current is None or target - self.current[0] <= self.max_forward_s:
+            return False
+        index = self.stream.index_entries
+        if len(index) < 2:  # not loaded yet (Matroska reads its cues on the first seek): seek on distance
+            return True
+        # MP4 indexes decoding times, which precede presentation times by the reorder delay: by as much as
+        # the first entry precedes the stream start
+        lag = max(0, self.start - index[0].timestamp)
+        i = index.search_timestamp(self._pts(target) - lag, backward=True)
+        return i >= 0 and index[i].timestamp + lag > self._pts(self.current[0])
+
+    def _seek(self, target: float) -> None:
+        """Seek to the keyframe at or before ``target``. Should the demuxer land after the target (a broken
+        index), start over from the beginning and decode forward only."""
+        for pts in (self._pts(target), self.start):
+            self.container.seek(pts, stream=self.stream, backward=True)
+            self.frames = self._decode()
+            self.current = None
+            if self._advance() and self.current[0] <= target + self.period / 2:
+                return
+            self.max_forward_s = math.inf
+
+    def _pts(self, seconds: float) -> int:
+        return self.start + math.floor(seconds / self.time_base)
+
+    def _seconds(self, pts: int) -> float:
+        return (pts - self.start) * self.time_base
+
+
+def to_rgb(frame: av.VideoFrame, max_pixels: int) -> np.ndarray:
+    check_size(frame.width, frame.height, max_pixels)
+    rgb = frame.to_ndarray(format="rgb24")
+    if rgb.dtype != np.uint8 or rgb.shape != (frame.height, frame.width, 3) or min(rgb.shape) == 0:
+        raise DecodeError(
+            f"truncated or corrupt: decoded frame of shape {rgb.shape} for a "
+            f"{frame.width}x{frame.height} picture"
+        )
+    turns = round(frame.rotation / 90) % 4  # counter-clockwise, like np.rot90
+    return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb

@@ -1,0 +1,28 @@
+"""The versioned store of a collection's embedded rows and their search index (see ``manifest``)."""
+
+from .manifest import (
+    CURRENT,
+    ConcurrentWriteError,
+    LibraryError,
+    NotALibraryError,
+    PartInfo,
+    Version,
+    VersionNotFoundError,
+    list_versions,
+)
+from .reader import Library, parts_dataset
+from .writer import LibraryWriter
+
+__all__ = [
+    "CURRENT",
+    "ConcurrentWriteError",
+    "Library",
+    "LibraryError",
+    "LibraryWriter",
+    "NotALibraryError",
+    "PartInfo",
+    "Version",
+    "VersionNotFoundError",
+    "list_versions",
+    "parts_dataset",
+]

@@ -1,0 +1,134 @@
+"""A library's versions: manifests, their format, and the errors of opening one.
+
+Layout under the library root (any :class:`~pipeline.storage.Store`)::
+
+    parts/part-<uuid>.parquet   rows with the schema pipeline.library.schema.part_schema(...)
+    index/<uuid>.faiss          the FAISS index of one version (row ids -> embeddings)
+    versions/<n>.json           the manifest of version n (see LibraryWriter.prepare)
+    _current                    "n": the published version, the only object ever replaced
+
+Everything but ``_current`` is immutable once written, and versions are numbered from 1. A reader reads
+``_current`` once, then only immutable files: writers never disturb it, and any published version stays
+readable by number.
+
+Manifest formats: 1 named the model ``{"id", "sha256"}``; 2 names it by its identity ``{"source", "sha256",
+"family"}`` and allows libraries without re-rank features (``prompt_shape`` null). Readers read both.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from xclip_core.identity import ModelIdentity
+
+from ..storage import ObjectNotFound, Store
+
+FORMAT = 2  # manifest format written; readers refuse newer ones
+CURRENT = "_current"
+VERSIONS = "versions"
+
+
+class LibraryError(Exception):
+    """A library is missing, damaged, or could not be updated."""
+
+
+class NotALibraryError(LibraryError):
+    """There is no library at the URI (no ``_current``)."""
+
+
+class VersionNotFoundError(LibraryError):
+    """The library has no such version."""
+
+
+class ConcurrentWriteError(LibraryError):
+    """Another writer published a version after this writer's base version: re-run on the new one."""
+
+
+@dataclass(frozen=True)
+class PartInfo:
+    """A part file: its path relative to the library root, its rows, and how many of them are ok / errors."""
+
+    path: str
+    rows: int
+    ok: int
+    errors: int
+
+
+@dataclass(frozen=True)
+class Version:
+    """One version of a library: its number and manifest.
+
+    ``token`` is the version token of the ``_current`` that named it, as read: what a writer starting from
+    this version compares against. ``None`` for a version opened by number (it cannot be a base then).
+    """
+
+    number: int
+    manifest: dict[str, Any]
+    token: str | None = None
+
+    @property
+    def parts(self) -> list[PartInfo]:
+        """The version's part files."""
+        return [PartInfo(**part) for part in self.manifest["parts"]]
+
+    @property
+    def model(self) -> ModelIdentity:
+        """The model that made the version's embeddings."""
+        return ModelIdentity.from_dict(self.manifest["model"])
+
+    @property
+    def rerank_shape(self) -> tuple[int, int] | None:
+        """The shape of one row's re-rank features; ``None`` for a model family without them."""
+        shape = self.manifest.get("prompt_shape")
+        return tuple(shape) if shape else None
+
+
+def manifest_name(number: int) -> str:
+    return f"{VERSIONS}/{number}.json"
+
+
+def list_versions(root: Store) -> list[int]:
+    """The numbers of all manifests in the library, ascending (``[]`` if none).
+
+    This includes the manifests of writers that crashed or lost a race before publishing: complete but
+    never current. ``_current`` says which version is published.
+    """
+    stems = (name.removesuffix(".json") for name in root.names(VERSIONS) if name.endswith(".json"))
+    return sorted(int(stem) for stem in stems if stem.isdigit())
+
+
+def current_version(root: Store) -> Version | None:
+    """The published version of the library at ``root`` (a writer's base); ``None`` if there is none."""
+    try:
+        data, token = root.read_with_token(CURRENT)
+    except ObjectNotFound:
+        return None
+    number = int(data)
+    return Version(number, read_manifest(root, number, named_by_current=True), token)
+
+
+def read_manifest(root: Store, number: int, named_by_current: bool = False) -> dict[str, Any]:
+    """Version ``number``'s manifest; errors say what the library has instead."""
+    try:
+        manifest = json.loads(root.read_bytes(manifest_name(number)))
+    except ObjectNotFound:
+        if named_by_current:
+            message = f"{root.uri} is damaged: {CURRENT} names version {number}, which has no manifest"
+            raise LibraryError(message) from None
+        available = list_versions(root)
+        if not available:
+            raise NotALibraryError(
+                f"{root.uri} is not a videosearch library (it has no versions); "
+                f"create one with `videosearch embed <videos> {root.uri}`"
+            ) from None
+        raise VersionNotFoundError(
+            f"{root.uri} has no version {number}; available versions: {', '.join(map(str, available))}"
+        ) from None
+    if manifest.get("format", 0) > FORMAT:
+        raise LibraryError(
+            f"{root.uri} version {number} has manifest format {manifest['format']}, this program reads up to "
+            f"{FORMAT}: upgrade videosearch"
+        )
+    return manifest

@@ -1,0 +1,144 @@
+"""Reading a library: one version's rows, its index and its model identity. Pure storage and data, no model.
+
+See :mod:`pipeline.library.manifest` for the layout and the versioning rules.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from xclip_core.identity import ModelIdentity
+
+from ..storage import StorageOptions, Store, as_store
+from .index import deserialize
+from .manifest import (
+    CURRENT,
+    NotALibraryError,
+    PartInfo,
+    Version,
+    current_version,
+    list_versions,
+    read_manifest,
+)
+from .schema import part_schema
+
+
+def parts_dataset(root: Store, parts: list[PartInfo], schema: pa.Schema) -> ds.Dataset:
+    """The part files of a library as one Arrow dataset (read only the columns you need)."""
+    return ds.dataset([root.path(p.path) for p in parts], schema=schema, format="parquet", filesystem=root.fs)
+
+
+class Library:
+    """One version of a library, for reading.
+
+    Open with :meth:`open`; ``Library(location, version, options)`` wraps a :class:`Version` already at hand.
+    ``location`` is a URI (with ``options``) or a :class:`~pipeline.storage.Store`.
+    """
+
+    def __init__(
+        self, location: str | Store, version: Version, options: StorageOptions | None = None
+    ) -> None:
+        self.store = as_store(location, options)
+        self.snapshot = version
+        self._index: faiss.Index | None = None
+
+    @classmethod
+    def open(
+        cls, location: str | Store, options: StorageOptions | None = None, version: int | None = None
+    ) -> Library:
+        """The current version of the library at ``location``, or version ``version``.
+
+        Raises :class:`NotALibraryError` when it holds no library, :class:`VersionNotFoundError` (listing the
+        available versions) when it has no version ``version``, and ``StorageError`` when storage fails.
+        """
+        store = as_store(location, options)
+        if version is not None:
+            return cls(store, Version(version, read_manifest(store, version)))
+        current = current_version(store)
+        if current is None:
+            raise NotALibraryError(
+                f"{store.uri} is not a videosearch library (it has no {CURRENT}); "
+                f"create one with `videosearch embed <videos> {store.uri}`"
+            )
+        return cls(store, current)
+
+    @staticmethod
+    def current_version(location: str | Store, options: StorageOptions | None = None) -> Version | None:
+        """The published version of the library at ``location`` (a writer's base); ``None`` if none."""
+        return current_version(as_store(location, options))
+
+    @property
+    def uri(self) -> str:
+        return self.store.uri
+
+    @property
+    def options(self) -> StorageOptions:
+        return self.store.options
+
+    @property
+    def version(self) -> int:
+        """The version number."""
+        return self.snapshot.number
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        """The version's manifest (see :meth:`LibraryWriter.prepare`)."""
+        return self.snapshot.manifest
+
+    @property
+    def model(self) -> ModelIdentity:
+        """The model that made the embeddings."""
+        return self.snapshot.model
+
+    @property
+    def rerank_shape(self) -> tuple[int, int] | None:
+        """The shape of one row's re-rank features; ``None`` when the model family has none."""
+        return self.snapshot.rerank_shape
+
+    @property
+    def schema(self) -> pa.Schema:
+        """The schema of the version's rows."""
+        return part_schema(self.manifest["embedding_dim"], self.rerank_shape)
+
+    @cached_property
+    def _dataset(self) -> ds.Dataset:
+        return parts_dataset(self.store, self.snapshot.parts, self.schema)
+
+    def table(self, columns: list[str] | None = None) -> pa.Table:
+        """All rows of the version, part after part; only ``columns`` if given (e.g. all but
+        ``prompt_features`` for a listing)."""
+        return self._dataset.to_table(columns=columns)
+
+    def rows_by_id(self, ids: np.ndarray | list[int], columns: list[str] | None = None) -> pa.Table:
+        """The rows with ``ids``, in that order (repeated ids give repeated rows); only ``columns`` if given.
+
+        Reads only the requested columns, and filters by id as it reads. Raises ``KeyError`` for ids that
+        the version does not have (such as the -1 of a search with fewer results than asked).
+        """
+        wanted = pa.array(np.asarray(ids, dtype=np.int64).reshape(-1))
+        names = self.schema.names if columns is None else list(columns)
+        found = self._dataset.to_table(
+            columns=names if "id" in names else [*names, "id"], filter=pc.field("id").isin(wanted)
+        )
+        positions = pc.index_in(wanted, value_set=found["id"])
+        if positions.null_count:
+            missing = pc.filter(wanted, pc.is_null(positions)).to_pylist()
+            raise KeyError(f"{self.uri} version {self.version} has no rows with ids {missing[:20]}")
+        return found.take(positions).select(names)
+
+    def index(self) -> faiss.Index:
+        """The version's FAISS index (read once, then cached). Shared: to update it, deserialize a copy."""
+        if self._index is None:
+            self._index = deserialize(self.store.read_bytes(self.manifest["index"]["path"]))
+        return self._index
+
+    def versions(self) -> list[int]:
+        """All version numbers of the library (see :func:`~pipeline.library.manifest.list_versions`)."""
+        return list_versions(self.store)

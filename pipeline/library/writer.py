@@ -1,0 +1,209 @@
+"""Writing a library: part files, then a version published by compare-and-swap.
+
+Publishing (:meth:`LibraryWriter.publish`) writes the parts, then the index, then the manifest (created only
+if ``versions/<n>.json`` does not exist yet), then replaces ``_current`` with a compare-and-swap against the
+``_current`` the writer started from. That last write is the commit: a writer that stops before it leaves the
+previous version current, and of two writers that started from the same version exactly one publishes; the
+other gets :class:`ConcurrentWriteError`. A manifest whose writer crashed or lost never becomes current, but
+its number stays taken (and listed by ``list_versions``); the next writer takes the next free number.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import uuid
+from dataclasses import asdict
+from datetime import datetime, timezone
+from typing import Any
+
+import faiss
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from xclip_core.identity import ModelIdentity
+
+from ..storage import PreconditionFailed, StorageOptions, Store, as_store
+from .index import kind_of, serialize
+from .manifest import CURRENT, FORMAT, ConcurrentWriteError, PartInfo, Version, manifest_name
+from .reader import parts_dataset
+from .schema import part_schema
+
+ROW_GROUP_ROWS = 1024  # rows per Parquet row group: the unit rows_by_id can skip by id statistics
+
+
+class LibraryWriter:
+    """Writes part files and publishes versions of the library at ``location`` (a URI with ``options``, or
+    a :class:`~pipeline.storage.Store`).
+
+    ``embedding_dim`` and ``prompt_shape`` (the re-rank features' shape, ``None`` for a model family without
+    them) fix the part schema (``part_schema``) that every part must have. Typical use::
+
+        base = Library.current_version(uri)         # None for a new library
+        parts = base.parts + [writer.write_part(table) for table in tables]
+        version = writer.publish(parts, index, model, base)
+    """
+
+    def __init__(
+        self,
+        location: str | Store,
+        options: StorageOptions | None = None,
+        *,
+        embedding_dim: int,
+        prompt_shape: tuple[int, int] | None,
+    ) -> None:
+        self.store = as_store(location, options)
+        self.embedding_dim = embedding_dim
+        self.prompt_shape = tuple(prompt_shape) if prompt_shape else None
+        self.schema = part_schema(embedding_dim, self.prompt_shape)
+        self.writer_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+    @property
+    def uri(self) -> str:
+        return self.store.uri
+
+    def write_part(self, table: pa.Table) -> PartInfo:
+        """Write ``table`` as a new part file; it is no part of any version until a version lists it.
+
+        The table must have exactly the part schema's columns (in any order); column types are cast to the
+        schema's (e.g. variable-size lists of the right length to fixed-size ones). Raises ``ValueError``
+        when columns are missing, extra or cannot be cast, or when an id is null.
+        """
+        names, expected = set(table.column_names), set(self.schema.names)
+        if names != expected or len(names) != table.num_columns:
+            raise ValueError(
+                f"part columns must be exactly {self.schema.names}; missing {sorted(expected - names)}, "
+                f"unexpected or repeated {sorted(names - expected) or table.column_names}"
+            )
+        columns = []
+        for field in self.schema:
+            try:
+                columns.append(table[field.name].cast(field.type))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                raise ValueError(f"part column {field.name!r} cannot be cast to {field.type}: {e}") from e
+        table = pa.Table.from_arrays(columns, schema=self.schema)
+        if table["id"].null_count:
+            raise ValueError("every part row needs an id")
+        path = f"parts/part-{uuid.uuid4().hex}.parquet"
+        with self.store.errors("writing", path), self.store.open(path, "wb") as f:  # S3 uploads at close
+            pq.write_table(table, f, row_group_size=ROW_GROUP_ROWS)
+        errors = table.num_rows - table["error"].null_count
+        return PartInfo(path, table.num_rows, table.num_rows - errors, errors)
+
+    def publish(
+        self,
+        parts: list[PartInfo],
+        index: faiss.Index,
+        model: ModelIdentity,
+        base: Version | None,
+        extra: dict[str, Any] | None = None,
+    ) -> Version:
+        """Publish a version made of ``parts`` (all of its rows: keep the base's parts that stay) and
+        ``index`` (the embeddings of their ok rows, under their ids), on top of ``base`` (``None`` for the
+        first version). Returns the new version, which can be the base of the next publish.
+
+        Raises :class:`ConcurrentWriteError` if another writer published after ``base``; what this call wrote
+        then never becomes current. The steps are :meth:`prepare`, :meth:`claim` and :meth:`set_current`.
+        """
+        manifest = self.prepare(parts, index, model, base, extra)
+        return self.set_current(self.claim(manifest, base), base)
+
+    def prepare(
+        self,
+        parts: list[PartInfo],
+        index: faiss.Index,
+        model: ModelIdentity,
+        base: Version | None,
+        extra: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Check the parts and the index, write the index file, and return the new version's manifest
+        (its ``"version"`` still ``None``). An example manifest::
+
+            {"format": 2, "version": 2, "parent": 1, "created": "2025-05-01T12:00:00+00:00",
+             "writer": "host:4242:1a2b3c4d",
+             "model": {"source": "/models/xclip-base-patch32", "sha256": "...", "family": "xclip"},
+             "embedding_dim": 512, "prompt_shape": [49, 512],
+             "index": {"path": "index/<uuid>.faiss", "kind": "flat", "ntotal": 9},
+             "parts": [{"path": "parts/part-<uuid>.parquet", "rows": 10, "ok": 9, "errors": 1}],
+             "counts": {"videos": 4, "segments": 9, "ok": 3, "failed": 1}, "next_id": 10, "extra": {}}
+
+        ``counts``: distinct videos (``uri``), rows with an embedding, videos without / with an error row.
+        ``next_id``: the smallest id that no version up to this one has used. ``prompt_shape``: the re-rank
+        features' shape, ``null`` for a model family without them.
+        """
+        if base is not None and base.token is None:
+            raise ValueError(
+                f"version {base.number} was opened by number: publish on top of the current version instead"
+            )
+        if not isinstance(model, ModelIdentity):
+            raise ValueError(f"model must be a ModelIdentity (where the weights came from), got {model!r}")
+        if index.d != self.embedding_dim:
+            raise ValueError(f"the index has dimension {index.d}, the parts' embeddings {self.embedding_dim}")
+        dataset = parts_dataset(self.store, parts, self.schema)
+        rows = dataset.to_table(columns=["id", "uri", "error"])
+        segments = rows["error"].null_count  # rows without an error have an embedding
+        if index.ntotal != segments:
+            raise ValueError(f"the index holds {index.ntotal} vectors, the parts have {segments} embeddings")
+        videos = pc.count_distinct(rows["uri"]).as_py()
+        failed = pc.count_distinct(pc.filter(rows["uri"], pc.is_valid(rows["error"]))).as_py()
+        max_id = pc.max(rows["id"]).as_py()
+        next_id = max(base.manifest["next_id"] if base else 0, 0 if max_id is None else max_id + 1)
+
+        index_path = f"index/{uuid.uuid4().hex}.faiss"
+        self.store.write_bytes(index_path, serialize(index))
+        return {
+            "format": FORMAT,
+            "version": None,
+            "parent": base.number if base else None,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "writer": self.writer_id,
+            "model": model.to_dict(),
+            "embedding_dim": self.embedding_dim,
+            "prompt_shape": list(self.prompt_shape) if self.prompt_shape else None,
+            "index": {"path": index_path, "kind": kind_of(index), "ntotal": index.ntotal},
+            "parts": [asdict(part) for part in parts],
+            "counts": {"videos": videos, "segments": segments, "ok": videos - failed, "failed": failed},
+            "next_id": next_id,
+            "extra": extra or {},
+        }
+
+    def claim(self, manifest: dict[str, Any], base: Version | None) -> Version:
+        """Write ``manifest`` as ``versions/<n>.json`` for the first free n after ``base``; not published yet.
+
+        A number whose manifest exists is skipped while ``_current`` still names ``base`` (its writer crashed,
+        or is publishing too: ``_current`` decides between us); once ``_current`` has moved, we lost.
+        """
+        number = (base.number if base else 0) + 1
+        while True:
+            claimed = {**manifest, "version": number}
+            try:
+                self.store.put_if(manifest_name(number), json.dumps(claimed, indent=1).encode(), None)
+                return Version(number, claimed)
+            except PreconditionFailed:
+                if self.store.current_token(CURRENT) != (base.token if base else None):
+                    raise self._lost(base) from None
+                number += 1
+
+    def set_current(self, version: Version, base: Version | None) -> Version:
+        """Publish ``version`` (from :meth:`claim`): replace ``_current`` if it still names ``base``.
+
+        If it does not, but names ``version`` already (a retried request that had succeeded), that is
+        success too; otherwise raises :class:`ConcurrentWriteError`.
+        """
+        try:
+            token = self.store.put_if(CURRENT, str(version.number).encode(), base.token if base else None)
+        except PreconditionFailed:
+            data, token = self.store.read_with_token(CURRENT)
+            if int(data) != version.number:
+                raise self._lost(base) from None
+        return Version(version.number, version.manifest, token)
+
+    def _lost(self, base: Version | None) -> ConcurrentWriteError:
+        published = int(self.store.read_bytes(CURRENT))
+        since = f"version {base.number}" if base else "the start"
+        return ConcurrentWriteError(
+            f"another writer published version {published} of {self.uri} meanwhile (this one started from "
+            f"{since}); re-run"
+        )

@@ -1,0 +1,1 @@
+"""Synthetic captioned videos, the bundled model's recipe, and the demo."""

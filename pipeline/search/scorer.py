@@ -1,0 +1,68 @@
+"""The exact score of stored videos against texts: one implementation for search (stage 2) and eval.
+
+X-CLIP's score conditions each text on each video (the video-specific prompt generator) from the re-rank
+features stored per row, so no video is decoded again. A model family without re-rank features
+(``rerank_shape`` None) is scored by the plain cosine of the stored embedding and the text embedding.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+import torch.nn.functional as F
+
+from ..models import VideoTextModel
+
+ROWS_PER_CHUNK = 256  # bounds the (rows x texts x patches) prompt-generator work of one call
+
+
+def float32_rows(column: Any) -> np.ndarray:
+    """A column of fixed-size lists (float16 or float32) as one float32 array, a row per row."""
+    return np.stack(column.to_numpy(zero_copy_only=False)).astype(np.float32)
+
+
+class StoredVideos:
+    """Rows' embeddings (R, P) and re-rank features (R, *rerank_shape) or ``None``, read from a table with
+    the library's ``embedding`` (and ``prompt_features``) columns."""
+
+    def __init__(self, table: pa.Table, rerank_shape: tuple[int, ...] | None):
+        self.embeddings = torch.from_numpy(float32_rows(table["embedding"])).view(table.num_rows, -1)
+        self.rerank = (
+            torch.from_numpy(float32_rows(table["prompt_features"])).view(table.num_rows, *rerank_shape)
+            if rerank_shape
+            else None
+        )
+
+    def __len__(self) -> int:
+        return len(self.embeddings)
+
+
+class ExactScorer:
+    """Scores texts against stored videos with the model's own exact score."""
+
+    def __init__(self, model: VideoTextModel):
+        self.model = model
+        self.dtype = next(iter(model.parameters())).dtype
+
+    @torch.inference_mode()
+    def text_embeddings(self, texts: str | list[str]) -> torch.Tensor:
+        """The model's text embeddings (N, P), not normalized."""
+        return self.model.encode_texts(texts)
+
+    @torch.inference_mode()
+    def __call__(self, text_embeds: torch.Tensor, videos: StoredVideos) -> torch.Tensor:
+        """Scores (R, N), float32 cosines in [-1, 1], of every stored row against every text."""
+        if videos.rerank is None:
+            return F.normalize(videos.embeddings, dim=-1) @ F.normalize(text_embeds.float(), dim=-1).T
+        blocks = [
+            self.model.score(
+                text_embeds,
+                videos.embeddings[rows].to(self.dtype),
+                videos.rerank[rows].to(self.dtype),
+            ).float()
+            for rows in (slice(r, r + ROWS_PER_CHUNK) for r in range(0, len(videos), ROWS_PER_CHUNK))
+        ]
+        return torch.cat(blocks) if blocks else torch.empty(0, len(text_embeds))

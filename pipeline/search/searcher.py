@@ -1,0 +1,98 @@
+"""Text-to-video search over a library: FAISS candidates, then the model's exact score.
+
+Stage 1 ranks every row by cosine(text, video) in the FAISS index (what an inner-product index can do).
+Stage 2 re-scores the candidates with the exact score (:mod:`pipeline.search.scorer`: X-CLIP's, which
+conditions the text on each video through the video-specific prompt generator, from the features stored per
+row; no video is decoded again). When the library has no more rows than ``candidates``, the result is the
+exact ranking of the whole library.
+
+One call: ``Searcher.open("s3://bucket/library").search("a dog catching a frisbee", k=10)``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..library import Library
+from ..library import index as faiss_index
+from ..models import VideoTextModel, load_library_model
+from ..storage import StorageOptions, Store
+from .scorer import ExactScorer, StoredVideos
+
+DEFAULT_CANDIDATES = 200
+
+
+@dataclass
+class Hit:
+    """One search result: a video (or a segment of one) and its score."""
+
+    uri: str
+    score: float  # cosine similarity of the video and the (video-conditioned) text, in [-1, 1]
+    start_s: float
+    end_s: float
+    segment: int
+    id: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Searcher:
+    """Loads the library's model once (``model`` if given: it must have the same weights); answers text
+    queries against one library version."""
+
+    def __init__(self, library: Library, model: VideoTextModel | None = None):
+        self.library = library
+        recorded = library.model
+        self.model = model or load_library_model(recorded, library.options)
+        if recorded.sha256 and self.model.identity.sha256 != recorded.sha256:
+            raise ValueError(
+                f"this model's weights differ from those that built {library.uri} "
+                f"(sha256 {recorded.sha256[:16]}...): query with the library's own model ({recorded.source})"
+            )
+        self.scorer = ExactScorer(self.model)
+        self.index = library.index()
+
+    @classmethod
+    def open(
+        cls, location: str | Store, options: StorageOptions | None = None, version: int | None = None
+    ) -> Searcher:
+        """A searcher of the library at ``location`` (its current version, or ``version``)."""
+        return cls(Library.open(location, options, version))
+
+    def text_embedding(self, text: str) -> torch.Tensor:
+        """The unnormalized text embedding (1, P) of a query."""
+        if not isinstance(text, str) or not text.strip():
+            raise ValueError("the query text is empty")
+        return self.scorer.text_embeddings([text])
+
+    def search(self, text: str, k: int = 10, candidates: int = DEFAULT_CANDIDATES) -> list[Hit]:
+        """The ``k`` best rows for ``text``, best first, by the exact score."""
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        text_embeds = self.text_embedding(text)
+        query = torch.nn.functional.normalize(text_embeds.float(), dim=-1).numpy().astype(np.float32)
+        _, ids = faiss_index.search(self.index, query, max(k, candidates))
+        ids = [int(i) for i in ids[0] if i >= 0]
+        if not ids:
+            return []
+        columns = ["id", "uri", "start_s", "end_s", "segment", "embedding"]
+        rerank = self.library.rerank_shape
+        rows = self.library.rows_by_id(ids, columns + (["prompt_features"] if rerank else []))
+        scores = self.scorer(text_embeds, StoredVideos(rows, rerank))[:, 0].tolist()
+        order = sorted(range(len(ids)), key=lambda i: -scores[i])[:k]
+        return [
+            Hit(
+                uri=rows["uri"][i].as_py(),
+                score=scores[i],
+                start_s=rows["start_s"][i].as_py(),
+                end_s=rows["end_s"][i].as_py(),
+                segment=rows["segment"][i].as_py(),
+                id=rows["id"][i].as_py(),
+            )
+            for i in order
+        ]

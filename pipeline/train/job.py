@@ -1,0 +1,155 @@
+"""The train job on Ray Train: a table of described videos -> the embed job's decode stage -> data-parallel
+``TorchTrainer`` workers stepping the X-CLIP loss -> a checkpoint per epoch on any fsspec store.
+
+Videos are decoded once (the decode stage's actor pool, errors dropped with a count) and kept in Ray's
+object store, which spills to disk beyond its memory; every epoch then reshuffles them. Each checkpoint is a
+complete model directory (Hugging Face layout with tokenizer and preprocessor files, usable as ``--model``)
+plus the training state that resumes the run exactly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import ray.data
+import torch
+
+from ..embed.job import connect, decoded
+from ..embed.stages.decode import DecodeSettings
+from ..models import VideoTextModel, load_model, new_model
+from ..storage import Store
+from ..video_table import read_video_table
+from .options import TrainOptions, TrainSummary
+from .trainer import Trainer, freeze, read_history
+
+SHUFFLE_BUFFER = 1024  # clips each worker draws its batches from, in random order
+
+
+def _start_model(options: TrainOptions) -> VideoTextModel:
+    """The model a run starts from: the checkpoint to fine-tune, or ``options.config`` initialized."""
+    if options.model:
+        return load_model(options.model, options.storage)
+    return new_model(options.config)
+
+
+def _train_worker(config: dict[str, Any]) -> None:
+    """One Ray Train worker: its shard of decoded clips, X-CLIP steps, checkpoints from rank 0."""
+    import ray.train
+    import ray.train.torch
+
+    options: TrainOptions = config["options"]
+    if config["threads"]:
+        torch.set_num_threads(config["threads"])
+    torch.manual_seed(options.seed)
+    if options.resume:
+        trainer = Trainer.resume(options.resume, options=options.storage, wrap=ray.train.torch.prepare_model)
+        # the run's own settings, its cosine stretched if it now runs to more epochs
+        trainer.config = replace(trainer.config, total_steps=options.train.total_steps)
+    else:
+        model = _start_model(options)
+        freeze(model, options.train.freeze)
+        trainer = Trainer(ray.train.torch.prepare_model(model), config=options.train)
+    preprocessor = trainer.xclip.preprocessor
+    device = ray.train.torch.get_device()
+    rank = ray.train.get_context().get_world_rank()
+    shard = ray.train.get_dataset_shard("train")
+    texts: dict[str, list[str]] = config["texts"]
+    for epoch in range(trainer.epoch, options.epochs):
+        losses = []
+        draw = random.Random(f"{options.seed}/{epoch}/{rank}")  # one of a video's captions per step
+        batches = shard.iter_batches(
+            batch_size=options.batch_size,
+            batch_format="numpy",
+            local_shuffle_buffer_size=SHUFFLE_BUFFER,
+            local_shuffle_seed=draw.getrandbits(32),
+        )
+        for batch in batches:
+            if len(batch["uri"]) < 2:
+                continue  # the contrastive loss needs at least two clips
+            pixel_values = torch.stack([preprocessor.normalize(frames) for frames in batch["frames"]])
+            captions = [draw.choice(texts[uri]) for uri in batch["uri"]]
+            losses.append(trainer.step(pixel_values.to(device), captions))
+        record = trainer.end_epoch(losses)
+        if rank == 0:
+            trainer.save(options.output, options.storage)
+        ray.train.report(record)
+
+
+def train(table_uri: str, options: TrainOptions) -> TrainSummary:
+    """Train X-CLIP on a ``uri,caption`` or ``uri,label`` table with Ray Train."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    started = time.perf_counter()
+    rows = read_video_table(table_uri, options.storage, options.template)
+    # loaded once here: a bad checkpoint fails before Ray starts
+    source = options.resume or options.model
+    start = load_model(source, options.storage) if source else _start_model(options)
+    settings = DecodeSettings(start.num_frames, start.preprocessor)
+    del start
+    resources = connect(options.address)
+    texts: dict[str, list[str]] = {}
+    for row in rows:
+        texts.setdefault(row.uri, []).append(row.text)
+    listed = [
+        {"uri": uri, "size": Store(uri, options.storage).size(), "etag": None, "mtime": None} for uri in texts
+    ]
+    cpus = options.cpus_per_worker or max(1.0, resources.get("CPU", 1) // options.workers)
+    decoders = max(1, int(resources.get("CPU", 1)))
+    with _in_order():  # the clips in table order, whichever decoder finishes first: seeded shuffles repeat
+        clips = (
+            decoded(listed, settings, options.storage, decoders, 1.0)
+            .filter(lambda row: row["error"] is None)
+            .materialize()  # decoded once: every epoch reads the object store
+        )
+    count = clips.count()
+    if count < 2:
+        raise ValueError(
+            f"only {count} of {len(rows)} videos in {table_uri} could be decoded: nothing to train on"
+        )
+    schedule = options.train
+    if schedule.total_steps is None:  # cosine decay over the whole run
+        steps_per_epoch = math.ceil(count / options.workers / options.batch_size)
+        schedule = replace(schedule, total_steps=steps_per_epoch * options.epochs)
+    trainer = TorchTrainer(
+        _train_worker,
+        train_loop_config={
+            "options": replace(options, train=schedule),
+            "texts": texts,
+            "threads": None if options.use_gpu else math.ceil(cpus),
+        },
+        scaling_config=ScalingConfig(
+            num_workers=options.workers, use_gpu=options.use_gpu, resources_per_worker={"CPU": cpus}
+        ),
+        run_config=RunConfig(name=f"videosearch-train-{int(time.time())}"),
+        datasets={"train": clips},
+    )
+    trainer.fit()
+    last = last_checkpoint(Store(options.output, options.storage))
+    history = read_history(last)
+    return TrainSummary(last.uri, count, len(listed) - count, history, time.perf_counter() - started)
+
+
+@contextlib.contextmanager
+def _in_order() -> Iterator[None]:
+    """Ray Data keeps the input order of the datasets executed inside."""
+    options = ray.data.DataContext.get_current().execution_options
+    before, options.preserve_order = options.preserve_order, True
+    try:
+        yield
+    finally:
+        options.preserve_order = before
+
+
+def last_checkpoint(output: Store) -> Store:
+    """The newest ``checkpoint-<step>`` under a run's output."""
+    steps = [name for name in output.names() if name.startswith("checkpoint-")]
+    if not steps:
+        raise FileNotFoundError(f"no checkpoint-<step> under {output.uri}")
+    return output / steps[-1]

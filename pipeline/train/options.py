@@ -1,0 +1,60 @@
+"""What a train job is asked to do (:class:`TrainOptions`, whose defaults the CLI shows) and reports."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from xclip_core.config import XCLIPConfig
+
+from ..storage import StorageOptions
+from ..video_table import DEFAULT_TEMPLATE
+from .trainer import TrainConfig
+
+
+@dataclass
+class TrainOptions:
+    """What ``videosearch train`` can set."""
+
+    output: str  # where checkpoints go: checkpoint-<step>/ in the Hugging Face layout
+    model: str | None = None  # a checkpoint to fine-tune; None trains ``config`` from scratch
+    config: XCLIPConfig | None = None  # geometry when training from scratch
+    resume: str | None = None  # a checkpoint of an earlier run to continue with its own settings and state
+    epochs: int = 1  # epochs in all, those of a resumed run included
+    batch_size: int = 8  # clips per worker and step
+    workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float | None = None  # default: the cluster's CPUs shared among the workers
+    template: str = DEFAULT_TEMPLATE  # the caption of a labeled video
+    seed: int = 0  # model initialization and shuffling
+    address: str | None = None  # Ray address; None starts (or joins) a local Ray
+    train: TrainConfig = field(default_factory=TrainConfig)
+    storage: StorageOptions = field(default_factory=StorageOptions)
+
+    def __post_init__(self) -> None:
+        if sum(x is not None for x in (self.model, self.config, self.resume)) != 1:
+            raise ValueError("train needs exactly one of: a model to fine-tune, a config, or a run to resume")
+        if self.epochs < 1 or self.batch_size < 2 or self.workers < 1:
+            raise ValueError("epochs and workers must be at least 1, the batch size at least 2")
+
+
+@dataclass
+class TrainSummary:
+    checkpoint: str  # the last checkpoint's URI
+    clips: int  # decoded clips trained on
+    failed: int  # listed videos that could not be decoded
+    epochs: list[dict[str, float]]  # per epoch: epoch, loss (mean over steps), steps (in all)
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def text(self) -> str:
+        lines = [
+            f"epoch {int(e['epoch'])}: loss {e['loss']:.4f} ({int(e['steps'])} steps)" for e in self.epochs
+        ]
+        lines.append(
+            f"trained on {self.clips} clips ({self.failed} failed to decode) in {self.seconds:.0f} s; "
+            f"last checkpoint: {self.checkpoint}"
+        )
+        return "\n".join(lines)

@@ -1,0 +1,187 @@
+"""Training X-CLIP with its objective: the symmetric contrastive loss over the video-conditioned logits.
+
+This is the single-process core (one optimizer step, the learning-rate schedule, mixed precision, freezing,
+resumable checkpoints on any fsspec store); the Ray Train job (:mod:`pipeline.train.job`) runs it in each
+data-parallel worker. The model is a family's module whose forward takes ``(input_ids, pixel_values,
+attention_mask, return_loss=True)`` and returns its ``loss`` (X-CLIP's), loaded with
+:func:`pipeline.models.load_model`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from xclip_core.tokenizer import CLIPTokenizer
+
+from ..models import load_model
+from ..storage import StorageOptions, Store
+
+#: What each freezing option leaves trainable (parameter name prefixes / infixes); ``None`` trains all.
+FREEZE = {
+    "none": None,
+    # the few-shot recipe: the CLIP towers stay frozen, X-CLIP's own blocks learn
+    "towers": ("mit.", "prompts_generator.", "prompts_visual", "message_", "logit_scale"),
+}
+
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+HISTORY = "history.json"  # in a checkpoint: the per-epoch records of the run so far
+
+
+def read_history(checkpoint: Store) -> list[dict[str, float]]:
+    """The per-epoch records (epoch, loss, steps) of the run up to ``checkpoint``."""
+    return json.loads(checkpoint.read_bytes(HISTORY))
+
+
+@dataclass
+class TrainConfig:
+    learning_rate: float = 1e-4  # peak learning rate
+    weight_decay: float = 0.01
+    freeze: str = "none"  # a key of FREEZE
+    warmup_steps: int = 0  # linear warm-up to the peak
+    total_steps: int | None = None  # cosine decay to 0 at this step; None keeps the peak
+    precision: str = "auto"  # "auto": bf16 autocast on CUDA, float32 elsewhere
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; known: {', '.join(PRECISIONS)}")
+        trainable("", self.freeze)  # names the known options when this one is not
+
+    def learning_rate_at(self, step: int) -> float:
+        """The schedule: a pure function of the step, so a resumed run continues it exactly."""
+        rate = self.learning_rate
+        if step < self.warmup_steps:
+            rate *= (step + 1) / self.warmup_steps
+        if self.total_steps:
+            decay_steps = max(1, self.total_steps - self.warmup_steps)
+            progress = min(1.0, max(0, step - self.warmup_steps) / decay_steps)
+            rate *= 0.5 * (1 + math.cos(math.pi * progress))
+        return rate
+
+
+def trainable(name: str, freeze: str) -> bool:
+    """Whether parameter ``name`` learns under the ``freeze`` option."""
+    if freeze not in FREEZE:
+        raise ValueError(f"unknown freeze option {freeze!r}; known: {', '.join(FREEZE)}")
+    keep = FREEZE[freeze]
+    return keep is None or any(part in name for part in keep)
+
+
+def freeze(model: torch.nn.Module, option: str) -> None:
+    """Set which parameters learn (before wrapping the model for data-parallel training)."""
+    for name, param in model.named_parameters():
+        param.requires_grad_(trainable(name, option))
+
+
+class Trainer:
+    """Optimizer steps on (videos, captions) batches, and checkpoints that resume exactly."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: CLIPTokenizer | None = None,
+        config: TrainConfig | None = None,
+    ):
+        """``model``: a model (see the module docstring), or one wrapped for data-parallel training (its
+        ``.module``); ``tokenizer``: the model's own by default."""
+        self.model = model
+        self.xclip: Any = getattr(model, "module", model)
+        self.tokenizer = tokenizer or self.xclip.tokenizer
+        self.config = config or TrainConfig()
+        freeze(model, self.config.freeze)
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            params, lr=self.config.learning_rate, weight_decay=self.config.weight_decay
+        )
+        self.step_count = 0
+        self.epoch = 0  # epochs finished; saved with the checkpoint so that a resumed run knows where it is
+        self.history: list[dict[str, float]] = []  # per finished epoch: epoch, loss (mean), steps (in all)
+
+    def _autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        precision = self.config.precision
+        if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def step(self, pixel_values: torch.Tensor, captions: list[str]) -> float:
+        """One optimizer step on a batch whose i-th caption describes the i-th video; returns the loss."""
+        if len(captions) != len(pixel_values) or len(captions) < 2:
+            raise ValueError("a batch needs at least two videos, each with one caption")
+        self.model.train()
+        tokens = self.xclip.tokenize(self.tokenizer, captions)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.config.learning_rate_at(self.step_count)
+        with self._autocast(pixel_values.device):
+            loss = self.model(
+                tokens["input_ids"], pixel_values, tokens["attention_mask"], return_loss=True
+            ).loss
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        self.step_count += 1
+        return loss.item()
+
+    def fit(self, batches: Iterable[tuple[torch.Tensor, list[str]]]) -> list[float]:
+        return [self.step(pixel_values, captions) for pixel_values, captions in batches]
+
+    def end_epoch(self, losses: list[float]) -> dict[str, float]:
+        """Count a finished epoch whose steps gave ``losses``; returns its record in :attr:`history`."""
+        self.epoch += 1
+        record = {"epoch": self.epoch, "loss": sum(losses) / max(len(losses), 1), "steps": self.step_count}
+        self.history.append(record)
+        return record
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+    def save(self, uri: str, options: StorageOptions | None = None) -> str:
+        """Write ``checkpoint-<step>/`` under ``uri``: the model (Hugging Face layout, with its tokenizer and
+        preprocessor files) and the training state (optimizer, step, random generator), tensors only.
+        Returns the checkpoint's URI."""
+        target = Store(uri, options) / f"checkpoint-{self.step_count:08d}"
+        self.xclip.save_pretrained(target.uri, storage_options=target.fsspec_options())
+        self.xclip.processor.save_pretrained(target.uri, target.fsspec_options())
+        state = {
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step_count,
+            "epoch": self.epoch,
+            "rng": torch.get_rng_state(),
+            "config": asdict(self.config),
+        }
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        target.write_bytes("trainer_state.pt", buffer.getvalue())
+        target.write_bytes(HISTORY, json.dumps(self.history, indent=1).encode())
+        return target.uri
+
+    @classmethod
+    def resume(
+        cls,
+        checkpoint: str,
+        tokenizer: CLIPTokenizer | None = None,
+        options: StorageOptions | None = None,
+        wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+    ) -> Trainer:
+        """A trainer exactly as it was when ``checkpoint`` was saved. ``wrap`` prepares the (frozen) model for
+        data-parallel training before the optimizer is built, as in a Ray Train worker."""
+        store = Store(checkpoint, options)
+        model = load_model(checkpoint, options)
+        state: dict[str, Any] = torch.load(
+            io.BytesIO(store.read_bytes("trainer_state.pt")), weights_only=True
+        )
+        config = TrainConfig(**state["config"])
+        freeze(model, config.freeze)
+        trainer = cls(wrap(model) if wrap else model, tokenizer, config)
+        trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.step_count, trainer.epoch = state["step"], state["epoch"]
+        trainer.history = read_history(store)
+        torch.set_rng_state(state["rng"])
+        return trainer

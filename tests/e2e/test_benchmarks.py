@@ -1,0 +1,42 @@
+"""The benchmarks run (tiny inputs; their figures are not checked, only that they are produced and that the
+encoder benchmark's two implementations agree). Figures come from full runs: see bench/RESULTS.md."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def bench(script: str, *args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return done.stdout
+
+
+def test_encoder_benchmark_compares_identical_outputs() -> None:
+    out = bench("encoder.py", "--preset", "videosearch-tiny", "--batch", "1", "--rounds", "1")
+    assert re.search(r"ratio ours / reference \(best\): \d+\.\d+x", out)
+    assert float(re.search(r"max abs difference of video embeddings: (\S+)", out)[1]) < 1e-4
+    assert re.search(r"ours\s+\S+ GFLOP per video", out) and "roofline:" in out
+
+
+def test_pipeline_benchmark_reports_ratios_and_cpu(tmp_path: Path) -> None:
+    model = str(ROOT / "xclip_core" / "data" / "default-model")
+    out = bench(
+        "pipeline.py", "--videos", "3", "--seconds", "1", "--width", "64", "--height", "48",
+        "--model", model, "--workdir", str(tmp_path),
+    )  # fmt: skip
+    for line in ("full Ray pipeline", "plain loop", "pipeline / plain loop", "CPU time during the pipeline"):
+        assert line in out, out
+    floor = re.search(r"start-up floor \(a trivial job of the same shape, one row\): (\S+) s", out)
+    assert floor and float(floor[1]) > 0, out

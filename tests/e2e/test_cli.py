@@ -1,0 +1,63 @@
+"""The ``videosearch`` command line: help for every command, and ``classify`` end to end (no Ray needed)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from helpers import decode_frames, write_audio, write_video
+
+from pipeline.cli import main
+from xclip_core import XCLIPModel
+from xclip_core.classify import ZeroShotClassifier
+from xclip_core.processor import XCLIPProcessor
+from xclip_core.sampling import segment_frame_indices
+
+
+@pytest.mark.parametrize("command", ["embed", "query", "classify", "demo"])
+def test_every_command_has_help(command: str) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", command, "--help"], capture_output=True, text=True, check=True
+    ).stdout
+    assert f"usage: videosearch {command}" in out
+
+
+def test_classify_reports_labels_per_video_and_errors_per_bad_file(tmp_path, tiny_model, capsys) -> None:
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    good = write_video(videos / "a.mp4", 12, 64, 48, seed=1)
+    write_audio(videos / "b-audio.m4a")
+    (videos / "c-empty.mp4").write_bytes(b"")
+    labels = tmp_path / "labels.txt"
+    labels.write_text("juggling\nswimming\n# a comment\nplaying guitar\n")
+
+    code = main(
+        ["classify", str(videos), "--labels", str(labels), "--model", str(tiny_model), "-k", "2", "--json"]
+    )
+    assert code == 0
+    results = {r["uri"].rsplit("/", 1)[-1]: r for r in json.loads(capsys.readouterr().out)}
+    assert set(results) == {"a.mp4", "b-audio.m4a", "c-empty.mp4"}
+    assert results["b-audio.m4a"]["error"] == "not a video: no video stream"
+    assert results["c-empty.mp4"]["error"] == "empty object"
+
+    # the probabilities are the classifier's on the same video, decoded and preprocessed independently
+    model = XCLIPModel.from_pretrained(tiny_model)
+    processor = XCLIPProcessor.from_pretrained(tiny_model)
+    frames = decode_frames(good, segment_frame_indices(12, 4))
+    pixel_values = processor(videos=[frames], return_tensors="pt")["pixel_values"]
+    expected = ZeroShotClassifier(
+        model, processor.tokenizer, labels=["juggling", "swimming", "playing guitar"]
+    )
+    want = expected.top_k(pixel_values, 2)[0]
+    got = results["a.mp4"]["labels"]
+    assert [label for label, _ in got] == [label for label, _ in want]
+    assert [p for _, p in got] == pytest.approx([p for _, p in want], abs=1e-5)
+    assert results["a.mp4"]["error"] is None
+
+
+def test_bad_labels_is_a_clear_error(tmp_path, tiny_model, capsys) -> None:
+    write_video(tmp_path / "a.mp4", 8, 32, 32)
+    assert main(["classify", str(tmp_path), "--labels", "kinetics401", "--model", str(tiny_model)]) == 2
+    assert "unknown label set 'kinetics401'" in capsys.readouterr().err

@@ -1,0 +1,159 @@
+"""Training: the X-CLIP loss falls on real videos, freezing holds, and a checkpoint resumes exactly."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from pipeline.cli import main
+from pipeline.samples.synthetic import render, sample_scenes, write_dataset
+from pipeline.train.job import train
+from pipeline.train.options import TrainOptions
+from pipeline.train.trainer import TrainConfig, Trainer, trainable
+from xclip_core import XCLIPModel
+from xclip_core.tokenizer import CLIPTokenizer
+from xclip_core.video_transforms import VideoPreprocessor
+
+
+@pytest.fixture(scope="module")
+def batch() -> tuple[torch.Tensor, list[str]]:
+    """Six captioned synthetic clips, preprocessed for the tiny model (4 frames, 32 px)."""
+    scenes = sample_scenes(6, seed=2)
+    preprocessor = VideoPreprocessor(size=32, crop_size=32)
+    videos = [preprocessor(torch.from_numpy(render(s, 4, 64, 48)))["pixel_values"][0] for s in scenes]
+    return torch.stack(videos), [s.caption for s in scenes]
+
+
+def test_the_loss_falls(tiny_model, batch) -> None:
+    torch.manual_seed(0)
+    trainer = Trainer(
+        XCLIPModel.from_pretrained(tiny_model), CLIPTokenizer.from_pretrained(), TrainConfig(1e-3)
+    )
+    losses = trainer.fit([batch] * 40)
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+
+
+def test_a_checkpoint_resumes_exactly(tiny_model, batch, tmp_path) -> None:
+    tokenizer = CLIPTokenizer.from_pretrained()
+    torch.manual_seed(0)
+    straight = Trainer(XCLIPModel.from_pretrained(tiny_model), tokenizer, TrainConfig(1e-3))
+    straight.fit([batch] * 3)
+    checkpoint = straight.save(str(tmp_path / "run"))
+    straight.fit([batch] * 3)
+
+    resumed = Trainer.resume(checkpoint, tokenizer)
+    assert resumed.step_count == 3
+    resumed.fit([batch] * 3)
+    for (name, a), b in zip(
+        straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True
+    ):
+        assert torch.equal(a, b), name
+
+
+def test_freezing_the_towers_trains_only_x_clip_blocks(tiny_model, batch) -> None:
+    model = XCLIPModel.from_pretrained(tiny_model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    Trainer(model, CLIPTokenizer.from_pretrained(), TrainConfig(1e-3, freeze="towers")).fit([batch] * 2)
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(trainable(k, "towers") for k in changed)
+    assert (
+        "mit.position_embedding" in changed and "text_model.embeddings.token_embedding.weight" not in changed
+    )
+    with pytest.raises(ValueError, match="unknown freeze option"):
+        trainable("x", "everything")
+
+
+def test_ray_train_job_decodes_trains_and_checkpoints(tiny_model, tmp_path) -> None:
+    table = write_dataset(tmp_path / "clips", sample_scenes(6, seed=4), seconds=1.0, fps=8)
+    with open(table, "a") as f:
+        f.write(f"{tmp_path / 'bad.mp4'},a file that is not a video\n")  # must not stop the job
+    (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    options = TrainOptions(
+        output=str(tmp_path / "run"), model=str(tiny_model), epochs=2, batch_size=6, train=TrainConfig(1e-3)
+    )
+    # two epochs of one six-clip batch each: one optimizer step per epoch, a checkpoint after each
+    summary = train(table, options)
+    assert summary.checkpoint == str(tmp_path / "run" / "checkpoint-00000002")
+    assert (summary.clips, summary.failed, [e["steps"] for e in summary.epochs]) == (6, 1, [1, 2])
+    trained = XCLIPModel.from_pretrained(tmp_path / "run" / "checkpoint-00000002")
+    start = XCLIPModel.from_pretrained(tiny_model)
+    assert not torch.equal(trained.mit.position_embedding, start.mit.position_embedding)
+    # the same seed, the same run: clips in table order whichever decoder finishes first, seeded shuffles
+    again = train(table, replace(options, output=str(tmp_path / "again")))
+    assert XCLIPModel.from_pretrained(again.checkpoint).weights_sha256() == trained.weights_sha256()
+
+
+def test_schedule_warms_up_then_decays_to_zero_and_precision_is_checked() -> None:
+    config = TrainConfig(learning_rate=1e-3, warmup_steps=10, total_steps=110)
+    rates = [config.learning_rate_at(step) for step in range(111)]
+    assert rates[0] == pytest.approx(1e-4) and rates[9] == pytest.approx(1e-3)
+    assert rates[60] == pytest.approx(5e-4) and rates[110] == pytest.approx(0.0, abs=1e-12)
+    assert all(a >= b for a, b in zip(rates[9:], rates[10:], strict=False))
+    assert TrainConfig(learning_rate=1e-3).learning_rate_at(10_000) == 1e-3
+    with pytest.raises(ValueError, match="unknown precision"):
+        TrainConfig(precision="fp8")
+
+
+def test_bf16_autocast_steps_keep_float32_weights(tiny_model, batch) -> None:
+    trainer = Trainer(
+        XCLIPModel.from_pretrained(tiny_model), CLIPTokenizer.from_pretrained(), TrainConfig(precision="bf16")
+    )
+    loss = trainer.step(*batch)
+    assert loss == loss and loss > 0  # finite
+    assert {p.dtype for p in trainer.model.parameters()} == {torch.float32}
+
+
+def test_cli_trains_from_scratch_on_labels_then_resumes(tiny_model, tmp_path, capsys) -> None:
+    scenes = sample_scenes(6, seed=7)
+    write_dataset(tmp_path / "clips", scenes, seconds=1.0, fps=8)
+    with open(tmp_path / "clips" / "labels.csv", "w") as f:
+        f.write("uri,label\n")
+        f.writelines(f"clip-{i:05d}.mp4,{s.shapes[0].kind}\n" for i, s in enumerate(scenes))
+    table, run = str(tmp_path / "clips" / "labels.csv"), str(tmp_path / "run")
+    common = ["--batch-size", "3", "--lr", "1e-3", "--json"]
+    assert main(["train", table, run, "--config", str(tiny_model / "config.json"), *common]) == 0
+    first = json.loads(capsys.readouterr().out)
+    assert first["checkpoint"] == str(tmp_path / "run" / "checkpoint-00000002")
+    assert [e["epoch"] for e in first["epochs"]] == [1] and first["clips"] == 6
+
+    assert main(["train", table, run, "--resume", first["checkpoint"], "--epochs", "2", *common]) == 0
+    second = json.loads(capsys.readouterr().out)
+    assert second["checkpoint"] == str(tmp_path / "run" / "checkpoint-00000004")
+    assert second["epochs"][0] == first["epochs"][0] and second["epochs"][1]["steps"] == 4
+    # each checkpoint is a complete model directory: the embed job can take it as --model
+    assert XCLIPModel.from_pretrained(second["checkpoint"]).config.vision_config.image_size == 32
+    assert CLIPTokenizer.from_pretrained(second["checkpoint"])("a circle")["input_ids"].shape == (1, 77)
+
+
+def test_cli_train_rejects_a_bad_table_before_starting_ray(tmp_path, capsys) -> None:
+    (tmp_path / "t.csv").write_text("path,text\nx.mp4,y\n")
+    assert main(["train", str(tmp_path / "t.csv"), str(tmp_path / "run"), "--config", "nope"]) == 2
+    assert "unknown X-CLIP preset 'nope'" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "t.csv"), str(tmp_path / "run")]) == 2
+    assert "needs a 'uri' column" in capsys.readouterr().err
+
+
+def test_two_data_parallel_workers_checkpoint_to_s3_and_resume_from_there(
+    tiny_model, tmp_path, s3, bucket
+) -> None:
+    table = write_dataset(tmp_path / "clips", sample_scenes(8, seed=9), seconds=1.0, fps=8)
+    run = f"s3://{bucket}/runs/two-workers"
+    # credentials in the options, not only in this process's environment: Ray's workers may predate it
+    storage = replace(s3.options, extra={"key": "testing", "secret": "testing"})
+    options = TrainOptions(
+        output=run, model=str(tiny_model), batch_size=2, workers=2, cpus_per_worker=1, storage=storage
+    )
+    summary = train(table, options)
+    # eight clips shared by two workers, two per step: two steps each, the gradients averaged between them
+    assert summary.checkpoint == f"{run}/checkpoint-00000002" and summary.epochs[0]["steps"] == 2
+    trained = XCLIPModel.from_pretrained(summary.checkpoint, storage_options=storage.for_protocol("s3"))
+    start = XCLIPModel.from_pretrained(tiny_model)
+    assert not torch.equal(trained.mit.position_embedding, start.mit.position_embedding)
+
+    again = TrainOptions(output=run, resume=summary.checkpoint, epochs=2, batch_size=2, storage=storage)
+    resumed = train(table, again)
+    assert resumed.checkpoint == f"{run}/checkpoint-00000006"  # one worker now: four steps of two clips
+    assert [e["steps"] for e in resumed.epochs] == [2, 6]

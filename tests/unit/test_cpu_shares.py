@@ -1,0 +1,50 @@
+"""A CPU-only cluster is shared between decoding and encoding by the measured cost of one video in each."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from pipeline.embed.resources import FALLBACK_DECODE_S, share_cpus, time_decode, time_encode
+from pipeline.embed.stages.decode import DecodeSettings
+from pipeline.embed.stages.list import list_objects
+from pipeline.samples.synthetic import sample_scenes, write_dataset
+from pipeline.storage import StorageOptions
+from xclip_core import XCLIPModel
+from xclip_core.video_transforms import VideoPreprocessor
+
+
+def test_a_cheap_encoder_leaves_the_cores_to_decoders_and_an_expensive_one_takes_them() -> None:
+    tiny = share_cpus(2, decode_s=0.075, encode_s=0.025, reserved=0.1)  # the bundled model on 360p clips
+    assert tiny.decoders == 2 and tiny.cpus_per_encoder == pytest.approx(0.5)
+    base = share_cpus(2, decode_s=0.075, encode_s=2.0, reserved=0.1)  # base-patch32
+    assert base.decoders == 1 and base.cpus_per_encoder == pytest.approx(1.8)
+    assert share_cpus(16, 0.1, 0.1, encoders=2, decoders=3).decoders == 3  # what the user asked for
+
+
+@pytest.mark.parametrize(
+    ("cpus", "decode_s", "encode_s", "encoders"),
+    itertools.product([1, 2, 8, 64], [0.001, 0.1, 5.0], [0.001, 0.1, 5.0], [1, 3]),
+)
+def test_shares_never_exceed_the_cluster_and_every_actor_gets_some(
+    cpus, decode_s, encode_s, encoders
+) -> None:
+    shares = share_cpus(cpus, decode_s, encode_s, encoders, reserved=0.1)
+    used = shares.decoders * shares.cpus_per_decoder + encoders * shares.cpus_per_encoder
+    assert used <= max(cpus - 0.1, 0.5 * encoders + 0.1) + 1e-9
+    assert shares.cpus_per_decoder > 0 and shares.cpus_per_encoder >= 0.5
+    assert shares.decoders <= max(1, cpus)
+
+
+def test_timings_come_from_a_real_video_and_the_model(tmp_path, tiny_model) -> None:
+    write_dataset(tmp_path / "good", sample_scenes(1, seed=0), seconds=1.0, fps=8)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "x.mp4").write_bytes(b"not a video")
+    preprocessor = VideoPreprocessor(size=32, crop_size=32)
+    options = StorageOptions()
+    bad = list_objects(str(tmp_path / "bad"), options)
+    assert time_decode(bad, DecodeSettings(4, preprocessor), options) == FALLBACK_DECODE_S
+    good = [row for row in list_objects(str(tmp_path / "good"), options) if row["uri"].endswith(".mp4")]
+    assert 0 < time_decode(bad + good, DecodeSettings(4, preprocessor), options) < 10
+    assert 0 < time_encode(XCLIPModel.from_pretrained(tiny_model)) < 10

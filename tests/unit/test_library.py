@@ -1,0 +1,247 @@
+"""Tests for ``pipeline.library``: versions, immutability, concurrent writers, crashes; local disk and S3."""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from pipeline.library import (
+    CURRENT,
+    ConcurrentWriteError,
+    Library,
+    LibraryWriter,
+    NotALibraryError,
+    PartInfo,
+    Version,
+    VersionNotFoundError,
+)
+from pipeline.library.index import build_index
+from pipeline.library.schema import part_schema
+from pipeline.storage import StorageOptions, Store
+from xclip_core import ModelIdentity
+
+if TYPE_CHECKING:
+    from helpers import MotoS3
+
+DIM, SHAPE = 8, (2, 4)
+MODEL = ModelIdentity("test/xclip-tiny", "0" * 64)
+
+
+def rows(ids: range, failed: tuple[int, ...] = ()) -> pa.Table:
+    """Part rows for ``ids``: two segments per video; the ids in ``failed`` are error rows."""
+    rng = np.random.default_rng(ids.start)
+    out = []
+    for i in ids:
+        ok = i not in failed
+        emb = rng.standard_normal(DIM)
+        out.append(
+            {
+                "id": i,
+                "uri": f"s3://videos/v{i // 2}.mp4",
+                "size": 100,
+                "etag": "e",
+                "mtime": 1.0,
+                "segment": i % 2,
+                "start_s": 0.0,
+                "end_s": 1.0,
+                "duration_s": 2.0,
+                "fps": 25.0,
+                "frame_count": 50,
+                "width": 320,
+                "height": 240,
+                "thumbnail": b"jpg" if ok else None,
+                "error": None if ok else "broken",
+                "embedding": (emb / np.linalg.norm(emb)).tolist() if ok else None,
+                "prompt_features": rng.standard_normal(SHAPE[0] * SHAPE[1]).tolist() if ok else None,
+                "model_id": MODEL.tag if ok else None,
+            }
+        )
+    return pa.Table.from_pylist(out, schema=part_schema(DIM, SHAPE))
+
+
+def index_of(*tables: pa.Table) -> faiss.Index:
+    """The exact index of the ok rows of ``tables``."""
+    table = pa.concat_tables(tables)
+    ok = table.filter(pc.is_null(table["error"]))
+    vectors = ok["embedding"].combine_chunks().flatten().to_numpy().reshape(-1, DIM)
+    return build_index(ok["id"].to_numpy(), vectors)
+
+
+@pytest.fixture(params=["local", "s3"])
+def where(request: pytest.FixtureRequest, tmp_path) -> tuple[str, StorageOptions | None]:
+    """A library URI (not created yet) and its storage options: in a tmp dir, or in a moto S3 bucket."""
+    if request.param == "local":
+        return str(tmp_path / "lib"), None
+    s3: MotoS3 = request.getfixturevalue("s3")
+    return f"s3://{request.getfixturevalue('bucket')}/lib", s3.options
+
+
+def writer(where) -> LibraryWriter:
+    return LibraryWriter(*where, embedding_dim=DIM, prompt_shape=SHAPE)
+
+
+def publish(where, base: Version | None, *tables: pa.Table, old: tuple[pa.Table, ...] = ()) -> Version:
+    """Publish ``base``'s parts (holding ``old``) plus new parts holding ``tables``."""
+    w = writer(where)
+    parts = (base.parts if base else []) + [w.write_part(t) for t in tables]
+    return w.publish(parts, index_of(*old, *tables), MODEL, base, extra={"note": "test"})
+
+
+def test_publish_then_open(where) -> None:
+    first, second = rows(range(0, 6), failed=(4,)), rows(range(6, 10))
+    version = publish(where, None, first, second)
+    assert version.number == 1 and version.token
+
+    lib = Library.open(*where)
+    assert lib.version == 1 and lib.versions() == [1] and lib.model == MODEL
+    m = lib.manifest
+    assert m["parent"] is None and m["extra"] == {"note": "test"} and m["next_id"] == 10
+    assert m["counts"] == {"videos": 5, "segments": 9, "ok": 4, "failed": 1}
+    assert m["index"]["kind"] == "flat" and m["index"]["ntotal"] == 9
+    assert [(p["rows"], p["ok"], p["errors"]) for p in m["parts"]] == [(6, 5, 1), (4, 4, 0)]
+    assert all(p["path"].startswith("parts/part-") for p in m["parts"])
+    assert lib.index().ntotal == 9 and lib.index() is lib.index()
+
+    assert lib.table().num_rows == 10 and lib.table()["id"].to_pylist() == list(range(10))
+    listing = lib.table(columns=["id", "uri", "error"])
+    assert listing.column_names == ["id", "uri", "error"]
+    assert listing["error"].to_pylist().count("broken") == 1
+
+    got = lib.rows_by_id(np.array([7, 0, 3, 7]), columns=["uri", "prompt_features"])
+    assert got.column_names == ["uri", "prompt_features"]
+    assert got["uri"].to_pylist() == [f"s3://videos/v{i}.mp4" for i in (3, 0, 1, 3)]
+    assert got["prompt_features"].type == pa.list_(pa.float16(), 8)
+    assert lib.rows_by_id([9])["embedding"].to_pylist() == second.slice(3)["embedding"].to_pylist()
+    with pytest.raises(KeyError, match=r"\[-1, 42\]"):
+        lib.rows_by_id([1, -1, 42])
+
+
+def test_versions_are_immutable_and_readers_are_undisturbed(where) -> None:
+    first, second = rows(range(0, 4)), rows(range(4, 8), failed=(5,))
+    v1 = publish(where, None, first)
+    reader = Library.open(*where)
+    assert reader.table(columns=["id"]).num_rows == 4
+
+    v2 = publish(where, v1, second, old=(first,))
+    assert v2.number == 2 and v2.manifest["parent"] == 1 and v2.manifest["next_id"] == 8
+    assert Store(*where).read_bytes(CURRENT) == b"2"
+    # the reader still sees version 1 (and reads its index only now, after version 2 was published)
+    assert reader.version == 1 and reader.table().num_rows == 4 and reader.index().ntotal == 4
+    again = Library.open(*where, version=1)
+    assert again.table()["id"].to_pylist() == [0, 1, 2, 3] and again.index().ntotal == 4
+    latest = Library.open(*where)
+    assert latest.version == 2 and latest.table().num_rows == 8 and latest.index().ntotal == 7
+    assert latest.versions() == [1, 2]
+
+
+def test_two_writers_from_the_same_base_one_wins(where) -> None:
+    first = rows(range(0, 2))
+    base = publish(where, None, first)
+    publish(where, base, rows(range(2, 4)), old=(first,))  # writer A: version 2
+    with pytest.raises(ConcurrentWriteError, match="published version 2 .* started from version 1"):
+        publish(where, base, rows(range(4, 6)), old=(first,))  # writer B, from version 1 too
+
+    # interleaved: A claims 3, B (same base) skips to 4 and publishes first; A's publish then fails
+    base = Library.current_version(*where)
+    a, b = writer(where), writer(where)
+    claimed_a = a.claim(a.prepare(base.parts, Library(where[0], base, where[1]).index(), MODEL, base), base)
+    claimed_b = b.claim(b.prepare(base.parts, Library(where[0], base, where[1]).index(), MODEL, base), base)
+    assert (claimed_a.number, claimed_b.number) == (3, 4)
+    assert b.set_current(claimed_b, base).number == 4
+    with pytest.raises(ConcurrentWriteError, match="published version 4"):
+        a.set_current(claimed_a, base)
+    assert Library.open(*where).version == 4
+    # a retried request that had succeeded: _current already names our version
+    assert b.set_current(claimed_b, base).number == 4
+
+
+def test_racing_threads_exactly_one_publishes(where) -> None:
+    base = publish(where, None, rows(range(0, 2)))
+    barrier, results = threading.Barrier(3), []
+
+    def race(start: int) -> None:
+        table = rows(range(start, start + 2))
+        w = writer(where)
+        parts, index = [w.write_part(table)], index_of(table)
+        barrier.wait()
+        try:
+            results.append(w.publish(parts, index, MODEL, base).number)
+        except ConcurrentWriteError:
+            results.append("lost")
+
+    threads = [threading.Thread(target=race, args=(start,)) for start in (10, 20, 30)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    won = [r for r in results if r != "lost"]
+    assert len(won) == 1 and results.count("lost") == 2
+    assert Library.open(*where).version == won[0]
+
+
+def test_crash_before_current_leaves_the_previous_version(where) -> None:
+    first = rows(range(0, 4))
+    v1 = publish(where, None, first)
+    w = writer(where)
+    table = rows(range(4, 8))
+    orphan = w.claim(w.prepare(v1.parts + [w.write_part(table)], index_of(first, table), MODEL, v1), v1)
+    assert orphan.number == 2  # ... and the writer dies here
+
+    lib = Library.open(*where)
+    assert lib.version == 1 and lib.table().num_rows == 4 and lib.index().ntotal == 4
+    assert lib.versions() == [1, 2]  # the orphan's number stays taken
+    v3 = publish(where, lib.snapshot, rows(range(4, 6)), old=(first,))
+    assert v3.number == 3 and v3.manifest["parent"] == 1
+    assert Library.open(*where).table().num_rows == 6
+
+
+def test_not_a_library_and_missing_version(where) -> None:
+    assert Library.current_version(*where) is None
+    with pytest.raises(NotALibraryError, match="not a videosearch library.*videosearch embed"):
+        Library.open(*where)
+    with pytest.raises(NotALibraryError):
+        Library.open(*where, version=1)
+    publish(where, None, rows(range(0, 2)))
+    with pytest.raises(VersionNotFoundError, match="no version 7; available versions: 1"):
+        Library.open(*where, version=7)
+
+
+def test_write_part_validates_and_casts(tmp_path) -> None:
+    w = writer((str(tmp_path / "lib"), None))
+    table = rows(range(0, 3), failed=(1,))
+    with pytest.raises(ValueError, match=r"missing \['fps'\]"):
+        w.write_part(table.drop_columns(["fps"]))
+    loose = table.set_column(
+        table.schema.get_field_index("embedding"),
+        "embedding",
+        pa.array(table["embedding"].to_pylist(), pa.list_(pa.float64())),
+    )
+    info = w.write_part(loose)
+    assert info == PartInfo(info.path, rows=3, ok=2, errors=1)
+    short = table.set_column(
+        table.schema.get_field_index("embedding"),
+        "embedding",
+        pa.array([[0.0] * (DIM - 1)] * 3, pa.list_(pa.float32())),
+    )
+    with pytest.raises(ValueError, match="'embedding' cannot be cast"):
+        w.write_part(short)
+
+
+def test_publish_checks_its_input(tmp_path) -> None:
+    where = (str(tmp_path / "lib"), None)
+    table = rows(range(0, 3))
+    w = writer(where)
+    parts = [w.write_part(table)]
+    with pytest.raises(ValueError, match="the parts have 3 embeddings"):
+        w.publish(parts, index_of(rows(range(0, 2))), MODEL, None)
+    with pytest.raises(ValueError, match="dimension 4"):
+        w.publish(parts, build_index(np.arange(3), np.eye(3, 4)), MODEL, None)
+    v1 = w.publish(parts, index_of(table), MODEL, None)
+    with pytest.raises(ValueError, match="opened by number"):
+        w.publish(parts, index_of(table), MODEL, Library.open(*where, version=v1.number).snapshot)
