@@ -6,23 +6,28 @@ the original release (github.com/microsoft/VideoX, ``X-CLIP/``) saves ``.pth`` f
 (``{"model", "optimizer", "lr_scheduler", "max_accuracy", "epoch", "config": <yacs CfgNode>}``).
 
 Loading never executes code from a checkpoint: safetensors hold no code, and torch files are read with
-``weights_only=True`` or, for training snapshots that hold other objects, with a restricted unpickler.
+``weights_only=True`` or, for training snapshots that hold other objects, with a restricted unpickler. Of a
+local torch file in the zip format (``torch.save``'s since torch 1.6) only the state dict's tensors are read:
+a training snapshot's optimizer state, twice the size of the weights it trains, costs no memory. Other torch
+files (remote, or in the legacy format) are read whole.
 """
 
 from __future__ import annotations
 
+import codecs
 import io
 import os
 import pickle
 import re
 import types
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import fsspec
 import safetensors.torch
 import torch
+from fsspec.implementations.local import LocalFileSystem
 
 from . import safetensors_reader
 from .config import TextConfig, VisionConfig, XCLIPConfig
@@ -37,17 +42,26 @@ class CheckpointError(ValueError):
 # Safe loading
 # ----------------------------------------------------------------------------------------------------
 
-#: Globals a pickled tensor state dict needs besides storages (which torch resolves itself). The types are C
-#: types a pickle cannot modify; functions are handed out as fresh wrappers, so a pickle cannot modify them.
+#: Builtin types of plain data that pickle rebuilds by calling them (protocol 2: a ``set`` as ``set([...])``,
+#: an empty ``bytes`` as ``bytes()``). Protocol 2 names their module ``__builtin__``, protocol 3 ``builtins``.
+_PLAIN_BUILTINS = (set, frozenset, bytes, bytearray, complex)
+
+#: Globals a pickled training snapshot needs besides storages (which torch resolves itself): those of tensors
+#: and of plain data (what torch's ``weights_only`` loader allows of it, with ``frozenset`` and an empty
+#: ``bytes``). The types are C types a pickle cannot modify; functions (and ``Counter``, a Python class) are
+#: handed out as fresh wrappers, so a pickle cannot modify them.
 _SAFE_TYPES: dict[str, Any] = {
     "collections.OrderedDict": OrderedDict,
     "torch.Size": torch.Size,
     "torch.device": torch.device,
     **{f"torch.{name}": value for name, value in vars(torch).items() if isinstance(value, torch.dtype)},
+    **{f"{module}.{t.__name__}": t for t in _PLAIN_BUILTINS for module in ("builtins", "__builtin__")},
 }
-_SAFE_FUNCTIONS = {
+_SAFE_FUNCTIONS: dict[str, Callable[..., Any]] = {
     "torch._utils._rebuild_tensor_v2": torch._utils._rebuild_tensor_v2,
     "torch._utils._rebuild_parameter": torch._utils._rebuild_parameter,
+    "collections.Counter": Counter,
+    "_codecs.encode": codecs.encode,  # protocol 2 writes non-empty bytes as _codecs.encode(text, "latin1")
 }
 
 
@@ -106,10 +120,19 @@ _RESTRICTED_PICKLE = types.SimpleNamespace(
 )
 
 
-def _torch_load(data: bytes, where: str) -> Any:
-    # Always from memory: for a real file torch may try its legacy tar format, which extracts to disk.
+def _torch_load(data_or_zip_path: bytes | str, where: str) -> Any:
+    """``torch.load`` to CPU of a file's bytes, or of a local zip-format file by its path, memory-mapped.
+
+    Never of a path otherwise: torch tries a legacy-format file as a tar archive first, extracting it to disk.
+    """
+
+    def load(**kwargs: Any) -> Any:
+        mapped = isinstance(data_or_zip_path, str)
+        file = data_or_zip_path if mapped else io.BytesIO(data_or_zip_path)
+        return torch.load(file, map_location="cpu", mmap=mapped, **kwargs)
+
     try:
-        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        return load(weights_only=True)
     except pickle.UnpicklingError:
         pass  # holds objects other than tensors and containers (a training snapshot): read it restricted
     except Exception as err:
@@ -117,9 +140,7 @@ def _torch_load(data: bytes, where: str) -> Any:
         # path below (where torch.load would hand them to torch.jit.load) never sees one.
         raise _unreadable(where, err) from None
     try:
-        return torch.load(
-            io.BytesIO(data), map_location="cpu", weights_only=False, pickle_module=_RESTRICTED_PICKLE
-        )
+        return load(weights_only=False, pickle_module=_RESTRICTED_PICKLE)
     except _Refused as err:
         raise CheckpointError(
             f"{where}: refused to load: its pickle calls {err}, which is not a tensor constructor. A "
@@ -164,8 +185,8 @@ def _select_state_dict(obj: Any, where: str) -> dict[str, torch.Tensor]:
 
 class Weights(Mapping[str, torch.Size]):
     """A checkpoint's tensors: their shapes by name, known before any tensor is read, and ``tensors()``, which
-    reads them one at a time (from a safetensors file: straight from storage, so a model loads without a
-    second copy of its weights in memory)."""
+    reads them one at a time (from a safetensors file or a local zip-format torch file: straight from storage,
+    so a model loads without a second copy of its weights in memory)."""
 
     def __init__(
         self, shapes: Mapping[str, torch.Size], tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]]
@@ -202,7 +223,8 @@ def open_weights(source_or_path: ModelSource | str | os.PathLike, name: str | No
 
     ``source_or_path`` is a ``ModelSource`` or a local path or fsspec URL; ``name`` is the file inside it, or
     ``None`` when ``source_or_path`` is the file itself. Safetensors headers are read (and checked against
-    the file's size) at once and tensors on demand; torch files are read whole (``torch.load``).
+    the file's size) at once and tensors on demand; torch files are read with ``torch.load``, memory-mapped
+    where they can be (see ``_torch_weights``).
     Raises ``CheckpointError`` for unreadable files, for pickles that would run code, and when no state dict
     is found.
     """
@@ -217,7 +239,39 @@ def open_weights(source_or_path: ModelSource | str | os.PathLike, name: str | No
         return Weights(shapes, lambda: (item for part in parts for item in part.tensors()))
     if where.endswith(".safetensors"):
         return _safetensors_weights(source, name or "", where)
-    return Weights.of(_select_state_dict(_torch_load(source.read_bytes(name or ""), where), where))
+    return _torch_weights(source, name or "", where)
+
+
+#: How a zip file (``torch.save``'s format since torch 1.6) starts: a zip local file header.
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+def _is_local_zip(source: ModelSource, path: str) -> bool:
+    if not isinstance(source.fs, LocalFileSystem):
+        return False
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC
+    except OSError:
+        return False  # reading it whole reports what is wrong
+
+
+def _torch_weights(source: ModelSource, name: str, where: str) -> Weights:
+    """The state dict in a torch file (a training snapshot's ``"model"``), its other tensors read if need be.
+
+    A local zip-format file is memory-mapped (``torch.load(mmap=True)``): the rest of a snapshot, its
+    optimizer state above all, is never read, and each of the state dict's tensors is read (copied out of
+    the map, so that none outlives loading as a view of the file) only when ``tensors()`` reaches it. Any
+    other file is read whole into memory, and every tensor in it with it: torch maps only a local path, and
+    its loader of the legacy format reads every storage once the pickle is read.
+    """
+    path = source.path(name)
+    if not _is_local_zip(source, path):
+        return Weights.of(_select_state_dict(_torch_load(source.read_bytes(name), where), where))
+    state_dict = _select_state_dict(_torch_load(path, where), where)
+    return Weights(
+        {k: v.shape for k, v in state_dict.items()}, lambda: ((k, v.clone()) for k, v in state_dict.items())
+    )
 
 
 def _safetensors_weights(source: ModelSource, name: str, where: str) -> Weights:

@@ -7,14 +7,18 @@ must accept the converted weights with ``strict=True`` and compute the same feat
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import pickle
+import pickletools
 import random
 import re
+import subprocess
 import sys
-import types
 import uuid
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
 
 import fsspec
 import pytest
@@ -22,9 +26,12 @@ import torch
 from torch import nn
 from transformers import XCLIPConfig as HFXCLIPConfig
 from transformers import XCLIPModel
+from yacs.config import CfgNode
 
 from xclip_core.checkpoints import (
     _RESTRICTED_PICKLE,
+    _SAFE_FUNCTIONS,
+    _SAFE_TYPES,
     CheckpointError,
     check_state_dict,
     config_from_original,
@@ -432,64 +439,159 @@ def test_hf_to_original_needs_all_of_qkv():
 # ---- Loading original-release snapshots -------------------------------------------------------------------
 
 
-class CfgNode(dict):
-    """Stands in for yacs.config.CfgNode: a dict subclass with attribute access and state in ``__dict__``."""
+def training_config(g: dict) -> CfgNode:
+    """A config as X-CLIP's utils/config.py makes one: yacs defaults in nested nodes, cloned, the run's values
+    merged in and the whole frozen. Each node holds an empty ``set`` (yacs' deprecated keys)."""
+    defaults = CfgNode()
+    defaults.BASE = [""]
+    defaults.DATA = CfgNode()
+    defaults.DATA.DATASET = "kinetics400"
+    defaults.DATA.INPUT_SIZE = 224
+    defaults.DATA.NUM_FRAMES = 8
+    defaults.DATA.LABEL_LIST = "labels/kinetics_400_labels.csv"
+    defaults.MODEL = CfgNode()
+    defaults.MODEL.ARCH = "ViT-B/32"
+    defaults.MODEL.DROP_PATH_RATE = 0.0
+    defaults.MODEL.PRETRAINED = None
+    defaults.MODEL.FIX_TEXT = True
+    defaults.TRAIN = CfgNode()
+    defaults.TRAIN.EPOCHS = 30
+    defaults.TRAIN.WEIGHT_DECAY = 0.001
+    defaults.TRAIN.LR = 8e-6
+    defaults.TRAIN.OPTIMIZER = "adamw"
+    defaults.OUTPUT = ""
+    defaults.SEED = 1024
+    config = defaults.clone()
+    config.merge_from_list(["DATA.NUM_FRAMES", g["frames"], "DATA.INPUT_SIZE", IMAGE, "OUTPUT", "exp/k400"])
+    config.LOCAL_RANK = 0
+    config.freeze()
+    return config
 
-    def __init__(self, init=None):
-        super().__init__(init or {})
-        self.__dict__["__immutable__"] = False
 
-    def __getattr__(self, name):
-        if name in self:
-            return self[name]
-        raise AttributeError(name)
-
-
-def save_snapshot(path, state_dict, monkeypatch, zipfile=True):
-    """Save as X-CLIP's utils/tools.py ``epoch_saving`` does; the config pickles as ``yacs.config.CfgNode``.
-
-    The fake ``yacs`` modules exist only while saving, so the loader cannot import the class.
-    """
-    config = CfgNode(
-        {"MODEL": CfgNode({"ARCH": "ViT-B/32", "RESUME": None}), "DATA": CfgNode({"NUM_FRAMES": 8})}
-    )
-    toy = nn.Linear(2, 2)
-    optimizer = torch.optim.AdamW(toy.parameters())
-    toy(torch.ones(1, 2)).sum().backward()
+def train_one_step(
+    model: OriginalXCLIP, video: torch.Tensor, ids: torch.Tensor
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+    """AdamW and a learning-rate schedule as X-CLIP's utils/optimizer.py sets them up (text encoder frozen,
+    weight decay on matrices only), after one training step."""
+    for name, param in model.named_parameters():
+        param.requires_grad = name.startswith(("visual.", "mit.", "prompts"))
+    trained = [param for param in model.parameters() if param.requires_grad]
+    groups = [
+        {"params": [p for p in trained if p.ndim > 1], "weight_decay": 0.001},
+        {"params": [p for p in trained if p.ndim <= 1], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=8e-6, betas=(0.9, 0.98), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=30)
+    model(video, ids).logsumexp(dim=-1).mean().backward()
     optimizer.step()
-    snapshot = {
+    scheduler.step()
+    return optimizer, scheduler
+
+
+def training_snapshot(model: XCLIPModel, name: str) -> dict:
+    """What X-CLIP's utils/tools.py ``epoch_saving`` saves for ``model``: its weights in the original layout,
+    the optimizer and scheduler of a run that trains it, and the run's yacs config."""
+    g = GEOMETRIES[name]
+    state_dict = hf_to_original(model.state_dict())
+    # the run's model is a copy: its training step leaves the weights saved here as they are
+    optimizer, scheduler = train_one_step(
+        build_original(state_dict, g["frames"], g["mit"], g["prompt"]), *inputs(model)
+    )
+    return {
         "model": state_dict,
         "optimizer": optimizer.state_dict(),
-        "lr_scheduler": {"t_initial": 30, "warmup_t": 5, "base_values": [8e-6]},
+        "lr_scheduler": scheduler.state_dict(),
         "max_accuracy": 81.3,
         "epoch": 29,
-        "config": config,
+        "config": training_config(g),
     }
-    with monkeypatch.context() as m:
-        fake = types.ModuleType("yacs.config")
-        fake.CfgNode = CfgNode
-        m.setattr(CfgNode, "__module__", "yacs.config")
-        m.setitem(sys.modules, "yacs", types.ModuleType("yacs"))
-        m.setitem(sys.modules, "yacs.config", fake)
-        torch.save(snapshot, path, _use_new_zipfile_serialization=zipfile)
-    assert "yacs.config" not in sys.modules
+
+
+@pytest.fixture(params=["local", "memory"])
+def snapshot_dir(request, tmp_path) -> Iterator[str]:
+    """A directory for snapshots: a local one (memory-mapped) or an fsspec one in memory (read whole)."""
+    if request.param == "local":
+        yield str(tmp_path)
+        return
+    root = f"memory://snapshots-{uuid.uuid4().hex}"
+    yield root
+    fsspec.filesystem("memory").rm(root.removeprefix("memory://"), recursive=True)
 
 
 @pytest.mark.parametrize("zipfile", [True, False], ids=["zip", "legacy"])
 def test_load_original_snapshot_into_transformers(tmp_path, monkeypatch, zipfile):
     model = hf_model("p8-w128")
     path = tmp_path / "best.pth"
-    save_snapshot(path, hf_to_original(model.state_dict()), monkeypatch, zipfile)
+    torch.save(training_snapshot(model, "p8-w128"), path, _use_new_zipfile_serialization=zipfile)
     with pytest.raises(Exception, match="yacs"):  # the reason for the restricted loader
         torch.load(path, weights_only=True)
 
-    loaded = load_tensors(path)
+    with monkeypatch.context() as m:  # the config's class is never imported: importing yacs now fails
+        m.setitem(sys.modules, "yacs", None)
+        m.setitem(sys.modules, "yacs.config", None)
+        loaded = load_tensors(path)
     assert is_original_layout(loaded)
-    assert "yacs" not in sys.modules
     fresh = XCLIPModel(hf_config(GEOMETRIES["p8-w128"])).eval()
     fresh.load_state_dict(original_to_hf(loaded), strict=True)
     for ours, theirs in zip(features(fresh, *inputs(model)), features(model, *inputs(model)), strict=True):
         assert torch.equal(ours, theirs)
+
+
+# Protocol 2 pickles the config's sets as calls of __builtin__.set, protocol 3 of builtins.set.
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 3")
+@pytest.mark.parametrize("protocol", [2, 3], ids=["__builtin__", "builtins"])
+def test_from_pretrained_reads_an_original_training_snapshot(snapshot_dir, protocol):
+    model = hf_model("p8-w128")
+    with fsspec.open(f"{snapshot_dir}/best.pth", "wb") as f:
+        torch.save(training_snapshot(model, "p8-w128"), f, pickle_protocol=protocol)
+    ours = OurModel.from_pretrained(f"{snapshot_dir}/best.pth")
+    video, ids = inputs(model)
+    with torch.no_grad():
+        found = ours.get_video_features(video), ours.get_text_features(ids), ours(ids, video).logits_per_video
+    for ours_value, reference in zip(found, features(model, video, ids), strict=True):
+        torch.testing.assert_close(ours_value, reference, atol=1e-4, rtol=0)  # test_model_parity's bound
+
+
+#: Prints the peak memory that loading the checkpoint argv[2] adds to loading argv[1] first (which takes what
+#: the first load costs: imports, torch's kernels). The peak is the process's VmHWM: unlike ru_maxrss, which
+#: Linux carries over from the parent (pytest) through fork and exec, it starts anew in a new program.
+MEASURE_LOAD = """
+import sys
+from xclip_core import XCLIPModel
+
+def peak_mib():
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM:")) / 1024
+
+XCLIPModel.from_pretrained(sys.argv[1])
+before = peak_mib()
+XCLIPModel.from_pretrained(sys.argv[2])
+print(peak_mib() - before)
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads the peak memory from Linux's /proc")
+def test_loading_a_snapshot_does_not_read_its_optimizer_state(tmp_path):
+    snapshot = training_snapshot(hf_model("p16-w64"), "p16-w64")
+    torch.save(snapshot, tmp_path / "small.pth")
+    optimizer_mib = 128
+    moments = torch.ones(optimizer_mib * 2**20 // 8)  # float32: two of them make optimizer_mib
+    snapshot["optimizer"]["state"][0].update(exp_avg=moments, exp_avg_sq=moments.clone())
+    torch.save(snapshot, tmp_path / "best.pth")
+    del snapshot, moments
+    command = [sys.executable, "-c", MEASURE_LOAD, str(tmp_path / "small.pth"), str(tmp_path / "best.pth")]
+    grown = float(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+    assert grown < optimizer_mib / 4, f"peak memory grew {grown:.0f} MiB"
+
+
+def test_tensors_read_from_a_memory_map_are_copies(tmp_path):
+    weights = {"w": torch.arange(4096.0)}
+    path = tmp_path / "pytorch_model.bin"
+    torch.save(weights, path)
+    loaded = load_tensors(path)
+    with open(path, "r+b") as f:  # overwritten in place: a view of the mapped file would now read zeros
+        f.write(bytes(path.stat().st_size))
+    assert torch.equal(loaded["w"], weights["w"])
 
 
 def test_state_dict_selection(tmp_path):
@@ -503,43 +605,72 @@ def test_state_dict_selection(tmp_path):
         load_tensors(tmp_path / "c.pth")
 
 
-class Exploit:
-    def __init__(self, call):
-        self.call = call
+# ---- Restricted unpickling --------------------------------------------------------------------------------
+
+
+class Call:
+    """Pickles as ``function(*args)``: the call a pickle makes when it is loaded."""
+
+    def __init__(self, function, *args):
+        self.function, self.args = function, args
+
+    def __call__(self):  # the pickler only saves callables; loading the pickle is what would call it
+        raise AssertionError("never called")
 
     def __reduce__(self):
-        return self.call
+        return self.function, self.args
 
 
-@pytest.mark.parametrize("payload", ["os.system", "builtins.exec"])
-def test_pickle_that_runs_code_is_refused(tmp_path, payload):
+def code_runners(marker) -> dict[str, Call]:
+    """Calls that would run code, by the name of what they call; most would create ``marker``."""
+    python = f"open({str(marker)!r}, 'w').close()"
+    return {
+        "os.system": Call(os.system, f"touch {marker}"),
+        "subprocess.Popen": Call(subprocess.Popen, ["touch", str(marker)]),
+        "builtins.exec": Call(exec, python),
+        "builtins.eval": Call(eval, python),
+        # the way out of an allowed function: its globals hold modules such as os
+        "builtins.getattr": Call(getattr, torch._utils._rebuild_tensor_v2, "__globals__"),
+    }
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol 3")
+@pytest.mark.parametrize("protocol", [2, 3])
+@pytest.mark.parametrize("payload", list(code_runners("marker")))
+def test_pickle_that_runs_code_is_refused(tmp_path, payload, protocol):
     marker = tmp_path / "pwned"
-    call = {
-        "os.system": (os.system, (f"touch {marker}",)),
-        "builtins.exec": (exec, (f"open({str(marker)!r}, 'w').close()",)),
-    }[payload]
     path = tmp_path / "evil.pth"
-    torch.save({"model": {"w": torch.ones(2)}, "config": Exploit(call)}, path)
-    # Named as pickled: os.system is posix.system, and protocol 2 writes builtins as __builtin__.
-    global_name = {"os.system": f"{os.system.__module__}.system", "builtins.exec": "__builtin__.exec"}[
-        payload
-    ]
-    with pytest.raises(CheckpointError, match=rf"evil\.pth: refused to load: its pickle calls {global_name}"):
+    exploit = code_runners(marker)[payload]
+    torch.save({"model": {"w": torch.ones(2)}, "config": exploit}, path, pickle_protocol=protocol)
+    # Named as pickled: os.system is posix.system; protocol 2 writes builtins as __builtin__ and subprocess
+    # as commands (Python 2's names).
+    [called] = pickled_globals(pickle.dumps(exploit.function, protocol))
+    with pytest.raises(CheckpointError, match=rf"evil\.pth: refused to load: its pickle calls {called}\b"):
         load_tensors(path)
     assert not marker.exists()
 
 
-def test_restricted_unpickler_hands_out_nothing_a_pickle_can_modify():
-    # GLOBAL torch._utils._rebuild_tensor_v2, then BUILD setting its __defaults__ (a slot state).
-    patch_function = (
-        b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\nN}X\x0c\x00\x00\x00__defaults__K\x01\x85s\x86b."
-    )
-    defaults = torch._utils._rebuild_tensor_v2.__defaults__
-    assert _RESTRICTED_PICKLE.load(io.BytesIO(patch_function)).__defaults__ == (1,)  # only the wrapper
-    assert torch._utils._rebuild_tensor_v2.__defaults__ == defaults
-    patch_type = b"\x80\x02ccollections\nOrderedDict\nN}X\x03\x00\x00\x00fooK\x01s\x86b."
-    with pytest.raises(TypeError, match="immutable type"):
-        _RESTRICTED_PICKLE.load(io.BytesIO(patch_type))
+def pickled_globals(data: bytes) -> set[str]:
+    return {arg.replace(" ", ".") for op, arg, _ in pickletools.genops(data) if op.name == "GLOBAL"}
+
+
+@pytest.mark.parametrize("protocol, builtins", [(2, "__builtin__"), (3, "builtins")])
+def test_plain_data_loads_under_both_names_of_builtins(protocol, builtins):
+    values = [{1, "a"}, frozenset({2.5}), b"\x00\xff", b"", bytearray(b"x"), 1 - 2j, Counter("abca")]
+    data = pickle.dumps(values, protocol)
+    assert {f"{builtins}.set", f"{builtins}.frozenset", f"{builtins}.complex"} <= pickled_globals(data)
+    loaded = _RESTRICTED_PICKLE.load(io.BytesIO(data))
+    assert loaded == values and list(map(type, loaded)) == list(map(type, values))
+
+
+@pytest.mark.parametrize("qualified", sorted(_SAFE_TYPES | _SAFE_FUNCTIONS))
+def test_restricted_unpickler_hands_out_nothing_a_pickle_can_modify(qualified):
+    module, name = qualified.rsplit(".", 1)
+    # GLOBAL module.name, then BUILD setting its attribute "patched" (a slot state).
+    patch = f"\x80\x02c{module}\n{name}\nN}}X\x07\x00\x00\x00patchedK\x01s\x86b.".encode("latin-1")
+    with contextlib.suppress(TypeError, AttributeError):  # C types and dtypes refuse new attributes
+        _RESTRICTED_PICKLE.load(io.BytesIO(patch))  # a function is handed out as a wrapper, which takes it
+    assert not hasattr({**_SAFE_TYPES, **_SAFE_FUNCTIONS}[qualified], "patched")
 
 
 # ---- Corrupt files ----------------------------------------------------------------------------------------
