@@ -182,6 +182,31 @@ def decode_frames(path: str | os.PathLike, indices: list[int] | None = None) -> 
     return reader.get_batch(list(range(len(reader))) if indices is None else indices).asnumpy()
 
 
+def decoded_batch(frames: list[np.ndarray | None], errors: list[str | None]) -> dict[str, np.ndarray]:
+    """Decoded rows as a Ray numpy batch; ``frames`` as an object column (rows of different shapes)."""
+    rows = len(frames)
+    column = np.empty(rows, dtype=object)
+    for i, video in enumerate(frames):
+        column[i] = video
+    return {
+        "uri": np.array([f"s3://bucket/v{i}.mp4" for i in range(rows)], dtype=object),
+        "size": np.arange(rows) + 1000,
+        "etag": np.array([f"etag{i}" for i in range(rows)], dtype=object),
+        "mtime": np.full(rows, 1.7e9),
+        "segment": np.zeros(rows, np.int64),
+        "start_s": np.zeros(rows),
+        "end_s": np.full(rows, 4.0),
+        "duration_s": np.full(rows, 4.0),
+        "fps": np.full(rows, 25.0),
+        "frame_count": np.full(rows, 100),
+        "width": np.full(rows, 64),
+        "height": np.full(rows, 48),
+        "frames": column,
+        "thumbnail": np.array([b"\xff\xd8jpeg" if e is None else b"" for e in errors], dtype=object),
+        "error": np.array(errors, dtype=object),
+    }
+
+
 # ---------------------------------------------------------------------------------------------------- models
 def perturbed(model: nn.Module, scale: float = 0.1) -> nn.Module:
     """Add Gaussian noise of ``scale`` to every parameter (uses the global torch seed); returns ``model``."""

@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import transformers
-from helpers import reference_model
+from helpers import decoded_batch, reference_model
 
 from pipeline.embed.stages.encode import EncodeFrames, ModelLoadError
 from pipeline.embed.stages.write import WritePart, row_id, rows_to_table
@@ -63,31 +63,6 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, transform
 
 def videos(count: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (count, FRAMES, CROP, CROP, 3), dtype=np.uint8)
-
-
-def decoded_batch(frames: list[np.ndarray | None], errors: list[str | None]) -> dict[str, np.ndarray]:
-    """Decoded rows as a Ray numpy batch; ``frames`` as an object column (rows of different shapes)."""
-    rows = len(frames)
-    column = np.empty(rows, dtype=object)
-    for i, video in enumerate(frames):
-        column[i] = video
-    return {
-        "uri": np.array([f"s3://bucket/v{i}.mp4" for i in range(rows)], dtype=object),
-        "size": np.arange(rows) + 1000,
-        "etag": np.array([f"etag{i}" for i in range(rows)], dtype=object),
-        "mtime": np.full(rows, 1.7e9),
-        "segment": np.zeros(rows, np.int64),
-        "start_s": np.zeros(rows),
-        "end_s": np.full(rows, 4.0),
-        "duration_s": np.full(rows, 4.0),
-        "fps": np.full(rows, 25.0),
-        "frame_count": np.full(rows, 100),
-        "width": np.full(rows, 64),
-        "height": np.full(rows, 48),
-        "frames": column,
-        "thumbnail": np.array([b"\xff\xd8jpeg" if e is None else b"" for e in errors], dtype=object),
-        "error": np.array(errors, dtype=object),
-    }
 
 
 def reference_embeddings(reference: transformers.XCLIPModel, clips: np.ndarray) -> np.ndarray:
