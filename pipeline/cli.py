@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     classify.add_argument("--model", help="X-CLIP checkpoint (default: the bundled model)")
     classify.add_argument(
-        "--template", default="a video of {}", help="prompt template (default 'a video of {}')"
+        "--template", default=DEFAULT_TEMPLATE, help="prompt template (default %(default)r)"
     )
     classify.add_argument("-k", type=int, default=5, help="labels shown per video (default 5)")
     classify.add_argument("--json", action="store_true")
