@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from .embed.options import EmbedOptions
+from .library.manifest import LibraryError
 from .storage import StorageError, StorageOptions
 from .train.options import TrainOptions
 from .train.trainer import TrainConfig
@@ -42,6 +43,29 @@ def _default(options: type, name: str) -> Any:
     return next(f.default for f in dataclasses.fields(options) if f.name == name)
 
 
+def _embed_flags(parser: argparse.ArgumentParser) -> None:
+    """The arguments of ``embed`` and ``refresh``."""
+    parser.add_argument(
+        "source", help="prefix or glob of videos: /data/videos/, s3://bucket/prefix/, 'gs://b/*.mp4'"
+    )
+    parser.add_argument("library", help="where the library is written: a local path or s3://bucket/library")
+    parser.add_argument("--model", help="X-CLIP checkpoint directory or URL (default: the bundled model)")
+    parser.add_argument("--frames", type=int, help="frames per video or segment (default: the model's)")
+    parser.add_argument("--segment", type=float, metavar="SECONDS", help="embed segments of this length")
+    parser.add_argument(
+        "--batch-size",
+        type=int,
+        default=_default(EmbedOptions, "batch_size"),
+        help="videos per encoder call (default %(default)s)",
+    )
+    parser.add_argument("--decoders", type=int, help="decode actors (default: from the cluster's CPUs)")
+    parser.add_argument("--encoders", type=int, help="encode actors (default: one per GPU, else 1)")
+    parser.add_argument("--gpus-per-encoder", type=float, help="GPUs per encode actor (default 1 if any)")
+    parser.add_argument("--address", help="Ray address (default: start a local Ray)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _storage_flags(parser)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="videosearch", description="Embed videos with X-CLIP on Ray and search them by text."
@@ -49,31 +73,32 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    embed = commands.add_parser("embed", help="build a searchable library from videos on any fsspec storage")
-    embed.add_argument(
-        "source", help="prefix or glob of videos: /data/videos/, s3://bucket/prefix/, 'gs://b/*.mp4'"
+    embed = commands.add_parser(
+        "embed", help="publish a library version of every video under SOURCE (any fsspec storage)"
     )
-    embed.add_argument("library", help="where the library is written: a local path or s3://bucket/library")
-    embed.add_argument("--model", help="X-CLIP checkpoint directory or URL (default: the bundled model)")
-    embed.add_argument("--frames", type=int, help="frames per video or segment (default: the model's)")
-    embed.add_argument("--segment", type=float, metavar="SECONDS", help="embed segments of this length")
-    embed.add_argument(
-        "--batch-size",
-        type=int,
-        default=_default(EmbedOptions, "batch_size"),
-        help="videos per encoder call (default %(default)s)",
+    _embed_flags(embed)
+    embed.set_defaults(retry_failed=True)
+    refresh = commands.add_parser(
+        "refresh", help="embed only what changed under SOURCE since the library's current version"
     )
-    embed.add_argument("--decoders", type=int, help="decode actors (default: from the cluster's CPUs)")
-    embed.add_argument("--encoders", type=int, help="encode actors (default: one per GPU, else 1)")
-    embed.add_argument("--gpus-per-encoder", type=float, help="GPUs per encode actor (default 1 if any)")
-    embed.add_argument("--address", help="Ray address (default: start a local Ray)")
-    embed.add_argument("--json", action="store_true", help="print the summary as JSON")
-    _storage_flags(embed)
+    _embed_flags(refresh)
+    refresh.add_argument(
+        "--no-retry-failed",
+        dest="retry_failed",
+        action="store_false",
+        help="keep the error rows of videos that failed before (default: try them again)",
+    )
+
+    versions = commands.add_parser("versions", help="list a library's versions: time, counts, model, changes")
+    versions.add_argument("library")
+    versions.add_argument("--json", action="store_true", help="print the versions as JSON")
+    _storage_flags(versions)
 
     query = commands.add_parser("query", help="rank a library's videos by a text")
     query.add_argument("library")
     query.add_argument("text")
     query.add_argument("-k", type=int, default=10, help="results (default 10)")
+    query.add_argument("--version", type=int, help="search this version (default: the current one)")
     query.add_argument("--json", action="store_true", help="print results as JSON")
     _storage_flags(query)
 
@@ -229,7 +254,7 @@ def _run_eval(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _run_embed(args: argparse.Namespace, out: TextIO) -> int:
-    from .embed.job import embed
+    from .embed import job
 
     options = EmbedOptions(
         model=args.model,
@@ -240,9 +265,10 @@ def _run_embed(args: argparse.Namespace, out: TextIO) -> int:
         encoders=args.encoders,
         gpus_per_encoder=args.gpus_per_encoder,
         address=args.address,
+        retry_failed=args.retry_failed,
         storage=_storage(args),
     )
-    summary = embed(args.source, args.library, options)
+    summary = (job.refresh if args.command == "refresh" else job.embed)(args.source, args.library, options)
     print(json.dumps(summary.to_dict(), indent=2) if args.json else summary.text(), file=out)
     return 0 if summary.ok else 1
 
@@ -250,12 +276,24 @@ def _run_embed(args: argparse.Namespace, out: TextIO) -> int:
 def _run_query(args: argparse.Namespace, out: TextIO) -> int:
     from .search import Searcher
 
-    hits = Searcher.open(args.library, _storage(args)).search(args.text, k=args.k)
+    hits = Searcher.open(args.library, _storage(args), args.version).search(args.text, k=args.k)
     if args.json:
         print(json.dumps([hit.to_dict() for hit in hits], indent=2), file=out)
     else:
         for rank, hit in enumerate(hits, 1):
             print(f"{rank:3d}. {hit.score:.4f}  {hit.uri}  [{hit.start_s:.1f}s-{hit.end_s:.1f}s]", file=out)
+    return 0
+
+
+def _run_versions(args: argparse.Namespace, out: TextIO) -> int:
+    from .library.history import history
+
+    versions = history(args.library, _storage(args))
+    if args.json:
+        print(json.dumps([v.to_dict() for v in versions], indent=2), file=out)
+    else:
+        for version in versions:
+            print(version.text(), file=out)
     return 0
 
 
@@ -292,6 +330,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     run = {
         "embed": _run_embed,
+        "refresh": _run_embed,
+        "versions": _run_versions,
         "query": _run_query,
         "classify": _run_classify,
         "train": _run_train,
@@ -308,7 +348,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             finally:
                 if _ray_running() and not ray_was_running:  # the Ray this command started: its forwarding
                     sys.modules["ray"].shutdown()  # stops now, not after the result
-    except (StorageError, ValueError, FileNotFoundError) as err:
+    except (StorageError, LibraryError, ValueError, FileNotFoundError) as err:
         print(f"videosearch {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -427,6 +427,11 @@ class Store:
             else:
                 self.fs.pipe_file(path, data)
 
+    def delete(self, name: str = "") -> None:
+        """Remove the object; one that is already gone is fine."""
+        with self.errors("deleting", name), contextlib.suppress(FileNotFoundError):
+            self.fs.rm_file(self.path(name))
+
     def put_if(self, name: str, data: bytes, expected_etag: str | None) -> str:
         """Compare-and-swap: write ``data`` only if the object is still at version ``expected_etag``.
 

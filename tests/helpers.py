@@ -15,9 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -26,6 +28,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
+from typing import Any
 
 import av
 import decord
@@ -282,3 +285,64 @@ def wait_until_up(proc: subprocess.Popen, url: str, log: Path, timeout: float = 
         except OSError:
             time.sleep(0.1)
     raise RuntimeError(f"moto_server did not answer on {url} in {timeout:.0f} s:\n{log.read_text()[-2000:]}")
+
+
+# ---------------------------------------------------------------------------------------------------- the CLI
+CLI_TIMEOUT = 300  # seconds for one CLI job (a local Ray starts in each)
+
+
+def cli_env() -> dict[str, str]:
+    """The environment of a CLI run: the moto test credentials, nothing that points AWS or Ray elsewhere."""
+    env = {k: v for k, v in os.environ.items() if k not in AWS_CLEARED}
+    env.update(AWS_TEST_ENV)
+    env["RAY_ADDRESS"] = "local"  # a fresh local Ray per job, never a cluster someone started on this host
+    return env
+
+
+def videosearch(*args: str | os.PathLike) -> list[str]:
+    """The command line of the installed ``videosearch`` script (``python -m pipeline.cli`` without one)."""
+    script = Path(sys.executable).with_name("videosearch")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "pipeline.cli"]
+    return command + [os.fspath(a) for a in args]
+
+
+@dataclass
+class Run:
+    args: list[str]
+    code: int
+    stdout: str
+    stderr: str
+    seconds: float
+
+    def json(self) -> Any:
+        assert self.code == 0, f"{' '.join(self.args)} exited with {self.code}:\n{self.stderr[-4000:]}"
+        return json.loads(self.stdout)
+
+
+def run(*args: str | os.PathLike, cwd: str | os.PathLike | None = None, timeout: float = CLI_TIMEOUT) -> Run:
+    command = videosearch(*args)
+    start = time.monotonic()
+    done = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=cli_env(), timeout=timeout)
+    return Run(command, done.returncode, done.stdout, done.stderr, time.monotonic() - start)
+
+
+def run_all(commands: dict[str, list[str | os.PathLike]], timeout: float = 120) -> dict[str, Run]:
+    """Run CLI invocations concurrently (those that fail before Ray starts are mostly Python imports)."""
+    started = {}
+    for name, args in commands.items():
+        command = videosearch(*args)
+        proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env()
+        )
+        started[name] = (command, time.monotonic(), proc)
+    runs = {}
+    try:
+        for name, (command, start, proc) in started.items():
+            stdout, stderr = proc.communicate(timeout=timeout)
+            runs[name] = Run(command, proc.returncode, stdout, stderr, time.monotonic() - start)
+    finally:
+        for _, _, proc in started.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    return runs

@@ -17,6 +17,8 @@ from collections import Counter
 from dataclasses import replace
 from typing import Any
 
+import faiss
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
@@ -24,9 +26,11 @@ import ray.data
 
 from xclip_core.identity import ModelIdentity
 
-from ..library import Library, LibraryWriter, PartInfo, parts_dataset
+from ..library import Library, LibraryWriter, PartInfo, Version
 from ..library import index as faiss_index
-from ..models import absolute_source, default_model_source, load_model
+from ..library.journal import Journal, resumable
+from ..library.refresh import RefreshPlan, embedded_rows, plan_refresh, rewrite_parts
+from ..models import VideoTextModel, absolute_source, default_model_source, load_model
 from ..storage import StorageOptions, Store
 from .options import EmbedOptions, EmbedSummary
 from .resources import WRITE_CPUS, stage_resources, time_stages
@@ -128,7 +132,19 @@ def decoded(
 
 
 def embed(source: str, library: str, options: EmbedOptions) -> EmbedSummary:
-    """Build (or add a version to) ``library`` from every object under ``source``."""
+    """Publish a version of ``library`` holding exactly the objects under ``source``, reusing the current
+    version's rows of unchanged objects when it was made with the same model and decoding."""
+    return _run(source, library, options, refresh=False)
+
+
+def refresh(source: str, library: str, options: EmbedOptions) -> EmbedSummary:
+    """Like :func:`embed`, but refuse a model or decoding other than the library's, and publish nothing
+    when nothing changed."""
+    return _run(source, library, options, refresh=True)
+
+
+def _run(source: str, library: str, options: EmbedOptions, refresh: bool) -> EmbedSummary:
+    """list -> compare with the current version -> decode, encode, write what changed -> index -> publish."""
     started = time.perf_counter()
     # the manifest records the model for `query`, which may run from another directory
     options = replace(options, model=absolute_source(options.model or default_model_source()))
@@ -141,6 +157,66 @@ def embed(source: str, library: str, options: EmbedOptions) -> EmbedSummary:
     if not listed:
         raise ValueError(f"nothing to embed: {source} lists no objects")
 
+    store = Store(library, options.storage)
+    decode = {"frames": frames, "segment_s": options.segment_s}
+    with Journal(store, model.identity.sha256, decode) as journal:  # the lease: one writer at a time
+        base = Library.current_version(store)
+        reusable = _reusable(base, model.identity, decode, refresh)
+        plan = plan_refresh(Library(store, base) if reusable else None, listed, options.retry_failed)
+        if refresh and base is not None and plan.changes.nothing:
+            journal.finish()
+            return _summary(Library(store, base), listed, started, plan.changes.to_dict(), published=False)
+
+        writer = LibraryWriter(store, embedding_dim=model.embedding_dim, prompt_shape=model.rerank_shape)
+        resumed, covered = resumable(journal, plan.to_embed, model.embedding_dim, model.rerank_shape)
+        to_embed = [row for row in plan.to_embed if row["uri"] not in covered]
+        new_parts = resumed + (
+            _embed_objects(to_embed, settings, options, writer, model, journal) if to_embed else []
+        )
+        index, trained_on = _index(writer, plan, new_parts, Library(store, base) if reusable else None)
+        changes = replace(plan.changes, resumed_rows=sum(p.rows - len(p.deleted) for p in resumed)).to_dict()
+        version = writer.publish(
+            plan.kept + rewrite_parts(writer, plan.rewrite) + new_parts,
+            index,
+            model.identity,
+            base,
+            decode=decode,
+            changes=changes,
+            trained_on=trained_on,
+        )
+        journal.finish()
+    return _summary(Library(store, version), listed, started, changes)
+
+
+def _reusable(base: Version | None, identity: ModelIdentity, decode: dict[str, Any], refresh: bool) -> bool:
+    """Whether the rows of ``base`` can stay in a version made with ``identity`` and ``decode``; a refresh
+    refuses what cannot."""
+    if base is None:
+        return False
+    problem = None
+    if base.model.sha256 != identity.sha256:
+        problem = (
+            f"version {base.number} was embedded with another model ({base.model.source}, "
+            f"sha256 {base.model.sha256[:16]}...), not {identity.source}"
+        )
+    elif base.manifest.get("decode") != decode:
+        recorded = base.manifest.get("decode") or "nothing (written by an older videosearch)"
+        problem = f"version {base.number} records decoding {recorded}, not {decode}"
+    if problem and refresh:
+        raise ValueError(f"cannot refresh: {problem}; re-embed everything with `videosearch embed`")
+    return problem is None
+
+
+def _embed_objects(
+    listed: list[dict[str, Any]],
+    settings: DecodeSettings,
+    options: EmbedOptions,
+    writer: LibraryWriter,
+    model: VideoTextModel,
+    journal: Journal,
+) -> list[PartInfo]:
+    """Decode, encode and write ``listed`` on Ray Data: the new parts, each recorded in ``journal`` as soon
+    as it is written."""
     resources = connect(options.address)
     stages = stage_resources(
         resources.get("CPU", 1),
@@ -157,8 +233,6 @@ def embed(source: str, library: str, options: EmbedOptions) -> EmbedSummary:
         stages.gpus_per_encoder,
         stages.cpus_per_encoder,
     )
-
-    store = Store(library, options.storage)
     ds = decoded(listed, settings, options.storage, stages.decoders, stages.cpus_per_decoder)
     ds = ds.map_batches(
         _text_columns_typed(EncodeFrames),
@@ -178,45 +252,59 @@ def embed(source: str, library: str, options: EmbedOptions) -> EmbedSummary:
     )
     ds = ds.map_batches(
         # a plain Ray task (no actor of its own: writing needs no start-up, and pooled workers start quicker)
-        WritePart(store, model.embedding_dim, model.rerank_shape),
+        WritePart(writer.store, writer.embedding_dim, writer.prompt_shape),
         batch_size=PART_ROWS,
         batch_format="numpy",
         num_cpus=WRITE_CPUS,
     )
-    writer = LibraryWriter(store, embedding_dim=model.embedding_dim, prompt_shape=model.rerank_shape)
-    identity = model.identity
-    del model  # the actors load their own copies
-    parts = ds.take_all()
-    return publish(writer, parts, identity, listed, started)
+    for written in ds.iter_rows():
+        part = PartInfo(
+            str(written["path"]), int(written["rows"]), int(written["ok"]), int(written["errors"])
+        )
+        journal.record(part)
+    return journal.parts
 
 
-def publish(
-    writer: LibraryWriter,
-    parts: list[dict[str, Any]],
-    model: ModelIdentity,
-    listed: list[dict],
+def _index(
+    writer: LibraryWriter, plan: RefreshPlan, new_parts: list[PartInfo], base: Library | None
+) -> tuple[faiss.Index, int]:
+    """The new version's index and the vectors its centroids saw: the base's, updated in place (its
+    changed and deleted rows out, the new rows in), or built anew (no base, or too much drift)."""
+    ids, vectors = embedded_rows(writer, new_parts)
+    if base is not None:
+        kind, trained_on = base.manifest["index"]["kind"], base.manifest["index"].get("trained_on")
+        total = base.manifest["index"]["ntotal"] - len(plan.gone_ids) + len(ids)
+        if not faiss_index.needs_rebuild(kind, total, trained_on or base.manifest["index"]["ntotal"]):
+            index = faiss_index.deserialize(base.store.read_bytes(base.manifest["index"]["path"]))
+            index = faiss_index.remove(index, plan.gone_ids)
+            faiss_index.add(index, ids, vectors)
+            return index, trained_on or index.ntotal
+    kept_ids, kept_vectors = embedded_rows(writer, plan.kept + plan.rewrite)
+    index = faiss_index.build_index(np.concatenate([kept_ids, ids]), np.concatenate([kept_vectors, vectors]))
+    return index, index.ntotal
+
+
+def _summary(
+    library: Library,
+    listed: list[dict[str, Any]],
     started: float,
+    changes: dict[str, int],
+    published: bool = True,
 ) -> EmbedSummary:
-    """Index the written parts and publish them as the library's next version."""
-    dim = writer.embedding_dim
-    infos = [PartInfo(str(p["path"]), int(p["rows"]), int(p["ok"]), int(p["errors"])) for p in parts]
-    columns = ["id", "uri", "error", "embedding"]
-    table = parts_dataset(writer.store, infos, writer.schema).to_table(columns=columns)
-    ok = table.filter(pc.is_null(table["error"]))
-    vectors = ok["embedding"].combine_chunks().flatten().to_numpy().reshape(len(ok), dim)
-    index = faiss_index.build_index(ok["id"].to_numpy(), vectors)
-    version = writer.publish(infos, index, model=model, base=Library.current_version(writer.store))
-
-    errors = table.filter(pc.is_valid(table["error"]))
+    """What the version holds: embedded videos and segments, and the failures with their reasons."""
+    rows = library.table(["uri", "error"])
+    errors = rows.filter(pc.is_valid(rows["error"]))
+    ok_uris = set(rows.filter(pc.is_null(rows["error"]))["uri"].to_pylist())
     failures = sorted(set(zip(errors["uri"].to_pylist(), errors["error"].to_pylist(), strict=True)))
-    ok_uris = set(ok["uri"].to_pylist())
     return EmbedSummary(
-        library=writer.uri,
-        version=version.number,
+        library=library.uri,
+        version=library.version,
         objects=len(listed),
         ok=len(ok_uris),
         failed=len({uri for uri, _ in failures} - ok_uris),
-        segments=len(ok),
+        segments=rows.num_rows - errors.num_rows,
         seconds=time.perf_counter() - started,
         failures=[{"uri": uri, "error": error} for uri, error in failures],
+        changes=changes,
+        published=published,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..library.refresh import Changes
 from ..storage import StorageOptions
 
 
@@ -20,6 +21,7 @@ class EmbedOptions:
     encoders: int | None = None  # encode actors
     gpus_per_encoder: float | None = None  # 1 when the cluster has GPUs, else 0
     address: str | None = None  # Ray address; None starts (or joins) a local Ray
+    retry_failed: bool = True  # refresh: decode again the objects that failed in the current version
     storage: StorageOptions = field(default_factory=StorageOptions)
 
 
@@ -35,6 +37,8 @@ class EmbedSummary:
     segments: int
     seconds: float
     failures: list[dict[str, str]]
+    changes: dict[str, int] = field(default_factory=dict)  # new, changed, deleted... (see library.refresh)
+    published: bool = True  # False: nothing changed, the current version stays
 
     @property
     def videos_per_s(self) -> float:
@@ -44,10 +48,14 @@ class EmbedSummary:
         return {**asdict(self), "videos_per_s": round(self.videos_per_s, 3)}
 
     def text(self) -> str:
+        if not self.published:
+            return f"library {self.library}: nothing changed since version {self.version}; nothing published"
         lines = [
             f"library {self.library} version {self.version}: {self.objects} objects, {self.ok} embedded "
             f"({self.segments} segments), {self.failed} failed, {self.seconds:.1f} s, "
             f"{self.videos_per_s:.2f} videos/s"
         ]
+        if self.changes:
+            lines.append("  changes: " + Changes(**self.changes).text())
         lines += [f"  failed: {f['uri']}: {f['error']}" for f in self.failures]
         return "\n".join(lines)

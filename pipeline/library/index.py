@@ -18,6 +18,12 @@ Kinds, and the rule ``kind="auto"`` follows for N vectors of dimension D:
 IVF centroids (and PQ codebooks) are trained by k-means on the data itself, on at most 64 points per
 centroid, with a fixed seed: the same input gives the same index. nprobe and efSearch are stored in the
 serialized index, so a deserialized index searches as it was built to.
+
+A refresh updates an index in place (:func:`remove`, :func:`add`) unless :func:`needs_rebuild` says to build
+it anew: when the library's size calls for another kind (``auto``'s thresholds), or when an IVF index holds
+more than :data:`IVF_DRIFT` times, or less than 1 / :data:`IVF_DRIFT` of, the vectors its centroids were
+trained on (its lists then no longer balance the data: a query probes ever longer or ever emptier lists).
+HNSW cannot delete: :func:`remove` rebuilds it.
 """
 
 from __future__ import annotations
@@ -103,6 +109,19 @@ def build_index(ids: np.ndarray, vectors: np.ndarray, kind: str = "auto", seed: 
         index.nprobe = _nprobe(nlist)
     index.add_with_ids(vectors, ids)
     return index
+
+
+IVF_DRIFT = 2.0  # an IVF index is rebuilt once it holds this factor more (or fewer) vectors than it saw
+
+
+def needs_rebuild(kind: str, ntotal: int, trained_on: int) -> bool:
+    """Whether an index of ``kind`` whose centroids saw ``trained_on`` vectors should be built anew to hold
+    ``ntotal`` (see the module docstring)."""
+    if kind == "hnsw":
+        return False  # chosen explicitly, never by "auto"; remove() rebuilds it when it must
+    if auto_kind(ntotal) != kind:
+        return True
+    return kind != "flat" and not trained_on / IVF_DRIFT <= ntotal <= trained_on * IVF_DRIFT
 
 
 def _inner(index: faiss.Index) -> faiss.Index:

@@ -12,13 +12,15 @@ Everything but ``_current`` is immutable once written, and versions are numbered
 readable by number.
 
 Manifest formats: 1 named the model ``{"id", "sha256"}``; 2 names it by its identity ``{"source", "sha256",
-"family"}`` and allows libraries without re-rank features (``prompt_shape`` null). Readers read both.
+"family"}``, allows libraries without re-rank features (``prompt_shape`` null), records how videos were
+decoded (``decode``) and what changed since the parent (``changes``), and may mask rows of a part that a
+version no longer holds (a part's ``deleted`` ids: see :class:`PartInfo`). Readers read both.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from xclip_core.identity import ModelIdentity
@@ -48,12 +50,28 @@ class ConcurrentWriteError(LibraryError):
 
 @dataclass(frozen=True)
 class PartInfo:
-    """A part file: its path relative to the library root, its rows, and how many of them are ok / errors."""
+    """A part file: its path relative to the library root, its rows, and how many of them are ok / errors;
+    ``deleted``: the ids of its rows that the version leaves out (a deletion mask: the file stays as written).
+    """
 
     path: str
     rows: int
     ok: int
     errors: int
+    deleted: tuple[int, ...] = ()
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PartInfo:
+        return cls(**{**data, "deleted": tuple(data.get("deleted", ()))})
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest's entry (``deleted`` only where there is a mask)."""
+        entry = {"path": self.path, "rows": self.rows, "ok": self.ok, "errors": self.errors}
+        return {**entry, "deleted": list(self.deleted)} if self.deleted else entry
+
+    def masked(self, ids: set[int] | frozenset[int]) -> PartInfo:
+        """This part with ``ids`` (of its rows) left out too."""
+        return replace(self, deleted=tuple(sorted(set(self.deleted) | set(ids))))
 
 
 @dataclass(frozen=True)
@@ -71,7 +89,7 @@ class Version:
     @property
     def parts(self) -> list[PartInfo]:
         """The version's part files."""
-        return [PartInfo(**part) for part in self.manifest["parts"]]
+        return [PartInfo.from_dict(part) for part in self.manifest["parts"]]
 
     @property
     def model(self) -> ModelIdentity:

@@ -5,7 +5,7 @@ See :mod:`pipeline.library.manifest` for the layout and the versioning rules.
 
 from __future__ import annotations
 
-from functools import cached_property
+import itertools
 from typing import Any
 
 import faiss
@@ -31,8 +31,30 @@ from .schema import part_schema
 
 
 def parts_dataset(root: Store, parts: list[PartInfo], schema: pa.Schema) -> ds.Dataset:
-    """The part files of a library as one Arrow dataset (read only the columns you need)."""
+    """The part files of a library as one Arrow dataset, masks NOT applied (see :func:`read_parts`)."""
     return ds.dataset([root.path(p.path) for p in parts], schema=schema, format="parquet", filesystem=root.fs)
+
+
+def read_parts(
+    root: Store,
+    parts: list[PartInfo],
+    schema: pa.Schema,
+    columns: list[str] | None = None,
+    filter: pc.Expression | None = None,
+) -> pa.Table:
+    """The rows of ``parts`` that a version holds (each part's ``deleted`` ids left out), part after part;
+    only ``columns`` and the rows matching ``filter`` if given. Consecutive unmasked parts are read as one
+    dataset (in parallel); a masked part is read with its own filter."""
+    names = schema.names if columns is None else list(columns)
+    tables = []
+    for masked, run in itertools.groupby(parts, key=lambda part: bool(part.deleted)):
+        for group in ([p] for p in run) if masked else [list(run)]:
+            condition = filter
+            if masked:
+                visible = ~pc.field("id").isin(pa.array(group[0].deleted, pa.int64()))
+                condition = visible if condition is None else condition & visible
+            tables.append(parts_dataset(root, group, schema).to_table(columns=names, filter=condition))
+    return pa.concat_tables(tables) if tables else schema.empty_table().select(names)
 
 
 class Library:
@@ -107,14 +129,10 @@ class Library:
         """The schema of the version's rows."""
         return part_schema(self.manifest["embedding_dim"], self.rerank_shape)
 
-    @cached_property
-    def _dataset(self) -> ds.Dataset:
-        return parts_dataset(self.store, self.snapshot.parts, self.schema)
-
-    def table(self, columns: list[str] | None = None) -> pa.Table:
-        """All rows of the version, part after part; only ``columns`` if given (e.g. all but
-        ``prompt_features`` for a listing)."""
-        return self._dataset.to_table(columns=columns)
+    def table(self, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
+        """All rows of the version, part after part; only ``columns`` (e.g. all but ``prompt_features`` for a
+        listing) and the rows matching ``filter`` if given."""
+        return read_parts(self.store, self.snapshot.parts, self.schema, columns, filter)
 
     def rows_by_id(self, ids: np.ndarray | list[int], columns: list[str] | None = None) -> pa.Table:
         """The rows with ``ids``, in that order (repeated ids give repeated rows); only ``columns`` if given.
@@ -124,9 +142,7 @@ class Library:
         """
         wanted = pa.array(np.asarray(ids, dtype=np.int64).reshape(-1))
         names = self.schema.names if columns is None else list(columns)
-        found = self._dataset.to_table(
-            columns=names if "id" in names else [*names, "id"], filter=pc.field("id").isin(wanted)
-        )
+        found = self.table(names if "id" in names else [*names, "id"], pc.field("id").isin(wanted))
         positions = pc.index_in(wanted, value_set=found["id"])
         if positions.null_count:
             missing = pc.filter(wanted, pc.is_null(positions)).to_pylist()

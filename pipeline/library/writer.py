@@ -14,7 +14,6 @@ import json
 import os
 import socket
 import uuid
-from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import Any
 
@@ -28,7 +27,7 @@ from xclip_core.identity import ModelIdentity
 from ..storage import PreconditionFailed, StorageOptions, Store, as_store
 from .index import kind_of, serialize
 from .manifest import CURRENT, FORMAT, ConcurrentWriteError, PartInfo, Version, manifest_name
-from .reader import parts_dataset
+from .reader import read_parts
 from .schema import part_schema
 
 ROW_GROUP_ROWS = 1024  # rows per Parquet row group: the unit rows_by_id can skip by id statistics
@@ -99,6 +98,7 @@ class LibraryWriter:
         model: ModelIdentity,
         base: Version | None,
         extra: dict[str, Any] | None = None,
+        **details: Any,
     ) -> Version:
         """Publish a version made of ``parts`` (all of its rows: keep the base's parts that stay) and
         ``index`` (the embeddings of their ok rows, under their ids), on top of ``base`` (``None`` for the
@@ -107,7 +107,7 @@ class LibraryWriter:
         Raises :class:`ConcurrentWriteError` if another writer published after ``base``; what this call wrote
         then never becomes current. The steps are :meth:`prepare`, :meth:`claim` and :meth:`set_current`.
         """
-        manifest = self.prepare(parts, index, model, base, extra)
+        manifest = self.prepare(parts, index, model, base, extra, **details)
         return self.set_current(self.claim(manifest, base), base)
 
     def prepare(
@@ -117,6 +117,10 @@ class LibraryWriter:
         model: ModelIdentity,
         base: Version | None,
         extra: dict[str, Any] | None = None,
+        *,
+        decode: dict[str, Any] | None = None,
+        changes: dict[str, int] | None = None,
+        trained_on: int | None = None,
     ) -> dict[str, Any]:
         """Check the parts and the index, write the index file, and return the new version's manifest
         (its ``"version"`` still ``None``). An example manifest::
@@ -125,13 +129,21 @@ class LibraryWriter:
              "writer": "host:4242:1a2b3c4d",
              "model": {"source": "/models/xclip-base-patch32", "sha256": "...", "family": "xclip"},
              "embedding_dim": 512, "prompt_shape": [49, 512],
-             "index": {"path": "index/<uuid>.faiss", "kind": "flat", "ntotal": 9},
-             "parts": [{"path": "parts/part-<uuid>.parquet", "rows": 10, "ok": 9, "errors": 1}],
-             "counts": {"videos": 4, "segments": 9, "ok": 3, "failed": 1}, "next_id": 10, "extra": {}}
+             "index": {"path": "index/<uuid>.faiss", "kind": "flat", "ntotal": 9, "trained_on": 9},
+             "parts": [{"path": "parts/part-<uuid>.parquet", "rows": 10, "ok": 9, "errors": 1,
+                        "deleted": [7]}],
+             "counts": {"videos": 4, "segments": 8, "ok": 3, "failed": 1}, "next_id": 10,
+             "decode": {"frames": 8, "segment_s": null},
+             "changes": {"new": 1, "changed": 0, "deleted": 1, "unchanged": 3, "retried": 0,
+                         "reused_rows": 8},
+             "extra": {}}
 
-        ``counts``: distinct videos (``uri``), rows with an embedding, videos without / with an error row.
-        ``next_id``: the smallest id that no version up to this one has used. ``prompt_shape``: the re-rank
-        features' shape, ``null`` for a model family without them.
+        ``counts``: distinct videos (``uri``), rows with an embedding, videos without / with an error row, of
+        the rows the version holds (``deleted`` ids of a part are left out). ``next_id``: the smallest id
+        that no version up to this one has used. ``prompt_shape``: the re-rank features' shape, ``null`` for a
+        model family without them. ``decode``: how the videos were decoded (a refresh reuses rows only when it
+        decodes the same way). ``changes``: what changed since the parent. ``trained_on``: the vectors an IVF
+        index was trained on (the index's own size when not given).
         """
         if base is not None and base.token is None:
             raise ValueError(
@@ -141,8 +153,7 @@ class LibraryWriter:
             raise ValueError(f"model must be a ModelIdentity (where the weights came from), got {model!r}")
         if index.d != self.embedding_dim:
             raise ValueError(f"the index has dimension {index.d}, the parts' embeddings {self.embedding_dim}")
-        dataset = parts_dataset(self.store, parts, self.schema)
-        rows = dataset.to_table(columns=["id", "uri", "error"])
+        rows = read_parts(self.store, parts, self.schema, ["id", "uri", "error"])
         segments = rows["error"].null_count  # rows without an error have an embedding
         if index.ntotal != segments:
             raise ValueError(f"the index holds {index.ntotal} vectors, the parts have {segments} embeddings")
@@ -162,10 +173,17 @@ class LibraryWriter:
             "model": model.to_dict(),
             "embedding_dim": self.embedding_dim,
             "prompt_shape": list(self.prompt_shape) if self.prompt_shape else None,
-            "index": {"path": index_path, "kind": kind_of(index), "ntotal": index.ntotal},
-            "parts": [asdict(part) for part in parts],
+            "index": {
+                "path": index_path,
+                "kind": kind_of(index),
+                "ntotal": index.ntotal,
+                "trained_on": index.ntotal if trained_on is None else trained_on,
+            },
+            "parts": [part.to_dict() for part in parts],
             "counts": {"videos": videos, "segments": segments, "ok": videos - failed, "failed": failed},
             "next_id": next_id,
+            "decode": decode,
+            "changes": changes,
             "extra": extra or {},
         }
 

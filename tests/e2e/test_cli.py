@@ -16,7 +16,9 @@ from xclip_core.processor import XCLIPProcessor
 from xclip_core.sampling import segment_frame_indices
 
 
-@pytest.mark.parametrize("command", ["embed", "query", "classify", "demo"])
+@pytest.mark.parametrize(
+    "command", ["embed", "refresh", "versions", "query", "classify", "train", "eval", "demo"]
+)
 def test_every_command_has_help(command: str) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", command, "--help"], capture_output=True, text=True, check=True

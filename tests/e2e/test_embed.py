@@ -14,13 +14,9 @@ and run concurrently.
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
-import subprocess
-import sys
 import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,11 +28,12 @@ import s3fs
 import torch
 import torch.nn.functional as F
 from helpers import (
-    AWS_CLEARED,
-    AWS_TEST_ENV,
     MotoS3,
+    Run,
     free_port,
     pattern_frames,
+    run,
+    run_all,
     write_audio,
     write_frames,
     write_video,
@@ -53,7 +50,6 @@ from xclip_core.video_transforms import VideoPreprocessor
 FRAMES, CROP = 4, 32  # the tiny model's frames per video and input size
 TOL = 1e-4
 CPU_ENCODERS = ["--gpus-per-encoder", "0"]  # float32, as the parity to TOL needs (a GPU runs half precision)
-EMBED_TIMEOUT = 300
 QUERIES = ("a red square moving left", "noise")
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -93,65 +89,6 @@ def every_frame(path: str | os.PathLike) -> np.ndarray:
     """All frames of a local video, decoded by PyAV from the first to the last, as uint8 (N, H, W, 3) RGB."""
     with av.open(os.fspath(path)) as container:
         return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
-
-
-def cli_env() -> dict[str, str]:
-    """The environment of a CLI run: the moto test credentials, nothing that points AWS or Ray elsewhere."""
-    env = {k: v for k, v in os.environ.items() if k not in AWS_CLEARED}
-    env.update(AWS_TEST_ENV)
-    env["RAY_ADDRESS"] = "local"  # a fresh local Ray per job, never a cluster someone started on this host
-    return env
-
-
-def videosearch(*args: str | os.PathLike) -> list[str]:
-    """The command line of the installed ``videosearch`` script (``python -m pipeline.cli`` without one)."""
-    script = Path(sys.executable).with_name("videosearch")
-    command = [str(script)] if script.exists() else [sys.executable, "-m", "pipeline.cli"]
-    return command + [os.fspath(a) for a in args]
-
-
-@dataclass
-class Run:
-    args: list[str]
-    code: int
-    stdout: str
-    stderr: str
-    seconds: float
-
-    def json(self) -> Any:
-        assert self.code == 0, f"{' '.join(self.args)} exited with {self.code}:\n{self.stderr[-4000:]}"
-        return json.loads(self.stdout)
-
-
-def run(
-    *args: str | os.PathLike, cwd: str | os.PathLike | None = None, timeout: float = EMBED_TIMEOUT
-) -> Run:
-    command = videosearch(*args)
-    start = time.monotonic()
-    done = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=cli_env(), timeout=timeout)
-    return Run(command, done.returncode, done.stdout, done.stderr, time.monotonic() - start)
-
-
-def run_all(commands: dict[str, list[str | os.PathLike]], timeout: float = 120) -> dict[str, Run]:
-    """Run CLI invocations concurrently (those that fail before Ray starts are mostly Python imports)."""
-    started = {}
-    for name, args in commands.items():
-        command = videosearch(*args)
-        proc = subprocess.Popen(
-            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env()
-        )
-        started[name] = (command, time.monotonic(), proc)
-    runs = {}
-    try:
-        for name, (command, start, proc) in started.items():
-            stdout, stderr = proc.communicate(timeout=timeout)
-            runs[name] = Run(command, proc.returncode, stdout, stderr, time.monotonic() - start)
-    finally:
-        for _, _, proc in started.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    return runs
 
 
 def assert_ranked(hits: list[dict[str, Any]], expected: dict[tuple[str, int], float], k: int) -> None:

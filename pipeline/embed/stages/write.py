@@ -9,17 +9,16 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping
-from dataclasses import asdict, fields
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
-from ...library import LibraryWriter, PartInfo
+from ...library import LibraryWriter
 from ...library.schema import part_schema
 from ...storage import Store
 
-PART_COLUMNS = tuple(f.name for f in fields(PartInfo))
+PART_COLUMNS = ("path", "rows", "ok", "errors")  # a new part: PartInfo without a mask
 
 _ID_MASK = (1 << 63) - 1
 
@@ -83,5 +82,5 @@ class WritePart:
         if len(batch["uri"]) == 0:
             return {name: np.array([], object if name == "path" else np.int64) for name in PART_COLUMNS}
         table = rows_to_table(batch, self.writer.embedding_dim, self.writer.prompt_shape)
-        part = asdict(self.writer.write_part(table))
+        part = self.writer.write_part(table).to_dict()
         return {name: np.array([part[name]], object if name == "path" else np.int64) for name in PART_COLUMNS}

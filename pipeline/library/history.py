@@ -1,0 +1,65 @@
+"""A library's versions as a user sees them: number, time, counts, model, what changed; which are published.
+
+A version was published when ``_current`` named it: the current version and its parents, back to the first.
+Other manifests were claimed by writers that crashed or lost a race; they were never current.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..storage import StorageOptions, Store, as_store
+from .manifest import NotALibraryError, current_version, list_versions, read_manifest
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    number: int
+    created: str
+    published: bool  # named by _current at some time (the current version or one of its parents)
+    current: bool
+    counts: dict[str, int]
+    model: str
+    changes: dict[str, int] | None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def text(self) -> str:
+        mark = "*" if self.current else " " if self.published else "-"
+        counts = self.counts
+        line = (
+            f"{mark} {self.number:4d}  {self.created}  {counts['videos']} videos ({counts['ok']} ok, "
+            f"{counts['failed']} failed, {counts['segments']} segments)  model {self.model}"
+        )
+        if self.changes:
+            line += "  changes: " + ", ".join(
+                f"{n} {k}" for k, n in self.changes.items() if n and k != "reused_rows"
+            )
+        return line if self.published else line + "  (never published)"
+
+
+def history(location: str | Store, options: StorageOptions | None = None) -> list[VersionInfo]:
+    """Every version of the library, oldest first."""
+    root = as_store(location, options)
+    current = current_version(root)
+    if current is None:
+        raise NotALibraryError(f"{root.uri} is not a videosearch library (it has no _current)")
+    manifests = {n: read_manifest(root, n) for n in list_versions(root)}
+    published, number = set(), current.number
+    while number is not None and number in manifests:
+        published.add(number)
+        number = manifests[number].get("parent")
+    return [
+        VersionInfo(
+            number=n,
+            created=m.get("created", ""),
+            published=n in published,
+            current=n == current.number,
+            counts=m["counts"],
+            model=str(m["model"].get("source", m["model"].get("id"))),
+            changes=m.get("changes"),
+        )
+        for n, m in sorted(manifests.items())
+    ]

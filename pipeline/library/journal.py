@@ -1,0 +1,183 @@
+"""A running writer's journal: the parts it has finished, and its lease on the library.
+
+``runs/<run-id>.json`` is written when a job starts and rewritten each time one of its parts is written::
+
+    {"run": "<run-id>", "host": "...", "pid": 4242, "started": "...", "expires": 1764600000.0,
+     "model": "<weights sha256>", "decode": {"frames": 8, "segment_s": null}, "parts": [<PartInfo>...]}
+
+* **Resume.** A job killed at any moment leaves its journal behind. The next job on the library (same model,
+  same decoding) takes the journal over: the finished parts' rows of objects that are still to be embedded,
+  and complete (every segment, or the error row), are reused instead of being decoded and encoded again. Its
+  journal goes once the new version is published.
+* **Lease.** A journal whose writer is alive keeps other writers out: a second job fails at once with a
+  message that names the first, instead of doing the whole job a second time. A writer is alive until its
+  lease expires (:data:`LEASE_S` after its last write; a running job renews it every :data:`RENEW_S`), or,
+  on the same host, until its process is gone: the rerun of a killed job does not wait for the expiry.
+
+Nothing of a journal is ever part of a version: a part becomes one only when a manifest lists it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+import pyarrow.compute as pc
+
+from xclip_core.sampling import segments
+
+from ..storage import ObjectNotFound, Store
+from .manifest import LibraryError, PartInfo
+from .reader import read_parts
+from .refresh import fingerprint
+from .schema import part_schema
+
+RUNS = "runs"
+LEASE_S = 600.0  # a writer that has not renewed its lease for this long is taken for dead
+RENEW_S = 60.0
+
+
+class LibraryBusyError(LibraryError):
+    """Another writer is working on the library and its lease has not expired."""
+
+
+def _alive(journal: dict[str, Any], now: float) -> bool:
+    if journal["expires"] < now:
+        return False
+    if journal["host"] != socket.gethostname():
+        return True  # another machine's process: trust its lease
+    try:
+        os.kill(int(journal["pid"]), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Journal:
+    """This job's journal and lease on the library at ``root``, and the finished parts of dead writers that
+    it may reuse. Use as a context manager: the lease is renewed while the block runs."""
+
+    def __init__(self, root: Store, model_sha256: str, decode: dict[str, Any]):
+        self.root = root
+        self.run = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
+        self.name = f"{RUNS}/{self.run}.json"
+        self.model, self.decode = model_sha256, decode
+        self.parts: list[PartInfo] = []
+        self.started = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self.taken_over: list[str] = []  # journals of dead writers, removed with ours
+        self.left: list[PartInfo] = []  # their finished parts, for the same model and decoding
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._renewer: threading.Thread | None = None
+        self._finished = False
+
+    def __enter__(self) -> Journal:
+        now = time.time()
+        for name in self.root.names(RUNS):
+            try:
+                journal = json.loads(self.root.read_bytes(f"{RUNS}/{name}"))
+            except ObjectNotFound:
+                continue  # finished meanwhile
+            if _alive(journal, now):
+                expires = datetime.fromtimestamp(journal["expires"], timezone.utc).isoformat(
+                    timespec="seconds"
+                )
+                raise LibraryBusyError(
+                    f"{self.root.uri} is being written by another job (run {journal['run']}, "
+                    f"{journal['host']} pid {journal['pid']}, since {journal['started']}); wait for it, or, "
+                    f"if it is gone, until its lease expires at {expires}"
+                )
+            self.taken_over.append(f"{RUNS}/{name}")
+            if journal["model"] == self.model and journal["decode"] == self.decode:
+                self.left += [PartInfo.from_dict(part) for part in journal["parts"]]
+        self._write()
+        self._renewer = threading.Thread(target=self._renew, name="videosearch-lease", daemon=True)
+        self._renewer.start()
+        return self
+
+    def __exit__(self, error: type[BaseException] | None, *exc: object) -> None:
+        self._stop.set()
+        if self._renewer is not None:
+            self._renewer.join()
+        if error is not None and not self._finished:
+            self._write(expires=0.0)  # failed: the lease goes, the finished parts stay for the next job
+
+    def record(self, part: PartInfo) -> None:
+        """A part is written: a rerun after a crash will find it."""
+        with self._lock:
+            self.parts.append(part)
+        self._write()
+
+    def finish(self) -> None:
+        """The version is published (or nothing was to be done): this journal and those taken over go."""
+        self._stop.set()
+        self._finished = True
+        for name in [self.name, *self.taken_over]:
+            self.root.delete(name)
+
+    def _renew(self) -> None:
+        while not self._stop.wait(RENEW_S):
+            self._write()
+
+    def _write(self, expires: float | None = None) -> None:
+        with self._lock:
+            if self._finished:
+                return
+            journal = {
+                "run": self.run,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "started": self.started,
+                "expires": time.time() + LEASE_S if expires is None else expires,
+                "model": self.model,
+                "decode": self.decode,
+                "parts": [part.to_dict() for part in self.parts],
+            }
+            self.root.write_bytes(self.name, json.dumps(journal, indent=1).encode())
+
+
+def resumable(
+    journal: Journal, wanted: list[dict[str, Any]], embedding_dim: int, prompt_shape: tuple[int, int] | None
+) -> tuple[list[PartInfo], set[str]]:
+    """Of the dead writers' parts, those holding complete rows of ``wanted`` objects (same fingerprint: the
+    same content), masked down to those rows, and the uris they cover."""
+    if not journal.left:
+        return [], set()
+    prints = {row["uri"]: fingerprint(row) for row in wanted}
+    schema = part_schema(embedding_dim, prompt_shape)
+    columns = ["id", "uri", "etag", "size", "mtime", "segment", "duration_s", "error"]
+    found: dict[str, dict[int, tuple[int, dict[str, Any]]]] = {}  # uri -> segment -> (part, row): first wins
+    for i, part in enumerate(journal.left):
+        for row in read_parts(
+            journal.root, [part], schema, columns, pc.field("uri").isin(list(prints))
+        ).to_pylist():
+            if fingerprint(row) == prints[row["uri"]]:
+                found.setdefault(row["uri"], {}).setdefault(row["segment"], (i, row))
+    segment_s = journal.decode.get("segment_s")
+    covered = {uri for uri, rows in found.items() if _complete([row for _, row in rows.values()], segment_s)}
+    keep: dict[int, set[int]] = {}
+    for uri in covered:
+        for i, row in found[uri].values():
+            keep.setdefault(i, set()).add(row["id"])
+    parts = []
+    for i, ids in sorted(keep.items()):
+        part = journal.left[i]
+        everything = read_parts(journal.root, [part], schema, ["id"])["id"].to_pylist()
+        parts.append(part.masked({row_id for row_id in everything if row_id not in ids}))
+    return parts, covered
+
+
+def _complete(rows: list[dict[str, Any]], segment_s: float | None) -> bool:
+    """Whether ``rows`` are all of an object's rows: its one error row, or every one of its segments."""
+    if any(row["error"] is not None for row in rows):
+        return len(rows) == 1
+    expected = len(segments(rows[0]["duration_s"], segment_s)) if segment_s else 1
+    return sorted(row["segment"] for row in rows) == list(range(expected))

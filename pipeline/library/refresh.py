@@ -1,0 +1,148 @@
+"""Refresh: what changed between a source's listing and a library version, and the parts that stay.
+
+An object is the same as the one a version holds when its uri and its fingerprint are: the ETag where the
+store gives one, else size and modification time. Then:
+
+* new (not in the version) and changed (another fingerprint) objects are decoded and encoded; so are objects
+  that failed before (an error row), unless ``retry_failed`` is off;
+* deleted objects (no longer listed), and the old rows of changed and retried ones, leave the version;
+* every other row stays where it is: a part whose rows all stay is referenced by the new manifest as it is.
+
+Rows leave a part by a deletion mask (the part's ``deleted`` ids in the manifest), not by rewriting the part:
+a refresh then writes only its new rows, the index and a manifest, whatever the library's size. A part whose
+rows would be mostly masked (more than :data:`REWRITE_MASKED_FRACTION`) is rewritten with the rows it keeps,
+so that masks never make readers skip more than they read; a part with no row left is dropped.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+from .manifest import PartInfo
+from .reader import Library, parts_dataset, read_parts
+from .writer import LibraryWriter
+
+REWRITE_MASKED_FRACTION = 0.5
+_COLUMNS = ["id", "uri", "etag", "size", "mtime", "error"]
+
+
+@dataclass(frozen=True)
+class Changes:
+    """What a refresh found, in objects (videos), and how many rows of the version it keeps."""
+
+    new: int = 0
+    changed: int = 0
+    deleted: int = 0
+    unchanged: int = 0
+    retried: int = 0  # objects that failed before and are tried again
+    reused_rows: int = 0  # rows of the base version kept as they are
+    resumed_rows: int = 0  # rows a killed job had finished, reused instead of embedding their objects again
+
+    @property
+    def nothing(self) -> bool:
+        """Nothing to embed and nothing to delete: the version stays as it is."""
+        return not (self.new or self.changed or self.deleted or self.retried)
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+    def text(self) -> str:
+        resumed = f", {self.resumed_rows} rows resumed from a stopped job" if self.resumed_rows else ""
+        return (
+            f"{self.new} new, {self.changed} changed, {self.deleted} deleted, {self.retried} retried, "
+            f"{self.unchanged} unchanged ({self.reused_rows} rows reused{resumed})"
+        )
+
+
+@dataclass
+class RefreshPlan:
+    """The objects to embed, the base's parts that stay (masked where they lose rows), the parts to
+    rewrite, and the ids of the embedded rows that leave the index."""
+
+    to_embed: list[dict[str, Any]]
+    kept: list[PartInfo] = field(default_factory=list)
+    rewrite: list[PartInfo] = field(default_factory=list)  # masked parts whose kept rows go into new parts
+    gone_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    changes: Changes = field(default_factory=Changes)
+
+
+def fingerprint(row: dict[str, Any]) -> tuple:
+    """What tells two versions of an object apart: its ETag, else its size and modification time."""
+    return ("etag", row["etag"]) if row.get("etag") else ("size", row["size"], row["mtime"])
+
+
+def plan_refresh(
+    base: Library | None, listed: list[dict[str, Any]], retry_failed: bool = True
+) -> RefreshPlan:
+    """Compare ``listed`` (the source's listing, sorted by uri) with the ``base`` version's rows."""
+    if base is None:
+        return RefreshPlan(list(listed), changes=Changes(new=len(listed)))
+    parts = base.snapshot.parts
+    by_path = {base.store.path(part.path): part for part in parts}
+    videos: dict[str, dict[str, Any]] = {}  # uri -> fingerprint, failed, ids per part, embedded ids
+    scanner = ds.Scanner.from_dataset(parts_dataset(base.store, parts, base.schema), columns=_COLUMNS)
+    for tagged in scanner.scan_batches():
+        part = by_path[tagged.fragment.path]
+        masked = set(part.deleted)
+        for row in tagged.record_batch.to_pylist():
+            if row["id"] in masked:
+                continue
+            video = videos.setdefault(row["uri"], {"print": fingerprint(row), "failed": False, "rows": []})
+            video["failed"] |= row["error"] is not None
+            video["rows"].append((part.path, row["id"], row["error"] is None))
+
+    listing = {row["uri"]: row for row in listed}
+    counts: dict[str, int] = defaultdict(int)
+    leaving: set[str] = set()
+    for uri, video in videos.items():
+        kind = _compare(listing.get(uri), video, retry_failed)
+        counts[kind] += 1
+        if kind != "unchanged":
+            leaving.add(uri)
+    to_embed = [row for row in listed if row["uri"] not in videos or row["uri"] in leaving]
+    counts["new"] = sum(row["uri"] not in videos for row in listed)
+
+    masks: dict[str, set[int]] = defaultdict(set)
+    gone = []
+    for uri in leaving:
+        for path, row_id, embedded in videos[uri]["rows"]:
+            masks[path].add(row_id)
+            if embedded:
+                gone.append(row_id)
+    plan = RefreshPlan(to_embed, gone_ids=np.array(sorted(gone), np.int64))
+    for part in parts:
+        part = part.masked(masks[part.path]) if masks[part.path] else part
+        if len(part.deleted) >= part.rows:
+            continue  # no row left
+        (plan.rewrite if len(part.deleted) > REWRITE_MASKED_FRACTION * part.rows else plan.kept).append(part)
+    reused = sum(part.rows - len(part.deleted) for part in plan.kept + plan.rewrite)
+    plan.changes = Changes(**counts, reused_rows=reused)
+    return plan
+
+
+def _compare(listed: dict[str, Any] | None, video: dict[str, Any], retry_failed: bool) -> str:
+    if listed is None:
+        return "deleted"
+    if fingerprint(listed) != video["print"]:
+        return "changed"
+    return "retried" if video["failed"] and retry_failed else "unchanged"
+
+
+def rewrite_parts(writer: LibraryWriter, parts: list[PartInfo]) -> list[PartInfo]:
+    """Each mostly masked part's kept rows, written as a new part."""
+    return [writer.write_part(read_parts(writer.store, [part], writer.schema)) for part in parts]
+
+
+def embedded_rows(writer: LibraryWriter, parts: list[PartInfo]) -> tuple[np.ndarray, np.ndarray]:
+    """The ids (N,) and embeddings (N, D) of the rows of ``parts`` that have an embedding."""
+    table = read_parts(writer.store, parts, writer.schema, ["id", "embedding"], pc.field("error").is_null())
+    vectors = (
+        table["embedding"].combine_chunks().flatten().to_numpy().reshape(len(table), writer.embedding_dim)
+    )
+    return table["id"].to_numpy(), vectors

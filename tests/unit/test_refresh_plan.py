@@ -1,0 +1,133 @@
+"""What a refresh keeps, masks, rewrites and embeds: ``plan_refresh`` on a library written here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from pipeline.library import Library, LibraryWriter, Version
+from pipeline.library.index import build_index, needs_rebuild
+from pipeline.library.refresh import REWRITE_MASKED_FRACTION, plan_refresh, rewrite_parts
+from pipeline.library.schema import part_schema
+from xclip_core import ModelIdentity
+
+DIM = 4
+MODEL = ModelIdentity("test/model", "0" * 64)
+
+
+def listed(name: str, etag: str = "e1") -> dict:
+    return {"uri": f"s3://b/{name}.mp4", "size": 10, "etag": etag, "mtime": 1.0}
+
+
+def rows_of(video: dict, segments: int = 2, error: str | None = None) -> list[dict]:
+    rng = np.random.default_rng(abs(hash((video["uri"], video["etag"]))) % 2**32)
+    return [
+        {
+            **video,
+            "id": abs(hash((video["uri"], s))) % 2**62,
+            "segment": s,
+            "start_s": float(s),
+            "end_s": s + 1.0,
+            "duration_s": float(segments),
+            "fps": 25.0,
+            "frame_count": 25 * segments,
+            "width": 64,
+            "height": 48,
+            "thumbnail": b"",
+            "error": error,
+            "embedding": None if error else rng.standard_normal(DIM).tolist(),
+            "model_id": MODEL.tag,
+        }
+        for s in range(1 if error else segments)
+    ]
+
+
+def publish(path: Path, parts_rows: list[list[dict]], base: Version | None = None) -> Library:
+    """A version of one part per entry of ``parts_rows`` (plus ``base``'s parts)."""
+    writer = LibraryWriter(str(path), embedding_dim=DIM, prompt_shape=None)
+    parts = (base.parts if base else []) + [
+        writer.write_part(pa.Table.from_pylist(rows, schema=part_schema(DIM, None))) for rows in parts_rows
+    ]
+    everything = [row for part in parts_rows for row in part]
+    ok = [row for row in everything if row["error"] is None]
+    index = build_index(np.array([r["id"] for r in ok]), np.array([r["embedding"] for r in ok]))
+    writer.publish(parts, index, MODEL, base)
+    return Library.open(str(path))
+
+
+def test_unchanged_new_changed_deleted_and_failed_objects(tmp_path: Path) -> None:
+    a, b, c, d = listed("a"), listed("b"), listed("c"), listed("d")
+    broken = listed("e")
+    library = publish(
+        tmp_path, [rows_of(a) + rows_of(b), rows_of(c) + rows_of(d) + rows_of(broken, error="x")]
+    )
+    first, second = library.snapshot.parts
+    now = [a, listed("b", etag="e2"), d, broken, listed("f")]  # b changed, c deleted, f new, e failed before
+
+    plan = plan_refresh(library, now)
+    assert [row["uri"] for row in plan.to_embed] == [
+        r["uri"] for r in (listed("b", "e2"), broken, listed("f"))
+    ]
+    assert plan.changes.to_dict() == {
+        "new": 1, "changed": 1, "deleted": 1, "unchanged": 2, "retried": 1,
+        "reused_rows": 4, "resumed_rows": 0,
+    }  # fmt: skip
+    # the first part keeps a (b masked: half its rows, not more); the second loses c's 2 and e's row of 5
+    assert [(p.path, set(p.deleted)) for p in plan.kept] == [(first.path, {r["id"] for r in rows_of(b)})]
+    assert [p.path for p in plan.rewrite] == [second.path]
+    assert set(plan.gone_ids) == {r["id"] for r in rows_of(b) + rows_of(c)}  # embedded rows leave the index
+
+    kept = plan_refresh(library, now, retry_failed=False)
+    assert "s3://b/e.mp4" not in [row["uri"] for row in kept.to_embed] and kept.changes.retried == 0
+
+    assert plan_refresh(library, [a, listed("b"), listed("c"), d, broken], retry_failed=False).changes.nothing
+
+
+def test_masked_rows_stay_out_and_mostly_masked_parts_are_rewritten(tmp_path: Path) -> None:
+    a, b = listed("a"), listed("b")
+    library = publish(tmp_path, [rows_of(a, segments=1) + rows_of(b, segments=3)])
+    plan = plan_refresh(library, [b])  # a's 1 row of 4 leaves: masked
+    assert [len(p.deleted) for p in plan.kept] == [1] and not plan.rewrite
+    plan = plan_refresh(library, [a])  # b's 3 rows of 4 leave: more than half, rewritten with a's row
+    assert REWRITE_MASKED_FRACTION * 4 < 3 and not plan.kept
+    writer = LibraryWriter(str(tmp_path), embedding_dim=DIM, prompt_shape=None)
+    (rewritten,) = rewrite_parts(writer, plan.rewrite)
+    assert (rewritten.rows, rewritten.deleted) == (1, ())
+    assert plan_refresh(library, []).kept == [] and plan_refresh(library, []).changes.deleted == 2
+
+
+def test_a_reader_of_a_masked_part_sees_only_the_rows_the_version_holds(tmp_path: Path) -> None:
+    a, b = listed("a"), listed("b")
+    library = publish(tmp_path, [rows_of(a) + rows_of(b)])
+    plan = plan_refresh(library, [a, listed("b", etag="e2")])
+    changed = rows_of(listed("b", etag="e2"))  # same ids as b's old rows: only the part tells them apart
+    writer = LibraryWriter(str(tmp_path), embedding_dim=DIM, prompt_shape=None)
+    parts = plan.kept + [writer.write_part(pa.Table.from_pylist(changed, schema=writer.schema))]
+    ok = rows_of(a) + changed
+    index = build_index(np.array([r["id"] for r in ok]), np.array([r["embedding"] for r in ok]))
+    writer.publish(parts, index, MODEL, library.snapshot)
+
+    latest = Library.open(str(tmp_path))
+    assert latest.manifest["counts"]["segments"] == 4 and latest.table().num_rows == 4
+    got = latest.rows_by_id([r["id"] for r in changed], ["etag", "embedding"])
+    assert got["etag"].to_pylist() == ["e2", "e2"]
+    np.testing.assert_allclose(got["embedding"].to_pylist(), [r["embedding"] for r in changed], rtol=1e-6)
+    assert library.table().num_rows == 4 and set(library.table()["etag"].to_pylist()) == {"e1"}  # version 1
+
+
+@pytest.mark.parametrize(
+    ("kind", "ntotal", "trained_on", "rebuild"),
+    [
+        ("flat", 19_000, 100, False),  # flat never drifts
+        ("flat", 20_000, 19_000, True),  # large enough for IVF
+        ("ivf", 30_000, 20_000, False),
+        ("ivf", 45_000, 20_000, True),  # more than twice what its centroids saw
+        ("ivf", 25_000, 60_000, True),  # less than half
+        ("hnsw", 1_000_000, 10, False),  # explicit kind: remove() rebuilds it when it must
+    ],
+)
+def test_index_rebuild_rule(kind: str, ntotal: int, trained_on: int, rebuild: bool) -> None:
+    assert needs_rebuild(kind, ntotal, trained_on) is rebuild
