@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from .embed.options import EmbedOptions
+from .library.gc import GRACE_S
 from .library.manifest import LibraryError
 from .storage import StorageError, StorageOptions
 from .train.options import TrainOptions
@@ -88,6 +89,20 @@ def _parser() -> argparse.ArgumentParser:
         action="store_false",
         help="keep the error rows of videos that failed before (default: try them again)",
     )
+
+    gc = commands.add_parser("gc", help="delete the files that no kept version of a library names")
+    gc.add_argument("library")
+    gc.add_argument("--keep", type=int, default=1, help="versions kept: the current one and those before it")
+    gc.add_argument(
+        "--grace",
+        type=float,
+        default=GRACE_S,
+        metavar="SECONDS",
+        help="spare files younger than this, and versions replaced less than this ago (default %(default)g)",
+    )
+    gc.add_argument("--dry-run", action="store_true", help="say what would be deleted; delete nothing")
+    gc.add_argument("--json", action="store_true", help="print the result as JSON")
+    _storage_flags(gc)
 
     versions = commands.add_parser("versions", help="list a library's versions: time, counts, model, changes")
     versions.add_argument("library")
@@ -297,6 +312,15 @@ def _run_versions(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _run_gc(args: argparse.Namespace, out: TextIO) -> int:
+    from .library.gc import collect
+    from .storage import Store
+
+    result = collect(Store(args.library, _storage(args)), args.keep, args.grace, args.dry_run)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else result.text(), file=out)
+    return 0
+
+
 def _run_classify(args: argparse.Namespace, out: TextIO) -> int:
     from .search.classify import classify_source
 
@@ -332,6 +356,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "embed": _run_embed,
         "refresh": _run_embed,
         "versions": _run_versions,
+        "gc": _run_gc,
         "query": _run_query,
         "classify": _run_classify,
         "train": _run_train,

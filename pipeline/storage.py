@@ -382,14 +382,26 @@ class Store:
 
     def names(self, name: str = "") -> list[str]:
         """The names directly below ``name`` (``[]`` where there is nothing), never from a cached listing."""
+        return sorted(entry.rsplit("/", 1)[-1] for entry in self._ls(name))
+
+    def entries(self, name: str = "") -> dict[str, dict[str, Any]]:
+        """The objects (not directories) directly below ``name`` with their details (``size``, a modification
+        time...), by their names relative to this store (``parts/part-1.parquet``)."""
+        return {
+            join(name, entry.rsplit("/", 1)[-1]): info
+            for entry, info in self._ls(name).items()
+            if info.get("type", "file") == "file"
+        }
+
+    def _ls(self, name: str) -> dict[str, dict[str, Any]]:
         directory = self.path(name)
         with self.errors("listing", name):
             self.fs.invalidate_cache(directory)
             try:
-                entries = self.fs.ls(directory, detail=False)
+                infos = self.fs.ls(directory, detail=True)
             except FileNotFoundError:
-                return []
-        return sorted(entry.rstrip("/").rsplit("/", 1)[-1] for entry in entries)
+                return {}
+        return {info["name"].rstrip("/"): info for info in infos}
 
     def read_with_token(self, name: str = "") -> tuple[bytes, str]:
         """The object's bytes and the version token to pass to :meth:`put_if` to replace exactly this

@@ -47,7 +47,8 @@ class LibraryBusyError(LibraryError):
     """Another writer is working on the library and its lease has not expired."""
 
 
-def _alive(journal: dict[str, Any], now: float) -> bool:
+def alive(journal: dict[str, Any], now: float) -> bool:
+    """Whether the writer of ``journal`` may still be running (see the module docstring)."""
     if journal["expires"] < now:
         return False
     if journal["host"] != socket.gethostname():
@@ -86,7 +87,7 @@ class Journal:
                 journal = json.loads(self.root.read_bytes(f"{RUNS}/{name}"))
             except ObjectNotFound:
                 continue  # finished meanwhile
-            if _alive(journal, now):
+            if alive(journal, now):
                 expires = datetime.fromtimestamp(journal["expires"], timezone.utc).isoformat(
                     timespec="seconds"
                 )

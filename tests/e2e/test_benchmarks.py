@@ -40,3 +40,10 @@ def test_pipeline_benchmark_reports_ratios_and_cpu(tmp_path: Path) -> None:
         assert line in out, out
     floor = re.search(r"start-up floor \(a trivial job of the same shape, one row\): (\S+) s", out)
     assert floor and float(floor[1]) > 0, out
+
+
+def test_refresh_benchmark_reports_both_ratios(tmp_path: Path) -> None:
+    out = bench("refresh.py", "--videos", "12", "--change", "0.1", "--workdir", str(tmp_path))
+    assert re.search(r"ratio refresh / full embed: \d+\.\d+", out), out
+    assert re.search(r"ratio bytes written / library size: \d+\.\d+", out), out
+    assert "'new': 1, 'changed': 1, 'deleted': 1" in out, out

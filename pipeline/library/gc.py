@@ -1,0 +1,111 @@
+"""Garbage collection: delete the files that no kept version names.
+
+``collect(root, keep=N)`` keeps the current version and the N - 1 published versions before it, and deletes
+the other manifests, the part and index files that only they name, the parts of jobs that never published,
+and the journals of dead writers. Never deleted:
+
+* anything a kept version names (a part stays as long as any kept version references it);
+* anything a running writer may still name: its journal's parts, and every file younger than ``grace_s``
+  (a writer writes its parts before any manifest or journal names them);
+* the files of a version that stopped being current less than ``grace_s`` ago: a reader that opened it
+  then reads its files for a while yet.
+
+Deleting is safe against readers of kept versions and against writers: a writer's new manifest only names
+parts it wrote (young) or parts of the version it started from (current: kept).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from ..storage import ObjectNotFound, Store, to_timestamp
+from .journal import RUNS, alive
+from .manifest import VERSIONS, NotALibraryError, current_version, list_versions, manifest_name, read_manifest
+
+GRACE_S = 3600.0
+_MTIME_KEYS = ("mtime", "LastModified", "last_modified", "updated", "modified", "created")
+
+
+@dataclass
+class Collected:
+    """What ``collect`` kept and deleted (or would delete, with ``dry_run``)."""
+
+    kept_versions: list[int]
+    deleted_versions: list[int]
+    deleted_files: list[str] = field(default_factory=list)
+    deleted_bytes: int = 0
+    dry_run: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def text(self) -> str:
+        verb = "would delete" if self.dry_run else "deleted"
+        return (
+            f"kept versions {', '.join(map(str, self.kept_versions))}; {verb} versions "
+            f"{', '.join(map(str, self.deleted_versions)) or 'none'} and {len(self.deleted_files)} files "
+            f"({self.deleted_bytes / 2**20:.1f} MiB)"
+        )
+
+
+def collect(root: Store, keep: int, grace_s: float = GRACE_S, dry_run: bool = False) -> Collected:
+    """Delete what no kept version names (see the module docstring); ``keep`` >= 1 versions are kept."""
+    if keep < 1:
+        raise ValueError(f"--keep must be at least 1 (the current version), got {keep}")
+    current = current_version(root)
+    if current is None:
+        raise NotALibraryError(f"{root.uri} is not a videosearch library (it has no _current)")
+    now = time.time()
+    manifests = {n: read_manifest(root, n) for n in list_versions(root)}
+    chain, number = [], current.number  # published versions, newest first, and when each was replaced
+    replaced_at: dict[int, float] = {}
+    while number in manifests:
+        chain.append(number)
+        parent = manifests[number].get("parent")
+        if parent is not None:
+            replaced_at[parent] = _created(manifests[number])
+        number = parent
+    kept = set(chain[:keep]) | {n for n in chain if now - replaced_at.get(n, now) < grace_s}
+
+    named = {name for n in kept for name in _names(manifests[n])}
+    for journal in _journals(root):
+        if alive(journal, now):
+            named |= {part["path"] for part in journal["parts"]}
+            named.add(f"{RUNS}/{journal['run']}.json")
+    named |= {manifest_name(n) for n in kept} | {"_current"}
+
+    result = Collected(sorted(kept), sorted(set(manifests) - kept), dry_run=dry_run)
+    for directory in ("parts", "index", VERSIONS, RUNS):
+        for name, info in root.entries(directory).items():
+            mtime = next((to_timestamp(info[k]) for k in _MTIME_KEYS if info.get(k) is not None), None)
+            hidden = name.rsplit("/", 1)[-1].startswith(".")  # a local writer's lock file: in use any time
+            if name in named or hidden or mtime is None or now - mtime < grace_s:
+                continue
+            result.deleted_files.append(name)
+            result.deleted_bytes += int(info.get("size") or 0)
+    if not dry_run:
+        for name in result.deleted_files:
+            root.delete(name)
+    return result
+
+
+def _created(manifest: dict[str, Any]) -> float:
+    return datetime.fromisoformat(manifest["created"]).timestamp()
+
+
+def _names(manifest: dict[str, Any]) -> set[str]:
+    return {part["path"] for part in manifest["parts"]} | {manifest["index"]["path"]}
+
+
+def _journals(root: Store) -> list[dict[str, Any]]:
+    journals = []
+    for name in root.names(RUNS):
+        try:
+            journals.append(json.loads(root.read_bytes(f"{RUNS}/{name}")))
+        except ObjectNotFound:
+            continue
+    return journals
