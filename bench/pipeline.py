@@ -158,7 +158,7 @@ def measure_decode(source: Path, model_dir: str) -> tuple[Result, list[np.ndarra
     frames = []
     started, cpu = time.perf_counter(), time.process_time()
     for row in listed:
-        out = decoder({name: np.array([value], dtype=object) for name, value in row.items()})
+        out = decoder.decode({name: np.array([value], dtype=object) for name, value in row.items()})
         if out["error"][0] is not None:
             raise RuntimeError(f"decoding {row['uri']} failed: {out['error'][0]}")
         frames.append(out["frames"][0])

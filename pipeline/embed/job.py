@@ -29,7 +29,7 @@ from xclip_core.identity import ModelIdentity
 from ..library import Library, LibraryWriter, PartInfo, Version
 from ..library import index as faiss_index
 from ..library.journal import Journal, resumable
-from ..library.refresh import RefreshPlan, embedded_rows, plan_refresh, rewrite_parts
+from ..library.refresh import RefreshPlan, embedded_rows, plan_refresh, rewrite_parts, whole_videos
 from ..models import VideoTextModel, absolute_source, default_model_source, load_model
 from ..storage import StorageOptions, Store
 from .options import EmbedOptions, EmbedSummary
@@ -59,12 +59,15 @@ def _text_columns_typed(stage: type) -> type:
     NaN floats; typing the text columns keeps an ``error`` of None a None.
     """
 
+    def typed(out: dict[str, Any]) -> dict[str, Any]:
+        for name in TEXT_COLUMNS & out.keys():
+            out[name] = pa.array([None if v is None else str(v) for v in out[name]], pa.string())
+        return out
+
     class Typed(stage):
-        def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-            out = super().__call__(batch)
-            for name in TEXT_COLUMNS & out.keys():
-                out[name] = pa.array([None if v is None else str(v) for v in out[name]], pa.string())
-            return out
+        def __call__(self, batch: dict[str, Any]) -> Any:
+            out = super().__call__(batch)  # a batch, or a generator of batches (the decode stage's)
+            return typed(out) if isinstance(out, dict) else (typed(chunk) for chunk in out)
 
     Typed.__name__ = Typed.__qualname__ = stage.__name__
     return Typed
@@ -170,9 +173,8 @@ def _run(source: str, library: str, options: EmbedOptions, refresh: bool) -> Emb
         writer = LibraryWriter(store, embedding_dim=model.embedding_dim, prompt_shape=model.rerank_shape)
         resumed, covered = resumable(journal, plan.to_embed, model.embedding_dim, model.rerank_shape)
         to_embed = [row for row in plan.to_embed if row["uri"] not in covered]
-        new_parts = resumed + (
-            _embed_objects(to_embed, settings, options, writer, model, journal) if to_embed else []
-        )
+        embedded = _embed_objects(to_embed, settings, options, writer, model, journal) if to_embed else []
+        new_parts = resumed + whole_videos(writer, embedded)
         index, trained_on = _index(writer, plan, new_parts, Library(store, base) if reusable else None)
         changes = replace(plan.changes, resumed_rows=sum(p.rows - len(p.deleted) for p in resumed)).to_dict()
         version = writer.publish(

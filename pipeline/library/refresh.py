@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
@@ -132,6 +133,23 @@ def _compare(listed: dict[str, Any] | None, video: dict[str, Any], retry_failed:
     if fingerprint(listed) != video["print"]:
         return "changed"
     return "retried" if video["failed"] and retry_failed else "unchanged"
+
+
+def whole_videos(writer: LibraryWriter, parts: list[PartInfo]) -> list[PartInfo]:
+    """``parts`` with the embedded rows of every video that also has an error row masked: a video enters a
+    version whole or as its error row (a decoder hands on a long video's segments in batches, and the video
+    may fail after some of them)."""
+    tables = [read_parts(writer.store, [part], writer.schema, ["id", "uri", "error"]) for part in parts]
+    failed = {uri for table in tables for uri in table.filter(pc.is_valid(table["error"]))["uri"].to_pylist()}
+    if not failed:
+        return parts
+    masked = []
+    for part, table in zip(parts, tables, strict=True):
+        partial = table.filter(
+            pc.and_(pc.is_null(table["error"]), pc.is_in(table["uri"], pa.array(list(failed))))
+        )
+        masked.append(part.masked(set(partial["id"].to_pylist())) if partial.num_rows else part)
+    return masked
 
 
 def rewrite_parts(writer: LibraryWriter, parts: list[PartInfo]) -> list[PartInfo]:

@@ -42,8 +42,12 @@ def test_pipeline_benchmark_reports_ratios_and_cpu(tmp_path: Path) -> None:
     assert floor and float(floor[1]) > 0, out
 
 
-def test_refresh_benchmark_reports_both_ratios(tmp_path: Path) -> None:
-    out = bench("refresh.py", "--videos", "12", "--change", "0.1", "--workdir", str(tmp_path))
+def test_refresh_benchmark_reports_its_ratios(tmp_path: Path) -> None:
+    out = bench(
+        "refresh.py", "--videos", "12", "--change", "0.1", "--long-minutes", "0.5", "1",
+        "--workdir", str(tmp_path),
+    )  # fmt: skip
     assert re.search(r"ratio refresh / full embed: \d+\.\d+", out), out
     assert re.search(r"ratio bytes written / library size: \d+\.\d+", out), out
     assert "'new': 1, 'changed': 1, 'deleted': 1" in out, out
+    assert re.search(r"ratio peak RSS 1 min / 0.5 min: \d+\.\d+ in batches", out), out

@@ -13,7 +13,14 @@ import pytest
 from helpers import decode_frames, pattern_frames, write_audio, write_frames, write_video
 from PIL import Image
 
-from pipeline.embed.stages.decode import DecodeError, DecodeSettings, DecodeVideos, decode_video, open_video
+from pipeline.embed.stages.decode import (
+    SEGMENTS_PER_BATCH,
+    DecodeError,
+    DecodeSettings,
+    DecodeVideos,
+    decode_video,
+    open_video,
+)
 from pipeline.embed.stages.list import list_objects
 from pipeline.storage import Store
 from xclip_core.sampling import segment_frame_indices
@@ -59,7 +66,7 @@ def reference(path: str, indices: list[int], preprocessor: VideoPreprocessor = P
 
 def test_segments_rows_times_and_frames(videos: dict[str, str]) -> None:
     path = videos["h264_10s"]
-    out = DecodeVideos(DecodeSettings(8, PRE, segment_s=4))(listed(path))
+    out = DecodeVideos(DecodeSettings(8, PRE, segment_s=4)).decode(listed(path))
     assert list(out["segment"]) == [0, 1, 2]
     assert list(zip(out["start_s"], out["end_s"], strict=True)) == [(0, 4), (4, 8), (8, 10)]
     assert list(out["uri"]) == [path] * 3 and list(out["mtime"]) == [1.5] * 3
@@ -159,7 +166,7 @@ def test_variable_frame_rate_samples_by_time(tmp_path: Path) -> None:
 
 def test_thumbnails_are_jpegs_of_the_middle_frame(videos: dict[str, str]) -> None:
     path = videos["h264_10s"]
-    out = DecodeVideos(DecodeSettings(8, PRE, segment_s=4, thumbnail_size=48))(listed(path))
+    out = DecodeVideos(DecodeSettings(8, PRE, segment_s=4, thumbnail_size=48)).decode(listed(path))
     for row, (start, end) in enumerate([(0, 100), (100, 200), (200, 250)]):
         image = Image.open(io.BytesIO(out["thumbnail"][row]))
         assert image.format == "JPEG" and image.size == (85, 48)  # 96x54 scaled by 48/54
@@ -210,7 +217,7 @@ def test_each_bad_file_is_one_error_row(videos: dict[str, str], bad_files: dict[
     paths = [good, *(path for path, _ in bad_files.values()), good]
     sizes = [os.path.getsize(p) if os.path.exists(p) else 1 for p in paths]
     decoder = DecodeVideos(DecodeSettings(8, PRE, segment_s=4, max_pixels=100_000))
-    out = decoder(listed(*paths, sizes=sizes))
+    out = decoder.decode(listed(*paths, sizes=sizes))
     assert len(out["uri"]) == 3 + len(bad_files) + 3
     good_rows = np.flatnonzero(out["uri"] == good)
     assert list(good_rows) == [0, 1, 2, len(out["uri"]) - 3, len(out["uri"]) - 2, len(out["uri"]) - 1]
@@ -223,7 +230,7 @@ def test_each_bad_file_is_one_error_row(videos: dict[str, str], bad_files: dict[
         assert out["thumbnail"][row] == b"" and not out["frames"][row].any() and out["width"][row] == 0
         assert np.isnan(out["duration_s"][row])
     # a long-lived decoder that meets the same damage again gives the same reasons (FFmpeg logs it again)
-    assert list(decoder(listed(*paths, sizes=sizes))["error"]) == list(out["error"])
+    assert list(decoder.decode(listed(*paths, sizes=sizes))["error"]) == list(out["error"])
 
 
 def test_decode_video_raises_reasons(bad_files: dict[str, tuple[str, str]]) -> None:
@@ -251,19 +258,21 @@ def test_a_video_that_crashed_the_decoder_too_often_becomes_an_error_row(videos:
     crashing, fine = videos["h264_default_gop"], videos["one_frame"]
     # the crashing video was begun 3 times by actors that died before ending it; the other once, and ended
     ledger = Ledger({crashing: 3})
-    out = DecodeVideos(DecodeSettings(8, PRE), crash_ledger=ledger, max_tries=3)(listed(crashing, fine))
+    out = DecodeVideos(DecodeSettings(8, PRE), crash_ledger=ledger, max_tries=3).decode(
+        listed(crashing, fine)
+    )
     assert out["error"][0] == "the decoder crashed on this video 3 times; not retried"
     assert not out["frames"][0].any()
     assert out["error"][1] is None and out["frames"][1].any()
     assert ledger.unfinished == {}  # both attempts ended: a later retry starts afresh
     # below the limit the video is decoded again
     decoder = DecodeVideos(DecodeSettings(8, PRE), crash_ledger=Ledger({crashing: 2}), max_tries=3)
-    again = decoder(listed(crashing))
+    again = decoder.decode(listed(crashing))
     assert again["error"][0] is None
 
 
 def test_empty_batch() -> None:
-    out = DecodeVideos(DecodeSettings(8, PRE))(listed())
+    out = DecodeVideos(DecodeSettings(8, PRE)).decode(listed())
     assert out["frames"].shape == (0, 8, 224, 224, 3) and out["error"].shape == (0,)
 
 
@@ -272,8 +281,8 @@ def test_s3_video_decodes_like_the_local_copy(s3, bucket: str, videos: dict[str,
     Store(f"s3://{bucket}/clips/a.mp4", s3.options).write_bytes("", Path(path).read_bytes())
     rows = list_objects(f"s3://{bucket}/clips/", s3.options)
     batch = {name: np.array([row[name] for row in rows], dtype=object) for name in rows[0]}
-    remote = DecodeVideos(DecodeSettings(8, PRE, segment_s=4), storage_options=s3.options)(batch)
-    local = DecodeVideos(DecodeSettings(8, PRE, segment_s=4))(listed(path))
+    remote = DecodeVideos(DecodeSettings(8, PRE, segment_s=4), storage_options=s3.options).decode(batch)
+    local = DecodeVideos(DecodeSettings(8, PRE, segment_s=4)).decode(listed(path))
     assert list(remote["uri"]) == [f"s3://{bucket}/clips/a.mp4"] * 3 and remote["etag"][0] == rows[0]["etag"]
     for name in (
         "segment",
@@ -303,3 +312,20 @@ def test_s3_reads_only_the_ranges_it_needs(s3, bucket: str, tmp_path: Path) -> N
         fetched = f.cache.total_requested_bytes  # bytes requested from the server
     assert fetched < size / 2, (fetched, size)
     np.testing.assert_array_equal(row["frames"], reference(path, segment_frame_indices(500, 4)))
+
+
+def test_a_long_video_is_handed_on_in_batches_of_segments(videos: dict[str, str], tmp_path: Path) -> None:
+    small = VideoPreprocessor(size=32, crop_size=32)
+    decoder = DecodeVideos(DecodeSettings(4, small, segment_s=0.25))  # 10 s: 40 segments
+    chunks = list(decoder(listed(videos["h264_10s"])))
+    assert [len(chunk["uri"]) for chunk in chunks] == [SEGMENTS_PER_BATCH] * 2 + [40 - 2 * SEGMENTS_PER_BATCH]
+    assert [s for chunk in chunks for s in chunk["segment"]] == list(range(40))
+    whole = decode_video(videos["h264_10s"], DecodeSettings(4, small, segment_s=0.25))
+    np.testing.assert_array_equal(np.concatenate([c["frames"] for c in chunks]), [r["frames"] for r in whole])
+
+    # data that ends in the middle (the index says 10 s): the segments decoded, then the video's error row
+    data = Path(write_frames(tmp_path / "fs.mp4", pattern_frames(250, 96, 54, "shapes", 1), faststart=True))
+    (tmp_path / "cut.mp4").write_bytes(data.read_bytes()[: data.stat().st_size * 6 // 10])
+    cut = decoder.decode(listed(str(tmp_path / "cut.mp4")))
+    assert len(cut["error"]) > 1
+    assert all(e is None for e in cut["error"][:-1]) and "truncated or corrupt" in cut["error"][-1]

@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.library import Library, LibraryWriter, Version
 from pipeline.library.index import build_index, needs_rebuild
-from pipeline.library.refresh import REWRITE_MASKED_FRACTION, plan_refresh, rewrite_parts
+from pipeline.library.refresh import REWRITE_MASKED_FRACTION, plan_refresh, rewrite_parts, whole_videos
 from pipeline.library.schema import part_schema
 from xclip_core import ModelIdentity
 
@@ -131,3 +131,15 @@ def test_a_reader_of_a_masked_part_sees_only_the_rows_the_version_holds(tmp_path
 )
 def test_index_rebuild_rule(kind: str, ntotal: int, trained_on: int, rebuild: bool) -> None:
     assert needs_rebuild(kind, ntotal, trained_on) is rebuild
+
+
+def test_a_video_with_an_error_row_enters_as_its_error_row_only(tmp_path: Path) -> None:
+    a, b = listed("a"), listed("b")
+    writer = LibraryWriter(str(tmp_path), embedding_dim=DIM, prompt_shape=None)
+    schema = part_schema(DIM, None)
+    first = writer.write_part(pa.Table.from_pylist(rows_of(a) + rows_of(b)[:1], schema=schema))
+    failed = {**rows_of(b, error="truncated")[0], "id": 12345}  # b failed after its first segment
+    second = writer.write_part(pa.Table.from_pylist([failed], schema=schema))
+    parts = whole_videos(writer, [first, second])
+    assert parts[0].deleted == (rows_of(b)[0]["id"],) and parts[1] == second
+    assert whole_videos(writer, [first]) == [first]  # nothing failed: nothing masked

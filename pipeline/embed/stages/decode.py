@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import IO, Any
@@ -37,6 +38,7 @@ from .frame_reader import DecodeError, FrameReader, check_size
 S3_BLOCK_SIZE = 1 << 20  # bytes fetched per ranged read of a remote object
 MAX_PIXELS = 8192 * 4320  # frames larger than 8K are refused, not decoded
 MAX_FORWARD_S = 1.0  # decode forward rather than seek when the next frame is at most this far ahead
+SEGMENTS_PER_BATCH = 16  # rows a decoder hands on at once (16 x 8 frames x 224 px: 19 MB)
 _IO_BUFFER_SIZE = 32 << 10  # bytes PyAV asks the file object for per read
 # demuxers whose "video" is a picture; the image ones read by content are all named "<codec>_pipe". (A GIF is
 # read as a video: animated GIFs are short clips.)
@@ -88,13 +90,24 @@ def decode_video(
     :func:`open_video`), or a seekable binary file object. Each row has the ``DECODED`` columns except the
     listing's (``uri``, ``size``, ``etag``, ``mtime``), ``error`` None and ``frames`` uint8
     ``settings.frames_shape``. A video that cannot be decoded raises :class:`DecodeError` (or the underlying
-    error; see :func:`error_reason`).
+    error; see :func:`error_reason`). :func:`iter_segments` gives the rows one at a time.
     """
+    return list(iter_segments(video, settings, options))
+
+
+def iter_segments(
+    video: str | os.PathLike | Store | IO[bytes],
+    settings: DecodeSettings,
+    options: StorageOptions | None = None,
+) -> Iterator[dict[str, Any]]:
+    """The rows of :func:`decode_video`, each as soon as its segment is decoded: memory does not grow with
+    the video's length. An error can come after some rows (a video truncated in its middle)."""
     if isinstance(video, str | os.PathLike):
         video = Store(video, options)
     if isinstance(video, Store):
         with open_video(video) as f:
-            return decode_video(f, settings)
+            yield from iter_segments(f, settings)
+        return
     if video.seek(0, os.SEEK_END) == 0:
         raise DecodeError("empty object")
     video.seek(0)
@@ -102,11 +115,14 @@ def decode_video(
         stream = _video_stream(container, settings.max_pixels)
         timing = _header_timing(container, stream)
         if timing is not None:
-            return _decode_segments(container, stream, timing, settings)
+            yield from _decode_segments(container, stream, timing, settings)
+            return
         timing = _scan_timing(container, stream)  # the header lacks duration or rate: read every packet
     video.seek(0)  # and start over (raw streams cannot seek back)
     with _open_container(video) as container:
-        return _decode_segments(container, _video_stream(container, settings.max_pixels), timing, settings)
+        yield from _decode_segments(
+            container, _video_stream(container, settings.max_pixels), timing, settings
+        )
 
 
 def error_reason(exc: BaseException, uri: str = "", options: StorageOptions | None = None) -> str:
@@ -145,11 +161,15 @@ class DecodeVideos:
         self.crash_ledger = crash_ledger
         self.max_tries = max_tries
 
-    def __call__(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
-        """Decode every video of ``batch`` (columns ``uri``, ``size``, ``etag``, ``mtime``)."""
+    def __call__(self, batch: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
+        """Decode every video of ``batch`` (columns ``uri``, ``size``, ``etag``, ``mtime``); the rows come in
+        batches of at most :data:`SEGMENTS_PER_BATCH`, so that a long video's segments never sit in memory
+        together. A video that fails after some of its segments were handed on gets its error row too (the
+        embed job then keeps only the error row: a video enters a library whole or as its error)."""
         listed = {name: np.asarray(batch[name]) for name in LISTED}
         sources: list[int] = []  # the input row of each output row
         rows: list[dict[str, Any]] = []
+        handed_on = False
         for i, uri in enumerate(listed["uri"]):
             tries = self.crash_ledger.begin(str(uri)) if self.crash_ledger is not None else 0
             try:
@@ -157,13 +177,28 @@ class DecodeVideos:
                     raise DecodeError(f"the decoder crashed on this video {tries} times; not retried")
                 if listed["size"][i] == 0:
                     raise DecodeError("empty object")
-                decoded = decode_video(Store(str(uri), self.storage_options), self.settings)
+                for row in iter_segments(Store(str(uri), self.storage_options), self.settings):
+                    rows.append(row)
+                    sources.append(i)
+                    if len(rows) == SEGMENTS_PER_BATCH:
+                        yield self._columns(listed, sources, rows)
+                        rows, sources, handed_on = [], [], True
             except Exception as e:  # noqa: BLE001 - any failure becomes this video's error row
-                decoded = [self._error_row(error_reason(e, str(uri), self.storage_options))]
+                rows.append(self._error_row(error_reason(e, str(uri), self.storage_options)))
+                sources.append(i)
             if self.crash_ledger is not None:
                 self.crash_ledger.end(str(uri))
-            rows.extend(decoded)
-            sources.extend([i] * len(decoded))
+        if rows or not handed_on:
+            yield self._columns(listed, sources, rows)
+
+    def decode(self, batch: dict[str, Any]) -> dict[str, np.ndarray]:
+        """All of :meth:`__call__`'s rows in one batch (for use in one process, without Ray)."""
+        chunks = list(self(batch))
+        return {name: np.concatenate([chunk[name] for chunk in chunks]) for name in chunks[0]}
+
+    def _columns(
+        self, listed: dict[str, np.ndarray], sources: list[int], rows: list[dict[str, Any]]
+    ) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {name: column[sources] for name, column in listed.items()}
         for name in DECODED[len(LISTED) :]:
             values = [row[name] for row in rows]
@@ -272,19 +307,18 @@ def _scan_timing(container: InputContainer, stream: VideoStream) -> tuple[float,
 
 def _decode_segments(
     container: InputContainer, stream: VideoStream, timing: tuple[float, float, int], settings: DecodeSettings
-) -> list[dict[str, Any]]:
+) -> Iterator[dict[str, Any]]:
     duration, fps, frame_count = timing
     reader = FrameReader(container, stream, fps, settings.max_pixels, settings.max_forward_s)
     segment_s = settings.segment_s
     windows = segments(duration, segment_s) if segment_s else [(0.0, duration)]
-    rows = []
     for number, (start_s, end_s) in enumerate(windows):
         first = min(math.ceil(start_s * fps - 1e-6), frame_count - 1)
         last = frame_count if number == len(windows) - 1 else math.ceil(end_s * fps - 1e-6)
         indices = segment_frame_indices(frame_count, settings.num_frames, first, max(last, first + 1))
         frames = [reader.rgb_at(i / fps) for i in indices]
         height, width = frames[0].shape[:2]
-        rows.append(
+        yield (
             {
                 "segment": number,
                 "start_s": start_s,
@@ -299,7 +333,6 @@ def _decode_segments(
                 "error": None,
             }
         )
-    return rows
 
 
 def _resize_crop(preprocessor: VideoPreprocessor, frames: list[np.ndarray]) -> np.ndarray:
