@@ -29,7 +29,15 @@ from xclip_core.identity import ModelIdentity
 from ..library import Library, LibraryWriter, PartInfo, Version
 from ..library import index as faiss_index
 from ..library.journal import Journal, resumable
-from ..library.refresh import RefreshPlan, embedded_rows, plan_refresh, rewrite_parts, whole_videos
+from ..library.refresh import (
+    RefreshPlan,
+    embedded_rows,
+    index_delta,
+    plan_refresh,
+    rewrite_parts,
+    whole_videos,
+)
+from ..library.writer import IndexDelta
 from ..models import VideoTextModel, absolute_source, default_model_source, load_model
 from ..storage import StorageOptions, Store
 from .options import EmbedOptions, EmbedSummary
@@ -269,18 +277,23 @@ def _embed_objects(
 
 def _index(
     writer: LibraryWriter, plan: RefreshPlan, new_parts: list[PartInfo], base: Library | None
-) -> tuple[faiss.Index, int]:
-    """The new version's index and the vectors its centroids saw: the base's, updated in place (its
-    changed and deleted rows out, the new rows in), or built anew (no base, or too much drift)."""
+) -> tuple[faiss.Index | IndexDelta, int]:
+    """The new version's index and the vectors its centroids saw: the base's with a delta (small changes),
+    the base's updated in place (its changed and deleted rows out, the new rows in), or built anew (no base,
+    or too much drift)."""
     ids, vectors = embedded_rows(writer, new_parts)
     if base is not None:
-        kind, trained_on = base.manifest["index"]["kind"], base.manifest["index"].get("trained_on")
-        total = base.manifest["index"]["ntotal"] - len(plan.gone_ids) + len(ids)
-        if not faiss_index.needs_rebuild(kind, total, trained_on or base.manifest["index"]["ntotal"]):
-            index = faiss_index.deserialize(base.store.read_bytes(base.manifest["index"]["path"]))
-            index = faiss_index.remove(index, plan.gone_ids)
+        entry = base.manifest["index"]
+        trained_on = entry.get("trained_on") or entry["ntotal"]
+        total = entry["ntotal"] - len(plan.gone_ids) + len(ids)
+        if not faiss_index.needs_rebuild(entry["kind"], total, trained_on):
+            parts = plan.kept + new_parts
+            delta = None if plan.rewrite else index_delta(entry, plan.gone_ids, new_parts, parts, total)
+            if delta is not None:
+                return delta, trained_on
+            index = faiss_index.remove(base.read_index(), plan.gone_ids)
             faiss_index.add(index, ids, vectors)
-            return index, trained_on or index.ntotal
+            return index, trained_on
     kept_ids, kept_vectors = embedded_rows(writer, plan.kept + plan.rewrite)
     index = faiss_index.build_index(np.concatenate([kept_ids, ids]), np.concatenate([kept_vectors, vectors]))
     return index, index.ntotal

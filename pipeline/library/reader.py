@@ -17,7 +17,7 @@ import pyarrow.dataset as ds
 from xclip_core.identity import ModelIdentity
 
 from ..storage import StorageOptions, Store, as_store
-from .index import deserialize
+from .index import add, deserialize, remove
 from .manifest import (
     CURRENT,
     NotALibraryError,
@@ -132,7 +132,7 @@ class Library:
     def table(self, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
         """All rows of the version, part after part; only ``columns`` (e.g. all but ``prompt_features`` for a
         listing) and the rows matching ``filter`` if given."""
-        return read_parts(self.store, self.snapshot.parts, self.schema, columns, filter)
+        return self.table_of(self.snapshot.parts, columns, filter)
 
     def rows_by_id(self, ids: np.ndarray | list[int], columns: list[str] | None = None) -> pa.Table:
         """The rows with ``ids``, in that order (repeated ids give repeated rows); only ``columns`` if given.
@@ -150,10 +150,30 @@ class Library:
         return found.take(positions).select(names)
 
     def index(self) -> faiss.Index:
-        """The version's FAISS index (read once, then cached). Shared: to update it, deserialize a copy."""
+        """The version's FAISS index (read once, then cached, shared: change a :meth:`read_index` copy)."""
         if self._index is None:
-            self._index = deserialize(self.store.read_bytes(self.manifest["index"]["path"]))
+            self._index = self.read_index()
         return self._index
+
+    def read_index(self) -> faiss.Index:
+        """A fresh copy of the version's index: its index file, with the manifest's delta applied (the ids it
+        removes out, the embedded rows of the parts it adds in)."""
+        entry = self.manifest["index"]
+        index = deserialize(self.store.read_bytes(entry["path"]))
+        if entry.get("removed"):
+            index = remove(index, np.array(entry["removed"], np.int64))
+        added = [part for part in self.snapshot.parts if part.path in set(entry.get("added", ()))]
+        if added:
+            table = self.table_of(added, ["id", "embedding"], pc.field("error").is_null())
+            vectors = table["embedding"].combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
+            add(index, table["id"].to_numpy(), vectors)
+        return index
+
+    def table_of(
+        self, parts: list[PartInfo], columns: list[str] | None = None, filter: pc.Expression | None = None
+    ) -> pa.Table:
+        """The rows of some of the version's ``parts`` (as :meth:`table`)."""
+        return read_parts(self.store, parts, self.schema, columns, filter)
 
     def versions(self) -> list[int]:
         """All version numbers of the library (see :func:`~pipeline.library.manifest.list_versions`)."""

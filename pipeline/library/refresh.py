@@ -12,6 +12,10 @@ Rows leave a part by a deletion mask (the part's ``deleted`` ids in the manifest
 a refresh then writes only its new rows, the index and a manifest, whatever the library's size. A part whose
 rows would be mostly masked (more than :data:`REWRITE_MASKED_FRACTION`) is rewritten with the rows it keeps,
 so that masks never make readers skip more than they read; a part with no row left is dropped.
+
+The index, likewise, is not rewritten for a small change: the new version names its base's index file and a
+delta (ids removed, parts whose rows are added; :func:`index_delta`), applied by readers as they load it.
+Once the delta outgrows :data:`DELTA_MAX_FRACTION` of the file, a new index file is written.
 """
 
 from __future__ import annotations
@@ -27,9 +31,12 @@ import pyarrow.dataset as ds
 
 from .manifest import PartInfo
 from .reader import Library, parts_dataset, read_parts
-from .writer import LibraryWriter
+from .writer import IndexDelta, LibraryWriter
 
 REWRITE_MASKED_FRACTION = 0.5
+DELTA_MAX_FRACTION = (
+    0.1  # an index delta grows up to this fraction of its file's vectors, then a file is written
+)
 _COLUMNS = ["id", "uri", "etag", "size", "mtime", "error"]
 
 
@@ -150,6 +157,24 @@ def whole_videos(writer: LibraryWriter, parts: list[PartInfo]) -> list[PartInfo]
         )
         masked.append(part.masked(set(partial["id"].to_pylist())) if partial.num_rows else part)
     return masked
+
+
+def index_delta(
+    base: dict[str, Any], gone_ids: np.ndarray, new_parts: list[PartInfo], parts: list[PartInfo], ntotal: int
+) -> IndexDelta | None:
+    """The new version's index as the base's index file plus a delta (see ``IndexDelta``), or ``None`` where
+    a new index file is due: the delta would exceed :data:`DELTA_MAX_FRACTION` of the file's vectors, or the
+    index is HNSW (it cannot delete: every reader would rebuild it). ``parts``: all of the new version's."""
+    if base["kind"] == "hnsw":
+        return None
+    present = {part.path: part for part in parts}
+    added = [path for path in base.get("added", ()) if path in present]
+    added += [part.path for part in new_parts if part.ok]
+    removed = set(base.get("removed", ())) | set(gone_ids.tolist())
+    size = len(removed) + sum(present[path].ok for path in added)
+    if size > DELTA_MAX_FRACTION * base.get("file_ntotal", base["ntotal"]):
+        return None
+    return IndexDelta(base, tuple(sorted(removed)), tuple(added), ntotal)
 
 
 def rewrite_parts(writer: LibraryWriter, parts: list[PartInfo]) -> list[PartInfo]:

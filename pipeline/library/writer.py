@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import uuid
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
@@ -31,6 +32,30 @@ from .reader import read_parts
 from .schema import part_schema
 
 ROW_GROUP_ROWS = 1024  # rows per Parquet row group: the unit rows_by_id can skip by id statistics
+
+
+@dataclass(frozen=True)
+class IndexDelta:
+    """A version's index as its base version's index file plus a delta: ids removed, parts whose embedded
+    rows are added (see :meth:`Library.read_index`). No index file is written for it."""
+
+    base: dict[str, Any]  # the base version's manifest entry for its index
+    removed: tuple[int, ...]
+    added: tuple[str, ...]  # part paths
+    ntotal: int  # vectors of the index with the delta applied
+
+    @property
+    def d(self) -> int:
+        return -1  # unknown without reading the index file; checked when the base was written
+
+    def entry(self) -> dict[str, Any]:
+        return {
+            **{k: v for k, v in self.base.items() if k not in ("removed", "added")},
+            "ntotal": self.ntotal,
+            "file_ntotal": self.base.get("file_ntotal", self.base["ntotal"]),
+            "removed": list(self.removed),
+            "added": list(self.added),
+        }
 
 
 class LibraryWriter:
@@ -94,7 +119,7 @@ class LibraryWriter:
     def publish(
         self,
         parts: list[PartInfo],
-        index: faiss.Index,
+        index: faiss.Index | IndexDelta,
         model: ModelIdentity,
         base: Version | None,
         extra: dict[str, Any] | None = None,
@@ -113,7 +138,7 @@ class LibraryWriter:
     def prepare(
         self,
         parts: list[PartInfo],
-        index: faiss.Index,
+        index: faiss.Index | IndexDelta,
         model: ModelIdentity,
         base: Version | None,
         extra: dict[str, Any] | None = None,
@@ -151,7 +176,7 @@ class LibraryWriter:
             )
         if not isinstance(model, ModelIdentity):
             raise ValueError(f"model must be a ModelIdentity (where the weights came from), got {model!r}")
-        if index.d != self.embedding_dim:
+        if not isinstance(index, IndexDelta) and index.d != self.embedding_dim:
             raise ValueError(f"the index has dimension {index.d}, the parts' embeddings {self.embedding_dim}")
         rows = read_parts(self.store, parts, self.schema, ["id", "uri", "error"])
         segments = rows["error"].null_count  # rows without an error have an embedding
@@ -162,8 +187,16 @@ class LibraryWriter:
         max_id = pc.max(rows["id"]).as_py()
         next_id = max(base.manifest["next_id"] if base else 0, 0 if max_id is None else max_id + 1)
 
-        index_path = f"index/{uuid.uuid4().hex}.faiss"
-        self.store.write_bytes(index_path, serialize(index))
+        if isinstance(index, IndexDelta):
+            index_entry = index.entry()
+        else:
+            index_entry = {
+                "path": f"index/{uuid.uuid4().hex}.faiss",
+                "kind": kind_of(index),
+                "ntotal": index.ntotal,
+                "trained_on": index.ntotal if trained_on is None else trained_on,
+            }
+            self.store.write_bytes(index_entry["path"], serialize(index))
         return {
             "format": FORMAT,
             "version": None,
@@ -173,12 +206,7 @@ class LibraryWriter:
             "model": model.to_dict(),
             "embedding_dim": self.embedding_dim,
             "prompt_shape": list(self.prompt_shape) if self.prompt_shape else None,
-            "index": {
-                "path": index_path,
-                "kind": kind_of(index),
-                "ntotal": index.ntotal,
-                "trained_on": index.ntotal if trained_on is None else trained_on,
-            },
+            "index": index_entry,
             "parts": [part.to_dict() for part in parts],
             "counts": {"videos": videos, "segments": segments, "ok": videos - failed, "failed": failed},
             "next_id": next_id,

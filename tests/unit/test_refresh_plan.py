@@ -10,7 +10,13 @@ import pytest
 
 from pipeline.library import Library, LibraryWriter, Version
 from pipeline.library.index import build_index, needs_rebuild
-from pipeline.library.refresh import REWRITE_MASKED_FRACTION, plan_refresh, rewrite_parts, whole_videos
+from pipeline.library.refresh import (
+    REWRITE_MASKED_FRACTION,
+    index_delta,
+    plan_refresh,
+    rewrite_parts,
+    whole_videos,
+)
 from pipeline.library.schema import part_schema
 from xclip_core import ModelIdentity
 
@@ -143,3 +149,31 @@ def test_a_video_with_an_error_row_enters_as_its_error_row_only(tmp_path: Path) 
     parts = whole_videos(writer, [first, second])
     assert parts[0].deleted == (rows_of(b)[0]["id"],) and parts[1] == second
     assert whole_videos(writer, [first]) == [first]  # nothing failed: nothing masked
+
+
+def test_a_small_change_publishes_an_index_delta_that_readers_apply(tmp_path: Path) -> None:
+    videos = [listed(f"v{i:02d}") for i in range(60)]  # 120 embedded rows in the index file: 12 may change
+    library = publish(tmp_path, [[row for video in videos for row in rows_of(video)]])
+    entry = library.manifest["index"]
+    now = [listed("v00", etag="e2"), *videos[1:59], listed("new")]  # v00 changed, v59 deleted, one new
+    plan = plan_refresh(library, now)
+    writer = LibraryWriter(str(tmp_path), embedding_dim=DIM, prompt_shape=None)
+    fresh = rows_of(listed("v00", etag="e2")) + rows_of(listed("new"))
+    new_part = writer.write_part(pa.Table.from_pylist(fresh, schema=writer.schema))
+    parts = plan.kept + [new_part]
+    delta = index_delta(entry, plan.gone_ids, [new_part], parts, 120 - 4 + 4)
+    assert delta is not None and set(delta.removed) == set(plan.gone_ids) and delta.added == (new_part.path,)
+    writer.publish(parts, delta, MODEL, library.snapshot)
+
+    latest = Library.open(str(tmp_path))
+    assert latest.manifest["index"]["path"] == entry["path"]  # no index file written
+    index = latest.index()
+    expected = {r["id"]: r["embedding"] for video in videos[1:59] for r in rows_of(video)}
+    expected |= {r["id"]: r["embedding"] for r in fresh}
+    assert index.ntotal == len(expected) == latest.manifest["index"]["ntotal"]
+    for row_id, vector in expected.items():
+        np.testing.assert_allclose(index.reconstruct(row_id), vector, rtol=1e-6)
+    assert library.index().ntotal == 120  # the base version still reads its own index
+
+    # a change larger than a tenth of the file's vectors asks for a new file
+    assert index_delta(entry, np.arange(10), [new_part], parts, 120) is None
