@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from .embed.options import EmbedOptions
 from .library.gc import GRACE_S
-from .library.manifest import LibraryError
+from .library.manifest import LibraryError, WorseVersionError
 from .storage import StorageError, StorageOptions
 from .train.options import TrainOptions
 from .train.trainer import TrainConfig
@@ -63,6 +63,11 @@ def _embed_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoders", type=int, help="encode actors (default: one per GPU, else 1)")
     parser.add_argument("--gpus-per-encoder", type=float, help="GPUs per encode actor (default 1 if any)")
     parser.add_argument("--address", help="Ray address (default: start a local Ray)")
+    parser.add_argument(
+        "--allow-worse",
+        action="store_true",
+        help="publish even a version with nothing embedded, or far more failures, than the current one",
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON")
     _storage_flags(parser)
 
@@ -281,6 +286,7 @@ def _run_embed(args: argparse.Namespace, out: TextIO) -> int:
         gpus_per_encoder=args.gpus_per_encoder,
         address=args.address,
         retry_failed=args.retry_failed,
+        allow_worse=args.allow_worse,
         storage=_storage(args),
     )
     summary = (job.refresh if args.command == "refresh" else job.embed)(args.source, args.library, options)
@@ -291,6 +297,8 @@ def _run_embed(args: argparse.Namespace, out: TextIO) -> int:
 def _run_query(args: argparse.Namespace, out: TextIO) -> int:
     from .search import Searcher
 
+    if args.k < 1:
+        raise ValueError(f"-k must be at least 1, got {args.k}")
     hits = Searcher.open(args.library, _storage(args), args.version).search(args.text, k=args.k)
     if args.json:
         print(json.dumps([hit.to_dict() for hit in hits], indent=2), file=out)
@@ -373,6 +381,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             finally:
                 if _ray_running() and not ray_was_running:  # the Ray this command started: its forwarding
                     sys.modules["ray"].shutdown()  # stops now, not after the result
+    except WorseVersionError as err:  # the job ran, its result was not published
+        print(f"videosearch {args.command}: not published: {err}", file=sys.stderr)
+        return 1
     except (StorageError, LibraryError, ValueError, FileNotFoundError) as err:
         print(f"videosearch {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -26,9 +26,10 @@ import ray.data
 
 from xclip_core.identity import ModelIdentity
 
-from ..library import Library, LibraryWriter, PartInfo, Version
+from ..library import Library, LibraryWriter, PartInfo, Version, WorseVersionError
 from ..library import index as faiss_index
 from ..library.journal import Journal, resumable
+from ..library.reader import read_parts
 from ..library.refresh import (
     RefreshPlan,
     embedded_rows,
@@ -185,6 +186,8 @@ def _run(source: str, library: str, options: EmbedOptions, refresh: bool) -> Emb
         new_parts = resumed + whole_videos(writer, embedded)
         index, trained_on = _index(writer, plan, new_parts, Library(store, base) if reusable else None)
         changes = replace(plan.changes, resumed_rows=sum(p.rows - len(p.deleted) for p in resumed)).to_dict()
+        if base is not None and not options.allow_worse:
+            _refuse_worse(base, writer, plan.kept + plan.rewrite + new_parts)
         version = writer.publish(
             plan.kept + rewrite_parts(writer, plan.rewrite) + new_parts,
             index,
@@ -196,6 +199,29 @@ def _run(source: str, library: str, options: EmbedOptions, refresh: bool) -> Emb
         )
         journal.finish()
     return _summary(Library(store, version), listed, started, changes)
+
+
+FAILURE_JUMP = 0.5  # a version whose share of failed objects is this much above the current one's is refused
+
+
+def _refuse_worse(base: Version, writer: LibraryWriter, parts: list[PartInfo]) -> None:
+    """Raise :class:`WorseVersionError` if the version of ``parts`` embeds nothing where ``base`` embedded
+    something, or fails a far larger share of its objects (:data:`FAILURE_JUMP`): a wrong flag, a model that
+    cannot encode these videos or a storage outage must not replace a library that answered queries."""
+    rows = read_parts(writer.store, parts, writer.schema, ["uri", "error"])
+    failed_uris = set(rows.filter(pc.is_valid(rows["error"]))["uri"].to_pylist())
+    videos = pc.count_distinct(rows["uri"]).as_py()
+    before = base.manifest["counts"]
+    ok_before, rate_before = before["ok"], before["failed"] / max(before["videos"], 1)
+    rate = len(failed_uris) / max(videos, 1)
+    if ok_before and (videos == len(failed_uris) or rate - rate_before >= FAILURE_JUMP):
+        reasons = rows.filter(pc.is_valid(rows["error"]))["error"].to_pylist()
+        common = max(set(reasons), key=reasons.count) if reasons else "?"
+        raise WorseVersionError(
+            f"{len(failed_uris)} of {videos} objects failed (version {base.number} has {before['failed']} of "
+            f"{before['videos']}; most often: {common}): version {base.number} stays current. Pass "
+            f"--allow-worse to publish anyway (e.g. when the source really has no videos left)"
+        )
 
 
 def _reusable(base: Version | None, identity: ModelIdentity, decode: dict[str, Any], refresh: bool) -> bool:

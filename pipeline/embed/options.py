@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -22,7 +23,22 @@ class EmbedOptions:
     gpus_per_encoder: float | None = None  # 1 when the cluster has GPUs, else 0
     address: str | None = None  # Ray address; None starts (or joins) a local Ray
     retry_failed: bool = True  # refresh: decode again the objects that failed in the current version
+    allow_worse: bool = False  # publish even a version with no embedded object, or far more failures
     storage: StorageOptions = field(default_factory=StorageOptions)
+
+    def __post_init__(self) -> None:
+        """Impossible values are refused here, before anything is read or started."""
+        checks = (
+            ("--frames", self.frames, lambda v: v >= 1, "at least 1"),
+            ("--segment", self.segment_s, lambda v: 0 < v < math.inf, "a positive number of seconds"),
+            ("--batch-size", self.batch_size, lambda v: v >= 1, "at least 1"),
+            ("--decoders", self.decoders, lambda v: v >= 1, "at least 1"),
+            ("--encoders", self.encoders, lambda v: v >= 1, "at least 1"),
+            ("--gpus-per-encoder", self.gpus_per_encoder, lambda v: 0 <= v < math.inf, "0 or more"),
+        )
+        for flag, value, valid, wanted in checks:
+            if value is not None and not valid(value):
+                raise ValueError(f"{flag} must be {wanted}, got {value:g}")
 
 
 @dataclass

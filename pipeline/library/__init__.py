@@ -8,6 +8,7 @@ from .manifest import (
     PartInfo,
     Version,
     VersionNotFoundError,
+    WorseVersionError,
     list_versions,
 )
 from .reader import Library, parts_dataset
@@ -23,6 +24,7 @@ __all__ = [
     "PartInfo",
     "Version",
     "VersionNotFoundError",
+    "WorseVersionError",
     "list_versions",
     "parts_dataset",
 ]

@@ -7,8 +7,8 @@
 
 * **Resume.** A job killed at any moment leaves its journal behind. The next job on the library (same model,
   same decoding) takes the journal over: the finished parts' rows of objects that are still to be embedded,
-  and complete (every segment, or the error row), are reused instead of being decoded and encoded again. Its
-  journal goes once the new version is published.
+  and complete (every segment embedded), are reused instead of being decoded and encoded again; objects that
+  failed are tried again. Its journal goes once the new version is published.
 * **Lease.** A journal whose writer is alive keeps other writers out: a second job fails at once with a
   message that names the first, instead of doing the whole job a second time. A writer is alive until its
   lease expires (:data:`LEASE_S` after its last write; a running job renews it every :data:`RENEW_S`), or,
@@ -177,8 +177,9 @@ def resumable(
 
 
 def _complete(rows: list[dict[str, Any]], segment_s: float | None) -> bool:
-    """Whether ``rows`` are all of an object's rows: its one error row, or every one of its segments."""
+    """Whether ``rows`` are every segment of an embedded object. An object that failed is tried again: its
+    failure may have been the storage's, or what stopped the job."""
     if any(row["error"] is not None for row in rows):
-        return len(rows) == 1
+        return False
     expected = len(segments(rows[0]["duration_s"], segment_s)) if segment_s else 1
     return sorted(row["segment"] for row in rows) == list(range(expected))

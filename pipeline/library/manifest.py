@@ -44,6 +44,10 @@ class VersionNotFoundError(LibraryError):
     """The library has no such version."""
 
 
+class WorseVersionError(LibraryError):
+    """A job would publish a version far worse than the current one; nothing was published."""
+
+
 class ConcurrentWriteError(LibraryError):
     """Another writer published a version after this writer's base version: re-run on the new one."""
 
