@@ -109,6 +109,12 @@ def _parser() -> argparse.ArgumentParser:
     gc.add_argument("--json", action="store_true", help="print the result as JSON")
     _storage_flags(gc)
 
+    rollback = commands.add_parser("rollback", help="publish an earlier version again as the current one")
+    rollback.add_argument("library")
+    rollback.add_argument("--to", type=int, required=True, metavar="N", help="the version to publish again")
+    rollback.add_argument("--json", action="store_true", help="print the new version as JSON")
+    _storage_flags(rollback)
+
     versions = commands.add_parser("versions", help="list a library's versions: time, counts, model, changes")
     versions.add_argument("library")
     versions.add_argument("--json", action="store_true", help="print the versions as JSON")
@@ -320,6 +326,16 @@ def _run_versions(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _run_rollback(args: argparse.Namespace, out: TextIO) -> int:
+    from .library.history import rollback
+
+    version = rollback(args.library, args.to, _storage(args))
+    result = {"library": args.library, "version": version.number, "copy_of": args.to}
+    text = f"library {args.library} version {version.number}: a copy of version {args.to}, now current"
+    print(json.dumps(result, indent=2) if args.json else text, file=out)
+    return 0
+
+
 def _run_gc(args: argparse.Namespace, out: TextIO) -> int:
     from .library.gc import collect
     from .storage import Store
@@ -365,6 +381,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "refresh": _run_embed,
         "versions": _run_versions,
         "gc": _run_gc,
+        "rollback": _run_rollback,
         "query": _run_query,
         "classify": _run_classify,
         "train": _run_train,

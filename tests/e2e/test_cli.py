@@ -17,7 +17,8 @@ from xclip_core.sampling import segment_frame_indices
 
 
 @pytest.mark.parametrize(
-    "command", ["embed", "refresh", "versions", "gc", "query", "classify", "train", "eval", "demo"]
+    "command",
+    ["embed", "refresh", "versions", "gc", "rollback", "query", "classify", "train", "eval", "demo"],
 )
 def test_every_command_has_help(command: str) -> None:
     out = subprocess.run(

@@ -44,6 +44,8 @@ BAD = [
     (["query", "{lib}", "   "], "the query text is empty"),
     (["versions", "{lib}/nowhere"], "is not a videosearch library"),
     (["gc", "{lib}", "--keep", "0"], "--keep must be at least 1"),
+    (["rollback", "{lib}", "--to", "1"], "version 1 of {lib} is already the current version"),
+    (["rollback", "{lib}", "--to", "9"], "has no version 9; available versions: 1"),
     (["eval", "{lib}/nowhere", "--captions", "{src}/captions.csv"], "no such object or file"),
     (["train", "{src}/captions.csv", "{lib}/run", "--epochs", "0"], "epochs and workers must be at least 1"),
 ]
@@ -57,6 +59,7 @@ def test_bad_arguments_exit_2_with_one_line_before_any_work(
     args = [a.format(src=source, lib=lib) for a in argv]
     assert main(args) == 2
     err = capsys.readouterr().err.strip()
+    message = message.format(src=source, lib=lib)
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith(f"videosearch {argv[0]}: error:")
     assert Library.open(str(lib)).version == 1  # nothing published
@@ -80,3 +83,15 @@ def test_a_job_that_embeds_nothing_does_not_replace_a_library_that_answered(
     assert Library.open(str(worse)).version == 1
     allowed = run("embed", broken, worse, "--model", tiny_model, "--allow-worse", "--json", *CPU_ENCODERS)
     assert allowed.code == 1 and Library.open(str(worse)).version == 2  # published: nothing embedded
+
+    # and taken back: version 1 published again, as version 3
+    assert run("rollback", worse, "--to", "1", "--json").json() == {
+        "library": str(worse),
+        "version": 3,
+        "copy_of": 1,
+    }
+    restored, first = Library.open(str(worse)), Library.open(str(worse), version=1)
+    assert restored.version == 3 and restored.manifest["counts"] == first.manifest["counts"]
+    assert restored.table(["id", "uri", "embedding"]).equals(first.table(["id", "uri", "embedding"]))
+    listed = run("versions", worse).stdout
+    assert "rollback: a copy of version 1" in listed
