@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 from xclip_core.identity import ModelIdentity
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 #: original release.
 FAMILIES = {"xclip": "xclip_core.model:XCLIPModel"}
 SINGLE_FILE_FAMILY = "xclip"
+BUNDLED = "videosearch-tiny"  # the name of the bundled default model, wherever it is installed
 
 
 @runtime_checkable
@@ -63,14 +65,18 @@ class VideoTextModel(Protocol):
 
 
 def default_model_source() -> str:
-    """The bundled default model's directory (no download)."""
+    """The bundled default model's directory in this installation (no download)."""
     from xclip_core.default_model import default_model_dir
 
     return default_model_dir()
 
 
-def absolute_source(src: str) -> str:
-    """``src`` with a local path made absolute; URLs (``s3://``, ``file://``...) unchanged."""
+def absolute_source(src: str | None) -> str:
+    """What a library records as its model's source, so that any machine can load it again: the bundled
+    model by its name (:data:`BUNDLED`; its directory differs per installation), a URL as it is, a local path
+    made absolute."""
+    if src is None or src == BUNDLED:
+        return BUNDLED
     return src if "://" in src else os.path.abspath(src)
 
 
@@ -94,13 +100,16 @@ def model_type(src: str, store: Store) -> str:
 def load_model(
     src: str | None = None, options: StorageOptions | None = None, **kwargs: Any
 ) -> VideoTextModel:
-    """The model at ``src`` (a directory, URL or single weights file; ``None``: the bundled model), of the
-    family its config.json names, in float32 on the CPU (``dtype=``/``device=`` change that)."""
-    src = src or default_model_source()
-    store = Store(src, options)
-    cls = _family_class(model_type(src, store), f"{src}/config.json")
-    model = cls.from_pretrained(src, storage_options=store.fsspec_options(), **kwargs)
-    model.identity  # noqa: B018 - hashed now, as loaded (float32), before anyone changes its dtype
+    """The model at ``src`` (a directory, URL or single weights file; ``None`` or :data:`BUNDLED`: the bundled
+    model), of the family its config.json names, in float32 on the CPU (``dtype=``/``device=`` change
+    that)."""
+    bundled = src in (None, BUNDLED)
+    path = default_model_source() if bundled else src
+    store = Store(path, options)
+    cls = _family_class(model_type(path, store), f"{path}/config.json")
+    model = cls.from_pretrained(path, storage_options=store.fsspec_options(), **kwargs)
+    # hashed now, as loaded (float32), before anyone changes its dtype; the bundled model by its name
+    model.identity = replace(model.identity, source=BUNDLED) if bundled else model.identity
     return model
 
 
@@ -121,9 +130,9 @@ def new_model(config: Any) -> VideoTextModel:
 def load_library_model(identity: ModelIdentity, options: StorageOptions | None = None) -> VideoTextModel:
     """The model that built a library, checked against its recorded weights hash.
 
-    A library built with the bundled model names the directory the bundled model had where it was built
-    (another machine, a job's working directory): where that is gone and the hash is the bundled model's,
-    this installation's copy serves.
+    A library built with the bundled model names it :data:`BUNDLED`. One built before names the directory the
+    bundled model had where it was built (another machine, a job's working directory): where that is gone
+    and the hash is the bundled model's, this installation's copy serves.
     """
     try:
         model = load_model(identity.source, options)

@@ -39,7 +39,7 @@ from ..library.refresh import (
     whole_videos,
 )
 from ..library.writer import IndexDelta
-from ..models import VideoTextModel, absolute_source, default_model_source, load_model
+from ..models import VideoTextModel, absolute_source, load_model
 from ..storage import StorageOptions, Store
 from .options import EmbedOptions, EmbedSummary
 from .resources import WRITE_CPUS, stage_resources, time_stages
@@ -159,7 +159,7 @@ def _run(source: str, library: str, options: EmbedOptions, refresh: bool) -> Emb
     """list -> compare with the current version -> decode, encode, write what changed -> index -> publish."""
     started = time.perf_counter()
     # the manifest records the model for `query`, which may run from another directory
-    options = replace(options, model=absolute_source(options.model or default_model_source()))
+    options = replace(options, model=absolute_source(options.model))
     model = load_model(options.model, options.storage)  # a bad checkpoint fails here, before any video
     frames = options.frames or model.num_frames
     if frames != model.num_frames:

@@ -22,6 +22,7 @@ from pipeline.library.index import build_index
 from pipeline.models import FAMILIES, VideoTextModel, load_model
 from pipeline.search import Searcher
 from xclip_core import CLIPTokenizer, ModelIdentity, VideoPreprocessor, XCLIPModel, XCLIPProcessor
+from xclip_core.default_model import default_model_dir
 
 FRAMES, SIZE, DIM = 2, 16, 8
 
@@ -106,7 +107,9 @@ def test_the_loader_names_unknown_families_and_missing_models(tmp_path: Path) ->
         load_model(str(tmp_path / "odd"))
     with pytest.raises(FileNotFoundError, match="not found: pass a checkpoint directory"):
         load_model(str(tmp_path / "nowhere"))
-    assert load_model(None).identity.source.endswith("default-model")  # the bundled model
+    bundled = load_model(None)  # the bundled model, recorded by its name: its directory differs per install
+    assert bundled.identity.source == "videosearch-tiny" == load_model("videosearch-tiny").identity.source
+    assert bundled.identity.sha256 == load_model(default_model_dir()).identity.sha256
 
 
 def test_a_family_without_rerank_features_is_embedded_and_searched(mean_colour: str, tmp_path: Path) -> None:
