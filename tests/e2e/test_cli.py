@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from helpers import decode_frames, write_audio, write_video
@@ -14,6 +15,8 @@ from xclip_core import XCLIPModel
 from xclip_core.classify import ZeroShotClassifier
 from xclip_core.processor import XCLIPProcessor
 from xclip_core.sampling import segment_frame_indices
+
+ROOT = Path(__file__).parents[2]
 
 
 @pytest.mark.parametrize(
@@ -25,6 +28,14 @@ def test_every_command_has_help(command: str) -> None:
         [sys.executable, "-m", "pipeline.cli", command, "--help"], capture_output=True, text=True, check=True
     ).stdout
     assert f"usage: videosearch {command}" in out
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "jobs").glob("*.py")))
+def test_every_job_entry_point_has_help(script: str) -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "jobs" / script), "--help"], capture_output=True, text=True, cwd=ROOT
+    )
+    assert done.returncode == 0 and "usage: videosearch" in done.stdout, done.stderr
 
 
 def test_classify_reports_labels_per_video_and_errors_per_bad_file(tmp_path, tiny_model, capsys) -> None:
