@@ -29,16 +29,15 @@ from xclip_core.identity import ModelIdentity
 from ..library import Library, LibraryWriter, PartInfo, Version, WorseVersionError
 from ..library import index as faiss_index
 from ..library.journal import Journal, resumable
-from ..library.reader import read_parts
+from ..library.reader import embedded_rows, read_parts
 from ..library.refresh import (
     RefreshPlan,
-    embedded_rows,
     index_delta,
     plan_refresh,
     rewrite_parts,
     whole_videos,
 )
-from ..library.writer import IndexDelta
+from ..library.writer import IndexDelta, count_videos
 from ..models import VideoTextModel, absolute_source, load_model
 from ..storage import StorageOptions, Store
 from .options import EmbedOptions, EmbedSummary
@@ -173,8 +172,8 @@ def _run(source: str, library: str, options: EmbedOptions, refresh: bool) -> Emb
     decode = {"frames": frames, "segment_s": options.segment_s}
     with Journal(store, model.identity.sha256, decode) as journal:  # the lease: one writer at a time
         base = Library.current_version(store)
-        reusable = _reusable(base, model.identity, decode, refresh)
-        plan = plan_refresh(Library(store, base) if reusable else None, listed, options.retry_failed)
+        reused = Library(store, base) if _reusable(base, model.identity, decode, refresh) else None
+        plan = plan_refresh(reused, listed, options.retry_failed)
         if refresh and base is not None and plan.changes.nothing:
             journal.finish()
             return _summary(Library(store, base), listed, started, plan.changes.to_dict(), published=False)
@@ -184,7 +183,7 @@ def _run(source: str, library: str, options: EmbedOptions, refresh: bool) -> Emb
         to_embed = [row for row in plan.to_embed if row["uri"] not in covered]
         embedded = _embed_objects(to_embed, settings, options, writer, model, journal) if to_embed else []
         new_parts = resumed + whole_videos(writer, embedded)
-        index, trained_on = _index(writer, plan, new_parts, Library(store, base) if reusable else None)
+        index, trained_on = _index(writer, plan, new_parts, reused)
         changes = replace(plan.changes, resumed_rows=sum(p.rows - len(p.deleted) for p in resumed)).to_dict()
         if base is not None and not options.allow_worse:
             _refuse_worse(base, writer, plan.kept + plan.rewrite + new_parts)
@@ -209,18 +208,16 @@ def _refuse_worse(base: Version, writer: LibraryWriter, parts: list[PartInfo]) -
     something, or fails a far larger share of its objects (:data:`FAILURE_JUMP`): a wrong flag, a model that
     cannot encode these videos or a storage outage must not replace a library that answered queries."""
     rows = read_parts(writer.store, parts, writer.schema, ["uri", "error"])
-    failed_uris = set(rows.filter(pc.is_valid(rows["error"]))["uri"].to_pylist())
-    videos = pc.count_distinct(rows["uri"]).as_py()
-    before = base.manifest["counts"]
-    ok_before, rate_before = before["ok"], before["failed"] / max(before["videos"], 1)
-    rate = len(failed_uris) / max(videos, 1)
-    if ok_before and (videos == len(failed_uris) or rate - rate_before >= FAILURE_JUMP):
+    after, before = count_videos(rows), base.manifest["counts"]
+    rate_before = before["failed"] / max(before["videos"], 1)
+    rate = after["failed"] / max(after["videos"], 1)
+    if before["ok"] and (after["ok"] == 0 or rate - rate_before >= FAILURE_JUMP):
         reasons = rows.filter(pc.is_valid(rows["error"]))["error"].to_pylist()
         common = max(set(reasons), key=reasons.count) if reasons else "?"
         raise WorseVersionError(
-            f"{len(failed_uris)} of {videos} objects failed (version {base.number} has {before['failed']} of "
-            f"{before['videos']}; most often: {common}): version {base.number} stays current. Pass "
-            f"--allow-worse to publish anyway (e.g. when the source really has no videos left)"
+            f"{after['failed']} of {after['videos']} objects failed (version {base.number} has "
+            f"{before['failed']} of {before['videos']}; most often: {common}): version {base.number} stays "
+            f"current. Pass --allow-worse to publish anyway (e.g. when the source really has no videos left)"
         )
 
 
@@ -307,7 +304,7 @@ def _index(
     """The new version's index and the vectors its centroids saw: the base's with a delta (small changes),
     the base's updated in place (its changed and deleted rows out, the new rows in), or built anew (no base,
     or too much drift)."""
-    ids, vectors = embedded_rows(writer, new_parts)
+    ids, vectors = embedded_rows(writer.store, new_parts, writer.schema)
     if base is not None:
         entry = base.manifest["index"]
         trained_on = entry.get("trained_on") or entry["ntotal"]
@@ -320,7 +317,7 @@ def _index(
             index = faiss_index.remove(base.read_index(), plan.gone_ids)
             faiss_index.add(index, ids, vectors)
             return index, trained_on
-    kept_ids, kept_vectors = embedded_rows(writer, plan.kept + plan.rewrite)
+    kept_ids, kept_vectors = embedded_rows(writer.store, plan.kept + plan.rewrite, writer.schema)
     index = faiss_index.build_index(np.concatenate([kept_ids, ids]), np.concatenate([kept_vectors, vectors]))
     return index, index.ntotal
 

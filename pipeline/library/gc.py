@@ -16,15 +16,14 @@ parts it wrote (young) or parts of the version it started from (current: kept).
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
-from ..storage import ObjectNotFound, Store, to_timestamp
-from .journal import RUNS, alive
-from .manifest import VERSIONS, NotALibraryError, current_version, list_versions, manifest_name, read_manifest
+from ..storage import Store, to_timestamp
+from .journal import RUNS, alive, read_journals
+from .manifest import VERSIONS, all_versions, manifest_name
 
 GRACE_S = 3600.0
 _MTIME_KEYS = ("mtime", "LastModified", "last_modified", "updated", "modified", "created")
@@ -56,23 +55,13 @@ def collect(root: Store, keep: int, grace_s: float = GRACE_S, dry_run: bool = Fa
     """Delete what no kept version names (see the module docstring); ``keep`` >= 1 versions are kept."""
     if keep < 1:
         raise ValueError(f"--keep must be at least 1 (the current version), got {keep}")
-    current = current_version(root)
-    if current is None:
-        raise NotALibraryError(f"{root.uri} is not a videosearch library (it has no _current)")
     now = time.time()
-    manifests = {n: read_manifest(root, n) for n in list_versions(root)}
-    chain, number = [], current.number  # published versions, newest first, and when each was replaced
-    replaced_at: dict[int, float] = {}
-    while number in manifests:
-        chain.append(number)
-        parent = manifests[number].get("parent")
-        if parent is not None:
-            replaced_at[parent] = _created(manifests[number])
-        number = parent
+    _, manifests, chain = all_versions(root)  # chain: the published versions, newest first
+    replaced_at = {older: _created(manifests[newer]) for newer, older in zip(chain, chain[1:], strict=False)}
     kept = set(chain[:keep]) | {n for n in chain if now - replaced_at.get(n, now) < grace_s}
 
     named = {name for n in kept for name in _names(manifests[n])}
-    for journal in _journals(root):
+    for journal in read_journals(root).values():
         if alive(journal, now):
             named |= {part["path"] for part in journal["parts"]}
             named.add(f"{RUNS}/{journal['run']}.json")
@@ -99,13 +88,3 @@ def _created(manifest: dict[str, Any]) -> float:
 
 def _names(manifest: dict[str, Any]) -> set[str]:
     return {part["path"] for part in manifest["parts"]} | {manifest["index"]["path"]}
-
-
-def _journals(root: Store) -> list[dict[str, Any]]:
-    journals = []
-    for name in root.names(RUNS):
-        try:
-            journals.append(json.loads(root.read_bytes(f"{RUNS}/{name}")))
-        except ObjectNotFound:
-            continue
-    return journals

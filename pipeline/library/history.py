@@ -11,8 +11,10 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+from xclip_core.identity import ModelIdentity
+
 from ..storage import StorageOptions, Store, as_store
-from .manifest import NotALibraryError, Version, current_version, list_versions, read_manifest
+from .manifest import NotALibraryError, Version, all_versions, current_version, read_manifest
 from .writer import LibraryWriter
 
 
@@ -48,15 +50,7 @@ class VersionInfo:
 
 def history(location: str | Store, options: StorageOptions | None = None) -> list[VersionInfo]:
     """Every version of the library, oldest first."""
-    root = as_store(location, options)
-    current = current_version(root)
-    if current is None:
-        raise NotALibraryError(f"{root.uri} is not a videosearch library (it has no _current)")
-    manifests = {n: read_manifest(root, n) for n in list_versions(root)}
-    published, number = set(), current.number
-    while number is not None and number in manifests:
-        published.add(number)
-        number = manifests[number].get("parent")
+    current, manifests, published = all_versions(as_store(location, options))
     return [
         VersionInfo(
             number=n,
@@ -64,7 +58,7 @@ def history(location: str | Store, options: StorageOptions | None = None) -> lis
             published=n in published,
             current=n == current.number,
             counts=m["counts"],
-            model=str(m["model"].get("source", m["model"].get("id"))),
+            model=ModelIdentity.from_dict(m["model"]).source,
             changes=m.get("changes"),
             copy_of=(m.get("extra") or {}).get("rollback_of"),
         )

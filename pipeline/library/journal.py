@@ -62,6 +62,17 @@ def alive(journal: dict[str, Any], now: float) -> bool:
     return True
 
 
+def read_journals(root: Store) -> dict[str, dict[str, Any]]:
+    """The journals under ``runs/`` by name (``runs/<run>.json``), those that finish meanwhile left out."""
+    journals = {}
+    for name in root.names(RUNS):
+        try:
+            journals[f"{RUNS}/{name}"] = json.loads(root.read_bytes(f"{RUNS}/{name}"))
+        except ObjectNotFound:
+            continue
+    return journals
+
+
 class Journal:
     """This job's journal and lease on the library at ``root``, and the finished parts of dead writers that
     it may reuse. Use as a context manager: the lease is renewed while the block runs."""
@@ -82,11 +93,7 @@ class Journal:
 
     def __enter__(self) -> Journal:
         now = time.time()
-        for name in self.root.names(RUNS):
-            try:
-                journal = json.loads(self.root.read_bytes(f"{RUNS}/{name}"))
-            except ObjectNotFound:
-                continue  # finished meanwhile
+        for name, journal in read_journals(self.root).items():
             if alive(journal, now):
                 expires = datetime.fromtimestamp(journal["expires"], timezone.utc).isoformat(
                     timespec="seconds"
@@ -96,7 +103,7 @@ class Journal:
                     f"{journal['host']} pid {journal['pid']}, since {journal['started']}); wait for it, or, "
                     f"if it is gone, until its lease expires at {expires}"
                 )
-            self.taken_over.append(f"{RUNS}/{name}")
+            self.taken_over.append(name)
             if journal["model"] == self.model and journal["decode"] == self.decode:
                 self.left += [PartInfo.from_dict(part) for part in journal["parts"]]
         self._write()

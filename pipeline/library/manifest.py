@@ -131,6 +131,20 @@ def current_version(root: Store) -> Version | None:
     return Version(number, read_manifest(root, number, named_by_current=True), token)
 
 
+def all_versions(root: Store) -> tuple[Version, dict[int, dict[str, Any]], list[int]]:
+    """The current version, every manifest by number, and the published versions newest first (the current
+    one and its parents back to the first; other manifests were never current)."""
+    current = current_version(root)
+    if current is None:
+        raise NotALibraryError(f"{root.uri} is not a videosearch library (it has no {CURRENT})")
+    manifests = {n: read_manifest(root, n) for n in list_versions(root)}
+    published, number = [], current.number
+    while number is not None and number in manifests:
+        published.append(number)
+        number = manifests[number].get("parent")
+    return current, manifests, published
+
+
 def read_manifest(root: Store, number: int, named_by_current: bool = False) -> dict[str, Any]:
     """Version ``number``'s manifest; errors say what the library has instead."""
     try:

@@ -35,6 +35,14 @@ def parts_dataset(root: Store, parts: list[PartInfo], schema: pa.Schema) -> ds.D
     return ds.dataset([root.path(p.path) for p in parts], schema=schema, format="parquet", filesystem=root.fs)
 
 
+def embedded_rows(root: Store, parts: list[PartInfo], schema: pa.Schema) -> tuple[np.ndarray, np.ndarray]:
+    """The ids (N,) and float32 embeddings (N, D) of the rows of ``parts`` that have an embedding."""
+    table = read_parts(root, parts, schema, ["id", "embedding"], pc.field("error").is_null())
+    dim = schema.field("embedding").type.list_size
+    vectors = table["embedding"].combine_chunks().flatten().to_numpy().reshape(table.num_rows, dim)
+    return table["id"].to_numpy(), vectors
+
+
 def read_parts(
     root: Store,
     parts: list[PartInfo],
@@ -132,7 +140,7 @@ class Library:
     def table(self, columns: list[str] | None = None, filter: pc.Expression | None = None) -> pa.Table:
         """All rows of the version, part after part; only ``columns`` (e.g. all but ``prompt_features`` for a
         listing) and the rows matching ``filter`` if given."""
-        return self.table_of(self.snapshot.parts, columns, filter)
+        return read_parts(self.store, self.snapshot.parts, self.schema, columns, filter)
 
     def rows_by_id(self, ids: np.ndarray | list[int], columns: list[str] | None = None) -> pa.Table:
         """The rows with ``ids``, in that order (repeated ids give repeated rows); only ``columns`` if given.
@@ -164,16 +172,8 @@ class Library:
             index = remove(index, np.array(entry["removed"], np.int64))
         added = [part for part in self.snapshot.parts if part.path in set(entry.get("added", ()))]
         if added:
-            table = self.table_of(added, ["id", "embedding"], pc.field("error").is_null())
-            vectors = table["embedding"].combine_chunks().flatten().to_numpy().reshape(table.num_rows, -1)
-            add(index, table["id"].to_numpy(), vectors)
+            add(index, *embedded_rows(self.store, added, self.schema))
         return index
-
-    def table_of(
-        self, parts: list[PartInfo], columns: list[str] | None = None, filter: pc.Expression | None = None
-    ) -> pa.Table:
-        """The rows of some of the version's ``parts`` (as :meth:`table`)."""
-        return read_parts(self.store, parts, self.schema, columns, filter)
 
     def versions(self) -> list[int]:
         """All version numbers of the library (see :func:`~pipeline.library.manifest.list_versions`)."""

@@ -180,12 +180,3 @@ def index_delta(
 def rewrite_parts(writer: LibraryWriter, parts: list[PartInfo]) -> list[PartInfo]:
     """Each mostly masked part's kept rows, written as a new part."""
     return [writer.write_part(read_parts(writer.store, [part], writer.schema)) for part in parts]
-
-
-def embedded_rows(writer: LibraryWriter, parts: list[PartInfo]) -> tuple[np.ndarray, np.ndarray]:
-    """The ids (N,) and embeddings (N, D) of the rows of ``parts`` that have an embedding."""
-    table = read_parts(writer.store, parts, writer.schema, ["id", "embedding"], pc.field("error").is_null())
-    vectors = (
-        table["embedding"].combine_chunks().flatten().to_numpy().reshape(len(table), writer.embedding_dim)
-    )
-    return table["id"].to_numpy(), vectors

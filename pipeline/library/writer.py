@@ -34,6 +34,14 @@ from .schema import part_schema
 ROW_GROUP_ROWS = 1024  # rows per Parquet row group: the unit rows_by_id can skip by id statistics
 
 
+def count_videos(rows: pa.Table) -> dict[str, int]:
+    """A manifest's ``counts`` of rows with ``uri`` and ``error``: distinct videos, rows with an embedding,
+    videos without / with an error row."""
+    videos = pc.count_distinct(rows["uri"]).as_py()
+    failed = pc.count_distinct(pc.filter(rows["uri"], pc.is_valid(rows["error"]))).as_py()
+    return {"videos": videos, "segments": rows["error"].null_count, "ok": videos - failed, "failed": failed}
+
+
 @dataclass(frozen=True)
 class IndexDelta:
     """A version's index as its base version's index file plus a delta: ids removed, parts whose embedded
@@ -43,10 +51,6 @@ class IndexDelta:
     removed: tuple[int, ...]
     added: tuple[str, ...]  # part paths
     ntotal: int  # vectors of the index with the delta applied
-
-    @property
-    def d(self) -> int:
-        return -1  # unknown without reading the index file; checked when the base was written
 
     def entry(self) -> dict[str, Any]:
         return {
@@ -179,11 +183,11 @@ class LibraryWriter:
         if not isinstance(index, IndexDelta) and index.d != self.embedding_dim:
             raise ValueError(f"the index has dimension {index.d}, the parts' embeddings {self.embedding_dim}")
         rows = read_parts(self.store, parts, self.schema, ["id", "uri", "error"])
-        segments = rows["error"].null_count  # rows without an error have an embedding
-        if index.ntotal != segments:
-            raise ValueError(f"the index holds {index.ntotal} vectors, the parts have {segments} embeddings")
-        videos = pc.count_distinct(rows["uri"]).as_py()
-        failed = pc.count_distinct(pc.filter(rows["uri"], pc.is_valid(rows["error"]))).as_py()
+        counts = count_videos(rows)
+        if index.ntotal != counts["segments"]:
+            raise ValueError(
+                f"the index holds {index.ntotal} vectors, the parts have {counts['segments']} embeddings"
+            )
         max_id = pc.max(rows["id"]).as_py()
         next_id = max(base.manifest["next_id"] if base else 0, 0 if max_id is None else max_id + 1)
 
@@ -208,7 +212,7 @@ class LibraryWriter:
             "prompt_shape": list(self.prompt_shape) if self.prompt_shape else None,
             "index": index_entry,
             "parts": [part.to_dict() for part in parts],
-            "counts": {"videos": videos, "segments": segments, "ok": videos - failed, "failed": failed},
+            "counts": counts,
             "next_id": next_id,
             "decode": decode,
             "changes": changes,
