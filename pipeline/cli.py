@@ -8,14 +8,19 @@ import dataclasses
 import functools
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from .cluster import commands as cluster_commands
+from .cluster.submit import ClusterError
 from .embed.options import EmbedOptions
 from .library.gc import GRACE_S
+from .library.index import KINDS as INDEX_KINDS
 from .library.manifest import LibraryError, WorseVersionError
+from .search.service.options import ServiceOptions
 from .storage import StorageError, StorageOptions
 from .train.options import TrainOptions
 from .train.trainer import TrainConfig
@@ -64,6 +69,13 @@ def _embed_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--gpus-per-encoder", type=float, help="GPUs per encode actor (default 1 if any)")
     parser.add_argument("--address", help="Ray address (default: start a local Ray)")
     parser.add_argument(
+        "--stage-label",
+        metavar="KEY",
+        default=_default(EmbedOptions, "stage_label"),
+        help="nodes labelled KEY=decode and KEY=encode run that stage only, when the cluster has both "
+        "('' ignores labels; default %(default)s)",
+    )
+    parser.add_argument(
         "--allow-worse",
         action="store_true",
         help="publish even a version with nothing embedded, or far more failures, than the current one",
@@ -109,6 +121,15 @@ def _parser() -> argparse.ArgumentParser:
     gc.add_argument("--json", action="store_true", help="print the result as JSON")
     _storage_flags(gc)
 
+    reindex = commands.add_parser(
+        "reindex", help="publish the current version again with a FAISS index built anew (e.g. another kind)"
+    )
+    reindex.add_argument("library")
+    reindex.add_argument(
+        "--kind", default="auto", choices=["auto", *INDEX_KINDS], help="index kind (default: by size)"
+    )
+    reindex.add_argument("--json", action="store_true", help="print the new version as JSON")
+    _storage_flags(reindex)
     rollback = commands.add_parser("rollback", help="publish an earlier version again as the current one")
     rollback.add_argument("library")
     rollback.add_argument("--to", type=int, required=True, metavar="N", help="the version to publish again")
@@ -127,6 +148,22 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("--version", type=int, help="search this version (default: the current one)")
     query.add_argument("--json", action="store_true", help="print results as JSON")
     _storage_flags(query)
+
+    serve = commands.add_parser("serve", help="serve a library over HTTP: a search API and a web page")
+    serve.add_argument("library")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default %(default)s)")
+    serve.add_argument(
+        "--api-key", help="require this key of API clients (else VIDEOSEARCH_API_KEY; default: none)"
+    )
+    serve.add_argument(
+        "--poll",
+        type=float,
+        default=_default(ServiceOptions, "poll_s"),
+        metavar="SECONDS",
+        help="how often to look for a new version of the library (default %(default)s)",
+    )
+    _storage_flags(serve)
 
     classify = commands.add_parser(
         "classify", help="zero-shot classify a video (or every video under a prefix)"
@@ -223,6 +260,7 @@ def _parser() -> argparse.ArgumentParser:
     _storage_flags(evaluate)
 
     commands.add_parser("demo", help="embed generated sample videos with the bundled model, then query them")
+    cluster_commands.add_commands(commands)
     return parser
 
 
@@ -291,6 +329,7 @@ def _run_embed(args: argparse.Namespace, out: TextIO) -> int:
         encoders=args.encoders,
         gpus_per_encoder=args.gpus_per_encoder,
         address=args.address,
+        stage_label=args.stage_label,
         retry_failed=args.retry_failed,
         allow_worse=args.allow_worse,
         storage=_storage(args),
@@ -314,6 +353,14 @@ def _run_query(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _run_serve(args: argparse.Namespace, out: TextIO) -> int:
+    from .search.service import serve
+
+    options = ServiceOptions(api_key=args.api_key or os.environ.get("VIDEOSEARCH_API_KEY"), poll_s=args.poll)
+    serve(args.library, _storage(args), options, args.host, args.port)
+    return 0
+
+
 def _run_versions(args: argparse.Namespace, out: TextIO) -> int:
     from .library.history import history
 
@@ -332,6 +379,17 @@ def _run_rollback(args: argparse.Namespace, out: TextIO) -> int:
     version = rollback(args.library, args.to, _storage(args))
     result = {"library": args.library, "version": version.number, "copy_of": args.to}
     text = f"library {args.library} version {version.number}: a copy of version {args.to}, now current"
+    print(json.dumps(result, indent=2) if args.json else text, file=out)
+    return 0
+
+
+def _run_reindex(args: argparse.Namespace, out: TextIO) -> int:
+    from .library.reindex import reindex
+
+    version = reindex(args.library, args.kind, _storage(args))
+    index = version.manifest["extra"]["reindexed"]
+    result = {"library": args.library, "version": version.number, "index": index}
+    text = f"library {args.library} version {version.number}: {index}, now current"
     print(json.dumps(result, indent=2) if args.json else text, file=out)
     return 0
 
@@ -382,11 +440,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "versions": _run_versions,
         "gc": _run_gc,
         "rollback": _run_rollback,
+        "reindex": _run_reindex,
         "query": _run_query,
+        "serve": _run_serve,
         "classify": _run_classify,
         "train": _run_train,
         "eval": _run_eval,
         "demo": _run_demo,
+        **cluster_commands.RUNS,
     }[args.command]
     out, ray_was_running = sys.stdout, _ray_running()
     try:
@@ -401,7 +462,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except WorseVersionError as err:  # the job ran, its result was not published
         print(f"videosearch {args.command}: not published: {err}", file=sys.stderr)
         return 1
-    except (StorageError, LibraryError, ValueError, FileNotFoundError) as err:
+    except (StorageError, LibraryError, ValueError, FileNotFoundError, ClusterError) as err:
         print(f"videosearch {args.command}: error: {err}", file=sys.stderr)
         return 2
 

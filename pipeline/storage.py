@@ -41,7 +41,13 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
 
 S3_PROTOCOLS = ("s3", "s3a")
-S3_CLIENT_CONFIG = {"connect_timeout": 10, "retries": {"max_attempts": 3, "mode": "standard"}}
+# Transient failures (5xx, throttling, resets, timeouts) are retried by botocore, every kind alike: 5 attempts
+# (AWS_MAX_ATTEMPTS) with exponential backoff (a random wait of up to 1, 2, 4, 8 s). s3fs adds one more round
+# for what botocore cannot see (a body cut off while it is read, SlowDown): 10 attempts at most, ~30 s at
+# worst, before an operation fails.
+MAX_ATTEMPTS = 5
+S3_CLIENT_CONFIG = {"connect_timeout": 10, "read_timeout": 60, "retries": {"mode": "standard"}}
+S3FS_RETRIES = 2
 
 _PRECONDITION_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict"}
 _DENIED_CODES = {
@@ -67,11 +73,29 @@ _UNREACHABLE_NAMES = {
     "TimeoutError",
 }
 _CREDENTIAL_NAMES = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError"}
+_TRANSIENT_CODES = {
+    "500",
+    "502",
+    "503",
+    "504",
+    "InternalError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "RequestTimeout",
+    "Throttling",
+    "ThrottlingException",
+    "RequestLimitExceeded",
+}
 _GENERIC_LOCK = threading.Lock()
 
 
 class StorageError(Exception):
     """A storage operation failed; the message names the URI and what to check."""
+
+
+class StorageUnavailable(StorageError):
+    """The store failed transiently (5xx, throttling, a reset or refused connection, a timeout) and kept
+    failing through every retry: the store is down or unreachable, not the object at fault."""
 
 
 class ObjectNotFound(StorageError, FileNotFoundError):
@@ -96,6 +120,8 @@ class StorageOptions:
     profile: str | None = None
     anon: bool = False
     region: str | None = None
+    max_attempts: int = MAX_ATTEMPTS  # per request, the first included
+    retry_mode: str = "standard"  # botocore's: "standard" or "adaptive" (client-side rate limiting too)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -109,15 +135,21 @@ class StorageOptions:
         """Options from command-line flags, falling back to the standard AWS environment variables.
 
         Flags win. Endpoint: ``AWS_ENDPOINT_URL_S3`` then ``AWS_ENDPOINT_URL``; profile: ``AWS_PROFILE``;
-        region: ``AWS_REGION`` then ``AWS_DEFAULT_REGION`` (the AWS CLI's order).
+        region: ``AWS_REGION`` then ``AWS_DEFAULT_REGION`` (the AWS CLI's order); retries:
+        ``AWS_MAX_ATTEMPTS`` and ``AWS_RETRY_MODE``, as botocore reads them.
         """
         env = os.environ
         env_endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+        attempts = env.get("AWS_MAX_ATTEMPTS", "").strip()
+        if attempts and not (attempts.isdigit() and int(attempts) >= 1):
+            raise StorageError(f"AWS_MAX_ATTEMPTS must be a whole number of at least 1, got {attempts!r}")
         return cls(
             endpoint_url=endpoint_url or env_endpoint or None,
             profile=profile or env.get("AWS_PROFILE") or None,
             anon=anon,
             region=region or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+            max_attempts=int(attempts) if attempts else MAX_ATTEMPTS,
+            retry_mode=env.get("AWS_RETRY_MODE") or "standard",
         )
 
     def for_protocol(self, protocol: str) -> dict[str, Any]:
@@ -125,7 +157,9 @@ class StorageOptions:
         if protocol not in S3_PROTOCOLS:
             return {}
         # fail within seconds, not minutes, when an endpoint does not answer; botocore's standard retries
-        kwargs: dict[str, Any] = {"anon": self.anon, "config_kwargs": copy.deepcopy(S3_CLIENT_CONFIG)}
+        config = copy.deepcopy(S3_CLIENT_CONFIG)
+        config["retries"] = {"mode": self.retry_mode, "total_max_attempts": self.max_attempts}
+        kwargs: dict[str, Any] = {"anon": self.anon, "config_kwargs": config}
         if self.endpoint_url:
             kwargs["endpoint_url"] = self.endpoint_url
         if self.profile and not self.anon:
@@ -143,7 +177,8 @@ class StorageOptions:
         # ``extra`` may carry keys/secrets/tokens: show its key names only.
         return (
             f"StorageOptions(endpoint_url={_redact_url(self.endpoint_url)!r}, profile={self.profile!r}, "
-            f"anon={self.anon!r}, region={self.region!r}, extra_keys={sorted(self.extra)!r})"
+            f"anon={self.anon!r}, region={self.region!r}, max_attempts={self.max_attempts!r}, "
+            f"retry_mode={self.retry_mode!r}, extra_keys={sorted(self.extra)!r})"
         )
 
     __str__ = __repr__
@@ -244,17 +279,65 @@ def translate_error(
             "AWS_SECRET_ACCESS_KEY, or use --anon for public buckets."
         )
     if names & _UNREACHABLE_NAMES or isinstance(exc, (ConnectionError, TimeoutError)):
-        return StorageError(
+        return StorageUnavailable(
             f"{action} {uri}: cannot reach {where} ({type(exc).__name__}). "
             "Check --endpoint-url / AWS_ENDPOINT_URL, the network and any proxy settings."
         )
     if code == "NoSuchKey" or isinstance(exc, FileNotFoundError):
         return ObjectNotFound(f"{action} {uri}: no such object or file")
+    if code in _TRANSIENT_CODES:
+        return StorageUnavailable(
+            f"{action} {uri}: the store at {where} keeps failing ({code}: {_message(exc)}) after retries; "
+            "it is down or overloaded. Try again later."
+        )
     if code in ("NotImplemented", "501"):
         return StorageError(f"{action} {uri}: the store at {where} does not support this request ({exc})")
     if isinstance(exc, OSError) or code is not None or "BotoCoreError" in names:
         return StorageError(f"{action} {uri} failed at {where}: {exc}")
     return exc
+
+
+def _message(exc: BaseException) -> str:
+    """The store's message for a botocore error in the chain (its HTTP reason when it sent no body)."""
+    for e in _chain(exc):
+        response = getattr(e, "response", None)
+        if isinstance(response, dict):
+            error = response.get("Error", {})
+            return str(error.get("Message") or response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+    return str(exc)
+
+
+def storage_cause(exc: BaseException) -> StorageError | None:
+    """The :class:`StorageError` behind ``exc``, also where a framework wrapped it (a Ray task's error carries
+    its cause in ``.cause``); ``None`` if storage had no part in it."""
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        current = pending.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        wrapped = getattr(current, "cause", None)  # Ray's RayTaskError: also an instance of its cause's class
+        if isinstance(wrapped, BaseException):
+            pending.append(wrapped)
+            continue
+        if isinstance(current, StorageError):
+            return current
+        pending += [current.__cause__, current.__context__]
+    return None
+
+
+@contextlib.contextmanager
+def worker_storage_errors() -> Iterator[None]:
+    """Re-raise an exception that a framework raised for a failed worker (Ray's ``RayTaskError``, Ray Data's
+    wrappers) as the :class:`StorageError` behind it, if there is one: the same class, its first line only."""
+    try:
+        yield
+    except Exception as e:
+        cause = storage_cause(e)
+        if cause is None or cause is e:
+            raise
+        raise type(cause)(str(cause).splitlines()[0]) from None  # Ray Data appends advice to the message
 
 
 @contextlib.contextmanager
@@ -338,6 +421,8 @@ class Store:
         if self._fs is None:
             try:
                 self._fs = url_to_fs(self.uri, **self.fsspec_options())
+                if is_s3(self._fs[0]):
+                    self._fs[0].retries = S3FS_RETRIES  # a class attribute of s3fs, not an argument
             except ImportError as e:
                 raise StorageError(
                     f"cannot open {self.uri}: support for {self.protocol}:// is not installed ({e}). "
@@ -366,6 +451,12 @@ class Store:
         """The whole object. A missing one raises :class:`ObjectNotFound`."""
         with self.errors("reading", name):
             return self.fs.cat_file(self.path(name))
+
+    def read_ranges(self, name: str, starts: list[int], ends: list[int]) -> list[bytes]:
+        """The bytes ``[start, end)`` of the object for each pair (fetched concurrently where possible)."""
+        path = self.path(name)
+        with self.errors("reading", name):
+            return self.fs.cat_ranges([path] * len(starts), starts, ends)
 
     def size(self, name: str = "") -> int:
         """The object's size in bytes."""

@@ -319,10 +319,17 @@ class Run:
         return json.loads(self.stdout)
 
 
-def run(*args: str | os.PathLike, cwd: str | os.PathLike | None = None, timeout: float = CLI_TIMEOUT) -> Run:
+def run(
+    *args: str | os.PathLike,
+    cwd: str | os.PathLike | None = None,
+    timeout: float = CLI_TIMEOUT,
+    env: dict[str, str] | None = None,
+) -> Run:
+    """Run ``videosearch ARGS`` in :func:`cli_env` (with ``env`` added)."""
     command = videosearch(*args)
     start = time.monotonic()
-    done = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=cli_env(), timeout=timeout)
+    environment = cli_env() | (env or {})
+    done = subprocess.run(command, capture_output=True, text=True, cwd=cwd, env=environment, timeout=timeout)
     return Run(command, done.returncode, done.stdout, done.stderr, time.monotonic() - start)
 
 

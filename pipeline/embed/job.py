@@ -4,7 +4,9 @@ This module (with the train job) is where Ray is. Each stage is a plain callable
 ``pipeline.embed.stages``; here they get their resources (:mod:`pipeline.embed.resources`): decoders are CPU
 actors, encoders are GPU actors when the cluster has GPUs (CPU otherwise), the writer is a light task. Ray
 Data streams batches between them with backpressure, so memory stays bounded whatever the number of videos;
-only small uint8 frame tensors cross the object store.
+only small uint8 frame tensors cross the object store. The plan sees the alive nodes (:func:`cluster_nodes`)
+and keeps each stage on its nodes by label selectors; every stage actor records its node as it starts
+(:class:`PlacementLedger`), which the summary reports.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import ray.data
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from xclip_core.identity import ModelIdentity
 
@@ -39,13 +42,13 @@ from ..library.refresh import (
 )
 from ..library.writer import IndexDelta, count_videos
 from ..models import VideoTextModel, absolute_source, load_model
-from ..storage import StorageOptions, Store
+from ..storage import StorageError, StorageOptions, Store, worker_storage_errors
 from .options import EmbedOptions, EmbedSummary
-from .resources import WRITE_CPUS, stage_resources, time_stages
+from .resources import WRITE_CPUS, Node, stage_resources, time_stages
 from .stages.decode import DecodeSettings, DecodeVideos
 from .stages.encode import EncodeFrames
 from .stages.list import list_objects
-from .stages.write import WritePart
+from .stages.write import WritePart, written_part
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +63,9 @@ LISTED_SCHEMA = pa.schema(
 )
 
 
-def _text_columns_typed(stage: type) -> type:
-    """The stage, with its nullable text columns handed to Ray as Arrow strings.
+def _text_columns_typed(stage: type, name: str) -> type:
+    """The stage, with its nullable text columns handed to Ray as Arrow strings, and its actors' nodes
+    recorded as ``name`` in the ``placement`` ledger that its constructor takes (when given one).
 
     Ray Data stores an all-None numpy column as an Arrow null column, which comes back to the next stage as
     NaN floats; typing the text columns keeps an ``error`` of None a None.
@@ -73,12 +77,24 @@ def _text_columns_typed(stage: type) -> type:
         return out
 
     class Typed(stage):
+        def __init__(self, *args: Any, placement: PlacementLedger | None = None, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if placement is not None:
+                placement.record(name)
+
         def __call__(self, batch: dict[str, Any]) -> Any:
             out = super().__call__(batch)  # a batch, or a generator of batches (the decode stage's)
             return typed(out) if isinstance(out, dict) else (typed(chunk) for chunk in out)
 
     Typed.__name__ = Typed.__qualname__ = stage.__name__
     return Typed
+
+
+def _beside_the_driver(actor: Any) -> Any:
+    """A new ``actor`` (a Ray actor class) on the driver's node: a ledger must outlive the loss of any worker
+    node, and the job ends with the driver's node anyway."""
+    here = ray.get_runtime_context().get_node_id()
+    return actor.options(scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)).remote()
 
 
 @ray.remote(num_cpus=0)
@@ -100,13 +116,48 @@ class CrashLedger:
     """The ``crash_ledger`` of :class:`DecodeVideos`, kept by a Ray actor that outlives crashing decoders."""
 
     def __init__(self) -> None:
-        self.actor = _CrashLedgerActor.remote()
+        self.actor = _beside_the_driver(_CrashLedgerActor)
 
     def begin(self, uri: str) -> int:
         return ray.get(self.actor.begin.remote(uri))
 
     def end(self, uri: str) -> None:
         self.actor.end.remote(uri)
+
+
+@ray.remote(num_cpus=0)
+class _PlacementLedgerActor:
+    """The node of every stage actor: stage -> actor id -> node id (a restarted actor counts once)."""
+
+    def __init__(self) -> None:
+        self.nodes: dict[str, dict[str, str]] = {}
+
+    def record(self, stage: str, actor_id: str, node_id: str) -> None:
+        self.nodes.setdefault(stage, {})[actor_id] = node_id
+
+    def placement(self) -> dict[str, dict[str, str]]:
+        return self.nodes
+
+
+class PlacementLedger:
+    """Where the actors of each stage ran, recorded by each as it starts (:func:`_text_columns_typed`)."""
+
+    def __init__(self) -> None:
+        self.actor = _beside_the_driver(_PlacementLedgerActor)
+
+    def record(self, stage: str) -> None:
+        """Record the calling actor as one of ``stage`` on its node."""
+        context = ray.get_runtime_context()
+        ray.get(self.actor.record.remote(stage, context.get_actor_id(), context.get_node_id()))
+
+    def placement(self) -> dict[str, dict[str, int]]:
+        """Stage -> node ("IP short-node-id", as :class:`EmbedSummary` shows it) -> actors."""
+        names = {node["NodeID"]: f"{node['NodeManagerAddress']} {node['NodeID'][:8]}" for node in ray.nodes()}
+        recorded = ray.get(self.actor.placement.remote())
+        return {
+            stage: dict(Counter(names.get(node, node[:8]) for node in actors.values()))
+            for stage, actors in recorded.items()
+        }
 
 
 def connect(address: str | None) -> dict[str, float]:
@@ -116,30 +167,70 @@ def connect(address: str | None) -> dict[str, float]:
     return ray.cluster_resources()
 
 
+def cluster_nodes() -> list[Node]:
+    """The alive nodes of the connected cluster, as :func:`stage_resources` plans on them."""
+    return [
+        Node(
+            cpus=node["Resources"].get("CPU", 0.0),
+            gpus=node["Resources"].get("GPU", 0.0),
+            labels=node.get("Labels") or {},
+            node_id=node["NodeID"],
+        )
+        for node in ray.nodes()
+        if node["Alive"]
+    ]
+
+
 def decoded(
     listed: list[dict[str, Any]],
     settings: DecodeSettings,
     storage: StorageOptions,
     decoders: int,
     decode_cpus: float,
+    label_selector: dict[str, str] | None = None,
+    placement: PlacementLedger | None = None,
 ) -> ray.data.Dataset:
-    """The listed objects as a dataset of decoded rows (the decode stage on an actor pool)."""
+    """The listed objects as a dataset of decoded rows (the decode stage on an actor pool, on the nodes that
+    ``label_selector`` selects; the actors' nodes recorded in ``placement``)."""
     # one small block per group of objects, so decoding starts at once and spreads over the actors
     table = pa.Table.from_pylist(listed, schema=LISTED_SCHEMA)
     step = -(-len(listed) // min(len(listed), MAX_INPUT_BLOCKS))
     blocks = [table.slice(i, step) for i in range(0, len(listed), step)]
     return ray.data.from_blocks(blocks).map_batches(  # block metadata computed here, not in remote tasks
-        _text_columns_typed(DecodeVideos),
+        _text_columns_typed(DecodeVideos, "decode"),
         fn_constructor_kwargs=dict(
-            settings=settings, storage_options=storage, crash_ledger=CrashLedger(), max_tries=DECODE_TRIES
+            settings=settings,
+            storage_options=storage,
+            crash_ledger=CrashLedger(),
+            max_tries=DECODE_TRIES,
+            placement=placement,
         ),
         batch_size=1,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=decoders),
         num_cpus=decode_cpus,
+        label_selector=label_selector or None,
         # a native crash kills one decoder: Ray Data restarts the actor and retries its task (without limit
         # by default); the crash ledger turns the video into an error row after DECODE_TRIES crashes
     )
+
+
+class _NoTraceback(logging.Filter):
+    """Keeps Ray Data's errors and their tracebacks off the console (they stay in the session's
+    ``ray-data.log``): the command reports a failed job in one line, with its cause."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR and record.exc_info is None
+
+
+def _quiet_ray_data_console() -> None:
+    """Unless the command is verbose, :class:`_NoTraceback` on the console handlers of Ray Data's logger."""
+    if logging.getLogger().isEnabledFor(logging.INFO):
+        return
+    for handler in logging.getLogger("ray.data").handlers:
+        console = isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler)
+        if console and not any(isinstance(f, _NoTraceback) for f in handler.filters):
+            handler.addFilter(_NoTraceback())
 
 
 def embed(source: str, library: str, options: EmbedOptions) -> EmbedSummary:
@@ -176,17 +267,27 @@ def _run(source: str, library: str, options: EmbedOptions, refresh: bool) -> Emb
         plan = plan_refresh(reused, listed, options.retry_failed)
         if refresh and base is not None and plan.changes.nothing:
             journal.finish()
-            return _summary(Library(store, base), listed, started, plan.changes.to_dict(), published=False)
+            rows = Library(store, base).table(["uri", "error"])
+            return _summary(
+                store.uri, base.number, rows, listed, started, plan.changes.to_dict(), published=False
+            )
 
         writer = LibraryWriter(store, embedding_dim=model.embedding_dim, prompt_shape=model.rerank_shape)
         resumed, covered = resumable(journal, plan.to_embed, model.embedding_dim, model.rerank_shape)
         to_embed = [row for row in plan.to_embed if row["uri"] not in covered]
-        embedded = _embed_objects(to_embed, settings, options, writer, model, journal) if to_embed else []
+        _quiet_ray_data_console()
+        with worker_storage_errors():  # a worker's StorageError, out of Ray's wrapping: exit 2, not a trace
+            embedded, placement = (
+                _embed_objects(to_embed, settings, options, writer, model, journal) if to_embed else ([], {})
+            )
         new_parts = resumed + whole_videos(writer, embedded)
         index, trained_on = _index(writer, plan, new_parts, reused)
         changes = replace(plan.changes, resumed_rows=sum(p.rows - len(p.deleted) for p in resumed)).to_dict()
+        # the version's rows, read once before publishing: nothing is read after it (a store failing then
+        # would report an error for a published version)
+        rows = read_parts(writer.store, plan.kept + plan.rewrite + new_parts, writer.schema, ["uri", "error"])
         if base is not None and not options.allow_worse:
-            _refuse_worse(base, writer, plan.kept + plan.rewrite + new_parts)
+            _refuse_worse(base, rows)
         version = writer.publish(
             plan.kept + rewrite_parts(writer, plan.rewrite) + new_parts,
             index,
@@ -196,18 +297,27 @@ def _run(source: str, library: str, options: EmbedOptions, refresh: bool) -> Emb
             changes=changes,
             trained_on=trained_on,
         )
-        journal.finish()
-    return _summary(Library(store, version), listed, started, changes)
+        _finish(journal)
+    return _summary(store.uri, version.number, rows, listed, started, changes, placement=placement)
 
 
 FAILURE_JUMP = 0.5  # a version whose share of failed objects is this much above the current one's is refused
 
 
-def _refuse_worse(base: Version, writer: LibraryWriter, parts: list[PartInfo]) -> None:
-    """Raise :class:`WorseVersionError` if the version of ``parts`` embeds nothing where ``base`` embedded
-    something, or fails a far larger share of its objects (:data:`FAILURE_JUMP`): a wrong flag, a model that
-    cannot encode these videos or a storage outage must not replace a library that answered queries."""
-    rows = read_parts(writer.store, parts, writer.schema, ["uri", "error"])
+def _finish(journal: Journal) -> None:
+    """Remove the journal of a job whose version is published; a store failing now costs a stale journal (a
+    later job or ``gc`` removes it), not an error for a published version."""
+    try:
+        journal.finish()
+    except StorageError as e:
+        log.warning("published; the run's journal stays behind: %s", e)
+
+
+def _refuse_worse(base: Version, rows: pa.Table) -> None:
+    """Raise :class:`WorseVersionError` if the new version's ``rows`` (``uri``, ``error``) embed nothing where
+    ``base`` embedded something, or fail a far larger share of its objects (:data:`FAILURE_JUMP`): a wrong
+    flag, a model that cannot encode these videos or a storage outage must not replace a library that
+    answered queries."""
     after, before = count_videos(rows), base.manifest["counts"]
     rate_before = before["failed"] / max(before["videos"], 1)
     rate = after["failed"] / max(after["videos"], 1)
@@ -247,28 +357,38 @@ def _embed_objects(
     writer: LibraryWriter,
     model: VideoTextModel,
     journal: Journal,
-) -> list[PartInfo]:
+) -> tuple[list[PartInfo], dict[str, dict[str, int]]]:
     """Decode, encode and write ``listed`` on Ray Data: the new parts, each recorded in ``journal`` as soon
-    as it is written."""
-    resources = connect(options.address)
+    as it is written, and where the stages ran (:meth:`PlacementLedger.placement`)."""
+    connect(options.address)
     stages = stage_resources(
-        resources.get("CPU", 1),
-        resources.get("GPU", 0),
+        cluster_nodes(),
         len(listed),
         options,
         timings=functools.partial(time_stages, listed, settings, options.storage, model),
     )
     log.info(
-        "plan: %d decoders (%.2g CPU each), %d encoders (%.2g GPU, %.2g CPU each)",
+        "plan: %d decoders (%.2g CPU each, nodes %s), %d encoders (%.2g GPU, %.2g CPU each, nodes %s)",
         stages.decoders,
         stages.cpus_per_decoder,
+        stages.decode_selector or "any",
         stages.encoders,
         stages.gpus_per_encoder,
         stages.cpus_per_encoder,
+        stages.encode_selector or "any",
     )
-    ds = decoded(listed, settings, options.storage, stages.decoders, stages.cpus_per_decoder)
+    placement = PlacementLedger()
+    ds = decoded(
+        listed,
+        settings,
+        options.storage,
+        stages.decoders,
+        stages.cpus_per_decoder,
+        stages.decode_selector,
+        placement,
+    )
     ds = ds.map_batches(
-        _text_columns_typed(EncodeFrames),
+        _text_columns_typed(EncodeFrames, "encode"),
         fn_constructor_kwargs=dict(
             model_src=options.model,
             storage_options=options.storage,
@@ -276,12 +396,14 @@ def _embed_objects(
             batch_size=options.batch_size,
             # on a CPU the encoder runs its share of the cores, rounded up
             threads=None if stages.gpus_per_encoder else math.ceil(stages.cpus_per_encoder),
+            placement=placement,
         ),
         batch_size=options.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=stages.encoders),
         num_cpus=stages.cpus_per_encoder,
         num_gpus=stages.gpus_per_encoder,
+        label_selector=stages.encode_selector or None,
     )
     ds = ds.map_batches(
         # a plain Ray task (no actor of its own: writing needs no start-up, and pooled workers start quicker)
@@ -291,11 +413,8 @@ def _embed_objects(
         num_cpus=WRITE_CPUS,
     )
     for written in ds.iter_rows():
-        part = PartInfo(
-            str(written["path"]), int(written["rows"]), int(written["ok"]), int(written["errors"])
-        )
-        journal.record(part)
-    return journal.parts
+        journal.record(written_part(written))
+    return journal.parts, placement.placement()
 
 
 def _index(
@@ -323,20 +442,24 @@ def _index(
 
 
 def _summary(
-    library: Library,
+    library: str,
+    version: int,
+    rows: pa.Table,
     listed: list[dict[str, Any]],
     started: float,
     changes: dict[str, int],
     published: bool = True,
+    placement: dict[str, dict[str, int]] | None = None,
 ) -> EmbedSummary:
-    """What the version holds: embedded videos and segments, and the failures with their reasons."""
-    rows = library.table(["uri", "error"])
+    """What version ``version`` of ``library`` holds (its ``rows``' ``uri`` and ``error``): embedded videos
+    and segments, and the failures with their reasons; where the stages ran (empty when nothing was
+    embedded)."""
     errors = rows.filter(pc.is_valid(rows["error"]))
     ok_uris = set(rows.filter(pc.is_null(rows["error"]))["uri"].to_pylist())
     failures = sorted(set(zip(errors["uri"].to_pylist(), errors["error"].to_pylist(), strict=True)))
     return EmbedSummary(
-        library=library.uri,
-        version=library.version,
+        library=library,
+        version=version,
         objects=len(listed),
         ok=len(ok_uris),
         failed=len({uri for uri, _ in failures} - ok_uris),
@@ -345,4 +468,5 @@ def _summary(
         failures=[{"uri": uri, "error": error} for uri, error in failures],
         changes=changes,
         published=published,
+        placement=placement or {},
     )

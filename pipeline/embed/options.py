@@ -22,6 +22,8 @@ class EmbedOptions:
     encoders: int | None = None  # encode actors
     gpus_per_encoder: float | None = None  # 1 when the cluster has GPUs, else 0
     address: str | None = None  # Ray address; None starts (or joins) a local Ray
+    # nodes labelled KEY=decode and KEY=encode run that stage only, when both exist ("": labels ignored)
+    stage_label: str = "videosearch-stage"
     retry_failed: bool = True  # refresh: decode again the objects that failed in the current version
     allow_worse: bool = False  # publish even a version with no embedded object, or far more failures
     storage: StorageOptions = field(default_factory=StorageOptions)
@@ -55,6 +57,8 @@ class EmbedSummary:
     failures: list[dict[str, str]]
     changes: dict[str, int] = field(default_factory=dict)  # new, changed, deleted... (see library.refresh)
     published: bool = True  # False: nothing changed, the current version stays
+    # stage ("decode", "encode") -> node ("IP short-node-id") -> actors of the stage that ran there
+    placement: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
     def videos_per_s(self) -> float:
@@ -73,5 +77,13 @@ class EmbedSummary:
         ]
         if self.changes:
             lines.append("  changes: " + Changes(**self.changes).text())
+        if self.placement:
+            lines.append("  placement: " + ", ".join(_stage_nodes(s, n) for s, n in self.placement.items()))
         lines += [f"  failed: {f['uri']}: {f['error']}" for f in self.failures]
         return "\n".join(lines)
+
+
+def _stage_nodes(stage: str, nodes: dict[str, int]) -> str:
+    """One stage's placement: "decode on 2 nodes (10.0.0.5 3f2a9c1b: 4, 10.0.0.6 9d8e7f6a: 4)"."""
+    actors = ", ".join(f"{node}: {count}" for node, count in sorted(nodes.items()))
+    return f"{stage} on {len(nodes)} node{'s' if len(nodes) != 1 else ''} ({actors})"

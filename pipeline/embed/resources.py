@@ -1,10 +1,35 @@
-"""How the embed job shares a cluster between its stages (no Ray here: the job passes the cluster's size).
+"""How the embed job places its stages on a cluster (no Ray here: the job passes the alive :class:`Node`).
 
-With GPUs, one encoder per GPU share and every CPU left decodes. On a CPU-only cluster, which stage is the
-bottleneck depends on the model and the videos: base-patch32 encodes a video in seconds and decodes it in a
-tenth of one, the bundled tiny model encodes in a fiftieth and is decode-bound. So the
-driver times one video of each stage (the first listed videos, decoded as the job will; the loaded model on
-a zero clip, one thread) and shares the CPUs in proportion, before any actor starts.
+Sizes come from nodes, never from the cluster's total: an actor never asks for more than the node it is
+meant for offers, and the actors of a stage share one size (a Ray Data actor pool asks the same of each), a
+whole fraction of those nodes, so that they pack. Ray places actors in any order, so on several nodes each
+node serves one stage: one stage cannot then take the room the other was planned.
+
+- One node with CPUs (a head without CPUs aside): the stages share it. With GPUs, one encoder per
+  ``gpus_per_encoder`` GPUs with one CPU each, and every CPU that the encoders and the writer's tasks
+  (:data:`WRITE_CPUS`) leave decodes, one CPU per decoder. With CPUs only, which stage is the bottleneck
+  depends on the model and the videos: base-patch32 encodes a video in seconds and decodes it in a tenth of
+  one, the bundled tiny model encodes in a fiftieth and is decode-bound. So the driver times one video of
+  each stage (the first listed videos, decoded as the job will; the loaded model on a zero clip, one
+  thread) and shares the CPUs in proportion (:func:`share_cpus`).
+- Several nodes, with GPUs: the GPU nodes encode (one encoder per GPU share, one CPU each) and the others
+  decode, ``floor(node CPUs)`` decoders of one CPU each; a cluster of GPU nodes only shares every node as
+  one node is shared.
+- Several nodes, CPUs only: the encoders take ``m`` nodes of one size ``s``, one encoder of
+  ``s - WRITE_CPUS`` CPUs on each (the rest is the writer's room), and the other nodes decode, one decoder
+  per CPU; ``s`` and ``m`` maximize the modelled rate ``min(decode CPUs / decode_s, encode CPUs / encode_s)``
+  of the timed video.
+
+Which node serves which stage: when the alive nodes carry the stage label (``EmbedOptions.stage_label``,
+default ``videosearch-stage``) with both values, ``decode`` and ``encode``, those nodes do: each stage selects
+its value (Ray's ``label_selector``), which also tells an autoscaler which node type to start for more
+actors; ``cluster.yaml`` labels its worker types so. Otherwise the plan assigns the nodes as above and keeps
+each stage off the other's nodes by the label Ray gives every node, ``ray.io/node-id``.
+
+Counts default to what the alive nodes fit (the autoscaler's bounds are not read: on an autoscaling
+cluster, ``--decoders`` and ``--encoders`` ask for more, and pending actors make it start nodes of their
+kind). What ``options`` sets is kept; there are never more decoders than objects (each is decoded by one
+actor).
 """
 
 from __future__ import annotations
@@ -12,8 +37,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -27,6 +52,9 @@ log = logging.getLogger(__name__)
 
 WRITE_CPUS = 0.1  # the write stage's tasks
 GPU_ENCODER_CPUS = 1.0  # a GPU encoder's CPU: batches in, results out (the frames are normalized on the GPU)
+DECODE, ENCODE = "decode", "encode"  # the stages, and the values of the stage label
+NODE_ID_LABEL = "ray.io/node-id"  # the label Ray gives every node: its id
+EPS = 1e-9  # CPU sums that should be equal, compared as floats
 
 FALLBACK_DECODE_S = 0.1  # per video, when none of the first videos decodes (a typical 10 s 360p clip)
 TIMED_VIDEOS = 3  # listed videos tried for the decode timing
@@ -97,14 +125,26 @@ def share_cpus(
 
 
 @dataclass(frozen=True)
+class Node:
+    """An alive node as the plan sees it (from ``ray.nodes()``: ``Resources``, ``Labels``, ``NodeID``)."""
+
+    cpus: float
+    gpus: float = 0.0
+    labels: Mapping[str, str] = field(default_factory=dict)
+    node_id: str = ""
+
+
+@dataclass(frozen=True)
 class StageResources:
-    """The actors of the decode and encode stages and what each one is given."""
+    """The actors of the decode and encode stages, what each one is given and where it may run."""
 
     decoders: int
     cpus_per_decoder: float
     encoders: int
     gpus_per_encoder: float
     cpus_per_encoder: float
+    decode_selector: dict[str, str] = field(default_factory=dict)  # a Ray label selector; {}: any node
+    encode_selector: dict[str, str] = field(default_factory=dict)
 
     @property
     def encoder_device(self) -> str:
@@ -112,27 +152,167 @@ class StageResources:
 
 
 def stage_resources(
-    cpus: float,
-    gpus: float,
+    nodes: list[Node],
     objects: int,
     options: EmbedOptions,
     timings: Callable[[], tuple[float, float]],
 ) -> StageResources:
-    """Share a cluster of ``cpus`` and ``gpus`` between the stages, for ``objects`` listed objects.
+    """Place the stages on the alive ``nodes``, for ``objects`` listed objects (the module's rules).
 
-    With GPUs (unless ``options.gpus_per_encoder`` is 0), one encoder per ``gpus_per_encoder`` GPUs, and every
-    CPU that the encoders and the writer leave decodes. With CPUs only, ``timings()`` (one video's seconds
-    to decode and to encode, one thread) shares the CPUs in proportion (:func:`share_cpus`). What
-    ``options`` sets is kept; there are never more decoders than objects (each is decoded by one actor).
+    GPU encoders (one per ``options.gpus_per_encoder`` GPUs; by default 1 when a node has GPUs) unless that
+    is 0; ``timings()`` (one video's seconds to decode and to encode, one thread) is called only when the
+    CPUs are shared between the stages by their costs. Raises ``ValueError`` when GPU encoders are asked
+    and no node has the GPUs of one.
     """
-    gpus_per_encoder = options.gpus_per_encoder if options.gpus_per_encoder is not None else float(gpus > 0)
-    encoders = options.encoders or (max(1, int(gpus // gpus_per_encoder)) if gpus_per_encoder else 1)
-    if gpus_per_encoder:  # GPUs encode fast: every CPU the encoders and the writer leave decodes
-        decoders = options.decoders or max(1, int(cpus - encoders * GPU_ENCODER_CPUS - WRITE_CPUS))
-        decode_cpus, encode_cpus = 1.0, GPU_ENCODER_CPUS
-    else:  # CPUs only: shared between the stages in proportion to one video's measured cost in each
-        decode_s, encode_s = timings()
-        shares = share_cpus(cpus, decode_s, encode_s, encoders, options.decoders, reserved=WRITE_CPUS)
-        decoders, decode_cpus, encode_cpus = shares.decoders, shares.cpus_per_decoder, shares.cpus_per_encoder
-        log.info("one video: decode %.3f s, encode %.3f s (one thread)", decode_s, encode_s)
-    return StageResources(min(decoders, objects), decode_cpus, encoders, gpus_per_encoder, encode_cpus)
+    # the nodes that can host an actor (Ray counts whole CPUs); none: a head waiting for its workers
+    hosts = [node for node in nodes if node.cpus > 0] or [Node(cpus=1.0)]
+    if options.gpus_per_encoder is not None:
+        gpus_per_encoder = options.gpus_per_encoder
+    else:
+        gpus_per_encoder = float(any(node.gpus for node in hosts))
+    labelled = _labelled(hosts, options.stage_label)
+    if gpus_per_encoder:
+        plan = _gpu_plan(hosts, labelled, gpus_per_encoder, options)
+    elif labelled is None and len(hosts) == 1:
+        plan = _shared_cpu_plan(hosts[0], options, timings)
+    else:
+        plan = _split_cpu_plan(hosts, labelled, options, timings)
+    if labelled is not None:  # each stage selects its label, which the autoscaler also reads
+        plan = replace(
+            plan, decode_selector={options.stage_label: DECODE}, encode_selector={options.stage_label: ENCODE}
+        )
+    return replace(plan, decoders=min(plan.decoders, objects))
+
+
+def _labelled(hosts: list[Node], key: str) -> tuple[list[int], list[int]] | None:
+    """The hosts labelled ``key=encode`` and ``key=decode``, or None unless there are both."""
+    encode = [i for i, node in enumerate(hosts) if key and node.labels.get(key) == ENCODE]
+    decode = [i for i, node in enumerate(hosts) if key and node.labels.get(key) == DECODE]
+    return (encode, decode) if encode and decode else None
+
+
+def _gpu_plan(
+    hosts: list[Node],
+    labelled: tuple[list[int], list[int]] | None,
+    gpus_per_encoder: float,
+    options: EmbedOptions,
+) -> StageResources:
+    """GPU encoders on the GPU nodes, decoders on the others (on every node when all have GPUs)."""
+    if labelled is not None:
+        encode, decode = labelled
+    else:
+        encode = [i for i, node in enumerate(hosts) if node.gpus >= gpus_per_encoder]
+        decode = [i for i in range(len(hosts)) if i not in encode] or list(range(len(hosts)))
+    slots = {i: int(hosts[i].gpus // gpus_per_encoder) for i in encode}
+    if not any(slots.values()):
+        raise ValueError(
+            f"no node has the {gpus_per_encoder:g} GPUs an encoder asks (--gpus-per-encoder; "
+            f"{max(node.gpus for node in hosts):g} at most): pass --gpus-per-encoder 0 to encode on CPUs"
+        )
+    # one CPU per encoder, less on a node too small for that; at most half a node the decoders share
+    cpus = min(hosts[i].cpus / n / (2 if i in decode else 1) for i, n in slots.items() if n)
+    encoders = options.encoders or sum(slots.values())
+    return _with_decoders(
+        hosts, encode, decode, slots, encoders, min(GPU_ENCODER_CPUS, cpus), gpus_per_encoder, options
+    )
+
+
+def _shared_cpu_plan(
+    node: Node, options: EmbedOptions, timings: Callable[[], tuple[float, float]]
+) -> StageResources:
+    """One node's CPUs shared between the stages by one video's measured cost in each."""
+    decode_s, encode_s = timings()
+    log.info("one video: decode %.3f s, encode %.3f s (one thread)", decode_s, encode_s)
+    encoders = options.encoders or 1
+    shares = share_cpus(node.cpus, decode_s, encode_s, encoders, options.decoders, reserved=WRITE_CPUS)
+    asked = shares.decoders * shares.cpus_per_decoder + encoders * shares.cpus_per_encoder
+    # encoders keep half a CPU each: more than a small node has halves for are shrunk to fit
+    scale = min(1.0, (node.cpus - WRITE_CPUS) / asked)
+    return StageResources(
+        shares.decoders, shares.cpus_per_decoder * scale, encoders, 0.0, shares.cpus_per_encoder * scale
+    )
+
+
+def _split_cpu_plan(
+    hosts: list[Node],
+    labelled: tuple[list[int], list[int]] | None,
+    options: EmbedOptions,
+    timings: Callable[[], tuple[float, float]],
+) -> StageResources:
+    """CPU encoders on some nodes, decoders on the others: the labelled ones, else ``m`` nodes of one size
+    for the encoders, the split with the best modelled rate."""
+    if labelled is not None:
+        return _cpu_split(hosts, *labelled, options)
+    splits = []
+    for size in sorted({node.cpus for node in hosts}):
+        same = [i for i, node in enumerate(hosts) if node.cpus == size]
+        for m in range(1, len(same) + 1):
+            encode = same[:m]
+            if len(encode) < len(hosts):
+                splits.append(
+                    _cpu_split(hosts, encode, [i for i in range(len(hosts)) if i not in encode], options)
+                )
+    if len(splits) == 1:
+        return splits[0]
+    decode_s, encode_s = timings()
+    log.info("one video: decode %.3f s, encode %.3f s (one thread)", decode_s, encode_s)
+    return max(
+        splits,
+        key=lambda s: min(
+            s.decoders * s.cpus_per_decoder / decode_s, s.encoders * s.cpus_per_encoder / encode_s
+        ),
+    )
+
+
+def _cpu_split(
+    hosts: list[Node], encode: list[int], decode: list[int], options: EmbedOptions
+) -> StageResources:
+    """CPU encoders on the ``encode`` nodes, ``k`` on the smallest (one unless ``options.encoders`` asks
+    more), leaving the writer's room there; decoders on the ``decode`` nodes."""
+    per_node = math.ceil(options.encoders / len(encode)) if options.encoders else 1
+    cpus = (min(hosts[i].cpus for i in encode) - WRITE_CPUS) / per_node
+    slots = {i: int(hosts[i].cpus / cpus + EPS) for i in encode}
+    encoders = options.encoders or sum(slots.values())
+    return _with_decoders(hosts, encode, decode, slots, encoders, cpus, 0.0, options)
+
+
+def _with_decoders(
+    hosts: list[Node],
+    encode: list[int],
+    decode: list[int],
+    slots: dict[int, int],
+    encoders: int,
+    cpus_per_encoder: float,
+    gpus_per_encoder: float,
+    options: EmbedOptions,
+) -> StageResources:
+    """The plan with ``encoders`` filling the ``slots`` of the ``encode`` nodes in order, the writer's room
+    on a node they leave it (else on the decode node with the most CPUs left) and decoders on the ``decode``
+    nodes: one CPU each, or all that the largest has left when that is less; each stage kept off the nodes
+    of the other only."""
+    left = {i: node.cpus for i, node in enumerate(hosts)}
+    unplaced = encoders
+    for i in encode:
+        placed = min(unplaced, slots[i])
+        left[i] -= placed * cpus_per_encoder
+        unplaced -= placed
+    if not any(left[i] >= WRITE_CPUS - EPS for i in left if i not in decode):
+        most = max(decode, key=left.get)
+        left[most] -= WRITE_CPUS
+    cpus_per_decoder = min(1.0, max(left[i] for i in decode))
+    decoders = options.decoders or max(1, sum(int(left[i] / cpus_per_decoder + EPS) for i in decode))
+    return StageResources(
+        decoders,
+        cpus_per_decoder,
+        encoders,
+        gpus_per_encoder,
+        cpus_per_encoder,
+        decode_selector=_avoiding(hosts, set(encode) - set(decode)),
+        encode_selector=_avoiding(hosts, set(decode) - set(encode)),
+    )
+
+
+def _avoiding(hosts: list[Node], indices: set[int]) -> dict[str, str]:
+    """A label selector of every node but ``hosts[indices]`` (new nodes included): by Ray's node-id label."""
+    ids = sorted(hosts[i].node_id for i in indices)
+    return {NODE_ID_LABEL: f"!in({','.join(ids)})"} if ids else {}

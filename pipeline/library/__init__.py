@@ -11,7 +11,7 @@ from .manifest import (
     WorseVersionError,
     list_versions,
 )
-from .reader import Library, parts_dataset
+from .reader import Library, read_part
 from .writer import LibraryWriter
 
 __all__ = [
@@ -26,5 +26,5 @@ __all__ = [
     "VersionNotFoundError",
     "WorseVersionError",
     "list_versions",
-    "parts_dataset",
+    "read_part",
 ]

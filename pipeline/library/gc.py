@@ -1,8 +1,8 @@
 """Garbage collection: delete the files that no kept version names.
 
 ``collect(root, keep=N)`` keeps the current version and the N - 1 published versions before it, and deletes
-the other manifests, the part and index files that only they name, the parts of jobs that never published,
-and the journals of dead writers. Never deleted:
+the other manifests, the part, re-rank record and index files that only they name, the parts of jobs that
+never published, and the journals of dead writers. Never deleted:
 
 * anything a kept version names (a part stays as long as any kept version references it);
 * anything a running writer may still name: its journal's parts, and every file younger than ``grace_s``
@@ -22,6 +22,7 @@ from datetime import datetime
 from typing import Any
 
 from ..storage import Store, to_timestamp
+from .features import FEATURES
 from .journal import RUNS, alive, read_journals
 from .manifest import VERSIONS, all_versions, manifest_name
 
@@ -63,12 +64,12 @@ def collect(root: Store, keep: int, grace_s: float = GRACE_S, dry_run: bool = Fa
     named = {name for n in kept for name in _names(manifests[n])}
     for journal in read_journals(root).values():
         if alive(journal, now):
-            named |= {part["path"] for part in journal["parts"]}
+            named |= {name for part in journal["parts"] for name in _part_files(part)}
             named.add(f"{RUNS}/{journal['run']}.json")
     named |= {manifest_name(n) for n in kept} | {"_current"}
 
     result = Collected(sorted(kept), sorted(set(manifests) - kept), dry_run=dry_run)
-    for directory in ("parts", "index", VERSIONS, RUNS):
+    for directory in ("parts", FEATURES, "index", VERSIONS, RUNS):
         for name, info in root.entries(directory).items():
             mtime = next((to_timestamp(info[k]) for k in _MTIME_KEYS if info.get(k) is not None), None)
             hidden = name.rsplit("/", 1)[-1].startswith(".")  # a local writer's lock file: in use any time
@@ -86,5 +87,10 @@ def _created(manifest: dict[str, Any]) -> float:
     return datetime.fromisoformat(manifest["created"]).timestamp()
 
 
+def _part_files(part: dict[str, Any]) -> list[str]:
+    """A part's file and its re-rank records' file, if it has one."""
+    return [part["path"], *([part["features"]] if part.get("features") else [])]
+
+
 def _names(manifest: dict[str, Any]) -> set[str]:
-    return {part["path"] for part in manifest["parts"]} | {manifest["index"]["path"]}
+    return {name for part in manifest["parts"] for name in _part_files(part)} | {manifest["index"]["path"]}

@@ -20,6 +20,7 @@ Nothing of a journal is ever part of a version: a part becomes one only when a m
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -32,11 +33,13 @@ import pyarrow.compute as pc
 
 from xclip_core.sampling import segments
 
-from ..storage import ObjectNotFound, Store
+from ..storage import ObjectNotFound, StorageError, Store
 from .manifest import LibraryError, PartInfo
 from .reader import read_parts
 from .refresh import fingerprint
 from .schema import part_schema
+
+log = logging.getLogger(__name__)
 
 RUNS = "runs"
 LEASE_S = 600.0  # a writer that has not renewed its lease for this long is taken for dead
@@ -116,7 +119,10 @@ class Journal:
         if self._renewer is not None:
             self._renewer.join()
         if error is not None and not self._finished:
-            self._write(expires=0.0)  # failed: the lease goes, the finished parts stay for the next job
+            try:  # failed: the lease goes, the finished parts stay for the next job
+                self._write(expires=0.0)
+            except StorageError as e:  # the store may be why the job failed: the lease expires by itself
+                log.warning("could not release the lease of %s (it expires by itself): %s", self.root.uri, e)
 
     def record(self, part: PartInfo) -> None:
         """A part is written: a rerun after a crash will find it."""
@@ -133,7 +139,10 @@ class Journal:
 
     def _renew(self) -> None:
         while not self._stop.wait(RENEW_S):
-            self._write()
+            try:
+                self._write()
+            except StorageError as e:  # tried again at the next renewal; the lease lasts LEASE_S
+                log.warning("could not renew the lease of %s: %s", self.root.uri, e)
 
     def _write(self, expires: float | None = None) -> None:
         with self._lock:

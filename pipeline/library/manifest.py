@@ -14,7 +14,10 @@ readable by number.
 Manifest formats: 1 named the model ``{"id", "sha256"}``; 2 names it by its identity ``{"source", "sha256",
 "family"}``, allows libraries without re-rank features (``prompt_shape`` null), records how videos were
 decoded (``decode``) and what changed since the parent (``changes``), and may mask rows of a part that a
-version no longer holds (a part's ``deleted`` ids: see :class:`PartInfo`). Readers read both.
+version no longer holds (a part's ``deleted`` ids: see :class:`PartInfo`); 3 stores each new part's
+re-rank features (and a copy of its embeddings) beside it, a row readable in O(its bytes) (a part's
+``features``: see :mod:`pipeline.library.features`), and a version may mix such parts with older ones.
+Readers read all three.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from xclip_core.identity import ModelIdentity
 
 from ..storage import ObjectNotFound, Store
 
-FORMAT = 2  # manifest format written; readers refuse newer ones
+FORMAT = 3  # manifest format written; readers refuse newer ones (3: re-rank records beside the parts)
 CURRENT = "_current"
 VERSIONS = "versions"
 
@@ -63,14 +66,17 @@ class PartInfo:
     ok: int
     errors: int
     deleted: tuple[int, ...] = ()
+    features: str | None = None  # its re-rank records (library.features); None: inside the part (format < 3)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PartInfo:
         return cls(**{**data, "deleted": tuple(data.get("deleted", ()))})
 
     def to_dict(self) -> dict[str, Any]:
-        """The manifest's entry (``deleted`` only where there is a mask)."""
-        entry = {"path": self.path, "rows": self.rows, "ok": self.ok, "errors": self.errors}
+        """The manifest's entry (``deleted`` only where there is a mask, ``features`` where there are)."""
+        entry: dict[str, Any] = {"path": self.path, "rows": self.rows, "ok": self.ok, "errors": self.errors}
+        if self.features:
+            entry["features"] = self.features
         return {**entry, "deleted": list(self.deleted)} if self.deleted else entry
 
     def masked(self, ids: set[int] | frozenset[int]) -> PartInfo:

@@ -5,7 +5,7 @@ See :mod:`pipeline.library.manifest` for the layout and the versioning rules.
 
 from __future__ import annotations
 
-import itertools
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import faiss
@@ -17,6 +17,7 @@ import pyarrow.dataset as ds
 from xclip_core.identity import ModelIdentity
 
 from ..storage import StorageOptions, Store, as_store
+from .features import FeatureFile
 from .index import add, deserialize, remove
 from .manifest import (
     CURRENT,
@@ -27,20 +28,62 @@ from .manifest import (
     list_versions,
     read_manifest,
 )
-from .schema import part_schema
+from .schema import PROMPT, part_schema, stored_schema
+
+READ_THREADS = 8  # part files read at once
 
 
-def parts_dataset(root: Store, parts: list[PartInfo], schema: pa.Schema) -> ds.Dataset:
-    """The part files of a library as one Arrow dataset, masks NOT applied (see :func:`read_parts`)."""
-    return ds.dataset([root.path(p.path) for p in parts], schema=schema, format="parquet", filesystem=root.fs)
+def read_part(
+    root: Store,
+    part: PartInfo,
+    schema: pa.Schema,
+    columns: list[str] | None = None,
+    filter: pc.Expression | None = None,
+    masked: bool = True,
+) -> pa.Table:
+    """The rows of one part file: only ``columns`` and the rows matching ``filter`` if given, its ``deleted``
+    ids left out unless ``masked`` is False. Only the column chunks asked for are read (ranged reads), and
+    re-rank features come from the part's records file where it has one. A storage failure raises
+    ``StorageError`` naming the file, never "no such file"."""
+    names = schema.names if columns is None else list(columns)
+    condition = filter
+    if masked and part.deleted:
+        visible = ~pc.field("id").isin(pa.array(part.deleted, pa.int64()))
+        condition = visible if condition is None else condition & visible
+    beside = part.features is not None and PROMPT in names  # the re-rank features are not in the file
+    read = [n for n in names if n != PROMPT or not beside] + (["id"] if beside and "id" not in names else [])
+    kwargs = {} if root.is_local else {"cache_type": "none"}  # pyarrow asks for exactly the bytes it needs
+    with root.errors("reading", part.path), root.open(part.path, "rb", **kwargs) as f:
+        fragment = ds.ParquetFileFormat().make_fragment(pa.PythonFile(f, mode="r"))
+        physical = stored_schema(schema) if part.features else schema
+        table = fragment.to_table(schema=physical, columns=read, filter=condition)
+        everyone = fragment.to_table(schema=physical, columns=["id"])["id"] if beside else None
+    if not beside:
+        return table
+    positions = pc.index_in(table["id"], value_set=everyone).to_numpy()
+    prompts = FeatureFile(root, part.features).rows(positions)["prompt"]
+    prompt = pa.FixedSizeListArray.from_arrays(
+        pa.array(prompts.reshape(-1)), schema.field(PROMPT).type.list_size
+    )
+    return pa.table(
+        {n: prompt if n == PROMPT else table[n] for n in names},
+        schema=pa.schema([schema.field(n) for n in names]),
+    )
 
 
-def embedded_rows(root: Store, parts: list[PartInfo], schema: pa.Schema) -> tuple[np.ndarray, np.ndarray]:
-    """The ids (N,) and float32 embeddings (N, D) of the rows of ``parts`` that have an embedding."""
-    table = read_parts(root, parts, schema, ["id", "embedding"], pc.field("error").is_null())
-    dim = schema.field("embedding").type.list_size
-    vectors = table["embedding"].combine_chunks().flatten().to_numpy().reshape(table.num_rows, dim)
-    return table["id"].to_numpy(), vectors
+def read_each(
+    root: Store,
+    parts: list[PartInfo],
+    schema: pa.Schema,
+    columns: list[str] | None = None,
+    filter: pc.Expression | None = None,
+    masked: bool = True,
+) -> list[pa.Table]:
+    """:func:`read_part` of each of ``parts`` (:data:`READ_THREADS` at once), in their order."""
+    if len(parts) <= 1:
+        return [read_part(root, part, schema, columns, filter, masked) for part in parts]
+    with ThreadPoolExecutor(min(READ_THREADS, len(parts))) as pool:
+        return list(pool.map(lambda part: read_part(root, part, schema, columns, filter, masked), parts))
 
 
 def read_parts(
@@ -50,19 +93,17 @@ def read_parts(
     columns: list[str] | None = None,
     filter: pc.Expression | None = None,
 ) -> pa.Table:
-    """The rows of ``parts`` that a version holds (each part's ``deleted`` ids left out), part after part;
-    only ``columns`` and the rows matching ``filter`` if given. Consecutive unmasked parts are read as one
-    dataset (in parallel); a masked part is read with its own filter."""
-    names = schema.names if columns is None else list(columns)
-    tables = []
-    for masked, run in itertools.groupby(parts, key=lambda part: bool(part.deleted)):
-        for group in ([p] for p in run) if masked else [list(run)]:
-            condition = filter
-            if masked:
-                visible = ~pc.field("id").isin(pa.array(group[0].deleted, pa.int64()))
-                condition = visible if condition is None else condition & visible
-            tables.append(parts_dataset(root, group, schema).to_table(columns=names, filter=condition))
-    return pa.concat_tables(tables) if tables else schema.empty_table().select(names)
+    """The rows of ``parts`` that a version holds (:func:`read_each`), part after part, as one table."""
+    tables = read_each(root, parts, schema, columns, filter)
+    return pa.concat_tables(tables) if tables else schema.empty_table().select(columns or schema.names)
+
+
+def embedded_rows(root: Store, parts: list[PartInfo], schema: pa.Schema) -> tuple[np.ndarray, np.ndarray]:
+    """The ids (N,) and float32 embeddings (N, D) of the rows of ``parts`` that have an embedding."""
+    table = read_parts(root, parts, schema, ["id", "embedding"], pc.field("error").is_null())
+    dim = schema.field("embedding").type.list_size
+    vectors = table["embedding"].combine_chunks().flatten().to_numpy().reshape(table.num_rows, dim)
+    return table["id"].to_numpy(), vectors
 
 
 class Library:

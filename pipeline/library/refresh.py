@@ -27,10 +27,9 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 
 from .manifest import PartInfo
-from .reader import Library, parts_dataset, read_parts
+from .reader import Library, read_each, read_parts
 from .writer import IndexDelta, LibraryWriter
 
 REWRITE_MASKED_FRACTION = 0.5
@@ -92,15 +91,10 @@ def plan_refresh(
     if base is None:
         return RefreshPlan(list(listed), changes=Changes(new=len(listed)))
     parts = base.snapshot.parts
-    by_path = {base.store.path(part.path): part for part in parts}
     videos: dict[str, dict[str, Any]] = {}  # uri -> fingerprint, failed, ids per part, embedded ids
-    scanner = ds.Scanner.from_dataset(parts_dataset(base.store, parts, base.schema), columns=_COLUMNS)
-    for tagged in scanner.scan_batches():
-        part = by_path[tagged.fragment.path]
-        masked = set(part.deleted)
-        for row in tagged.record_batch.to_pylist():
-            if row["id"] in masked:
-                continue
+    tables = read_each(base.store, parts, base.schema, list(_COLUMNS))
+    for part, table in zip(parts, tables, strict=True):
+        for row in table.to_pylist():
             video = videos.setdefault(row["uri"], {"print": fingerprint(row), "failed": False, "rows": []})
             video["failed"] |= row["error"] is not None
             video["rows"].append((part.path, row["id"], row["error"] is None))
@@ -146,7 +140,7 @@ def whole_videos(writer: LibraryWriter, parts: list[PartInfo]) -> list[PartInfo]
     """``parts`` with the embedded rows of every video that also has an error row masked: a video enters a
     version whole or as its error row (a decoder hands on a long video's segments in batches, and the video
     may fail after some of them)."""
-    tables = [read_parts(writer.store, [part], writer.schema, ["id", "uri", "error"]) for part in parts]
+    tables = read_each(writer.store, parts, writer.schema, ["id", "uri", "error"])
     failed = {uri for table in tables for uri in table.filter(pc.is_valid(table["error"]))["uri"].to_pylist()}
     if not failed:
         return parts

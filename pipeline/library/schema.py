@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pyarrow as pa
 
 # ListedRow: what the listing knows about an object.
@@ -42,6 +43,24 @@ ENCODED = (
     #                     input), absent for a model family without them
     "model_id",  # str: the model identity's tag (ModelIdentity.tag)
 )
+
+
+PROMPT = "prompt_features"  # the re-rank features' column (format 3 on: stored beside the part, not in it)
+
+
+def dense_rows(column: pa.ChunkedArray | pa.Array, dtype: type) -> np.ndarray:
+    """A fixed-size-list column as a dense (rows, width) array of ``dtype``; null rows become zeros."""
+    array = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    out = np.zeros((len(array), array.type.list_size), dtype)
+    valid = array.is_valid().to_numpy(zero_copy_only=False)
+    if valid.any():
+        out[valid] = array.filter(valid).flatten().to_numpy(zero_copy_only=False).reshape(-1, out.shape[1])
+    return out
+
+
+def stored_schema(schema: pa.Schema) -> pa.Schema:
+    """The columns a format-3 part file holds: the part schema without the re-rank features."""
+    return schema.remove(schema.get_field_index(PROMPT)) if PROMPT in schema.names else schema
 
 
 def part_schema(embedding_dim: int, prompt_shape: tuple[int, int] | None) -> pa.Schema:

@@ -19,6 +19,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 import faiss
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -26,10 +27,11 @@ import pyarrow.parquet as pq
 from xclip_core.identity import ModelIdentity
 
 from ..storage import PreconditionFailed, StorageOptions, Store, as_store
+from .features import features_path, to_records, write_features
 from .index import kind_of, serialize
 from .manifest import CURRENT, FORMAT, ConcurrentWriteError, PartInfo, Version, manifest_name
 from .reader import read_parts
-from .schema import part_schema
+from .schema import PROMPT, dense_rows, part_schema
 
 ROW_GROUP_ROWS = 1024  # rows per Parquet row group: the unit rows_by_id can skip by id statistics
 
@@ -115,10 +117,15 @@ class LibraryWriter:
         if table["id"].null_count:
             raise ValueError("every part row needs an id")
         path = f"parts/part-{uuid.uuid4().hex}.parquet"
+        features = features_path(path)
+        prompts = dense_rows(table[PROMPT], np.float16) if self.prompt_shape else None
+        records = to_records(dense_rows(table["embedding"], np.float32), prompts, self.prompt_shape)
+        write_features(self.store, features, records)  # first: a part file is complete once it exists
+        stored = table.drop_columns([PROMPT]) if self.prompt_shape else table
         with self.store.errors("writing", path), self.store.open(path, "wb") as f:  # S3 uploads at close
-            pq.write_table(table, f, row_group_size=ROW_GROUP_ROWS)
+            pq.write_table(stored, f, row_group_size=ROW_GROUP_ROWS)
         errors = table.num_rows - table["error"].null_count
-        return PartInfo(path, table.num_rows, table.num_rows - errors, errors)
+        return PartInfo(path, table.num_rows, table.num_rows - errors, errors, features=features)
 
     def publish(
         self,
@@ -154,13 +161,13 @@ class LibraryWriter:
         """Check the parts and the index, write the index file, and return the new version's manifest
         (its ``"version"`` still ``None``). An example manifest::
 
-            {"format": 2, "version": 2, "parent": 1, "created": "2025-05-01T12:00:00+00:00",
+            {"format": 3, "version": 2, "parent": 1, "created": "2025-05-01T12:00:00+00:00",
              "writer": "host:4242:1a2b3c4d",
              "model": {"source": "/models/xclip-base-patch32", "sha256": "...", "family": "xclip"},
              "embedding_dim": 512, "prompt_shape": [49, 512],
              "index": {"path": "index/<uuid>.faiss", "kind": "flat", "ntotal": 9, "trained_on": 9},
              "parts": [{"path": "parts/part-<uuid>.parquet", "rows": 10, "ok": 9, "errors": 1,
-                        "deleted": [7]}],
+                        "features": "features/part-<uuid>.npy", "deleted": [7]}],
              "counts": {"videos": 4, "segments": 8, "ok": 3, "failed": 1}, "next_id": 10,
              "decode": {"frames": 8, "segment_s": null},
              "changes": {"new": 1, "changed": 0, "deleted": 1, "unchanged": 3, "retried": 0,

@@ -56,7 +56,7 @@ class _VideoScores:
         self.uris = sorted(set(table["uri"].to_pylist()))
         self.position = {uri: i for i, uri in enumerate(self.uris)}
         self.row_video = torch.tensor([self.position[uri] for uri in table["uri"].to_pylist()])
-        self.videos = StoredVideos(table, library.rerank_shape)
+        self.videos = StoredVideos.from_table(table, library.rerank_shape)
 
     @torch.inference_mode()
     def __call__(self, texts: list[str]) -> torch.Tensor:

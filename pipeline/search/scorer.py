@@ -25,16 +25,28 @@ def float32_rows(column: Any) -> np.ndarray:
 
 
 class StoredVideos:
-    """Rows' embeddings (R, P) and re-rank features (R, *rerank_shape) or ``None``, read from a table with
-    the library's ``embedding`` (and ``prompt_features``) columns."""
+    """Rows' embeddings (R, P) and re-rank features (R, *rerank_shape) or ``None``."""
 
-    def __init__(self, table: pa.Table, rerank_shape: tuple[int, ...] | None):
-        self.embeddings = torch.from_numpy(float32_rows(table["embedding"])).view(table.num_rows, -1)
-        self.rerank = (
-            torch.from_numpy(float32_rows(table["prompt_features"])).view(table.num_rows, *rerank_shape)
-            if rerank_shape
-            else None
+    def __init__(self, embeddings: torch.Tensor, rerank: torch.Tensor | None):
+        self.embeddings, self.rerank = embeddings, rerank
+
+    @classmethod
+    def from_table(cls, table: pa.Table, rerank_shape: tuple[int, ...] | None) -> StoredVideos:
+        """From a table with the library's ``embedding`` (and ``prompt_features``) columns."""
+        embeddings = torch.from_numpy(float32_rows(table["embedding"])).view(table.num_rows, -1)
+        if not rerank_shape:
+            return cls(embeddings, None)
+        return cls(
+            embeddings, torch.from_numpy(float32_rows(table["prompt_features"])).view(-1, *rerank_shape)
         )
+
+    @classmethod
+    def from_records(cls, records: np.ndarray) -> StoredVideos:
+        """From re-rank records (:func:`pipeline.library.features.record_dtype`)."""
+        embeddings = torch.from_numpy(records["embedding"].astype(np.float32))
+        if "prompt" not in (records.dtype.names or ()):
+            return cls(embeddings, None)
+        return cls(embeddings, torch.from_numpy(records["prompt"].astype(np.float32)))
 
     def __len__(self) -> int:
         return len(self.embeddings)

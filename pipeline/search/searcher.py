@@ -19,6 +19,7 @@ import torch
 
 from ..library import Library
 from ..library import index as faiss_index
+from ..library.lookup import RowLookup
 from ..models import VideoTextModel, load_library_model
 from ..storage import StorageOptions, Store
 from .scorer import ExactScorer, StoredVideos
@@ -56,6 +57,7 @@ class Searcher:
             )
         self.scorer = ExactScorer(self.model)
         self.index = library.index()
+        self.rows = RowLookup(library.store, library.snapshot.parts, library.schema, library.rerank_shape)
 
     @classmethod
     def open(
@@ -80,10 +82,8 @@ class Searcher:
         ids = [int(i) for i in ids[0] if i >= 0]
         if not ids:
             return []
-        columns = ["id", "uri", "start_s", "end_s", "segment", "embedding"]
-        rerank = self.library.rerank_shape
-        rows = self.library.rows_by_id(ids, columns + (["prompt_features"] if rerank else []))
-        scores = self.scorer(text_embeds, StoredVideos(rows, rerank))[:, 0].tolist()
+        rows = self.rows.hits(ids)
+        scores = self.scorer(text_embeds, StoredVideos.from_records(self.rows.records(ids)))[:, 0].tolist()
         order = sorted(range(len(ids)), key=lambda i: -scores[i])[:k]
         return [
             Hit(

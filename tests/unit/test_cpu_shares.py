@@ -25,7 +25,7 @@ def test_a_cheap_encoder_leaves_the_cores_to_decoders_and_an_expensive_one_takes
 
 @pytest.mark.parametrize(
     ("cpus", "decode_s", "encode_s", "encoders"),
-    itertools.product([1, 2, 8, 64], [0.001, 0.1, 5.0], [0.001, 0.1, 5.0], [1, 3]),
+    list(itertools.product([1, 2, 8, 64], [0.001, 0.1, 5.0], [0.001, 0.1, 5.0], [1, 3])),
 )
 def test_shares_never_exceed_the_cluster_and_every_actor_gets_some(
     cpus, decode_s, encode_s, encoders

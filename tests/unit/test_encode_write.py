@@ -17,8 +17,11 @@ import transformers
 from helpers import decoded_batch, reference_model
 
 from pipeline.embed.stages.encode import EncodeFrames, ModelLoadError
-from pipeline.embed.stages.write import WritePart, row_id, rows_to_table
-from pipeline.library.schema import DECODED, ENCODED, part_schema
+from pipeline.embed.stages.write import WritePart, row_id, rows_to_table, written_part
+from pipeline.library import read_part
+from pipeline.library.features import features_path
+from pipeline.library.schema import DECODED, ENCODED, part_schema, stored_schema
+from pipeline.storage import Store
 from xclip_core import ModelIdentity, XCLIPModel
 from xclip_core.video_transforms import VideoPreprocessor
 
@@ -188,13 +191,15 @@ def test_write_part_round_trip(tmp_path, checkpoint):
     library = str(tmp_path / "library")
     described = WritePart(library, DIM, (PATCHES, DIM))(encoded)
 
-    counts = {k: v.tolist() for k, v in described.items() if k != "path"}
+    counts = {k: v.tolist() for k, v in described.items() if k not in ("path", "features")}
     assert counts == {"rows": [2], "ok": [1], "errors": [1]}
-    (part,) = described["path"].tolist()
-    assert part.startswith("parts/part-") and part.endswith(".parquet")
-    table = pq.read_table(f"{library}/{part}")
+    part = written_part({name: column[0] for name, column in described.items()})
+    assert part.path.startswith("parts/part-") and part.path.endswith(".parquet")
+    assert part.features == features_path(part.path)
     schema = part_schema(DIM, (PATCHES, DIM))
-    assert table.schema.equals(schema)
+    # the part file holds all but the re-rank features; read back, the part has them all
+    assert pq.read_table(f"{library}/{part.path}").schema.equals(stored_schema(schema))
+    table = read_part(Store(library), part, schema)
     assert table.equals(rows_to_table(encoded, DIM, (PATCHES, DIM)))
 
     rows = table.to_pylist()

@@ -54,7 +54,8 @@ def publish(root: Store, ids: range, base: Version | None, keep_parts: bool = Fa
 
 def files(root: Store) -> set[str]:
     """The library's files (not the local lock files: gc leaves those alone)."""
-    names = {name for directory in ("parts", "index", "versions", "runs") for name in root.entries(directory)}
+    directories = ("parts", "features", "index", "versions", "runs")
+    names = {name for directory in directories for name in root.entries(directory)}
     return {name for name in names if not name.rsplit("/", 1)[-1].startswith(".")}
 
 
@@ -66,16 +67,18 @@ def test_only_what_no_kept_version_names_goes(root: Store) -> None:
     before = files(root)
 
     assert collect(root, keep=1).deleted_files == []  # everything is younger than the grace period
-    assert collect(root, keep=3, grace_s=0).deleted_files == [orphan.path]  # only the orphan part
+    orphaned = [orphan.path, orphan.features]  # the orphan part and its re-rank records, nothing else
+    assert sorted(collect(root, keep=3, grace_s=0).deleted_files) == sorted(orphaned)
     dry = collect(root, keep=2, grace_s=0, dry_run=True)
     v1_only = {p.path for p in v1.parts} - {p.path for p in v2.parts}  # nothing: v2 names v1's part
     assert dry.kept_versions == [2, 3] and dry.deleted_versions == [1] and not v1_only
     assert set(dry.deleted_files) == {"versions/1.json", v1.manifest["index"]["path"]}
-    assert files(root) == before - {orphan.path}  # a dry run deletes nothing
+    assert files(root) == before - set(orphaned)  # a dry run deletes nothing
 
     done = collect(root, keep=1, grace_s=0)
     assert done.kept_versions == [3]
-    named = {p.path for p in v3.parts} | {v3.manifest["index"]["path"], "versions/3.json"}
+    named = {name for p in v3.parts for name in (p.path, p.features)}
+    named |= {v3.manifest["index"]["path"], "versions/3.json"}
     assert files(root) == named
     latest = Library.open(root)
     assert latest.version == 3 and latest.table(["id"])["id"].to_pylist() == [4, 5]
@@ -101,5 +104,5 @@ def test_versions_replaced_within_the_grace_period_and_running_writers_are_kept(
     for path in (tmp_path / "lib").rglob("*"):
         os.utime(path, (old, old))
     deleted = set(collect(root, keep=1, grace_s=0).deleted_files)
-    assert running.path not in deleted and "runs/running.json" not in deleted
-    assert {dead.path, "runs/dead.json", "versions/1.json"} <= deleted
+    assert not {running.path, running.features, "runs/running.json"} & deleted
+    assert {dead.path, dead.features, "runs/dead.json", "versions/1.json"} <= deleted

@@ -21,7 +21,9 @@ from pipeline.library import (
     Version,
     VersionNotFoundError,
 )
+from pipeline.library.features import features_path
 from pipeline.library.index import build_index
+from pipeline.library.reindex import reindex
 from pipeline.library.schema import part_schema
 from pipeline.storage import StorageOptions, Store
 from xclip_core import ModelIdentity
@@ -223,7 +225,7 @@ def test_write_part_validates_and_casts(tmp_path) -> None:
         pa.array(table["embedding"].to_pylist(), pa.list_(pa.float64())),
     )
     info = w.write_part(loose)
-    assert info == PartInfo(info.path, rows=3, ok=2, errors=1)
+    assert info == PartInfo(info.path, rows=3, ok=2, errors=1, features=features_path(info.path))
     short = table.set_column(
         table.schema.get_field_index("embedding"),
         "embedding",
@@ -245,3 +247,29 @@ def test_publish_checks_its_input(tmp_path) -> None:
     v1 = w.publish(parts, index_of(table), MODEL, None)
     with pytest.raises(ValueError, match="opened by number"):
         w.publish(parts, index_of(table), MODEL, Library.open(*where, version=v1.number).snapshot)
+
+
+def test_reindex_publishes_the_same_rows_with_an_index_of_another_kind(tmp_path) -> None:
+    location = str(tmp_path / "lib")
+    first = writer((location, None))
+    parts = [first.write_part(rows(range(0, 6), failed=(3,))), first.write_part(rows(range(6, 12)))]
+    base = first.publish(parts, index_of(rows(range(0, 6), failed=(3,)), rows(range(6, 12))), MODEL, None)
+    before = Library.open(location)
+    version = reindex(location, "hnsw")
+    after = Library.open(location)
+    assert (version.number, after.version) == (2, 2) and after.manifest["parent"] == base.number
+    assert after.manifest["index"]["kind"] == "hnsw" and after.manifest["extra"]["reindexed"].startswith(
+        "hnsw"
+    )
+    assert (
+        after.snapshot.parts == before.snapshot.parts
+        and after.manifest["counts"] == before.manifest["counts"]
+    )
+    queries = np.random.default_rng(1).standard_normal((5, DIM)).astype(np.float32)
+    for query in queries:  # the same nearest rows (HNSW is exact on a handful of vectors)
+        assert (
+            after.index().search(query[None], 3)[1].tolist()
+            == before.index().search(query[None], 3)[1].tolist()
+        )
+    with pytest.raises(ValueError, match="--kind must be"):
+        reindex(location, "kd-tree")

@@ -16,8 +16,8 @@ from helpers import decoded_batch
 from torch import nn
 
 from pipeline.embed.stages.encode import EncodeFrames
-from pipeline.embed.stages.write import WritePart
-from pipeline.library import Library, LibraryWriter, PartInfo, parts_dataset
+from pipeline.embed.stages.write import WritePart, written_part
+from pipeline.library import Library, LibraryWriter, read_part
 from pipeline.library.index import build_index
 from pipeline.models import FAMILIES, VideoTextModel, load_model
 from pipeline.search import Searcher
@@ -122,9 +122,9 @@ def test_a_family_without_rerank_features_is_embedded_and_searched(mean_colour: 
 
     library = str(tmp_path / "library")
     described = WritePart(library, DIM, None)(encoded)
-    part = PartInfo(str(described["path"][0]), *(int(described[n][0]) for n in ("rows", "ok", "errors")))
+    part = written_part({name: column[0] for name, column in described.items()})
     writer = LibraryWriter(library, embedding_dim=DIM, prompt_shape=None)
-    table = parts_dataset(writer.store, [part], writer.schema).to_table()
+    table = read_part(writer.store, part, writer.schema)
     assert "prompt_features" not in table.column_names
     ok = table.filter(pa.compute.is_null(table["error"]))
     vectors = np.stack(ok["embedding"].to_numpy(zero_copy_only=False))

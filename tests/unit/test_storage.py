@@ -13,6 +13,8 @@ import s3fs
 
 from pipeline.embed.stages.list import list_objects
 from pipeline.storage import (
+    MAX_ATTEMPTS,
+    S3_CLIENT_CONFIG,
     ObjectNotFound,
     PreconditionFailed,
     StorageError,
@@ -345,7 +347,11 @@ def test_for_protocol() -> None:
         "profile": "p",
         "client_kwargs": {"region_name": "r", "verify": False},
         # the defaults' retries stay, the flag's timeout wins
-        "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 3, "mode": "standard"}},
+        "config_kwargs": {
+            **S3_CLIENT_CONFIG,
+            "connect_timeout": 1,
+            "retries": {"mode": "standard", "total_max_attempts": MAX_ATTEMPTS},
+        },
     }
     assert StorageOptions().for_protocol("s3")["config_kwargs"]["connect_timeout"] == 10
     assert "profile" not in StorageOptions(profile="p", anon=True).for_protocol("s3")

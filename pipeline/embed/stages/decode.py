@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -32,13 +33,15 @@ from xclip_core.sampling import segment_frame_indices, segments
 from xclip_core.video_transforms import VideoPreprocessor
 
 from ...library.schema import DECODED, LISTED
-from ...storage import StorageOptions, Store, translate_error
+from ...storage import StorageOptions, StorageUnavailable, Store, translate_error
 from .frame_reader import DecodeError, FrameReader, check_size
 
 S3_BLOCK_SIZE = 1 << 20  # bytes fetched per ranged read of a remote object
 MAX_PIXELS = 8192 * 4320  # frames larger than 8K are refused, not decoded
 MAX_FORWARD_S = 1.0  # decode forward rather than seek when the next frame is at most this far ahead
 SEGMENTS_PER_BATCH = 16  # rows a decoder hands on at once (16 x 8 frames x 224 px: 19 MB)
+READ_TRIES = 2  # a video whose reading fails transiently (after the store's own retries) is decoded again
+RETRY_WAIT_S = 1.0  # before the second try; doubled before each later one
 _IO_BUFFER_SIZE = 32 << 10  # bytes PyAV asks the file object for per read
 # demuxers whose "video" is a picture; the image ones read by content are all named "<codec>_pipe". (A GIF is
 # read as a video: animated GIFs are short clips.)
@@ -79,6 +82,34 @@ def open_video(video: Store, block_size: int = S3_BLOCK_SIZE) -> IO[bytes]:
     return video.open("", "rb", **kwargs)
 
 
+class _WatchedFile:
+    """A file object that remembers the first failure its reads raised: FFmpeg may turn a read error into
+    "end of file" or "invalid data", and a storage failure must never be reported as a bad video."""
+
+    def __init__(self, file: IO[bytes]) -> None:
+        self.file = file
+        self.failure: Exception | None = None
+
+    def read(self, size: int = -1) -> bytes:
+        return self._watched(self.file.read, size)
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        return self._watched(self.file.seek, offset, whence)
+
+    def tell(self) -> int:
+        return self.file.tell()
+
+    def seekable(self) -> bool:
+        return True
+
+    def _watched(self, call: Any, *args: Any) -> Any:
+        try:
+            return call(*args)
+        except Exception as e:
+            self.failure = self.failure or e
+            raise
+
+
 def decode_video(
     video: str | os.PathLike | Store | IO[bytes],
     settings: DecodeSettings,
@@ -106,7 +137,13 @@ def iter_segments(
         video = Store(video, options)
     if isinstance(video, Store):
         with open_video(video) as f:
-            yield from iter_segments(f, settings)
+            watched = _WatchedFile(f)
+            try:
+                yield from iter_segments(watched, settings)
+            except Exception as e:
+                if watched.failure is None or watched.failure is e:
+                    raise
+                raise watched.failure from e  # what went wrong, whatever the decoder made of it
         return
     if video.seek(0, os.SEEK_END) == 0:
         raise DecodeError("empty object")
@@ -165,27 +202,43 @@ class DecodeVideos:
         """Decode every video of ``batch`` (columns ``uri``, ``size``, ``etag``, ``mtime``); the rows come in
         batches of at most :data:`SEGMENTS_PER_BATCH`, so that a long video's segments never sit in memory
         together. A video that fails after some of its segments were handed on gets its error row too (the
-        embed job then keeps only the error row: a video enters a library whole or as its error)."""
+        embed job then keeps only the error row: a video enters a library whole or as its error).
+
+        A store that fails transiently through all its retries is not the video's fault: the video is decoded
+        again (:data:`READ_TRIES` times in all, waiting :data:`RETRY_WAIT_S`, then twice as long...), and
+        when the store still fails, :class:`~pipeline.storage.StorageUnavailable` is raised: the job stops
+        and publishes nothing rather than record good videos as failed."""
         listed = {name: np.asarray(batch[name]) for name in LISTED}
         sources: list[int] = []  # the input row of each output row
         rows: list[dict[str, Any]] = []
-        handed_on = False
+        handed_on = 0  # batches yielded so far
         for i, uri in enumerate(listed["uri"]):
             tries = self.crash_ledger.begin(str(uri)) if self.crash_ledger is not None else 0
-            try:
-                if tries >= self.max_tries:
-                    raise DecodeError(f"the decoder crashed on this video {tries} times; not retried")
-                if listed["size"][i] == 0:
-                    raise DecodeError("empty object")
-                for row in iter_segments(Store(str(uri), self.storage_options), self.settings):
-                    rows.append(row)
+            for attempt in range(1, READ_TRIES + 1):
+                first, handed_on_before = len(rows), handed_on
+                try:
+                    if tries >= self.max_tries:
+                        raise DecodeError(f"the decoder crashed on this video {tries} times; not retried")
+                    if listed["size"][i] == 0:
+                        raise DecodeError("empty object")
+                    for row in iter_segments(Store(str(uri), self.storage_options), self.settings):
+                        rows.append(row)
+                        sources.append(i)
+                        if len(rows) == SEGMENTS_PER_BATCH:
+                            yield self._columns(listed, sources, rows)
+                            rows, sources, handed_on = [], [], handed_on + 1
+                    break
+                except Exception as e:  # noqa: BLE001 - any failure becomes this video's error row
+                    failure = translate_error(e, str(uri), "reading", self.storage_options)
+                    if isinstance(failure, StorageUnavailable):
+                        if attempt == READ_TRIES or handed_on != handed_on_before:
+                            raise failure from e
+                        del rows[first:], sources[first:]
+                        time.sleep(RETRY_WAIT_S * 2 ** (attempt - 1))
+                        continue
+                    rows.append(self._error_row(error_reason(e, str(uri), self.storage_options)))
                     sources.append(i)
-                    if len(rows) == SEGMENTS_PER_BATCH:
-                        yield self._columns(listed, sources, rows)
-                        rows, sources, handed_on = [], [], True
-            except Exception as e:  # noqa: BLE001 - any failure becomes this video's error row
-                rows.append(self._error_row(error_reason(e, str(uri), self.storage_options)))
-                sources.append(i)
+                    break
             if self.crash_ledger is not None:
                 self.crash_ledger.end(str(uri))
         if rows or not handed_on:

@@ -14,11 +14,12 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from ...library import LibraryWriter
+from ...library import LibraryWriter, PartInfo
 from ...library.schema import part_schema
 from ...storage import Store
 
-PART_COLUMNS = ("path", "rows", "ok", "errors")  # a new part: PartInfo without a mask
+PART_COLUMNS = ("path", "features", "rows", "ok", "errors")  # a new part: PartInfo without a mask
+_TEXT = ("path", "features")
 
 _ID_MASK = (1 << 63) - 1
 
@@ -80,7 +81,14 @@ class WritePart:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Write the batch's rows; return the part's description."""
         if len(batch["uri"]) == 0:
-            return {name: np.array([], object if name == "path" else np.int64) for name in PART_COLUMNS}
+            return {name: np.array([], object if name in _TEXT else np.int64) for name in PART_COLUMNS}
         table = rows_to_table(batch, self.writer.embedding_dim, self.writer.prompt_shape)
         part = self.writer.write_part(table).to_dict()
-        return {name: np.array([part[name]], object if name == "path" else np.int64) for name in PART_COLUMNS}
+        return {name: np.array([part[name]], object if name in _TEXT else np.int64) for name in PART_COLUMNS}
+
+
+def written_part(row: Mapping[str, Any]) -> PartInfo:
+    """The :class:`PartInfo` of one row of :class:`WritePart`'s output."""
+    return PartInfo(
+        str(row["path"]), int(row["rows"]), int(row["ok"]), int(row["errors"]), features=str(row["features"])
+    )

@@ -1,0 +1,95 @@
+"""Rows by id for stage 2 of a search: where each embedded row of a version lies, kept in memory.
+
+Built once per version from the few small columns a hit shows (``id``, ``uri``, ``segment``, ``start_s``,
+``end_s``: about 100 bytes a row, 100 MB at a million rows), it finds a row's part and position by binary
+search, and reads the row's re-rank record (:mod:`pipeline.library.features`) in O(its own bytes). Parts of
+libraries older than format 3 keep their re-rank features inside the Parquet part: those are read there.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..storage import Store
+from .features import FeatureFile, record_dtype, to_records
+from .manifest import PartInfo
+from .reader import read_each, read_part
+from .schema import PROMPT, dense_rows
+
+HIT_COLUMNS = ["id", "uri", "segment", "start_s", "end_s"]
+
+
+class RowLookup:
+    """The embedded rows of one version (``parts`` under ``store``, rows of ``schema``, re-rank features of
+    ``prompt_shape``), by id."""
+
+    def __init__(
+        self, store: Store, parts: list[PartInfo], schema: pa.Schema, prompt_shape: tuple[int, ...] | None
+    ) -> None:
+        self.store, self.parts, self.schema, self.prompt_shape = store, parts, schema, prompt_shape
+        tables = read_each(store, parts, schema, [*HIT_COLUMNS, "error"], masked=False)  # row i at position i
+        ids, where, positions, hits = [], [], [], []
+        for number, (part, table) in enumerate(zip(parts, tables, strict=True)):
+            keep = pc.is_null(table["error"])
+            if part.deleted:
+                keep = pc.and_(keep, pc.invert(pc.is_in(table["id"], pa.array(part.deleted, pa.int64()))))
+            kept = np.flatnonzero(keep.to_numpy(zero_copy_only=False))
+            ids.append(table["id"].to_numpy()[kept])
+            positions.append(kept)
+            where.append(np.full(len(kept), number, np.int32))
+            hits.append(table.select(HIT_COLUMNS).take(kept))
+        self.ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
+        order = np.argsort(self.ids, kind="stable")
+        self.ids = self.ids[order]
+        self.part_of = (np.concatenate(where) if where else np.zeros(0, np.int32))[order]
+        self.position = (np.concatenate(positions) if positions else np.zeros(0, np.int64))[order]
+        self.hits_table = (pa.concat_tables(hits) if hits else schema.empty_table().select(HIT_COLUMNS)).take(
+            pa.array(order)
+        )
+        self._files: dict[str, FeatureFile] = {}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def rows(self, ids: np.ndarray | list[int]) -> np.ndarray:
+        """Where the rows with ``ids`` are in :attr:`hits_table` and the other arrays, in the order of
+        ``ids``. Raises ``KeyError`` for ids that are not embedded rows of the version."""
+        wanted = np.asarray(ids, dtype=np.int64).reshape(-1)
+        found = np.searchsorted(self.ids, wanted).clip(0, max(len(self.ids) - 1, 0))
+        missing = wanted[(self.ids[found] != wanted)] if len(self.ids) else wanted
+        if missing.size:
+            raise KeyError(f"{self.store.uri} has no embedded rows with ids {missing[:20].tolist()}")
+        return found
+
+    def hits(self, ids: np.ndarray | list[int]) -> pa.Table:
+        """The :data:`HIT_COLUMNS` of the rows with ``ids``, in that order."""
+        return self.hits_table.take(pa.array(self.rows(ids)))
+
+    def records(self, ids: np.ndarray | list[int]) -> np.ndarray:
+        """The re-rank records (:func:`~pipeline.library.features.record_dtype`) of the rows with ``ids``, in
+        that order: each part's rows in one read of their byte ranges."""
+        rows = self.rows(ids)
+        out = np.zeros(
+            len(rows), record_dtype(self.schema.field("embedding").type.list_size, self.prompt_shape)
+        )
+        by_part: dict[int, list[int]] = defaultdict(list)
+        for slot, row in enumerate(rows):
+            by_part[int(self.part_of[row])].append(slot)
+        for number, slots in by_part.items():
+            part, positions = self.parts[number], self.position[rows[slots]]
+            out[slots] = self._part_records(part, positions, self.ids[rows[slots]])
+        return out
+
+    def _part_records(self, part: PartInfo, positions: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        if part.features:
+            file = self._files.setdefault(part.features, FeatureFile(self.store, part.features))
+            return file.rows(positions)
+        columns = ["id", "embedding", *([PROMPT] if self.prompt_shape else [])]  # a part older than format 3
+        table = read_part(self.store, part, self.schema, columns, pc.field("id").isin(pa.array(ids)))
+        table = table.take(pc.index_in(pa.array(ids), value_set=table["id"]))
+        prompts = dense_rows(table[PROMPT], np.float16) if self.prompt_shape else None
+        return to_records(dense_rows(table["embedding"], np.float32), prompts, self.prompt_shape)

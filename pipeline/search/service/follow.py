@@ -1,0 +1,103 @@
+"""Following a library's current version while serving it.
+
+The service answers from the version that ``_current`` names, and keeps following it: a thread reads
+``_current`` every ``poll_s`` seconds and, when a writer (``embed``, ``refresh``, ``rollback``) has
+published another version, opens it (manifest, index; the model is shared while its weights are the same)
+and then swaps it in with one assignment. A request takes the searcher it uses once, when it starts, so a
+request in flight finishes on the version it started with, and none waits for the swap. The replaced
+searcher joins the few older versions kept open for ``?version=N``.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import torch
+
+from ...library import Library
+from ...models import VideoTextModel, load_library_model
+from ...storage import Store
+from ..searcher import Searcher
+from .lru import LRU
+from .options import ServiceOptions
+
+log = logging.getLogger(__name__)
+MODELS_KEPT = 2  # models of different weights loaded at once (a library re-embedded with another model)
+
+
+class CachingSearcher(Searcher):
+    """A :class:`Searcher` that keeps the text embeddings of recent queries (shared by the searchers of all
+    versions made with the same weights)."""
+
+    def __init__(self, library: Library, model: VideoTextModel, texts: LRU[torch.Tensor]) -> None:
+        super().__init__(library, model)
+        self.texts = texts
+
+    def text_embedding(self, text: str) -> torch.Tensor:
+        key = (self.model.identity.sha256, text)
+        return self.texts.get_or_make(key, lambda: super(CachingSearcher, self).text_embedding(text))
+
+
+class VersionFollower:
+    """The searchers of one library: the current version's, replaced when ``_current`` changes, and a few
+    others opened on demand. :meth:`start` starts following; :meth:`stop` ends it."""
+
+    def __init__(self, store: Store, options: ServiceOptions) -> None:
+        self.store = store
+        self.poll_s = options.poll_s
+        self._texts: LRU[torch.Tensor] = LRU(options.cached_texts)
+        self._models: LRU[VideoTextModel] = LRU(MODELS_KEPT)
+        self._others: LRU[Searcher] = LRU(options.cached_versions)
+        self.current = self._searcher(Library.open(store))
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def searcher(self, version: int | None = None) -> Searcher:
+        """The searcher of ``version`` (default: the current one). Raises ``VersionNotFoundError`` for a
+        version the library does not have, and ``StorageError`` when storage fails."""
+        current = self.current
+        if version is None or version == current.library.version:
+            return current
+        return self._others.get_or_make(
+            version, lambda: self._searcher(Library.open(self.store, version=version))
+        )
+
+    def check(self) -> bool:
+        """Read ``_current``; if it names another version, open that one and make it current. Returns
+        whether the current version changed."""
+        published = Library.current_version(self.store)
+        current = self.current
+        if published is None or published.number == current.library.version:
+            return False
+        searcher = self._others.get(published.number) or self._searcher(Library(self.store, published))
+        self._others.put(current.library.version, current)
+        self.current = searcher  # one assignment: requests take either the old searcher or the new one
+        log.info("videosearch serve: %s version %d is now current", self.store.uri, published.number)
+        return True
+
+    def start(self) -> None:
+        """Follow ``_current`` in a background thread."""
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._follow, name="videosearch-follow", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop following (waits for a check in progress)."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def _follow(self) -> None:
+        while not self._stopping.wait(self.poll_s):
+            try:
+                self.check()
+            except Exception as err:  # whatever failed, keep serving the version at hand; try again later
+                log.warning("videosearch serve: could not follow %s: %s", self.store.uri, err)
+
+    def _searcher(self, library: Library) -> Searcher:
+        identity = library.model
+        model = self._models.get_or_make(
+            identity.sha256 or identity.source, lambda: load_library_model(identity, library.options)
+        )
+        return CachingSearcher(library, model, self._texts)

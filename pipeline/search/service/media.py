@@ -1,0 +1,48 @@
+"""Where a browser can play a library's source videos.
+
+A video on an object store that signs URLs (S3 and S3-compatible stores, GCS...) plays from a presigned URL:
+the bytes go from the store to the browser, not through the service. A video on the local disk plays from
+the service's ``/videos/{id}/media``, a file response that answers HTTP range requests (browsers seek with
+them). A video on any other storage has no playable URL.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ...storage import StorageOptions, Store
+from .lru import LRU
+
+PRESIGNED_KEPT = 4096  # presigned URLs kept for reuse, by source URI
+
+
+class MediaLinks:
+    """Playable locations of source videos, read with the library's storage ``options``; presigned URLs
+    live ``ttl_s`` seconds and are reused while more than half of that remains."""
+
+    def __init__(self, options: StorageOptions, ttl_s: int) -> None:
+        self.options = options
+        self.ttl_s = ttl_s
+        self._presigned: LRU[tuple[str, float]] = LRU(PRESIGNED_KEPT)
+
+    def local_path(self, uri: str) -> str | None:
+        """The path of ``uri`` on this machine's disk, or ``None`` when it is elsewhere."""
+        store = Store(uri, self.options)
+        return store.path() if store.is_local else None
+
+    def presigned(self, uri: str) -> str | None:
+        """A presigned URL of ``uri``, or ``None`` when its storage signs no URLs (or is the local disk)."""
+        now = time.time()
+        cached = self._presigned.get(uri)
+        if cached is not None and cached[1] - now > self.ttl_s / 2:
+            return cached[0]
+        store = Store(uri, self.options)
+        if store.is_local:
+            return None
+        try:
+            with store.errors("signing a URL of"):
+                url = store.fs.sign(store.path(), expiration=self.ttl_s)
+        except NotImplementedError:
+            return None
+        self._presigned.put(uri, (url, now + self.ttl_s))
+        return url

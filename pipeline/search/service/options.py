@@ -1,0 +1,37 @@
+"""The search service's settings, and the limits its API documents."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MAX_K = 100  # results per query (k), and neighbours per "more like this"
+MAX_QUERIES = 32  # texts in one POST /search
+MAX_QUERY_CHARS = 4096  # longer texts are refused; a text past the model's context is truncated and says so
+
+
+@dataclass(frozen=True)
+class ServiceOptions:
+    """How ``videosearch serve`` runs.
+
+    ``api_key``: when set, every endpoint but ``/healthz``, the page and the API's schema wants it
+    (``X-API-Key`` or ``Authorization: Bearer``). ``poll_s``: how often the library's ``_current`` is read to
+    follow new versions. ``cached_versions``: searchers of other versions than the current one kept open
+    (``?version=N``). ``cached_texts``: text embeddings of recent queries kept. ``url_ttl_s``: lifetime of
+    the presigned and signed URLs that answers carry.
+    """
+
+    api_key: str | None = None
+    poll_s: float = 2.0
+    cached_versions: int = 4
+    cached_texts: int = 1024
+    url_ttl_s: int = 3600
+
+    def __post_init__(self) -> None:
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("the API key is empty")
+        if not self.poll_s > 0:
+            raise ValueError(f"the poll interval must be positive, got {self.poll_s}")
+        if self.cached_versions < 1 or self.cached_texts < 1:
+            raise ValueError("the caches need room for at least one entry")
+        if self.url_ttl_s < 1:
+            raise ValueError(f"the URL lifetime must be at least 1 s, got {self.url_ttl_s}")

@@ -1,0 +1,112 @@
+"""The search service's parts that need no server: its caches, signed URLs, query checks, settings, and how
+it follows a library's versions (``rollback`` publishes one without Ray)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from urllib.parse import parse_qsl
+
+import pytest
+import torch
+
+from pipeline.library import VersionNotFoundError
+from pipeline.library.history import rollback
+from pipeline.models import load_model
+from pipeline.search.service import MAX_QUERY_CHARS, ServiceOptions
+from pipeline.search.service.auth import ApiKey
+from pipeline.search.service.errors import ApiError
+from pipeline.search.service.follow import VersionFollower
+from pipeline.search.service.lru import LRU
+from pipeline.search.service.query import checked, truncated
+from pipeline.storage import Store
+
+FORMAT1 = Path(__file__).parents[1] / "data" / "library-format1"
+
+
+def test_the_cache_drops_the_least_recently_used_entry() -> None:
+    cache: LRU[str] = LRU(2)
+    cache.put("a", "A")
+    cache.put("b", "B")
+    assert cache.get("a") == "A"  # now b is the least recently used
+    cache.put("c", "C")
+    assert (cache.get("a"), cache.get("b"), cache.get("c")) == ("A", None, "C")
+    made = []
+    assert cache.get_or_make("d", lambda: made.append("d") or "D") == "D"
+    assert cache.get_or_make("d", lambda: made.append("again") or "X") == "D" and made == ["d"]
+
+
+def test_a_signed_url_opens_its_own_path_until_it_expires() -> None:
+    key = ApiKey("the key", ttl_s=60)
+    path, _, query = key.sign("/videos/5/thumbnail?version=2").partition("?")
+    params = dict(parse_qsl(query))
+    assert path == "/videos/5/thumbnail" and params["version"] == "2"
+    assert key.signed(path, params["expires"], params["signature"])
+    assert not key.signed("/videos/6/thumbnail", params["expires"], params["signature"])
+    assert not key.signed(path, str(int(params["expires"]) + 1), params["signature"])
+    assert not ApiKey("another key", ttl_s=60).signed(path, params["expires"], params["signature"])
+    assert not key.signed(path, None, None) and not key.signed(path, "soon", params["signature"])
+    expired = ApiKey("the key", ttl_s=-1)
+    _, _, query = expired.sign(path).partition("?")
+    assert not expired.signed(path, *(dict(parse_qsl(query))[name] for name in ("expires", "signature")))
+    assert key.accepts("the key") and not key.accepts("The key") and not key.accepts(None)
+
+
+def test_without_a_key_everything_passes_and_urls_stay_plain() -> None:
+    open_service = ApiKey(None, ttl_s=60)
+    assert not open_service.required and open_service.accepts(None)
+    assert open_service.sign("/videos/5/media?version=1") == "/videos/5/media?version=1"
+
+
+def test_blank_and_oversized_queries_are_refused() -> None:
+    assert checked("a red circle") == "a red circle"
+    for text, words in ((" \n\t", "q: the query is empty"), ("x" * (MAX_QUERY_CHARS + 1), "at most")):
+        with pytest.raises(ApiError) as refused:
+            checked(text)
+        assert refused.value.status == 422 and words in refused.value.message
+
+
+def test_a_query_past_the_context_is_flagged_and_searched_as_cut_to_it() -> None:
+    model = load_model(None)  # the bundled model: CLIP's tokenizer, a 77-token context
+    fits = " ".join(["red"] * 75)  # 75 words + the start and end tokens: 77
+    longer = fits + " and a blue square"
+    assert not truncated(model, fits) and truncated(model, longer)
+    assert torch.equal(
+        model.encode_texts([longer]), model.encode_texts([fits])
+    )  # the words past it: unsearched
+
+
+def test_settings_refuse_impossible_values() -> None:
+    for wrong in (
+        {"poll_s": 0},
+        {"api_key": " "},
+        {"cached_versions": 0},
+        {"cached_texts": 0},
+        {"url_ttl_s": 0},
+    ):
+        with pytest.raises(ValueError):
+            ServiceOptions(**wrong)
+
+
+def test_the_follower_swaps_in_a_published_version_and_keeps_the_old_one(tmp_path: Path) -> None:
+    shutil.copytree(FORMAT1, tmp_path / "library")
+    store = Store(str(tmp_path / "library"))
+    follower = VersionFollower(store, ServiceOptions())
+    first = follower.searcher()
+    assert first.library.version == 1 and not follower.check()
+
+    # a manifest that a writer wrote but never published (as a killed job leaves one), published by rollback
+    shutil.copy(tmp_path / "library" / "versions" / "1.json", tmp_path / "library" / "versions" / "2.json")
+    assert rollback(store, 2).number == 3
+    assert follower.searcher() is first  # nothing changes until the next check
+    assert follower.check()
+    second = follower.searcher()
+    assert second.library.version == 3 and second.model is first.model  # the same weights: loaded once
+    assert follower.searcher(1) is first  # the replaced version stays open
+    assert [h.id for h in second.search("a red circle", k=5)] == [
+        h.id for h in first.search("a red circle", k=5)
+    ]
+    # a repeated text is embedded once, for every version made with the same weights
+    assert second.text_embedding("a red circle") is first.text_embedding("a red circle")
+    with pytest.raises(VersionNotFoundError, match="no version 7; available versions: 1, 2, 3"):
+        follower.searcher(7)
