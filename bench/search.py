@@ -13,7 +13,9 @@ on a searcher opened once (its open time printed too):
 * recall@10 of stage 1: of the 10 rows nearest to a query by exact inner product (numpy over every
   embedding), the share among stage 1's candidates (200) and among its own top 10; queries are held-out
   samples of the concepts, so that each has true neighbours;
-* the bytes stage 2 reads per candidate, against the Parquet layout's (a whole row group per candidate).
+* the bytes stage 2 reads per candidate, against the Parquet layout's (a whole row group per candidate);
+* queries/s of ``videosearch serve`` (its own process) on 127.0.0.1 with 1 and 8 concurrent clients
+  (``--clients``), distinct texts, for ``--seconds`` each.
 
 Libraries are kept under ``--dir`` between runs (delete it to rebuild). A 1M-row library at the bundled
 geometry takes ~10 GB of disk, mostly re-rank features.
@@ -23,8 +25,13 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import socket
+import subprocess
 import sys
+import threading
 import time
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -120,6 +127,47 @@ def recall(library: Library, dim: int, queries: int) -> tuple[float, float]:
     return float(within), float(top)
 
 
+def served_queries_per_s(root: Path, clients: int, seconds: float) -> float:
+    """Queries/s of ``videosearch serve`` over the library at ``root`` with ``clients`` concurrent clients."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    command = [sys.executable, "-m", "pipeline.cli", "serve", str(root), "--port", str(port)]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/healthz", timeout=5).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline or server.poll() is not None:
+                    raise RuntimeError("videosearch serve did not come up") from None
+                time.sleep(0.5)
+        done = [0] * clients
+        stop = time.monotonic() + seconds
+
+        def client(number: int) -> None:
+            while time.monotonic() < stop:
+                text = f"{CAPTIONS[done[number] % len(CAPTIONS)]} {number}.{done[number]}"  # never cached
+                urllib.request.urlopen(
+                    f"{url}/search?" + urllib.parse.urlencode({"q": text}), timeout=60
+                ).read()
+                done[number] += 1
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+        started = time.monotonic()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        return sum(done) / (time.monotonic() - started)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -128,6 +176,9 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--geometry", choices=sorted(GEOMETRIES), default="bundled")
     parser.add_argument("--dir", type=Path, default=Path("/tmp/vs-bench-search"))
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--no-service", action="store_true", help="skip the service's queries/s")
     args = parser.parse_args()
 
     model = load_model(None)
@@ -155,6 +206,13 @@ def main() -> None:
         within, top = recall(library, dim, args.queries)
         print(f"  stage 1 recall@10: {within:.3f} within its {n} candidates, {top:.3f} in its top 10")
         parquet = ROW_GROUP_ROWS * record
+        if searcher is not None and not args.no_service:
+            one = served_queries_per_s(library.store.path(), 1, args.seconds)
+            many = served_queries_per_s(library.store.path(), args.clients, args.seconds)
+            ratio = many / one
+            print(
+                f"  service: {one:.1f} queries/s, 1 client; {many:.1f}, {args.clients} clients: {ratio:.2f}x"
+            )
         print(f"  stage 2 reads {record} bytes a candidate; a Parquet row group: {parquet / 2**20:.1f} MiB")
 
 

@@ -8,10 +8,13 @@ them). A video on any other storage has no playable URL.
 
 from __future__ import annotations
 
+import logging
 import time
 
-from ...storage import StorageOptions, Store
+from ...storage import StorageError, StorageOptions, Store
 from .lru import LRU
+
+log = logging.getLogger(__name__)
 
 PRESIGNED_KEPT = 4096  # presigned URLs kept for reuse, by source URI
 
@@ -31,11 +34,12 @@ class MediaLinks:
         return store.path() if store.is_local else None
 
     def presigned(self, uri: str) -> str | None:
-        """A presigned URL of ``uri``, or ``None`` when its storage signs no URLs (or is the local disk)."""
+        """A presigned URL of ``uri``, or ``None`` when its storage signs no URLs, cannot sign it (no
+        credentials) or is the local disk."""
         now = time.time()
         cached = self._presigned.get(uri)
         if cached is not None and cached[1] - now > self.ttl_s / 2:
-            return cached[0]
+            return cached[0] or None  # "": this URI could not be signed (told once)
         store = Store(uri, self.options)
         if store.is_local:
             return None
@@ -44,5 +48,8 @@ class MediaLinks:
                 url = store.fs.sign(store.path(), expiration=self.ttl_s)
         except NotImplementedError:
             return None
+        except StorageError as e:  # e.g. no credentials to sign with: the hit stays, without a playable URL
+            log.warning("no playable URL: %s", e)
+            url = ""
         self._presigned.put(uri, (url, now + self.ttl_s))
-        return url
+        return url or None
