@@ -52,6 +52,16 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
                 proc.wait()
 
 
+@pytest.fixture(autouse=True, scope="module")
+def no_ray_left_running() -> Iterator[None]:
+    """A test module that starts Ray in this process (an in-process job, the demo) stops it when it is done:
+    a later module never drives a stale Ray runtime, whose death would end this process without a word."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
 @pytest.fixture
 def closed_endpoint() -> str:
     """An http://127.0.0.1 URL on which nothing listens (connections are refused)."""
