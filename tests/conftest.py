@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import AWS_CLEARED, AWS_TEST_ENV, MotoS3, free_port, perturbed, wait_until_up
+from helpers import AWS_CLEARED, AWS_TEST_ENV, MotoS3, free_port, perturbed, stop, wait_until_up
 
 from pipeline.storage import StorageOptions
 from xclip_core import TextConfig, VisionConfig, XCLIPConfig, XCLIPModel
@@ -44,12 +44,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
             wait_until_up(proc, url, log)
             yield MotoS3(endpoint_url=url, options=StorageOptions(endpoint_url=url, region="us-east-1"))
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop(proc)
 
 
 @pytest.fixture(autouse=True, scope="module")

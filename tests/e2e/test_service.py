@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 import s3fs
-from helpers import MotoS3, cli_env, free_port, run, videosearch, write_video
+from helpers import MotoS3, cli_env, free_port, run, stop, videosearch, write_video
 
 from pipeline import Library, Searcher
 from pipeline.search.scorer import ExactScorer, StoredVideos
@@ -72,12 +72,7 @@ def serving(
             time.sleep(0.2)
         yield Service(url, log)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop(proc, timeout=20)
 
 
 @pytest.fixture(scope="module")
