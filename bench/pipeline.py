@@ -295,8 +295,8 @@ def measure_pipeline(run_dir: Path, videos: list[Path], model_dir: str, batch_si
     import ray.data
 
     ray.data.DataContext.get_current().enable_progress_bars = False
-    plan_log = _capture_log("pipeline.embed.job")
-    options = EmbedOptions(model=model_dir, batch_size=batch_size)
+    plan_log = _capture_log("pipeline.embed.on_ray")
+    options = EmbedOptions(model=model_dir, batch_size=batch_size, executor="ray")
     started = time.perf_counter()
     ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=True)
     ray_init_s = time.perf_counter() - started

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from .cluster import commands as cluster_commands
 from .cluster.submit import ClusterError
-from .embed.options import EmbedOptions
+from .embed.options import EXECUTORS, IN_PROCESS_MAX_OBJECTS, EmbedOptions
 from .library.gc import GRACE_S
 from .library.index import KINDS as INDEX_KINDS
 from .library.manifest import LibraryError, WorseVersionError
@@ -68,6 +68,13 @@ def _embed_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--encoders", type=int, help="encode actors (default: one per GPU, else 1)")
     parser.add_argument("--gpus-per-encoder", type=float, help="GPUs per encode actor (default 1 if any)")
     parser.add_argument("--address", help="Ray address (default: start a local Ray)")
+    parser.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default=_default(EmbedOptions, "executor"),
+        help="where the stages run: on Ray, or in this process without Ray; auto (the default): in this "
+        f"process when no cluster is to be joined and at most {IN_PROCESS_MAX_OBJECTS} objects are new",
+    )
     parser.add_argument(
         "--stage-label",
         metavar="KEY",
@@ -329,6 +336,7 @@ def _run_embed(args: argparse.Namespace, out: TextIO) -> int:
         encoders=args.encoders,
         gpus_per_encoder=args.gpus_per_encoder,
         address=args.address,
+        executor=args.executor,
         stage_label=args.stage_label,
         retry_failed=args.retry_failed,
         allow_worse=args.allow_worse,

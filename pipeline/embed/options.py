@@ -9,6 +9,10 @@ from typing import Any
 from ..library.refresh import Changes
 from ..storage import StorageOptions
 
+EXECUTORS = ("auto", "ray", "in-process")
+IN_PROCESS_MAX_OBJECTS = 64  # "auto" embeds at most this many objects in the job's process...
+IN_PROCESS_MAX_BYTES = 256 * 2**20  # ... of at most this many bytes (see pipeline.embed.in_process)
+
 
 @dataclass
 class EmbedOptions:
@@ -22,6 +26,9 @@ class EmbedOptions:
     encoders: int | None = None  # encode actors
     gpus_per_encoder: float | None = None  # 1 when the cluster has GPUs, else 0
     address: str | None = None  # Ray address; None starts (or joins) a local Ray
+    # where the stages run: "ray", "in-process" (this process, no Ray), or "auto": in-process for a small
+    # change set when there is no cluster to join (see pipeline.embed.in_process)
+    executor: str = "auto"
     # nodes labelled KEY=decode and KEY=encode run that stage only, when both exist ("": labels ignored)
     stage_label: str = "videosearch-stage"
     retry_failed: bool = True  # refresh: decode again the objects that failed in the current version
@@ -38,6 +45,8 @@ class EmbedOptions:
             ("--encoders", self.encoders, lambda v: v >= 1, "at least 1"),
             ("--gpus-per-encoder", self.gpus_per_encoder, lambda v: 0 <= v < math.inf, "0 or more"),
         )
+        if self.executor not in EXECUTORS:
+            raise ValueError(f"--executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
         for flag, value, valid, wanted in checks:
             if value is not None and not valid(value):
                 raise ValueError(f"{flag} must be {wanted}, got {value:g}")
@@ -59,6 +68,7 @@ class EmbedSummary:
     published: bool = True  # False: nothing changed, the current version stays
     # stage ("decode", "encode") -> node ("IP short-node-id") -> actors of the stage that ran there
     placement: dict[str, dict[str, int]] = field(default_factory=dict)
+    executor: str | None = None  # "ray" or "in-process"; None when nothing was embedded
 
     @property
     def videos_per_s(self) -> float:
@@ -77,7 +87,9 @@ class EmbedSummary:
         ]
         if self.changes:
             lines.append("  changes: " + Changes(**self.changes).text())
-        if self.placement:
+        if self.executor == "in-process":
+            lines.append("  ran in this process (a small change set: no Ray started)")
+        elif self.placement:
             lines.append("  placement: " + ", ".join(_stage_nodes(s, n) for s, n in self.placement.items()))
         lines += [f"  failed: {f['uri']}: {f['error']}" for f in self.failures]
         return "\n".join(lines)

@@ -20,7 +20,7 @@ from typing import Any
 import ray.data
 import torch
 
-from ..embed.job import connect, decoded
+from ..embed.on_ray import connect, decoded
 from ..embed.stages.decode import DecodeSettings
 from ..models import VideoTextModel, load_model, new_model
 from ..storage import Store

@@ -41,7 +41,7 @@ from helpers import (
 from PIL import Image
 
 from pipeline import Library, Searcher
-from pipeline.embed.job import DECODE_TRIES
+from pipeline.embed.on_ray import DECODE_TRIES
 from xclip_core import XCLIPModel
 from xclip_core.sampling import segment_frame_indices
 from xclip_core.tokenizer import CLIPTokenizer
@@ -185,6 +185,8 @@ def s3_job(s3: MotoS3, tiny_model: Path, tmp_path_factory: pytest.TempPathFactor
         "--endpoint-url",
         s3.endpoint_url,
         *CPU_ENCODERS,
+        "--executor",
+        "ray",  # a handful of videos would run in the job's process (auto): this is the Ray Data plan's test
         "--json",
     )
     s3fs.S3FileSystem.clear_instance_cache()
@@ -198,6 +200,7 @@ def test_s3_embed_summary(s3_job: S3Job) -> None:
     assert (summary["objects"], summary["ok"], summary["failed"], summary["segments"]) == (13, 6, 7, 6)
     assert [f["uri"] for f in summary["failures"]] == sorted(failed)
     assert summary["seconds"] > 0 and summary["videos_per_s"] > 0
+    assert summary["executor"] == "ray" and set(summary["placement"]) == {"decode", "encode"}
 
 
 def test_s3_every_object_is_in_the_library_once(s3_job: S3Job) -> None:
@@ -361,7 +364,8 @@ def test_segments_cover_the_video_and_equal_the_model_on_their_frames(
 
 
 def test_second_embed_publishes_version_2_and_version_1_stays_readable(local_jobs: LocalJobs) -> None:
-    local_jobs.first.json()
+    # a few local videos: the stages ran in the job's own process (the S3 job's tests cover Ray's plan)
+    assert local_jobs.first.json()["executor"] == "in-process"
     summary = local_jobs.second.json()
     assert (summary["version"], summary["objects"], summary["ok"], summary["segments"]) == (2, 3, 3, 5)
     uri = str(local_jobs.library)

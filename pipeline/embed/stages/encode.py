@@ -13,7 +13,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...models import load_model
+from ...models import VideoTextModel, load_model
 from ...storage import StorageOptions
 
 
@@ -28,7 +28,8 @@ class EncodeFrames:
     for a family that has them) float16 ``(rows, *rerank_shape)``; ``model_id`` is the identity's tag on
     every row. The model runs on ``device`` ("auto": CUDA if available, else CPU), in bfloat16 (float16 where
     bfloat16 is not supported) on CUDA and float32 on CPU, over sub-batches of at most ``batch_size`` videos.
-    ``threads`` sets torch's CPU thread count if given.
+    ``threads`` sets torch's CPU thread count if given. ``loaded`` is the model of ``model_src`` where the
+    caller has it loaded already (the job's own process); the stage then moves it to its device and dtype.
 
     Attributes: ``identity`` (the hash is of the float32 weights as loaded, so CPU and GPU actors agree);
     ``frame_shape`` = the ``(T, crop, crop, 3)`` the model takes; ``embedding_dim`` and ``rerank_shape``.
@@ -41,13 +42,14 @@ class EncodeFrames:
         device: str = "auto",
         batch_size: int = 8,
         threads: int | None = None,
+        loaded: VideoTextModel | None = None,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if threads:
             torch.set_num_threads(threads)
         try:
-            model = load_model(model_src, storage_options)
+            model = loaded or load_model(model_src, storage_options)
             self.preprocessor = model.preprocessor
         except Exception as e:
             raise ModelLoadError(f"cannot load the model from {model_src!r}: {e}") from e

@@ -18,6 +18,7 @@ from ...library import LibraryWriter, PartInfo
 from ...library.schema import part_schema
 from ...storage import Store
 
+PART_ROWS = 256  # rows per Parquet part file
 PART_COLUMNS = ("path", "features", "rows", "ok", "errors")  # a new part: PartInfo without a mask
 _TEXT = ("path", "features")
 
