@@ -1,36 +1,27 @@
-"""Frame preprocessing for X-CLIP, bit-exact with the Hugging Face ``XCLIPProcessor`` (PIL path), vectorised.
+"""Frame preprocessing for X-CLIP, bit-exact with the Hugging Face ``XCLIPProcessor`` (PIL path).
 
 Layout: videos come in as uint8 ``(T, H, W, 3)`` RGB (what decord returns); :func:`resize_center_crop` keeps
 that layout and dtype, :func:`normalize` turns it into float32 ``(T, 3, H, W)`` model input.
 
-The reference resizes every frame with ``PIL.Image.resize(BILINEAR)``. Pillow's ``ImagingResample``
-(``src/libImaging/Resample.c``) is separable: per axis it computes, in double precision, a triangle filter
-whose support is widened by the scale factor when downscaling (antialiasing), normalises each output pixel's
-weights by their sum and rounds them to fixed point with 22 fractional bits. It runs one pass, rounds to
-uint8, then the other, each pixel being ``clip8((2**21 + sum(pixel * weight)) >> 22)``. The order matters for
-the rounding: Pillow >= 13 runs the vertical pass first when the height loses more than twice as many pixels
-as the width (python-pillow/Pillow#9549), horizontal first otherwise (Pillow < 13: always horizontal first).
-Here each pass is one sparse matrix product over the whole clip viewed as a ``(T * H, W * 3)`` matrix: the
-vertical operator ``kron(I_T, Wy)`` multiplies it on the left, the horizontal one ``kron(Wx, I_3)^T`` on the
-right. They run in float64 with the weights scaled by 2**-22: every product and partial sum is a multiple of
-2**-22 below 2**9, so float64 is exact and the result equals Pillow's byte for byte. The centre crop is folded
-into the operators: only the kept output pixels are computed, only the input rows and columns they read are
-converted, and zero rows give the zero padding of a crop larger than the image.
+The reference resizes every frame with ``PIL.Image.resize(BILINEAR)``, so that is what the resize calls:
+Pillow's own resampler is the reference by definition (its fixed-point arithmetic and its pass order, which
+changed in Pillow 13, python-pillow/Pillow#9549), and its C code is the fastest exact path measured (17.8 ms
+for 8 frames 640x360 -> 224 against 38.6 ms for a vectorised sparse-matrix reimplementation with the same
+output bytes). One frame at a time, so memory does not grow with the clip. The centre crop follows
+``transformers.image_transforms.center_crop``, zero padding included.
 """
 
 from __future__ import annotations
 
-import functools
 import json
-import math
 import os
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from .sources import ModelSource
 
@@ -41,9 +32,6 @@ XCLIP_MEAN = (0.485, 0.456, 0.406)
 XCLIP_STD = (0.229, 0.224, 0.225)
 PIL_BILINEAR = 2
 CONFIG_NAME = "preprocessor_config.json"
-
-_PRECISION_BITS = 32 - 8 - 2  # Pillow's fixed-point precision for 8-bit images
-_CHUNK_VALUES = 1 << 24  # frames are resized in chunks of at most this many input values (128 MiB as float64)
 
 VideoLike = torch.Tensor | np.ndarray
 
@@ -56,83 +44,15 @@ def resize_output_size(height: int, width: int, shortest_edge: int) -> tuple[int
     return (new_long, shortest_edge) if width <= height else (shortest_edge, new_long)
 
 
-def _bilinear_filter(x: float) -> float:
-    x = abs(x)
-    return 1.0 - x if x < 1.0 else 0.0
-
-
-@functools.lru_cache(maxsize=256)
-def _pillow_bilinear_weights(in_size: int, out_size: int) -> np.ndarray:
-    """Pillow's fixed-point bilinear weights (``precompute_coeffs`` + ``normalize_coeffs_8bpc``) as an
-    ``(out_size, in_size)`` integer matrix, for a full-image box."""
-    scale = in_size / out_size
-    filterscale = max(scale, 1.0)
-    support = 1.0 * filterscale  # bilinear support is 1, widened when downscaling
-    inv_filterscale = 1.0 / filterscale
-    weights = np.zeros((out_size, in_size), dtype=np.int64)
-    for xx in range(out_size):
-        center = (xx + 0.5) * scale
-        xmin = max(int(center - support + 0.5), 0)
-        xmax = min(int(center + support + 0.5), in_size)
-        ks = [_bilinear_filter((x - center + 0.5) * inv_filterscale) for x in range(xmin, xmax)]
-        total = 0.0
-        for k in ks:  # left-to-right like the C loop (builtin sum() compensates on Python >= 3.12)
-            total += k
-        if total != 0.0:
-            ks = [k / total for k in ks]
-        weights[xx, xmin:xmax] = [int(k * (1 << _PRECISION_BITS) + math.copysign(0.5, k)) for k in ks]
-    return weights
-
-
-@functools.lru_cache(maxsize=256)
-def _axis_weights(in_size: int, out_size: int, crop: int) -> tuple[np.ndarray, int, int]:
-    """Weights resizing one axis ``in_size -> out_size`` and centre-cropping it to ``crop``.
-
-    Returns the ``(crop, hi - lo)`` fixed-point weights scaled by ``2**-22`` (float64, exact: a power of
-    two) and the band ``[lo, hi)`` of input indices they read. The crop starts at ``(out_size - crop) // 2``;
-    a crop larger than the image places it at ``ceil((crop - out_size) / 2)`` between zero rows, as
-    ``transformers.image_transforms.center_crop`` pads with zeros.
-    """
-    weights = _pillow_bilinear_weights(in_size, out_size)
-    if crop <= out_size:
-        top = (out_size - crop) // 2
-        matrix = weights[top : top + crop]
-    else:
-        pad = (crop - out_size + 1) // 2
-        matrix = np.zeros((crop, in_size), dtype=np.int64)
-        matrix[pad : pad + out_size] = weights
-    used = np.flatnonzero(matrix.any(axis=0))
-    lo, hi = int(used[0]), int(used[-1]) + 1
-    return matrix[:, lo:hi] / (1 << _PRECISION_BITS), lo, hi
-
-
-def _sparse(rows: np.ndarray, cols: np.ndarray, values: np.ndarray, shape: tuple[int, int]) -> torch.Tensor:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # torch labels sparse CSR "beta"
-        return torch.sparse_coo_tensor(np.stack([rows, cols]), values, shape).coalesce().to_sparse_csr()
-
-
-@functools.lru_cache(maxsize=64)
-def _resize_operators(
-    frames: int, height: int, width: int, out_h: int, out_w: int, crop_h: int, crop_w: int
-) -> tuple[torch.Tensor, slice, torch.Tensor, slice]:
-    """Sparse operators on a clip viewed as a ``(frames * h, w * 3)`` matrix, where ``h`` and ``w`` count the
-    input rows and columns actually read (returned as slices).
-
-    ``rows`` = ``kron(I_frames, Wy)`` multiplies on the left and resizes every frame vertically; ``cols`` =
-    ``kron(Wx, I_3)`` transposed multiplies on the right and resizes horizontally, channels interleaved.
-    """
-    wy, y0, y1 = _axis_weights(height, out_h, crop_h)
-    wx, x0, x1 = _axis_weights(width, out_w, crop_w)
-    r, c = np.nonzero(wy)
-    t = np.arange(frames)[:, None]
-    shape = (frames * crop_h, frames * (y1 - y0))
-    rows = _sparse((r + t * crop_h).ravel(), (c + t * (y1 - y0)).ravel(), np.tile(wy[r, c], frames), shape)
-    r, c = np.nonzero(wx)
-    ch = np.arange(3)[:, None]
-    shape = ((x1 - x0) * 3, crop_w * 3)
-    cols = _sparse((c * 3 + ch).ravel(), (r * 3 + ch).ravel(), np.tile(wx[r, c], 3), shape)
-    return rows, slice(y0, y1), cols, slice(x0, x1)
+def _crop_window(size: int, crop: int) -> tuple[slice, slice]:
+    """Where a centre crop of ``crop`` out of ``size`` pixels reads (source) and writes (target): it starts
+    at ``(size - crop) // 2``; a crop larger than the image places the image at ``ceil((crop - size) / 2)``
+    between zeros, as ``transformers`` pads."""
+    if crop <= size:
+        top = (size - crop) // 2
+        return slice(top, top + crop), slice(0, crop)
+    pad = (crop - size + 1) // 2
+    return slice(0, size), slice(pad, pad + size)
 
 
 def as_video(frames: VideoLike) -> torch.Tensor:
@@ -146,27 +66,22 @@ def as_video(frames: VideoLike) -> torch.Tensor:
 def resize_center_crop(
     frames: VideoLike, size: int | None = 224, crop_size: tuple[int, int] | None = (224, 224)
 ) -> torch.Tensor:
-    """Resize the shorter side to ``size`` (Pillow bilinear, bit-exact) and centre-crop to ``crop_size``.
+    """Resize the shorter side to ``size`` (Pillow bilinear: the reference) and centre-crop to ``crop_size``.
 
     ``frames`` is uint8 ``(T, H, W, 3)``; the result is uint8 ``(T, crop_h, crop_w, 3)``, small enough to pass
     between processes. ``size=None`` skips the resize and ``crop_size=None`` the crop.
     """
-    video = as_video(frames)
+    video = as_video(frames).numpy()
     num_frames, height, width, _ = video.shape
     out_h, out_w = resize_output_size(height, width, size) if size else (height, width)
     crop_h, crop_w = crop_size or (out_h, out_w)
-    chunk = max(1, _CHUNK_VALUES // (height * width * 3))
-    if num_frames > chunk:  # bound the float64 copy of the input
-        return torch.cat([resize_center_crop(part, size, crop_size) for part in video.split(chunk)])
-    rows, ys, cols, xs = _resize_operators(num_frames, height, width, out_h, out_w, crop_h, crop_w)
-    x = video[:, ys, xs].to(torch.float64).flatten(2).flatten(0, 1)  # (T * h, w * 3)
-    # With weights scaled by 2**-22, floor(acc + 0.5) is Pillow's (acc + 2**21) >> 22. No clamp is needed:
-    # the weights are >= 0 and each row sums to 1 (to within 2**-23 per weight), so results stay in [0, 255].
-    if height > out_h and height - out_h > 2 * (width - out_w):  # Pillow's pass order (see module doc)
-        x = (rows @ x).add_(0.5).floor_() @ cols
-    else:
-        x = rows @ (x @ cols).add_(0.5).floor_()
-    return x.add_(0.5).to(torch.uint8).view(num_frames, crop_h, crop_w, 3)  # float -> uint8 truncates
+    (read_y, write_y), (read_x, write_x) = _crop_window(out_h, crop_h), _crop_window(out_w, crop_w)
+    out = np.zeros((num_frames, crop_h, crop_w, 3), np.uint8)
+    for i, frame in enumerate(video):
+        if (out_h, out_w) != (height, width):
+            frame = np.asarray(Image.fromarray(frame).resize((out_w, out_h), Image.Resampling.BILINEAR))
+        out[i, write_y, write_x] = frame[read_y, read_x]
+    return torch.from_numpy(out)
 
 
 def normalize(
