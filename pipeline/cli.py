@@ -173,13 +173,16 @@ def _parser() -> argparse.ArgumentParser:
     _storage_flags(serve)
 
     classify = commands.add_parser(
-        "classify", help="zero-shot classify a video (or every video under a prefix)"
+        "classify",
+        help="classify a video (or every video under a prefix): zero-shot, or by an EVL classifier",
     )
     classify.add_argument("source", help="a video, or a prefix/glob of videos")
     classify.add_argument(
-        "--labels", default="kinetics400", help="kinetics400|kinetics600|ucf101|hmdb51|FILE"
+        "--labels",
+        help="kinetics400|kinetics600|ucf101|hmdb51|FILE (.txt, .csv with a name column, .json list or "
+        '{"0": "abseiling", ...}); default: an EVL classifier\'s own class names, else kinetics400',
     )
-    classify.add_argument("--model", help="X-CLIP checkpoint (default: the bundled model)")
+    classify.add_argument("--model", help="checkpoint (default: the bundled model)")
     classify.add_argument(
         "--template", default=DEFAULT_TEMPLATE, help="prompt template (default %(default)r)"
     )
@@ -188,7 +191,7 @@ def _parser() -> argparse.ArgumentParser:
     _storage_flags(classify)
 
     train = commands.add_parser(
-        "train", help="train or fine-tune X-CLIP on captioned or labeled videos (Ray Train)"
+        "train", help="train or fine-tune X-CLIP or EVL on captioned or labeled videos (Ray Train)"
     )
     train.add_argument("table", help="CSV or Parquet table with uri,caption or uri,label columns")
     train.add_argument("output", help="where checkpoint-<step>/ directories go (local path or URL)")
@@ -199,6 +202,18 @@ def _parser() -> argparse.ArgumentParser:
         help="train from scratch: videosearch-tiny, a preset (xclip-base-patch32...) or a config.json",
     )
     start.add_argument("--resume", metavar="CHECKPOINT", help="continue a run from one of its checkpoints")
+    start.add_argument(
+        "--family",
+        choices=["evl"],
+        help="evl: a new EVL decoder over a frozen CLIP backbone (a classifier on a uri,label table, "
+        "text-aligned for search on a uri,caption table)",
+    )
+    train.add_argument(
+        "--backbone",
+        metavar="SRC",
+        help="with --family evl: the CLIP or X-CLIP checkpoint whose frozen towers EVL uses (default: the "
+        "bundled model)",
+    )
     run = functools.partial(_default, TrainOptions)
     step = functools.partial(_default, TrainConfig)
     train.add_argument(
@@ -291,9 +306,13 @@ def _run_train(args: argparse.Namespace, out: TextIO) -> int:
     from_scratch = _config(args.config) if args.config else None
     options = TrainOptions(
         output=args.output,
-        model=None if (from_scratch or args.resume) else (args.model or default_model_source()),
+        model=None
+        if (from_scratch or args.resume or args.family)
+        else (args.model or default_model_source()),
         config=from_scratch,
         resume=args.resume,
+        family=args.family or "xclip",
+        backbone=args.backbone,
         epochs=args.epochs,
         batch_size=args.batch_size,
         workers=args.workers,
@@ -356,6 +375,8 @@ def _run_query(args: argparse.Namespace, out: TextIO) -> int:
     if args.json:
         print(json.dumps([hit.to_dict() for hit in hits], indent=2), file=out)
     else:
+        if hits and hits[0].scored_by == "cosine":
+            print("scores: the embeddings' cosine (this model has no re-rank stage)", file=out)
         for rank, hit in enumerate(hits, 1):
             print(f"{rank:3d}. {hit.score:.4f}  {hit.uri}  [{hit.start_s:.1f}s-{hit.end_s:.1f}s]", file=out)
     return 0

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 #: ``model_type`` of a checkpoint's config.json -> the class that loads it (``module:Class``, with
 #: ``from_pretrained(src, storage_options=...)``). A single weights file (no config.json) is X-CLIP's
 #: original release.
-FAMILIES = {"xclip": "xclip_core.model:XCLIPModel"}
+FAMILIES = {"xclip": "xclip_core.model:XCLIPModel", "evl": "xclip_core.evl.model:EVLModel"}
 SINGLE_FILE_FAMILY = "xclip"
 BUNDLED = "videosearch-tiny"  # the name of the bundled default model, wherever it is installed
 

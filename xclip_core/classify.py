@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import os
 from collections import Counter
 from collections.abc import Sequence
@@ -39,16 +40,18 @@ def load_labels(name_or_path: str | os.PathLike, storage_options: dict[str, Any]
     """Class names in class-index order.
 
     ``name_or_path`` is a bundled label set (``"kinetics400"``, ``"kinetics600"``, ``"ucf101"``,
-    ``"hmdb51"``: the label texts of the original X-CLIP code) or a local path / fsspec URL of either a text
-    file (one label per line; blank lines and lines starting with ``#`` are ignored) or a ``.csv`` file with a
-    ``name`` column (rows in class-index order, as X-CLIP's ``labels/*.csv``).
+    ``"hmdb51"``: the label texts of the original X-CLIP code) or a local path / fsspec URL of a text
+    file (one label per line; blank lines and lines starting with ``#`` are ignored), a ``.csv`` file with a
+    ``name`` column (rows in class-index order, as X-CLIP's ``labels/*.csv``), or a ``.json`` file: a list, or
+    a class-index -> name mapping (``{"0": "abseiling", ...}``, the format of the Kinetics-400 mapping that
+    ships with EVL's release).
 
     Raises ``ValueError`` for an unknown label set name, an empty file, a CSV without a ``name`` column or
     duplicate labels, and ``FileNotFoundError`` for a missing file.
     """
     name = os.fspath(name_or_path)
     if name in BUNDLED_LABEL_SETS:
-        return _parse_labels((LABELS_DIR / f"{name}.txt").read_text(encoding="utf-8"), name, is_csv=False)
+        return _parse_labels((LABELS_DIR / f"{name}.txt").read_text(encoding="utf-8"), name, "txt")
     try:
         with fsspec.open(name, "rb", **(storage_options or {})) as f:
             data = f.read()
@@ -59,12 +62,14 @@ def load_labels(name_or_path: str | os.PathLike, storage_options: dict[str, Any]
                 "(or pass the path or URL of a label file)"
             ) from None
         raise FileNotFoundError(f"label file {name!r} not found") from None
-    is_csv = name.lower().rsplit("?", 1)[0].endswith(".csv")
-    return _parse_labels(data.decode("utf-8-sig"), name, is_csv)
+    suffix = name.lower().rsplit("?", 1)[0].rsplit(".", 1)[-1]
+    return _parse_labels(data.decode("utf-8-sig"), name, suffix)
 
 
-def _parse_labels(text: str, source: str, is_csv: bool) -> list[str]:
-    if is_csv:
+def _parse_labels(text: str, source: str, suffix: str) -> list[str]:
+    if suffix == "json":
+        labels = _json_labels(text, source)
+    elif suffix == "csv":
         reader = csv.DictReader(io.StringIO(text))
         if "name" not in (reader.fieldnames or []):
             raise ValueError(f"{source}: a label CSV needs a 'name' column, found {reader.fieldnames}")
@@ -77,6 +82,25 @@ def _parse_labels(text: str, source: str, is_csv: bool) -> list[str]:
     if not labels:
         raise ValueError(f"{source}: no labels in the file")
     return _check_unique(labels, source)
+
+
+def _json_labels(text: str, source: str) -> list[str]:
+    """A JSON list of names, or a mapping of class indices 0..N-1 (as strings) to names."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{source}: not valid JSON: {err}") from None
+    if isinstance(data, dict):
+        try:
+            indexed = {int(key): value for key, value in data.items()}
+        except ValueError:
+            raise ValueError(f'{source}: a label mapping\'s keys are class indices ("0", "1"...)') from None
+        if sorted(indexed) != list(range(len(indexed))):
+            raise ValueError(f"{source}: the class indices are not 0..{len(indexed) - 1}")
+        data = [indexed[i] for i in range(len(indexed))]
+    if not isinstance(data, list) or not all(isinstance(label, str) and label.strip() for label in data):
+        raise ValueError(f"{source}: expected a list of names or an index -> name mapping")
+    return [label.strip() for label in data]
 
 
 def _check_unique(labels: list[str], source: str) -> list[str]:
@@ -172,6 +196,29 @@ class ZeroShotClassifier:
         probs, indices = self(pixel_values, names).topk(min(k, len(names)), dim=-1)
         return [
             [(names[i], p) for i, p in zip(row_i, row_p, strict=True)]
+            for row_i, row_p in zip(indices.tolist(), probs.tolist(), strict=True)
+        ]
+
+
+class TrainedClassifier:
+    """Classification by a model's own trained head (EVL's): ``model(pixel_values)`` gives the logits of its
+    ``num_classes`` classes, named by ``labels`` in class-index order. The same ``top_k`` as
+    :class:`ZeroShotClassifier`."""
+
+    def __init__(self, model: torch.nn.Module, labels: Sequence[str], num_classes: int):
+        if len(labels) != num_classes:
+            raise ValueError(f"{len(labels)} labels for a classifier of {num_classes} classes")
+        self.model = model
+        self.labels = _check_unique(list(labels), "labels")
+
+    @torch.inference_mode()
+    def top_k(self, pixel_values: torch.Tensor, k: int = 5) -> list[list[tuple[str, float]]]:
+        """The ``k`` most probable ``(label, probability)`` pairs of each video, most probable first."""
+        param = next(self.model.parameters())
+        logits = self.model(pixel_values.to(device=param.device, dtype=param.dtype))
+        probs, indices = logits.softmax(dim=-1, dtype=torch.float32).topk(min(k, len(self.labels)), dim=-1)
+        return [
+            [(self.labels[i], p) for i, p in zip(row_i, row_p, strict=True)]
             for row_i, row_p in zip(indices.tolist(), probs.tolist(), strict=True)
         ]
 

@@ -12,7 +12,9 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 
-def _known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+def known_fields(cls: type, data: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``data`` that are fields of the dataclass ``cls`` (a config.json's other keys are
+    ignored)."""
     names = {f.name for f in fields(cls)}
     return {k: v for k, v in data.items() if k in names}
 
@@ -71,9 +73,9 @@ class XCLIPConfig:
 
     def __post_init__(self) -> None:
         if isinstance(self.text_config, dict):
-            self.text_config = TextConfig(**_known_fields(TextConfig, self.text_config))
+            self.text_config = TextConfig(**known_fields(TextConfig, self.text_config))
         if isinstance(self.vision_config, dict):
-            self.vision_config = VisionConfig(**_known_fields(VisionConfig, self.vision_config))
+            self.vision_config = VisionConfig(**known_fields(VisionConfig, self.vision_config))
         self.validate()
 
     def validate(self) -> None:
@@ -111,7 +113,7 @@ class XCLIPConfig:
             if legacy:
                 data[tower] = {**(data.get(tower) or {}), **legacy}
             data[tower] = data.get(tower) or {}
-        return cls(**_known_fields(cls, data))
+        return cls(**known_fields(cls, data))
 
     def to_dict(self) -> dict[str, Any]:
         """The Hugging Face ``config.json`` layout (loadable by ``transformers.XCLIPConfig``)."""

@@ -17,7 +17,6 @@ pipeline's model interface (``pipeline.models.VideoTextModel``): ``identity``, `
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -212,6 +211,18 @@ class XCLIPModel(nn.Module):
         loss = contrastive_loss(logits) if return_loss else None
         return XCLIPOutput(logits, logits.T, video, text, loss)
 
+    #: what a training table gives each video: captions (a labeled table's labels through its template)
+    trains_on = "caption"
+
+    def training_loss(
+        self, model: nn.Module, pixel_values: torch.Tensor, captions: list[str], tokenizer: CLIPTokenizer
+    ) -> torch.Tensor:
+        """The training objective on a batch whose i-th caption describes the i-th video: the contrastive
+        loss of :meth:`forward`, run through ``model`` (this model, or its data-parallel wrapper, whose
+        forward synchronizes the gradients)."""
+        tokens = self.tokenize(tokenizer, captions)
+        return model(tokens["input_ids"], pixel_values, tokens["attention_mask"], return_loss=True).loss
+
     # -------------------------------------------------------------------------------- init & I/O
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -277,18 +288,9 @@ class XCLIPModel(nn.Module):
             raise ValueError(
                 f"{source.uri}: a single weights file needs a config (an XCLIPConfig or a preset name)"
             )
-        with torch.device("meta"):  # no random init: every parameter is about to be loaded
-            model = cls(config)
-        checkpoints.check_state_dict({k: v.shape for k, v in model.state_dict().items()}, weights)
-        # fresh (aligned) parameters in the wanted dtype, filled one tensor at a time: loading holds the model
-        # plus one tensor, never a second copy of the weights
-        model = model.to(dtype=dtype).to_empty(device=device)
-        parameters = model.state_dict()
-        with torch.no_grad():
-            for key, tensor in weights.tensors():
-                parameters[key].copy_(tensor)
+        model = checkpoints.load_into(lambda: cls(config), weights, dtype, device)
         model.source, model.storage_options = os.fspath(src), storage_options
-        return model.eval()
+        return model
 
     def save_pretrained(
         self, directory: str | os.PathLike, storage_options: dict[str, Any] | None = None
@@ -301,14 +303,8 @@ class XCLIPModel(nn.Module):
         checkpoints.save_safetensors(self.state_dict(), target.fs, target.path("model.safetensors"))
 
     def weights_sha256(self) -> str:
-        """Hex SHA-256 of the weights: every state-dict entry in sorted key order, as its name, dtype, shape
-        and raw bytes. Equal for equal weights wherever they were loaded from; changes with the dtype."""
-        digest = hashlib.sha256()
-        for key, tensor in sorted(self.state_dict().items()):
-            tensor = tensor.detach().cpu().contiguous()
-            digest.update(f"{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
-            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-        return digest.hexdigest()
+        """:func:`xclip_core.checkpoints.weights_sha256` of this model."""
+        return checkpoints.weights_sha256(self)
 
 
 def contrastive_loss(logits_per_video: torch.Tensor) -> torch.Tensor:

@@ -37,6 +37,9 @@ class Hit:
     end_s: float
     segment: int
     id: int
+    # how ``score`` was computed: "video-conditioned" (the model's exact score, X-CLIP's), or "cosine" (the
+    # embeddings' cosine: a family without a re-rank stage, such as EVL, or similar-video search)
+    scored_by: str = "video-conditioned"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -85,6 +88,7 @@ class Searcher:
         rows = self.rows.hits(ids)
         scores = self.scorer(text_embeds, StoredVideos.from_records(self.rows.records(ids)))[:, 0].tolist()
         order = sorted(range(len(ids)), key=lambda i: -scores[i])[:k]
+        scored_by = "video-conditioned" if self.library.rerank_shape else "cosine"
         return [
             Hit(
                 uri=rows["uri"][i].as_py(),
@@ -93,6 +97,7 @@ class Searcher:
                 end_s=rows["end_s"][i].as_py(),
                 segment=rows["segment"][i].as_py(),
                 id=rows["id"][i].as_py(),
+                scored_by=scored_by,
             )
             for i in order
         ]

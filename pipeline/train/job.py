@@ -1,5 +1,5 @@
 """The train job on Ray Train: a table of described videos -> the embed job's decode stage -> data-parallel
-``TorchTrainer`` workers stepping the X-CLIP loss -> a checkpoint per epoch on any fsspec store.
+``TorchTrainer`` workers stepping the model family's loss -> a checkpoint per epoch on any fsspec store.
 
 Videos are decoded once (the decode stage's actor pool, errors dropped with a count) and kept in Ray's
 object store, which spills to disk beyond its memory; every epoch then reshuffles them. Each checkpoint is a
@@ -22,24 +22,52 @@ import torch
 
 from ..embed.on_ray import connect, decoded
 from ..embed.stages.decode import DecodeSettings
-from ..models import VideoTextModel, load_model, new_model
+from ..models import VideoTextModel, default_model_source, load_model, new_model
 from ..storage import Store
-from ..video_table import read_video_table
+from ..video_table import DescribedVideo, read_video_table
 from .options import TrainOptions, TrainSummary
 from .trainer import Trainer, freeze, read_history
 
 SHUFFLE_BUFFER = 1024  # clips each worker draws its batches from, in random order
 
 
-def _start_model(options: TrainOptions) -> VideoTextModel:
-    """The model a run starts from: the checkpoint to fine-tune, or ``options.config`` initialized."""
+def _start_model(options: TrainOptions, labels: list[str] | None) -> VideoTextModel:
+    """The model a run starts from: the checkpoint to fine-tune, ``options.config`` initialized, or a new
+    EVL model over ``options.backbone`` (a classifier of ``labels``, else text-aligned), the same in every
+    worker (seeded)."""
     if options.model:
         return load_model(options.model, options.storage)
+    if options.family == "evl":
+        from xclip_core.evl.build import evl_over_clip
+
+        torch.manual_seed(options.seed)
+        backbone = options.backbone or default_model_source()
+        return evl_over_clip(
+            backbone, labels, storage_options=Store(backbone, options.storage).fsspec_options()
+        )
     return new_model(options.config)
 
 
+def _targets(rows: list[DescribedVideo], model: VideoTextModel, table_uri: str) -> dict[str, list[str]]:
+    """Each video's training targets: its captions (a label's through the template), or its labels for a
+    model that trains on labels (which must be among its classes)."""
+    targets: dict[str, list[str]] = {}
+    on_labels = model.trains_on == "label"
+    for row in rows:
+        if on_labels and row.label is None:
+            raise ValueError(f"{table_uri}: this model is a classifier: it trains on a uri,label table")
+        targets.setdefault(row.uri, []).append(row.label if on_labels else row.text)
+    known = getattr(model.config, "labels", None)
+    if on_labels and known is not None:
+        unknown = sorted({t for texts in targets.values() for t in texts} - set(known))
+        if unknown:
+            raise ValueError(f"{table_uri}: labels the model has no class for: {', '.join(unknown[:10])}")
+    return targets
+
+
 def _train_worker(config: dict[str, Any]) -> None:
-    """One Ray Train worker: its shard of decoded clips, X-CLIP steps, checkpoints from rank 0."""
+    """One Ray Train worker: its shard of decoded clips, the family's training steps, checkpoints from rank
+    0."""
     import ray.train
     import ray.train.torch
 
@@ -52,10 +80,10 @@ def _train_worker(config: dict[str, Any]) -> None:
         # the run's own settings, its cosine stretched if it now runs to more epochs
         trainer.config = replace(trainer.config, total_steps=options.train.total_steps)
     else:
-        model = _start_model(options)
+        model = _start_model(options, config["labels"])
         freeze(model, options.train.freeze)
         trainer = Trainer(ray.train.torch.prepare_model(model), config=options.train)
-    preprocessor = trainer.xclip.preprocessor
+    preprocessor = trainer.core.preprocessor
     device = ray.train.torch.get_device()
     rank = ray.train.get_context().get_world_rank()
     shard = ray.train.get_dataset_shard("train")
@@ -73,8 +101,8 @@ def _train_worker(config: dict[str, Any]) -> None:
             if len(batch["uri"]) < 2:
                 continue  # the contrastive loss needs at least two clips
             pixel_values = torch.stack([preprocessor.normalize(frames) for frames in batch["frames"]])
-            captions = [draw.choice(texts[uri]) for uri in batch["uri"]]
-            losses.append(trainer.step(pixel_values.to(device), captions))
+            targets = [draw.choice(texts[uri]) for uri in batch["uri"]]
+            losses.append(trainer.step(pixel_values.to(device), targets))
         record = trainer.end_epoch(losses)
         if rank == 0:
             trainer.save(options.output, options.storage)
@@ -82,7 +110,7 @@ def _train_worker(config: dict[str, Any]) -> None:
 
 
 def train(table_uri: str, options: TrainOptions) -> TrainSummary:
-    """Train X-CLIP on a ``uri,caption`` or ``uri,label`` table with Ray Train."""
+    """Train a model (X-CLIP, or EVL's decoder) on a ``uri,caption`` or ``uri,label`` table with Ray Train."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -90,13 +118,13 @@ def train(table_uri: str, options: TrainOptions) -> TrainSummary:
     rows = read_video_table(table_uri, options.storage, options.template)
     # loaded once here: a bad checkpoint fails before Ray starts
     source = options.resume or options.model
-    start = load_model(source, options.storage) if source else _start_model(options)
+    labeled = all(row.label is not None for row in rows)
+    labels = sorted({row.label for row in rows}) if labeled and options.family == "evl" else None
+    start = load_model(source, options.storage) if source else _start_model(options, labels)
     settings = DecodeSettings(start.num_frames, start.preprocessor)
+    texts = _targets(rows, start, table_uri)
     del start
     resources = connect(options.address)
-    texts: dict[str, list[str]] = {}
-    for row in rows:
-        texts.setdefault(row.uri, []).append(row.text)
     listed = [
         {"uri": uri, "size": Store(uri, options.storage).size(), "etag": None, "mtime": None} for uri in texts
     ]
@@ -122,6 +150,7 @@ def train(table_uri: str, options: TrainOptions) -> TrainSummary:
         train_loop_config={
             "options": replace(options, train=schedule),
             "texts": texts,
+            "labels": labels,
             "threads": None if options.use_gpu else math.ceil(cpus),
         },
         scaling_config=ScalingConfig(

@@ -11,14 +11,20 @@ from ..storage import StorageOptions
 from ..video_table import DEFAULT_TEMPLATE
 from .trainer import TrainConfig
 
+FAMILIES_TRAINED_NEW = ("xclip", "evl")  # what --family can start
+
 
 @dataclass
 class TrainOptions:
     """What ``videosearch train`` can set."""
 
     output: str  # where checkpoints go: checkpoint-<step>/ in the Hugging Face layout
-    model: str | None = None  # a checkpoint to fine-tune; None trains ``config`` from scratch
-    config: XCLIPConfig | None = None  # geometry when training from scratch
+    model: str | None = None  # a checkpoint to fine-tune (of any family); None: ``config`` or ``family``
+    config: XCLIPConfig | None = None  # geometry when training X-CLIP from scratch
+    # "evl": a new EVL model over the frozen towers of ``backbone`` (a CLIP/X-CLIP checkpoint; None: the
+    # bundled model): a classifier of a uri,label table's labels, or text-aligned on a uri,caption table
+    family: str = "xclip"
+    backbone: str | None = None
     resume: str | None = None  # a checkpoint of an earlier run to continue with its own settings and state
     epochs: int = 1  # epochs in all, those of a resumed run included
     batch_size: int = 8  # clips per worker and step
@@ -32,8 +38,17 @@ class TrainOptions:
     storage: StorageOptions = field(default_factory=StorageOptions)
 
     def __post_init__(self) -> None:
-        if sum(x is not None for x in (self.model, self.config, self.resume)) != 1:
-            raise ValueError("train needs exactly one of: a model to fine-tune, a config, or a run to resume")
+        if self.family not in FAMILIES_TRAINED_NEW:
+            raise ValueError(
+                f"--family must be one of {', '.join(FAMILIES_TRAINED_NEW)}, got {self.family!r}"
+            )
+        new_evl = self.family == "evl"
+        if sum(x is not None for x in (self.model, self.config, self.resume)) + new_evl != 1:
+            raise ValueError(
+                "train needs exactly one of: a model to fine-tune, a config, a run to resume, or --family evl"
+            )
+        if self.backbone is not None and not new_evl:
+            raise ValueError("--backbone is for a new EVL model (--family evl)")
         if self.epochs < 1 or self.batch_size < 2 or self.workers < 1:
             raise ValueError("epochs and workers must be at least 1, the batch size at least 2")
 

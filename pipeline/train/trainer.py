@@ -1,10 +1,12 @@
-"""Training X-CLIP with its objective: the symmetric contrastive loss over the video-conditioned logits.
+"""Training a model with its family's objective: X-CLIP's contrastive loss over video-conditioned logits,
+EVL's cross-entropy over labels or contrastive loss against a frozen text tower.
 
 This is the single-process core (one optimizer step, the learning-rate schedule, mixed precision, freezing,
 resumable checkpoints on any fsspec store); the Ray Train job (:mod:`pipeline.train.job`) runs it in each
-data-parallel worker. The model is a family's module whose forward takes ``(input_ids, pixel_values,
-attention_mask, return_loss=True)`` and returns its ``loss`` (X-CLIP's), loaded with
-:func:`pipeline.models.load_model`.
+data-parallel worker. The model is a family's module (loaded with :func:`pipeline.models.load_model`) with
+``trains_on`` ("caption" or "label": what each video's target is) and ``training_loss(model, pixel_values,
+targets, tokenizer)``, which runs the batch through ``model`` (the module or its data-parallel wrapper). What
+learns is the model's business first (EVL's backbone and text tower never do), then ``freeze``'s.
 """
 
 from __future__ import annotations
@@ -78,9 +80,13 @@ def trainable(name: str, freeze: str) -> bool:
 
 
 def freeze(model: torch.nn.Module, option: str) -> None:
-    """Set which parameters learn (before wrapping the model for data-parallel training)."""
+    """Set which parameters learn (before wrapping the model for data-parallel training): those the model
+    trains at all (a family keeps some frozen: EVL's backbone and text tower) that ``option`` leaves
+    trainable."""
     for name, param in model.named_parameters():
-        param.requires_grad_(trainable(name, option))
+        param.requires_grad_(param.requires_grad and trainable(name, option))
+    if not any(param.requires_grad for param in model.parameters()):
+        raise ValueError(f"the freeze option {option!r} leaves nothing of this model to train")
 
 
 class Trainer:
@@ -95,8 +101,8 @@ class Trainer:
         """``model``: a model (see the module docstring), or one wrapped for data-parallel training (its
         ``.module``); ``tokenizer``: the model's own by default."""
         self.model = model
-        self.xclip: Any = getattr(model, "module", model)
-        self.tokenizer = tokenizer or self.xclip.tokenizer
+        self.core: Any = getattr(model, "module", model)  # the family's module, unwrapped
+        self.tokenizer = tokenizer or self.core.tokenizer
         self.config = config or TrainConfig()
         freeze(model, self.config.freeze)
         params = [p for p in model.parameters() if p.requires_grad]
@@ -113,18 +119,16 @@ class Trainer:
             return torch.autocast(device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def step(self, pixel_values: torch.Tensor, captions: list[str]) -> float:
-        """One optimizer step on a batch whose i-th caption describes the i-th video; returns the loss."""
-        if len(captions) != len(pixel_values) or len(captions) < 2:
-            raise ValueError("a batch needs at least two videos, each with one caption")
+    def step(self, pixel_values: torch.Tensor, targets: list[str]) -> float:
+        """One optimizer step on a batch whose i-th target (a caption, or a label: the model's
+        ``trains_on``) is the i-th video's; returns the loss."""
+        if len(targets) != len(pixel_values) or len(targets) < 2:
+            raise ValueError("a batch needs at least two videos, each with one caption or label")
         self.model.train()
-        tokens = self.xclip.tokenize(self.tokenizer, captions)
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.learning_rate_at(self.step_count)
         with self._autocast(pixel_values.device):
-            loss = self.model(
-                tokens["input_ids"], pixel_values, tokens["attention_mask"], return_loss=True
-            ).loss
+            loss = self.core.training_loss(self.model, pixel_values, targets, self.tokenizer)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -147,8 +151,8 @@ class Trainer:
         preprocessor files) and the training state (optimizer, step, random generator), tensors only.
         Returns the checkpoint's URI."""
         target = Store(uri, options) / f"checkpoint-{self.step_count:08d}"
-        self.xclip.save_pretrained(target.uri, storage_options=target.fsspec_options())
-        self.xclip.processor.save_pretrained(target.uri, target.fsspec_options())
+        self.core.save_pretrained(target.uri, storage_options=target.fsspec_options())
+        self.core.processor.save_pretrained(target.uri, target.fsspec_options())
         state = {
             "optimizer": self.optimizer.state_dict(),
             "step": self.step_count,

@@ -1,4 +1,5 @@
-"""Training: the X-CLIP loss falls on real videos, freezing holds, and a checkpoint resumes exactly."""
+"""Training: the X-CLIP loss falls on real videos, freezing holds, a checkpoint resumes exactly, and the Ray
+Train job trains X-CLIP and EVL models that the pipeline embeds and searches with."""
 
 from __future__ import annotations
 
@@ -9,11 +10,14 @@ import pytest
 import torch
 
 from pipeline.cli import main
+from pipeline.library import Library
+from pipeline.models import load_model
 from pipeline.samples.synthetic import render, sample_scenes, write_dataset
 from pipeline.train.job import train
 from pipeline.train.options import TrainOptions
 from pipeline.train.trainer import TrainConfig, Trainer, trainable
 from xclip_core import XCLIPModel
+from xclip_core.evl.model import EVLModel
 from xclip_core.tokenizer import CLIPTokenizer
 from xclip_core.video_transforms import VideoPreprocessor
 
@@ -157,3 +161,31 @@ def test_two_data_parallel_workers_checkpoint_to_s3_and_resume_from_there(
     resumed = train(table, again)
     assert resumed.checkpoint == f"{run}/checkpoint-00000006"  # one worker now: four steps of two clips
     assert [e["steps"] for e in resumed.epochs] == [2, 6]
+
+
+def test_cli_trains_a_text_aligned_evl_model_whose_library_answers_queries(
+    tiny_model, tmp_path, capsys
+) -> None:
+    table = write_dataset(tmp_path / "clips", sample_scenes(6, seed=9), seconds=1.0, fps=8)
+    run, library = str(tmp_path / "run"), str(tmp_path / "library")
+    train_flags = ["--family", "evl", "--backbone", str(tiny_model), "--batch-size", "3", "--lr", "1e-3"]
+    assert main(["train", table, run, *train_flags, "--json"]) == 0
+    checkpoint = json.loads(capsys.readouterr().out)["checkpoint"]
+    model = load_model(checkpoint)
+    assert isinstance(model, EVLModel) and model.config.text_aligned
+
+    assert main(["embed", str(tmp_path / "clips"), library, "--model", checkpoint, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"] == 6
+    caption = sample_scenes(6, seed=9)[2].caption
+    assert main(["query", library, caption, "-k", "6", "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert len(hits) == 6 and {hit["scored_by"] for hit in hits} == {"cosine"}
+    # the score is the cosine of the query's and the stored embeddings, best first: no re-rank stage
+    rows = Library.open(library).table(["id", "embedding"]).to_pylist()
+    stored = {row["id"]: torch.tensor(row["embedding"]) for row in rows}
+    text = torch.nn.functional.normalize(model.encode_texts([caption])[0], dim=-1)
+    for hit in hits:
+        assert abs(hit["score"] - float(stored[hit["id"]] @ text)) < 1e-5
+    assert [hit["score"] for hit in hits] == sorted((hit["score"] for hit in hits), reverse=True)
+    assert main(["query", library, caption]) == 0
+    assert "the embeddings' cosine" in capsys.readouterr().out

@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import write_video
 
 from pipeline.embed import in_process
 from pipeline.embed.in_process import InFlightMarker, runs_in_process
 from pipeline.embed.job import embed
 from pipeline.embed.options import IN_PROCESS_MAX_BYTES, IN_PROCESS_MAX_OBJECTS, EmbedOptions
 from pipeline.library import Library
-from tests.helpers import write_video
 
 
 def listed(count: int, size: int = 1000) -> list[dict]:

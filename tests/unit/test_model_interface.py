@@ -103,7 +103,7 @@ def test_xclip_processor_rule_for_missing_files(tiny_model: Path, tmp_path: Path
 def test_the_loader_names_unknown_families_and_missing_models(tmp_path: Path) -> None:
     (tmp_path / "odd").mkdir()
     (tmp_path / "odd" / "config.json").write_text(json.dumps({"model_type": "llama"}))
-    with pytest.raises(ValueError, match="unknown model_type 'llama'.*known: xclip"):
+    with pytest.raises(ValueError, match="unknown model_type 'llama'; known: evl, xclip"):
         load_model(str(tmp_path / "odd"))
     with pytest.raises(FileNotFoundError, match="not found: pass a checkpoint directory"):
         load_model(str(tmp_path / "nowhere"))

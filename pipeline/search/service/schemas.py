@@ -16,6 +16,10 @@ class HitOut(BaseModel):
     score: float = Field(
         description="in [-1, 1]: the exact score for a text; the stored embeddings' inner product for similar"
     )
+    scored_by: str = Field(
+        description="video-conditioned (the model's exact score) or cosine (a model without a re-rank "
+        "stage, such as EVL; similar videos)"
+    )
     segment: int
     start_s: float = Field(description="segment start, seconds from the start of the video")
     end_s: float = Field(description="segment end, seconds")

@@ -44,6 +44,7 @@ def similar(library: Library, row_id: int, k: int, candidates: int = DEFAULT_CAN
             end_s=rows["end_s"][i].as_py(),
             segment=rows["segment"][i].as_py(),
             id=rows["id"][i].as_py(),
+            scored_by="cosine",
         )
         for i in order
     ]

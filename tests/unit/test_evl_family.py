@@ -1,0 +1,171 @@
+"""EVL as a model family of the pipeline: built over a checkpoint's frozen towers, loaded by ``load_model``,
+searched by text (the text-aligned variant), trained by the same Trainer (backbone and text tower frozen)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import write_video
+
+from pipeline.cli import main
+from pipeline.embed.stages.decode import DecodeSettings, decode_video
+from pipeline.models import VideoTextModel, load_model
+from pipeline.samples.synthetic import render, sample_scenes
+from pipeline.storage import Store
+from pipeline.train.trainer import TrainConfig, Trainer
+from xclip_core import XCLIPModel
+from xclip_core.evl.build import evl_over_clip
+from xclip_core.evl.model import EVLModel
+
+LABELS = ["circle", "square", "triangle"]
+
+
+@pytest.fixture(scope="module")
+def batch(tiny_model: Path) -> tuple[torch.Tensor, list[str], list[str]]:
+    """Six synthetic clips preprocessed for the tiny model (4 frames, 32 px), their captions and labels."""
+    scenes = sample_scenes(6, seed=2)
+    preprocessor = XCLIPModel.from_pretrained(tiny_model).preprocessor
+    videos = [preprocessor(torch.from_numpy(render(s, 4, 64, 48)))["pixel_values"][0] for s in scenes]
+    labels = [LABELS[i % 3] for i in range(6)]
+    return torch.stack(videos), [s.caption for s in scenes], labels
+
+
+def frozen_names(model: EVLModel) -> set[str]:
+    return {n for n, _ in model.named_parameters() if n.startswith(("vision_model.", "alignment.text_"))}
+
+
+def test_a_text_aligned_evl_model_is_searchable_through_the_model_interface(
+    tiny_model: Path, tmp_path: Path, batch
+) -> None:
+    torch.manual_seed(0)
+    model = evl_over_clip(tiny_model).eval()
+    xclip = XCLIPModel.from_pretrained(tiny_model)
+    assert isinstance(model, VideoTextModel)
+    assert (model.num_frames, model.embedding_dim, model.rerank_shape) == (4, 32, None)
+    # the text side is X-CLIP's own tower and projection, untouched; the backbone is X-CLIP's vision tower
+    texts = ["a red circle", "two blue squares"]
+    torch.testing.assert_close(model.encode_texts(texts), xclip.encode_texts(texts), rtol=0, atol=1e-6)
+    assert torch.equal(
+        model.vision_model.encoder.layers[0].self_attn.q_proj.weight,
+        xclip.vision_model.encoder.layers[0].self_attn.q_proj.weight,
+    )
+    embedding, rerank = model.encode_videos(batch[0])
+    assert embedding.shape == (6, 32) and rerank is None
+
+    model.save_pretrained(tmp_path / "evl")
+    model.processor.save_pretrained(tmp_path / "evl")
+    loaded = load_model(str(tmp_path / "evl"))
+    assert isinstance(loaded, EVLModel) and loaded.identity.family == "evl"
+    assert loaded.preprocessor == xclip.preprocessor
+    torch.testing.assert_close(loaded.encode_videos(batch[0])[0], embedding, rtol=0, atol=1e-6)
+
+
+def test_a_classifier_says_it_cannot_be_searched(tiny_model: Path) -> None:
+    model = evl_over_clip(tiny_model, labels=LABELS)
+    assert model.config.num_classes == 3 and model.trains_on == "label"
+    with pytest.raises(ValueError, match="cannot be searched by text.*--family evl"):
+        model.encode_texts("a red circle")
+
+
+@pytest.mark.parametrize("variant", ["classifier", "text-aligned"])
+def test_training_moves_the_decoder_only_lowers_the_loss_and_resumes_exactly(
+    tiny_model: Path, tmp_path: Path, batch, variant: str
+) -> None:
+    pixels, captions, labels = batch
+    targets = labels if variant == "classifier" else captions
+    torch.manual_seed(0)
+    model = evl_over_clip(tiny_model, labels=LABELS if variant == "classifier" else None)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = Trainer(model, config=TrainConfig(3e-3, weight_decay=0.0))
+    # the optimizer holds the decoder's parameters (and the head or the video projection) alone
+    optimized = {id(p) for group in trainer.optimizer.param_groups for p in group["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in optimized}
+    assert names and not names & frozen_names(model)
+    assert any(n.startswith("decoder.") for n in names)
+
+    def loss() -> float:  # without dropout's noise
+        with torch.no_grad():
+            return model.eval().training_loss(model, pixels, targets, model.tokenizer).item()
+
+    start = loss()
+    trainer.fit([(pixels, targets)] * 12)
+    assert loss() < 0.7 * start
+    for name, value in model.state_dict().items():
+        if name in frozen_names(model):
+            assert torch.equal(value, before[name]), f"{name} moved"
+        assert all(p.grad is None for n, p in model.named_parameters() if n in frozen_names(model))
+    assert any(
+        not torch.equal(v, before[k]) for k, v in model.state_dict().items() if k.startswith("decoder.")
+    )
+
+    checkpoint = trainer.save(str(tmp_path / "run"))
+    trainer.fit([(pixels, targets)] * 2)
+    resumed = Trainer.resume(checkpoint)
+    assert isinstance(resumed.core, EVLModel) and resumed.step_count == 12
+    resumed.fit([(pixels, targets)] * 2)
+    for (name, a), b in zip(model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_labels_the_classifier_does_not_know_are_refused(tiny_model: Path, batch) -> None:
+    trainer = Trainer(evl_over_clip(tiny_model, labels=LABELS))
+    with pytest.raises(ValueError, match="no class for: \\['hexagon'\\]"):
+        trainer.step(batch[0][:2], ["circle", "hexagon"])
+
+
+def test_a_text_tower_needs_a_checkpoint_directory(tmp_path: Path, tiny_model: Path) -> None:
+    XCLIPModel.from_pretrained(tiny_model).save_pretrained(tmp_path / "copy")
+    single = tmp_path / "copy" / "model.safetensors"
+    assert evl_over_clip(single, labels=LABELS).config.num_classes == 3  # a classifier needs the vision tower
+    with pytest.raises(ValueError, match="text tower from a Hugging Face-layout X-CLIP or CLIP checkpoint"):
+        evl_over_clip(single)
+
+
+def test_classify_uses_an_evl_classifiers_head_and_its_label_file(
+    tiny_model: Path, tmp_path: Path, capsys
+) -> None:
+    torch.manual_seed(0)
+    model = evl_over_clip(tiny_model, labels=LABELS).eval()
+    model.save_pretrained(tmp_path / "evl")
+    model.processor.save_pretrained(tmp_path / "evl")
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_video(videos / "a.mp4", 12, 48, 40, fps=6, seed=1)
+    (videos / "broken.mp4").write_bytes(b"not a video")
+
+    assert main(["classify", str(videos), "--model", str(tmp_path / "evl"), "-k", "3", "--json"]) == 0
+    results = {Path(r["uri"]).name: r for r in json.loads(capsys.readouterr().out)}
+    assert results["broken.mp4"]["error"] and not results["broken.mp4"]["labels"]
+    # the head's probabilities of the model's own class names, most probable first
+    (decoded,) = decode_video(Store(str(videos / "a.mp4")), DecodeSettings(4, model.preprocessor))
+    with torch.no_grad():
+        probs = model(model.preprocessor.normalize(decoded["frames"])[None]).softmax(-1)[0]
+    expected = sorted(zip(LABELS, probs.tolist(), strict=True), key=lambda pair: -pair[1])
+    assert [label for label, _ in results["a.mp4"]["labels"]] == [label for label, _ in expected]
+    assert [p for _, p in results["a.mp4"]["labels"]] == pytest.approx([p for _, p in expected], abs=1e-6)
+
+    # class names from a file in the original release's format: {"0": name, ...}
+    (tmp_path / "names.json").write_text(json.dumps({"0": "disc", "1": "box", "2": "wedge"}))
+    flags = ["--model", str(tmp_path / "evl"), "--labels", str(tmp_path / "names.json"), "--json"]
+    assert main(["classify", str(videos / "a.mp4"), *flags]) == 0
+    renamed = json.loads(capsys.readouterr().out)[0]["labels"]
+    names = dict(zip(LABELS, ["disc", "box", "wedge"], strict=True))
+    assert [label for label, _ in renamed] == [names[label] for label, _ in expected]
+    (tmp_path / "two.json").write_text(json.dumps(["disc", "box"]))
+    assert (
+        main(
+            [
+                "classify",
+                str(videos / "a.mp4"),
+                "--model",
+                str(tmp_path / "evl"),
+                "--labels",
+                str(tmp_path / "two.json"),
+            ]
+        )
+        == 2
+    )
+    assert "2 labels for a classifier of 3 classes" in capsys.readouterr().err
