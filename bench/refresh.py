@@ -152,7 +152,7 @@ def main() -> None:
     nothing_s, nothing = videosearch("refresh", source, library, *model)
 
     manifest = json.loads((library / "versions" / f"{refreshed['version']}.json").read_text())
-    named = [p["path"] for p in manifest["parts"]] + [
+    named = [name for p in manifest["parts"] for name in (p["path"], p.get("features")) if name] + [
         manifest["index"]["path"],
         f"versions/{refreshed['version']}.json",
     ]

@@ -51,3 +51,10 @@ def test_refresh_benchmark_reports_its_ratios(tmp_path: Path) -> None:
     assert re.search(r"ratio bytes written / library size: \d+\.\d+", out), out
     assert "'new': 1, 'changed': 1, 'deleted': 1" in out, out
     assert re.search(r"ratio peak RSS 1 min / 0.5 min: \d+\.\d+ in batches", out), out
+
+
+def test_train_efficiency_benchmark_reports_both_ratios() -> None:
+    out = bench("train_efficiency.py", "--geometry", "tiny", "--steps", "1")
+    assert re.search(r"ratio EVL / X-CLIP steps/s: \d+\.\d+x", out), out
+    assert re.search(r"ratio EVL / X-CLIP step peak RSS: \d+\.\d+", out), out
+    assert "backbone forward (no grad)" in out, out

@@ -58,17 +58,25 @@ class TemporalCrossAttention(nn.Module):
         # q, k: (B, T, L, heads, d) with the class token first -> (B, T, L, D), zero on class tokens
         q, k = q[:, :, 1:], k[:, :, 1:]  # (B, T, P, heads, d)
         index = relative_position_index(self.grid, q.device)  # (P, P)
-        from_previous = self.mix(q[:, 1:], k[:, :-1], self.previous_frame_weight[index])  # frames 1..T-1
-        from_next = self.mix(q[:, :-1], k[:, 1:], self.next_frame_weight[index])  # frames 0..T-2
+        from_previous = self.mix(q[:, 1:], k[:, :-1], index, self.previous_frame_weight)  # frames 1..T-1
+        from_next = self.mix(q[:, :-1], k[:, 1:], index, self.next_frame_weight)  # frames 0..T-2
         patches = F.pad(from_previous, (0, 0, 0, 0, 1, 0)) + F.pad(from_next, (0, 0, 0, 0, 0, 1))
         return F.pad(patches, (0, 0, 1, 0))  # (B, T, 1 + P, D)
 
     @staticmethod
-    def mix(q: torch.Tensor, k: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        # q, k: (B, T', P, heads, d); weights: (P, P, D) -> (B, T', P, D)
+    def mix(q: torch.Tensor, k: torch.Tensor, index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        """sum_p' A[p, p'] table[index[p, p']]: the attention of each patch over the neighbour's patches,
+        weighing the table's vector of each relative position.
+
+        Computed as the attention laid out by relative position (B, T', P, R), times the table (R, D): for one
+        query patch every key patch is at another offset, so the layout only moves numbers, and the table
+        is read once, never copied out as a (P, P, D) tensor (nor its gradient summed back into it)."""
+        # q, k: (B, T', P, heads, d); index: (P, P) into R relative positions; table: (R, D) -> (B, T', P, D)
         scores = torch.einsum("btqhd,btkhd->btqkh", q * q.shape[-1] ** -0.5, k)
         attn = scores.softmax(dim=-2).mean(dim=-1)  # (B, T', P, P): softmax over keys, mean over heads
-        return torch.einsum("btqk,qkc->btqc", attn, weights)
+        by_offset = attn.new_zeros(*attn.shape[:-1], table.shape[0])  # (B, T', P, R)
+        by_offset.scatter_(-1, index.expand_as(attn), attn)
+        return by_offset @ table
 
 
 class TemporalModules(nn.Module):
