@@ -13,8 +13,9 @@ this process, it times:
                   default thread count, and again with the thread count the pipeline gives its encoder
   pipeline        ``pipeline.embed.job.embed`` into a fresh library on a local Ray with the default plan;
                   Ray is started before the clock starts (``ray.init`` is timed and reported on its own);
-                  then the same job on one video, and a trivial Ray Data job of the same shape (start-up
-                  floor)
+                  then the same job on one video, a trivial Ray Data job of the same shape (start-up
+                  floor), and the one-video job in this process (``--executor in-process``, what ``auto``
+                  runs for a small job)
   plain loop      decord ``VideoReader`` + ``segment_frame_indices`` + ``VideoPreprocessor`` +
                   ``XCLIPModel.encode_videos``, one video at a time
 
@@ -43,7 +44,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -268,6 +269,7 @@ class PipelineRun:
     ray_init_s: float
     summary_s: float  # the job's own timer (EmbedSummary.seconds)
     one_video_s: float  # the same job on one video, Ray up: the job's fixed cost plus one video
+    one_video_here_s: float  # the one-video job in this process (what --executor auto runs for a small job)
     plan: (
         logging.LogRecord | None
     )  # the embed job's "plan: ..." record; args = decoders, CPU each, encoders, GPU, CPU each
@@ -305,17 +307,24 @@ def measure_pipeline(run_dir: Path, videos: list[Path], model_dir: str, batch_si
             started = time.perf_counter()
             summary = embed(str(make_source(run_dir / "all", videos)), str(run_dir / "library"), options)
             seconds = time.perf_counter() - started
+        one = str(make_source(run_dir / "one", videos[:1]))
         started = time.perf_counter()
-        embed(str(make_source(run_dir / "one", videos[:1])), str(run_dir / "library-one"), options)
+        embed(one, str(run_dir / "library-one"), options)
         one_video_s = time.perf_counter() - started
         floor_s = measure_ray_data_floor()
+        started = time.perf_counter()
+        here = replace(options, executor="in-process")
+        embed(one, str(run_dir / "library-one-here"), here)
+        one_video_here_s = time.perf_counter() - started
     finally:
         ray.shutdown()
     if summary.ok != summary.objects:
         raise RuntimeError(f"the pipeline did not embed every video:\n{summary.text()}")
     plan = next((r for r in plan_log if r.msg.startswith("plan:")), None)
     result = Result("full Ray pipeline", summary.objects, seconds, "embed() wall time, Ray already up")
-    return PipelineRun(result, ray_init_s, summary.seconds, one_video_s, plan, workers, floor_s)
+    return PipelineRun(
+        result, ray_init_s, summary.seconds, one_video_s, one_video_here_s, plan, workers, floor_s
+    )
 
 
 class _ImportsStageModules:
@@ -446,6 +455,12 @@ def print_report(
     if steady:
         print(f"  {'pipeline once running / slowest stage alone':48s} {steady / slowest.rate:5.2f}")
     print_cpu_bound(standard, run, steady, plain, slowest, pipeline.floor_s)
+    start_up = pipeline.one_video_here_s / (pipeline.floor_s + 3)
+    print(
+        f"  one-video job in this process (--executor auto's choice): {pipeline.one_video_here_s:.1f} s; "
+        f"/ (Ray Data floor + 3 s) = {start_up:.2f}   goal <= 1: {'met' if start_up <= 1 else 'MISSED'}"
+        f"   (on Ray: {pipeline.one_video_s:.1f} s)"
+    )
 
     cpu = pipeline.workers.cpu_by_title()
     total = sum(cpu.values())

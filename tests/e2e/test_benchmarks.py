@@ -36,7 +36,13 @@ def test_pipeline_benchmark_reports_ratios_and_cpu(tmp_path: Path) -> None:
         "pipeline.py", "--videos", "3", "--seconds", "1", "--width", "64", "--height", "48",
         "--model", model, "--workdir", str(tmp_path),
     )  # fmt: skip
-    for line in ("full Ray pipeline", "plain loop", "pipeline / plain loop", "CPU time during the pipeline"):
+    for line in (
+        "full Ray pipeline",
+        "plain loop",
+        "pipeline / plain loop",
+        "CPU time during the pipeline",
+        "one-video job in this process",
+    ):
         assert line in out, out
     floor = re.search(r"start-up floor \(a trivial job of the same shape, one row\): (\S+) s", out)
     assert floor and float(floor[1]) > 0, out
