@@ -18,6 +18,8 @@ this process, it times:
                   runs for a small job)
   plain loop      decord ``VideoReader`` + ``segment_frame_indices`` + ``VideoPreprocessor`` +
                   ``XCLIPModel.encode_videos``, one video at a time
+  in-process      the whole job in this process (``--executor in-process``: what ``auto`` runs for at most
+                  64 objects and no cluster to join), model load included
 
 and prints videos/s and cores busy (CPU time / wall time of this process) for each, the ratios pipeline /
 slowest stage alone (goal >= 0.85) and pipeline / plain loop (goal >= 1.3), on a machine without a GPU the
@@ -384,6 +386,20 @@ def measure_plain_loop(videos: list[Path], model_dir: str) -> Result:
     return Result("plain loop", len(videos), seconds, detail, cpu)
 
 
+def measure_in_process(run_dir: Path, videos: list[Path], model_dir: str, batch_size: int) -> Result:
+    """The whole job in this process (``--executor in-process``, what ``auto`` runs for at most 64 objects
+    on a machine with no cluster to join): model load and hash, decoding a few batches ahead in a thread,
+    encoding, writing, indexing, publishing."""
+    options = EmbedOptions(model=model_dir, batch_size=batch_size, executor="in-process")
+    source = str(make_source(run_dir / "in-process", videos))
+    started, cpu = time.perf_counter(), time.process_time()
+    summary = embed(source, str(run_dir / "library-in-process"), options)
+    seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
+    if summary.ok != summary.objects:
+        raise RuntimeError(f"the in-process job did not embed every video:\n{summary.text()}")
+    return Result("whole job in this process", len(videos), seconds, "embed --executor in-process", cpu)
+
+
 def _capture_log(name: str) -> list[logging.LogRecord]:
     """The INFO records that logger ``name`` will emit from now on (kept, not printed)."""
     records: list[logging.LogRecord] = []
@@ -401,6 +417,7 @@ def print_report(
     stages: list[Result],
     pipeline: PipelineRun,
     plain: Result,
+    here: Result,
     load: tuple[float, float],
 ) -> None:
     cores, usable, threads = os.cpu_count(), len(os.sched_getaffinity(0)), torch.get_num_threads()
@@ -418,7 +435,7 @@ def print_report(
     )
     print(pipeline.plan.getMessage() if pipeline.plan else "plan: (not logged)")
     run = pipeline.result
-    rows = [*stages, run, plain]
+    rows = [*stages, run, plain, here]
     for r in rows:
         busy = f"{r.cpu_seconds / r.seconds:4.2f}" if r.cpu_seconds is not None else " n/a"
         print(
@@ -447,6 +464,8 @@ def print_report(
     for label, value, goal in ratios:
         verdict = "met" if value >= goal else "MISSED"
         print(f"  {label:48s} {value:5.2f}   goal >= {goal}: {verdict}")
+    label = "whole job in this process / plain loop"
+    print(f"  {label:48s} {here.rate / plain.rate:5.2f}   (its start-up included)")
     for r in stages:
         if r.name.startswith("encode alone,"):
             print(
@@ -554,6 +573,7 @@ def main() -> None:
         pipeline = measure_pipeline(run_dir, videos, args.checkpoint, args.batch_size)
         _progress(pipeline.result)
         plain = _progress(measure_plain_loop(videos, args.checkpoint))
+        here = _progress(measure_in_process(run_dir, videos, args.checkpoint, args.batch_size))
         threads = pipeline.encoder_threads
         if threads is not None and threads != torch.get_num_threads():  # the encoder as the pipeline runs it
             stages.append(
@@ -561,7 +581,7 @@ def main() -> None:
             )
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
-    print_report(args, stages, pipeline, plain, (load_before, os.getloadavg()[0]))
+    print_report(args, stages, pipeline, plain, here, (load_before, os.getloadavg()[0]))
 
 
 if __name__ == "__main__":

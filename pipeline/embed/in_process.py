@@ -4,7 +4,7 @@ A local Ray costs ~12 s before its first video on a laptop (its services, then e
 load), more than a refresh that adds a few dozen videos spends on them. So when the job runs on this machine
 (no cluster to join) and the objects to embed are few (``IN_PROCESS_MAX_OBJECTS`` and ``IN_PROCESS_MAX_BYTES``
 in :mod:`pipeline.embed.options`), the same stage callables run here in a plain loop: decode -> encode ->
-write, one part per
+write (decoding a few batches ahead in a thread, so that it overlaps encoding), one part per
 :data:`~pipeline.embed.stages.write.PART_ROWS` rows, each part recorded in the journal as soon as it is
 written, exactly as the Ray plan does. ``--executor ray`` or ``in-process`` overrides the choice.
 
@@ -20,10 +20,13 @@ import hashlib
 import json
 import logging
 import os
+import queue
 import sys
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -31,13 +34,16 @@ from ..library import LibraryWriter, PartInfo
 from ..library.journal import Journal
 from ..models import VideoTextModel
 from .options import IN_PROCESS_MAX_BYTES, IN_PROCESS_MAX_OBJECTS, EmbedOptions
-from .stages.decode import SEGMENTS_PER_BATCH, DecodeSettings, DecodeVideos
+from .stages.decode import DecodeSettings, DecodeVideos
 from .stages.encode import EncodeFrames
 from .stages.write import PART_ROWS, WritePart, written_part
 
 log = logging.getLogger(__name__)
 
 PLACEMENT = "this process"  # the summary's node name for the stages run here
+DECODED_AHEAD = 2  # decoded batches that may wait for the encoder (each at most 16 x 8 frames at 224 px)
+
+T = TypeVar("T")
 
 
 class InFlightMarker:
@@ -134,19 +140,64 @@ def embed_in_process(
     device = "cpu" if options.gpus_per_encoder == 0 else "auto"
     encode = EncodeFrames(options.model, options.storage, device, options.batch_size, loaded=model)
     write = WritePart(writer.store, writer.embedding_dim, writer.prompt_shape)
+
+    def decoded() -> Iterator[dict[str, np.ndarray]]:  # a batch of rows per encoder call (or per long video)
+        for start in range(0, len(listed), options.batch_size):
+            group = listed[start : start + options.batch_size]
+            yield from decode(
+                {name: np.array([row[name] for row in group], dtype=object) for name in group[0]}
+            )
+
     pending: list[dict[str, np.ndarray]] = []
-    for start in range(0, len(listed), SEGMENTS_PER_BATCH):
-        group = listed[start : start + SEGMENTS_PER_BATCH]
-        batch = {name: np.array([row[name] for row in group], dtype=object) for name in group[0]}
-        for frames in decode(batch):
-            pending.append(encode(frames))
-            while sum(len(b["uri"]) for b in pending) >= PART_ROWS:
-                part, pending = _split(pending, PART_ROWS)
-                journal.record(_written(write, part))
+    for frames in ahead(decoded(), DECODED_AHEAD):
+        pending.append(encode(frames))
+        while sum(len(b["uri"]) for b in pending) >= PART_ROWS:
+            part, pending = _split(pending, PART_ROWS)
+            journal.record(_written(write, part))
     if pending and sum(len(b["uri"]) for b in pending):
         journal.record(_written(write, _concat(pending)))
     marker.clear()
     return journal.parts, {"decode": {PLACEMENT: 1}, "encode": {PLACEMENT: 1}}
+
+
+def ahead(items: Iterator[T], depth: int) -> Iterator[T]:
+    """``items``, produced by a thread that runs at most ``depth`` items ahead of the consumer: decoding
+    (PyAV) and encoding (torch) release the GIL, so the next videos decode while the model encodes. An
+    exception in the producer is raised here, in order; a consumer that stops early stops the producer."""
+    slots: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(kind: str, value: Any) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put((kind, value), timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put("item", item):
+                    return
+            put("done", None)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+            put("error", e)
+
+    producer = threading.Thread(target=produce, name="videosearch-decode", daemon=True)
+    producer.start()
+    try:
+        while True:
+            kind, value = slots.get()
+            if kind == "error":
+                raise value
+            if kind == "done":
+                return
+            yield value
+    finally:
+        stop.set()
+        producer.join()
 
 
 def _written(write: WritePart, rows: dict[str, np.ndarray]) -> PartInfo:

@@ -42,6 +42,7 @@ def test_pipeline_benchmark_reports_ratios_and_cpu(tmp_path: Path) -> None:
         "pipeline / plain loop",
         "CPU time during the pipeline",
         "one-video job in this process",
+        "whole job in this process / plain loop",
     ):
         assert line in out, out
     floor = re.search(r"start-up floor \(a trivial job of the same shape, one row\): (\S+) s", out)

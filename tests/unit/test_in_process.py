@@ -11,7 +11,7 @@ import pytest
 from helpers import write_video
 
 from pipeline.embed import in_process
-from pipeline.embed.in_process import InFlightMarker, runs_in_process
+from pipeline.embed.in_process import InFlightMarker, ahead, runs_in_process
 from pipeline.embed.job import embed
 from pipeline.embed.options import IN_PROCESS_MAX_BYTES, IN_PROCESS_MAX_OBJECTS, EmbedOptions
 from pipeline.library import Library
@@ -87,3 +87,27 @@ def test_in_process_jobs_write_parts_of_part_rows_holding_every_video_once(
     assert sorted(row["uri"] for row in rows) == sorted(str(p) for p in videos.iterdir())
     assert [row["uri"] for row in rows if row["error"]] == [str(videos / "broken.mp4")]
     assert not InFlightMarker(library).path.exists()
+
+
+def test_decoding_ahead_keeps_the_order_raises_in_place_and_stops_with_its_consumer() -> None:
+    produced: list[int] = []
+
+    def items(fail_at: int | None = None):
+        for i in range(100):
+            if i == fail_at:
+                raise OSError(f"broken at {i}")
+            produced.append(i)
+            yield i
+
+    assert list(ahead(items(), 2)) == list(range(100))
+    got = []
+    with pytest.raises(OSError, match="broken at 5"):
+        for i in ahead(items(fail_at=5), 2):
+            got.append(i)
+    assert got == [0, 1, 2, 3, 4]  # everything before the failure, in order, then the failure itself
+
+    produced.clear()
+    for i in ahead(items(), 2):
+        if i == 3:
+            break
+    assert len(produced) <= 3 + 1 + 2 + 1  # the items consumed, the slots, the one being put: then it stops
