@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from .cluster import commands as cluster_commands
 from .cluster.submit import ClusterError
-from .embed.options import EXECUTORS, IN_PROCESS_MAX_OBJECTS, EmbedOptions
+from .embed.options import EXECUTORS, IN_PROCESS_MAX_OBJECTS, SAMPLINGS, EmbedOptions
 from .library.gc import GRACE_S
 from .library.index import KINDS as INDEX_KINDS
 from .library.manifest import LibraryError, WorseVersionError
@@ -58,6 +58,13 @@ def _embed_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="X-CLIP checkpoint directory or URL (default: the bundled model)")
     parser.add_argument("--frames", type=int, help="frames per video or segment (default: the model's)")
     parser.add_argument("--segment", type=float, metavar="SECONDS", help="embed segments of this length")
+    parser.add_argument(
+        "--sampling",
+        choices=SAMPLINGS,
+        default=_default(EmbedOptions, "sampling"),
+        help="exact: X-CLIP's uniform sampling (default); fast: the cheapest frames (keyframes) within half "
+        "a sampling interval of each, the time error recorded per row",
+    )
     parser.add_argument(
         "--batch-size",
         type=int,
@@ -350,6 +357,7 @@ def _run_embed(args: argparse.Namespace, out: TextIO) -> int:
         model=args.model,
         frames=args.frames,
         segment_s=args.segment,
+        sampling=args.sampling,
         batch_size=args.batch_size,
         decoders=args.decoders,
         encoders=args.encoders,

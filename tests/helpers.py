@@ -204,6 +204,7 @@ def decoded_batch(frames: list[np.ndarray | None], errors: list[str | None]) -> 
         "frame_count": np.full(rows, 100),
         "width": np.full(rows, 64),
         "height": np.full(rows, 48),
+        "sample_error_s": np.full(rows, 0.01),
         "frames": column,
         "thumbnail": np.array([b"\xff\xd8jpeg" if e is None else b"" for e in errors], dtype=object),
         "error": np.array(errors, dtype=object),

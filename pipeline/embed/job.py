@@ -64,13 +64,16 @@ def _run(source: str, library: str, options: EmbedOptions, refresh: bool) -> Emb
     frames = options.frames or model.num_frames
     if frames != model.num_frames:
         raise ValueError(f"the model takes {model.num_frames} frames per video, not {frames}")
-    settings = DecodeSettings(frames, model.preprocessor, options.segment_s)
+    settings = DecodeSettings(frames, model.preprocessor, options.segment_s, options.sampling)
     listed = list_objects(source, options.storage)
     if not listed:
         raise ValueError(f"nothing to embed: {source} lists no objects")
 
     store = Store(library, options.storage)
+    # what the rows depend on besides the model (exact sampling is not named: libraries from before it)
     decode = {"frames": frames, "segment_s": options.segment_s}
+    if options.sampling != "exact":
+        decode["sampling"] = options.sampling
     with Journal(store, model.identity.sha256, decode) as journal:  # the lease: one writer at a time
         base = Library.current_version(store)
         reused = Library(store, base) if _reusable(base, model.identity, decode, refresh) else None

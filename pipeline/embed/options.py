@@ -10,6 +10,7 @@ from ..library.refresh import Changes
 from ..storage import StorageOptions
 
 EXECUTORS = ("auto", "ray", "in-process")
+SAMPLINGS = ("exact", "fast")  # as pipeline.embed.stages.decode has them (not imported: PyAV, for --help)
 IN_PROCESS_MAX_OBJECTS = 64  # "auto" embeds at most this many objects in the job's process...
 IN_PROCESS_MAX_BYTES = 256 * 2**20  # ... of at most this many bytes (see pipeline.embed.in_process)
 
@@ -21,6 +22,7 @@ class EmbedOptions:
     model: str | None = None  # checkpoint directory, URL or file; None: the bundled model
     frames: int | None = None  # frames per video/segment; the model's own count by default
     segment_s: float | None = None  # embed fixed-length segments instead of whole videos
+    sampling: str = "exact"  # "fast": the cheapest frames within half a sampling interval (keyframes)
     batch_size: int = 4  # videos (segments) per encoder call
     decoders: int | None = None  # decode actors
     encoders: int | None = None  # encode actors
@@ -45,6 +47,8 @@ class EmbedOptions:
             ("--encoders", self.encoders, lambda v: v >= 1, "at least 1"),
             ("--gpus-per-encoder", self.gpus_per_encoder, lambda v: 0 <= v < math.inf, "0 or more"),
         )
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"--sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}")
         if self.executor not in EXECUTORS:
             raise ValueError(f"--executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
         for flag, value, valid, wanted in checks:

@@ -30,6 +30,7 @@ DECODED = (
     "frame_count",  # int: frames in the whole video
     "width",  # int: display width (after rotation)
     "height",  # int: display height (after rotation)
+    "sample_error_s",  # float: the largest distance of a sampled frame's time from its wanted time
     "frames",  # uint8 ndarray (num_frames, crop, crop, 3): resized + centre-cropped, not normalized
     "thumbnail",  # bytes: a small JPEG of the segment's middle frame
     "error",  # str | None: why the object could not be decoded (then frames/thumbnail are empty)
@@ -83,6 +84,7 @@ def part_schema(embedding_dim: int, prompt_shape: tuple[int, int] | None) -> pa.
         ("frame_count", pa.int64()),
         ("width", pa.int32()),
         ("height", pa.int32()),
+        ("sample_error_s", pa.float64()),  # null in parts written before it was recorded
         ("thumbnail", pa.binary()),
         ("error", pa.string()),
         ("embedding", pa.list_(pa.float32(), embedding_dim)),

@@ -65,3 +65,13 @@ def test_train_efficiency_benchmark_reports_both_ratios() -> None:
     assert re.search(r"ratio EVL / X-CLIP steps/s: \d+\.\d+x", out), out
     assert re.search(r"ratio EVL / X-CLIP step peak RSS: \d+\.\d+", out), out
     assert "backbone forward (no grad)" in out, out
+
+
+def test_decode_benchmark_compares_decord_exact_and_fast(tmp_path: Path) -> None:
+    out = bench(
+        "decode.py", "--videos", "3", "--seconds", "2", "--width", "64", "--height", "48", "--fps", "10",
+        "--gop", "5", "--workdir", str(tmp_path),
+    )  # fmt: skip
+    for mode in ("exact", "fast"):
+        assert re.search(rf"{mode}\s+\S+ ms CPU per video\s+efficiency / decord\s+\S+x", out), out
+    assert re.search(r"mean Spearman correlation of the rankings -?\d\.\d+", out), out

@@ -34,6 +34,7 @@ from xclip_core.video_transforms import VideoPreprocessor
 
 from ...library.schema import DECODED, LISTED
 from ...storage import StorageOptions, StorageUnavailable, Store, translate_error
+from ..options import SAMPLINGS
 from .frame_reader import DecodeError, FrameReader, check_size
 
 S3_BLOCK_SIZE = 1 << 20  # bytes fetched per ranged read of a remote object
@@ -47,7 +48,7 @@ _IO_BUFFER_SIZE = 32 << 10  # bytes PyAV asks the file object for per read
 # read as a video: animated GIFs are short clips.)
 _NOT_VIDEO = {"ico": "an image"}  # demuxers that probe by content and find no video (images: *_pipe)
 _INT_COLUMNS = ("segment", "frame_count", "width", "height")
-_FLOAT_COLUMNS = ("start_s", "end_s", "duration_s", "fps")
+_FLOAT_COLUMNS = ("start_s", "end_s", "duration_s", "fps", "sample_error_s")
 
 
 @dataclass(frozen=True)
@@ -57,15 +58,23 @@ class DecodeSettings:
     ``num_frames`` frames per video (or per segment of ``segment_s`` seconds), resized and centre-cropped by
     ``preprocessor.resize_crop``; a JPEG thumbnail whose shorter side is ``thumbnail_size``; frames larger
     than ``max_pixels`` refused; seeking only when the next frame wanted lies more than ``max_forward_s``
-    ahead.
+    ahead. ``sampling``: ``"exact"`` (X-CLIP's uniform sampling: the frame shown at each wanted time) or
+    ``"fast"`` (the cheapest frame within half the sampling interval of each wanted time: a keyframe where
+    one is that close; see :mod:`~pipeline.embed.stages.frame_reader`). Each row records its largest time
+    error (``sample_error_s``).
     """
 
     num_frames: int
     preprocessor: VideoPreprocessor
     segment_s: float | None = None
+    sampling: str = "exact"
     thumbnail_size: int = 160
     max_pixels: int = MAX_PIXELS
     max_forward_s: float = MAX_FORWARD_S
+
+    def __post_init__(self) -> None:
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"--sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}")
 
     @property
     def frames_shape(self) -> tuple[int, int, int, int]:
@@ -369,7 +378,11 @@ def _decode_segments(
         first = min(math.ceil(start_s * fps - 1e-6), frame_count - 1)
         last = frame_count if number == len(windows) - 1 else math.ceil(end_s * fps - 1e-6)
         indices = segment_frame_indices(frame_count, settings.num_frames, first, max(last, first + 1))
-        frames = [reader.rgb_at(i / fps) for i in indices]
+        # fast: any frame within half the sampling interval (it stays in its own slot of the segment)
+        tolerance = (max(last, first + 1) - first) / fps / settings.num_frames / 2
+        read = [reader.rgb_at(i / fps, tolerance if settings.sampling == "fast" else None) for i in indices]
+        frames = [rgb for rgb, _ in read]
+        error = max(abs(time - i / fps) for (_, time), i in zip(read, indices, strict=True))
         height, width = frames[0].shape[:2]
         yield (
             {
@@ -381,6 +394,7 @@ def _decode_segments(
                 "frame_count": frame_count,
                 "width": width,
                 "height": height,
+                "sample_error_s": error,
                 "frames": _resize_crop(settings.preprocessor, frames),
                 "thumbnail": _thumbnail(frames[len(frames) // 2], settings.thumbnail_size),
                 "error": None,

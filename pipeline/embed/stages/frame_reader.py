@@ -10,6 +10,11 @@ that skips decoding: in containers with a keyframe index (MP4/MOV, Matroska/WebM
 lies more than ``max_forward_s`` ahead and a keyframe lies between it and the current position. Elsewhere
 (MPEG-TS, AVI, raw streams) it only decodes forward. Unreferenced frames (most B-frames) before the next
 frame wanted are not decoded at all.
+
+Fast sampling (``tolerance`` larger than half a frame): any frame within ``tolerance`` of the wanted time
+will do, so the reader takes the cheapest one: a keyframe within reach, found in the container's index and
+decoded alone after a seek (no frames before it), else the first frame decoded forward that reaches
+``target - tolerance`` (fewer frames than the exact one). The time error stays within ``tolerance``.
 """
 
 from __future__ import annotations
@@ -61,13 +66,19 @@ class FrameReader:
         self.current: tuple[float, av.VideoFrame] | None = None  # the last decoded frame and its time
         self.rgb: tuple[float, np.ndarray] | None = None  # the last converted frame
 
-    def rgb_at(self, target: float) -> np.ndarray:
-        """uint8 ``(H, W, 3)`` RGB, display rotation applied, of the first frame whose time is at least
-        ``target - period / 2`` (``target`` in seconds from the stream start, never decreasing)."""
-        earliest = target - self.period / 2
+    def rgb_at(self, target: float, tolerance: float | None = None) -> tuple[np.ndarray, float]:
+        """uint8 ``(H, W, 3)`` RGB, display rotation applied, of a frame shown within ``tolerance`` of
+        ``target`` (seconds from the stream start, never decreasing), and that frame's time. By default
+        (exact sampling) it is the first frame whose time is at least ``target - period / 2``; a larger
+        ``tolerance`` takes the cheapest frame within it (see the module docstring)."""
+        exact = tolerance is None or tolerance <= self.period / 2
+        earliest = target - (self.period / 2 if exact else tolerance)
         if self.current is None or self.current[0] < earliest:
-            self.skip_before = -math.inf if self.counted else target - self.period
-            if self._worth_seeking(target):
+            self.skip_before = -math.inf if self.counted else (target - self.period if exact else earliest)
+            keyframe = None if exact else self._keyframe_near(target, tolerance)
+            if keyframe is not None:
+                self._seek(keyframe)
+            elif self._worth_seeking(target):
                 self._seek(target)
             while self.current is None or self.current[0] < earliest:
                 if not self._advance():
@@ -76,7 +87,30 @@ class FrameReader:
         time, frame = self.current
         if self.rgb is None or self.rgb[0] != time:
             self.rgb = time, to_rgb(frame, self.max_pixels)
-        return self.rgb[1]
+        return self.rgb[1], time
+
+    def _keyframe_near(self, target: float, tolerance: float) -> float | None:
+        """The time of a keyframe within ``tolerance`` of ``target`` and ahead of the decoder (the nearest),
+        from the container's index; ``None`` where there is none, or no index."""
+        if self.max_forward_s == math.inf:  # no keyframe index (or it proved broken): decode forward
+            return None
+        index = self.stream.index_entries
+        if len(index) < 2:
+            return None
+        lag = max(0, self.start - index[0].timestamp)  # decoding times precede presentation (see below)
+        after = self.current[0] if self.current is not None else -math.inf
+        best = None
+        i = index.search_timestamp(self._pts(target + tolerance) - lag, backward=True)
+        while i >= 0:
+            entry = index[i]
+            time = self._seconds(entry.timestamp + lag)
+            if time < target - tolerance or time <= after:
+                break
+            nearer = best is None or abs(time - target) < abs(best - target)
+            if entry.is_keyframe and time <= target + tolerance and nearer:
+                best = time
+            i -= 1
+        return best
 
     def _decode(self) -> Iterator[av.VideoFrame]:
         """Decode from the demuxer's position on. Frames that no other frame references (most B-frames) and
