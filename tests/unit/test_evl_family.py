@@ -17,6 +17,7 @@ from pipeline.samples.synthetic import render, sample_scenes
 from pipeline.storage import Store
 from pipeline.train.trainer import TrainConfig, Trainer
 from xclip_core import XCLIPModel
+from xclip_core.checkpoints import hf_to_original
 from xclip_core.evl.build import evl_over_clip
 from xclip_core.evl.model import EVLModel
 
@@ -116,11 +117,28 @@ def test_labels_the_classifier_does_not_know_are_refused(tiny_model: Path, batch
         trainer.step(batch[0][:2], ["circle", "hexagon"])
 
 
-def test_a_text_tower_needs_a_checkpoint_directory(tmp_path: Path, tiny_model: Path) -> None:
-    XCLIPModel.from_pretrained(tiny_model).save_pretrained(tmp_path / "copy")
+def test_the_text_tower_comes_from_openai_clip_files_too(tmp_path: Path, tiny_model: Path) -> None:
+    xclip = XCLIPModel.from_pretrained(tiny_model)
+    # OpenAI's layout of the same CLIP towers: X-CLIP's own blocks left out
+    openai = {
+        key: value
+        for key, value in hf_to_original(xclip.state_dict()).items()
+        if not key.startswith(("mit.", "prompts_")) and ".message_" not in key
+    }
+    torch.save(openai, tmp_path / "clip.pth")
+    heads = xclip.config.text_config.num_attention_heads  # a tiny tower: not CLIP's 64 channels per head
+    model = evl_over_clip(tmp_path / "clip.pth", text_num_heads=heads).eval()
+    assert model.config.text_aligned and model.config.projection_dim == xclip.config.projection_dim
+    texts = ["a red circle", "two blue squares"]
+    torch.testing.assert_close(model.encode_texts(texts), xclip.encode_texts(texts), rtol=0, atol=1e-6)
+    torch.testing.assert_close(
+        model.alignment.visual_projection.weight, xclip.visual_projection.weight, rtol=0, atol=0
+    )
+
+    xclip.save_pretrained(tmp_path / "copy")  # a single weights file in Hugging Face names: no geometry
     single = tmp_path / "copy" / "model.safetensors"
     assert evl_over_clip(single, labels=LABELS).config.num_classes == 3  # a classifier needs the vision tower
-    with pytest.raises(ValueError, match="text tower from a Hugging Face-layout X-CLIP or CLIP checkpoint"):
+    with pytest.raises(ValueError, match="has no text tower \\(pass labels for a classifier\\)"):
         evl_over_clip(single)
 
 
