@@ -194,9 +194,10 @@ def create_app(
         version: int | None = AT_VERSION,
     ) -> SimilarOut:
         """The ``k`` rows nearest to this one by their stored embeddings, nearest first."""
-        read = library(version)
+        searcher = follower.searcher(version)
+        read = searcher.library
         try:
-            hits = similar(read, row_id, k)
+            hits = similar(searcher, row_id, k)
         except KeyError:
             raise ApiError(404, f"version {read.version} of the library has no row {row_id}") from None
         except NoEmbedding as err:

@@ -10,40 +10,42 @@ from __future__ import annotations
 
 import numpy as np
 
-from ...library import Library
 from ...library import index as faiss_index
-from ..scorer import float32_rows
-from ..searcher import DEFAULT_CANDIDATES, Hit
+from ..searcher import DEFAULT_CANDIDATES, Hit, Searcher
 
 
 class NoEmbedding(ValueError):
     """The row is the error row of a video that could not be embedded."""
 
 
-def similar(library: Library, row_id: int, k: int, candidates: int = DEFAULT_CANDIDATES) -> list[Hit]:
+def similar(searcher: Searcher, row_id: int, k: int, candidates: int = DEFAULT_CANDIDATES) -> list[Hit]:
     """The ``k`` rows nearest to row ``row_id`` by inner product, nearest first, without the row itself.
 
+    The rows come from the searcher's in-memory lookup (:class:`~pipeline.library.lookup.RowLookup`): the
+    query row's and the candidates' embeddings are read in O(their own bytes), whatever the library's size.
     Raises ``KeyError`` when the version has no such row, :class:`NoEmbedding` for an error row.
     """
-    row = library.rows_by_id([row_id], ["embedding", "error"])
-    if row["error"][0].is_valid:
-        raise NoEmbedding(f"row {row_id} has no embedding: its video failed ({row['error'][0].as_py()})")
-    query = float32_rows(row["embedding"])
-    _, found = faiss_index.search(library.index(), query, max(k + 1, candidates))
+    rows = searcher.rows
+    try:
+        query = np.ascontiguousarray(rows.records([row_id])["embedding"])
+    except KeyError:  # no such row, or the error row of a video (the lookup holds embedded rows only)
+        error = searcher.library.rows_by_id([row_id], ["error"])["error"][0]
+        raise NoEmbedding(f"row {row_id} has no embedding: its video failed ({error.as_py()})") from None
+    _, found = faiss_index.search(searcher.library.index(), query, max(k + 1, candidates))
     ids = [int(i) for i in found[0] if i >= 0 and i != row_id]
     if not ids:
         return []
-    rows = library.rows_by_id(ids, ["id", "uri", "start_s", "end_s", "segment", "embedding"])
-    scores = float32_rows(rows["embedding"]) @ query[0]
+    scores = rows.records(ids)["embedding"] @ query[0]
+    hits = rows.hits(ids)
     order = np.argsort(-scores, kind="stable")[:k]
     return [
         Hit(
-            uri=rows["uri"][i].as_py(),
+            uri=hits["uri"][i].as_py(),
             score=float(scores[i]),
-            start_s=rows["start_s"][i].as_py(),
-            end_s=rows["end_s"][i].as_py(),
-            segment=rows["segment"][i].as_py(),
-            id=rows["id"][i].as_py(),
+            start_s=hits["start_s"][i].as_py(),
+            end_s=hits["end_s"][i].as_py(),
+            segment=hits["segment"][i].as_py(),
+            id=hits["id"][i].as_py(),
             scored_by="cosine",
         )
         for i in order
