@@ -7,21 +7,15 @@ features stored per row, so no video is decoded again. A model family without re
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
+from ..library.schema import dense_rows
 from ..models import VideoTextModel
 
 ROWS_PER_CHUNK = 256  # bounds the (rows x texts x patches) prompt-generator work of one call
-
-
-def float32_rows(column: Any) -> np.ndarray:
-    """A column of fixed-size lists (float16 or float32) as one float32 array, a row per row."""
-    return np.stack(column.to_numpy(zero_copy_only=False)).astype(np.float32)
 
 
 class StoredVideos:
@@ -33,12 +27,11 @@ class StoredVideos:
     @classmethod
     def from_table(cls, table: pa.Table, rerank_shape: tuple[int, ...] | None) -> StoredVideos:
         """From a table with the library's ``embedding`` (and ``prompt_features``) columns."""
-        embeddings = torch.from_numpy(float32_rows(table["embedding"])).view(table.num_rows, -1)
+        embeddings = torch.from_numpy(dense_rows(table["embedding"], np.float32)).view(table.num_rows, -1)
         if not rerank_shape:
             return cls(embeddings, None)
-        return cls(
-            embeddings, torch.from_numpy(float32_rows(table["prompt_features"])).view(-1, *rerank_shape)
-        )
+        prompts = dense_rows(table["prompt_features"], np.float32)
+        return cls(embeddings, torch.from_numpy(prompts).view(-1, *rerank_shape))
 
     @classmethod
     def from_records(cls, records: np.ndarray) -> StoredVideos:
