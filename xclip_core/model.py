@@ -20,7 +20,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 import torch
@@ -28,15 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoints
+from .checkpointed import CheckpointedModel
 from .config import XCLIPConfig, preset
-from .identity import ModelIdentity
 from .mit import MultiframeIntegrationTransformer
-from .processor import XCLIPProcessor
 from .prompt import VideoSpecificPromptGenerator
 from .sources import ModelSource
 from .text import TextTransformer
 from .tokenizer import CLIPTokenizer
-from .video_transforms import VideoPreprocessor
 from .vision import VisionTransformer
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
@@ -63,14 +60,12 @@ class XCLIPOutput:
     loss: torch.Tensor | None = None
 
 
-class XCLIPModel(nn.Module):
+class XCLIPModel(CheckpointedModel):
     family = "xclip"
 
     def __init__(self, config: XCLIPConfig):
         super().__init__()
         self.config = config
-        self.source: str | None = None  # set by from_pretrained: where the weights came from
-        self.storage_options: dict[str, Any] | None = None  # how to read more files from there
         text, vision = config.text_config, config.vision_config
         self.text_model = TextTransformer(text)
         self.vision_model = VisionTransformer(vision)
@@ -85,27 +80,6 @@ class XCLIPModel(nn.Module):
             self.init_weights()
 
     # ------------------------------------------------------------------------ the model interface
-    @cached_property
-    def identity(self) -> ModelIdentity:
-        """Source and weights hash; computed on first use (before any change of dtype: the hash is of the
-        weights as they are then)."""
-        return ModelIdentity(self.source or "<in memory>", self.weights_sha256(), self.family)
-
-    @cached_property
-    def processor(self) -> XCLIPProcessor:
-        """The tokenizer and video preprocessor for this model (:meth:`XCLIPProcessor.for_model`)."""
-        return XCLIPProcessor.for_model(
-            self.source, self.config.vision_config.image_size, self.storage_options
-        )
-
-    @property
-    def tokenizer(self) -> CLIPTokenizer:
-        return self.processor.tokenizer
-
-    @property
-    def preprocessor(self) -> VideoPreprocessor:
-        return self.processor.video_preprocessor
-
     @property
     def num_frames(self) -> int:
         """Frames per video the model takes."""
@@ -291,20 +265,6 @@ class XCLIPModel(nn.Module):
         model = checkpoints.load_into(lambda: cls(config), weights, dtype, device)
         model.source, model.storage_options = os.fspath(src), storage_options
         return model
-
-    def save_pretrained(
-        self, directory: str | os.PathLike, storage_options: dict[str, Any] | None = None
-    ) -> None:
-        """Write the Hugging Face layout: ``config.json`` and ``model.safetensors``."""
-        target = ModelSource(directory, storage_options)
-        target.fs.makedirs(target.root, exist_ok=True)
-        with target.fs.open(target.path("config.json"), "w") as f:
-            f.write(self.config.to_json_string())
-        checkpoints.save_safetensors(self.state_dict(), target.fs, target.path("model.safetensors"))
-
-    def weights_sha256(self) -> str:
-        """:func:`xclip_core.checkpoints.weights_sha256` of this model."""
-        return checkpoints.weights_sha256(self)
 
 
 def contrastive_loss(logits_per_video: torch.Tensor) -> torch.Tensor:

@@ -8,21 +8,29 @@ the attention, before the MLP).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from .config import VisionConfig
 from .transformer import EncoderLayer, SelfAttention, embedding
 
+if TYPE_CHECKING:
+    from .evl.config import EVLVisionConfig
+
 
 class VisionEmbeddings(nn.Module):
-    def __init__(self, config: VisionConfig):
+    """Frames -> class token, then one token per patch (row-major), plus position embeddings. CLIP's patch
+    embedding has no bias; EVL's own ViT has one (``patch_bias``)."""
+
+    def __init__(self, config: VisionConfig | EVLVisionConfig, patch_bias: bool = False):
         super().__init__()
         dim = config.hidden_size
         self.image_size = config.image_size
         self.class_embedding = nn.Parameter(torch.zeros(dim))
         self.patch_embedding = nn.Conv2d(
-            config.num_channels, dim, kernel_size=config.patch_size, stride=config.patch_size, bias=False
+            config.num_channels, dim, kernel_size=config.patch_size, stride=config.patch_size, bias=patch_bias
         )
         self.position_embedding = embedding(config.num_patches + 1, dim)
 
@@ -35,7 +43,7 @@ class VisionEmbeddings(nn.Module):
                 "(preprocess them with the model's processor)"
             )
         patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
-        patches = patches.flatten(2).transpose(1, 2)
+        patches = patches.flatten(2).transpose(1, 2)  # (N, patches, D)
         cls = self.class_embedding.to(patches.dtype).expand(n, 1, -1)
         return torch.cat([cls, patches], dim=1) + self.position_embedding.weight
 

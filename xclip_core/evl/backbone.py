@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..transformer import EncoderLayer, embedding
+from ..transformer import EncoderLayer
+from ..vision import VisionEmbeddings
 from .config import EVLVisionConfig
 
 
@@ -33,31 +34,6 @@ class BlockFeatures:
     out: torch.Tensor  # (B*T, L, D) the block's output
     q: torch.Tensor  # (B*T, L, heads, D / heads) its attention's queries, unscaled
     k: torch.Tensor  # (B*T, L, heads, D / heads) its attention's keys
-
-
-class PatchEmbeddings(nn.Module):
-    """Frames -> class token, then one token per patch (row-major), plus position embeddings."""
-
-    def __init__(self, config: EVLVisionConfig):
-        super().__init__()
-        dim, patch = config.hidden_size, config.patch_size
-        self.image_size = config.image_size
-        self.class_embedding = nn.Parameter(torch.zeros(dim))
-        self.patch_embedding = nn.Conv2d(config.num_channels, dim, kernel_size=patch, stride=patch)
-        self.position_embedding = embedding(config.num_patches + 1, dim)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        # (N, C, H, W) -> (N, 1 + patches, D)
-        n, _, height, width = pixel_values.shape
-        if height != self.image_size or width != self.image_size:
-            raise ValueError(
-                f"frames are {height}x{width}; this model takes {self.image_size}x{self.image_size} "
-                "(resize or crop them first)"
-            )
-        patches = self.patch_embedding(pixel_values.to(self.patch_embedding.weight.dtype))
-        patches = patches.flatten(2).transpose(1, 2)  # (N, patches, D)
-        cls = self.class_embedding.to(patches.dtype).expand(n, 1, -1)
-        return torch.cat([cls, patches], dim=1) + self.position_embedding.weight
 
 
 class FeatureLayer(EncoderLayer):
@@ -108,7 +84,7 @@ class VisionBackbone(nn.Module):
 
     def __init__(self, config: EVLVisionConfig):
         super().__init__()
-        self.embeddings = PatchEmbeddings(config)
+        self.embeddings = VisionEmbeddings(config, patch_bias=True)  # EVL's ViT has a patch bias
         self.pre_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.encoder = FeatureEncoder(config)
 

@@ -25,7 +25,6 @@ plus an EVL training checkpoint, see ``original.py``). Loading never executes co
 from __future__ import annotations
 
 import os
-from functools import cached_property
 from typing import Any
 
 import torch
@@ -33,13 +32,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import checkpoints
-from ..identity import ModelIdentity
+from ..checkpointed import CheckpointedModel
 from ..model import WEIGHT_FILES, contrastive_loss
-from ..processor import XCLIPProcessor
 from ..sources import ModelSource
 from ..text import TextTransformer
 from ..tokenizer import CLIPTokenizer
-from ..video_transforms import VideoPreprocessor
 from .backbone import VisionBackbone
 from .config import EVLConfig
 from .decoder import EVLDecoder
@@ -87,7 +84,7 @@ class TextAlignment(nn.Module):
             return self.text_projection(self.text_model(input_ids, attention_mask)[1])
 
 
-class EVLModel(nn.Module):
+class EVLModel(CheckpointedModel):
     """EVL: ``forward(pixel_values)`` -> class logits, ``get_video_features`` -> (B, D); the text-aligned
     variant also ``forward(pixel_values, input_ids, attention_mask)`` -> video-text logits (B, N) and the
     pipeline's model interface."""
@@ -97,8 +94,6 @@ class EVLModel(nn.Module):
     def __init__(self, config: EVLConfig):
         super().__init__()
         self.config = config
-        self.source: str | None = None  # set by from_pretrained / from_original: where the weights came from
-        self.storage_options: dict[str, Any] | None = None
         self.vision_model = VisionBackbone(config.vision_config)
         self.decoder = EVLDecoder(config)
         self.head = (
@@ -117,27 +112,6 @@ class EVLModel(nn.Module):
             self.init_weights()
 
     # ------------------------------------------------------------------------ the model interface
-    @cached_property
-    def identity(self) -> ModelIdentity:
-        """Source and weights hash, computed on first use (of the weights as they are then)."""
-        return ModelIdentity(self.source or "<in memory>", self.weights_sha256(), self.family)
-
-    @cached_property
-    def processor(self) -> XCLIPProcessor:
-        """The tokenizer and video preprocessor: the checkpoint's own files, else CLIP's defaults at the
-        backbone's image size (:meth:`XCLIPProcessor.for_model`)."""
-        return XCLIPProcessor.for_model(
-            self.source, self.config.vision_config.image_size, self.storage_options
-        )
-
-    @property
-    def tokenizer(self) -> CLIPTokenizer:
-        return self.processor.tokenizer
-
-    @property
-    def preprocessor(self) -> VideoPreprocessor:
-        return self.processor.video_preprocessor
-
     @property
     def num_frames(self) -> int:
         """Frames per video the model was trained on (any count works without a temporal position
@@ -344,18 +318,3 @@ class EVLModel(nn.Module):
         model = checkpoints.load_into(lambda: cls(config), weights, dtype, device)
         model.source, model.storage_options = source, storage_options
         return model
-
-    def save_pretrained(
-        self, directory: str | os.PathLike, storage_options: dict[str, Any] | None = None
-    ) -> None:
-        """Write ``config.json`` and ``model.safetensors`` (the backbone included) to a local directory or
-        fsspec URL."""
-        target = ModelSource(directory, storage_options)
-        target.fs.makedirs(target.root, exist_ok=True)
-        with target.fs.open(target.path("config.json"), "w") as f:
-            f.write(self.config.to_json_string())
-        checkpoints.save_safetensors(self.state_dict(), target.fs, target.path("model.safetensors"))
-
-    def weights_sha256(self) -> str:
-        """:func:`xclip_core.checkpoints.weights_sha256` of this model (the same hash for every family)."""
-        return checkpoints.weights_sha256(self)
