@@ -256,7 +256,9 @@ def _parser() -> argparse.ArgumentParser:
         "--workers", type=int, default=run("workers"), help="data-parallel workers (default %(default)s)"
     )
     train.add_argument("--gpu", action="store_true", help="one GPU per worker")
-    train.add_argument("--cpus-per-worker", type=float, help="default: the cluster's CPUs shared out")
+    train.add_argument(
+        "--cpus-per-worker", type=float, help="default: the most that lets every worker run at once"
+    )
     train.add_argument(
         "--template", default=DEFAULT_TEMPLATE, help="caption of a label (default 'a video of {}')"
     )

@@ -26,6 +26,7 @@ from ..library import LibraryWriter, PartInfo
 from ..library.journal import Journal
 from ..models import VideoTextModel
 from ..storage import StorageOptions
+from .autoscaling import autoscaled_node_types
 from .options import EmbedOptions
 from .resources import WRITE_CPUS, Node, stage_resources, time_stages
 from .stages.decode import DecodeSettings, DecodeVideos
@@ -161,6 +162,13 @@ def cluster_nodes() -> list[Node]:
     ]
 
 
+def pool(size: int, max_size: int | None = None) -> ray.data.ActorPoolStrategy:
+    """An actor pool of ``size`` actors, or starting at ``size`` and growing to ``max_size``."""
+    if max_size is None or max_size <= size:
+        return ray.data.ActorPoolStrategy(size=size)
+    return ray.data.ActorPoolStrategy(min_size=size, max_size=max_size)
+
+
 def decoded(
     listed: list[dict[str, Any]],
     settings: DecodeSettings,
@@ -169,9 +177,11 @@ def decoded(
     decode_cpus: float,
     label_selector: dict[str, str] | None = None,
     placement: PlacementLedger | None = None,
+    max_decoders: int | None = None,
 ) -> ray.data.Dataset:
-    """The listed objects as a dataset of decoded rows (the decode stage on an actor pool, on the nodes that
-    ``label_selector`` selects; the actors' nodes recorded in ``placement``)."""
+    """The listed objects as a dataset of decoded rows (the decode stage on a pool of ``decoders`` actors,
+    up to ``max_decoders``, on the nodes that ``label_selector`` selects; the actors' nodes recorded in
+    ``placement``)."""
     # one small block per group of objects, so decoding starts at once and spreads over the actors
     table = pa.Table.from_pylist(listed, schema=LISTED_SCHEMA)
     step = -(-len(listed) // min(len(listed), MAX_INPUT_BLOCKS))
@@ -187,7 +197,7 @@ def decoded(
         ),
         batch_size=1,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=decoders),
+        compute=pool(decoders, max_decoders),
         num_cpus=decode_cpus,
         label_selector=label_selector or None,
         # a native crash kills one decoder: Ray Data restarts the actor and retries its task (without limit
@@ -230,13 +240,17 @@ def embed_on_ray(
         len(listed),
         options,
         timings=functools.partial(time_stages, listed, settings, options.storage, model),
+        node_types=autoscaled_node_types(),
     )
     log.info(
-        "plan: %d decoders (%.2g CPU each, nodes %s), %d encoders (%.2g GPU, %.2g CPU each, nodes %s)",
+        "plan: %d decoders (up to %d; %.2g CPU each, nodes %s), %d encoders (up to %d; %.2g GPU, %.2g CPU "
+        "each, nodes %s)",
         stages.decoders,
+        stages.max_decoders or stages.decoders,
         stages.cpus_per_decoder,
         stages.decode_selector or "any",
         stages.encoders,
+        stages.max_encoders or stages.encoders,
         stages.gpus_per_encoder,
         stages.cpus_per_encoder,
         stages.encode_selector or "any",
@@ -250,6 +264,7 @@ def embed_on_ray(
         stages.cpus_per_decoder,
         stages.decode_selector,
         placement,
+        stages.max_decoders,
     )
     ds = ds.map_batches(
         _text_columns_typed(EncodeFrames, "encode"),
@@ -264,7 +279,7 @@ def embed_on_ray(
         ),
         batch_size=options.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=stages.encoders),
+        compute=pool(stages.encoders, stages.max_encoders),
         num_cpus=stages.cpus_per_encoder,
         num_gpus=stages.gpus_per_encoder,
         label_selector=stages.encode_selector or None,

@@ -26,10 +26,14 @@ its value (Ray's ``label_selector``), which also tells an autoscaler which node 
 actors; ``cluster.yaml`` labels its worker types so. Otherwise the plan assigns the nodes as above and keeps
 each stage off the other's nodes by the label Ray gives every node, ``ray.io/node-id``.
 
-Counts default to what the alive nodes fit (the autoscaler's bounds are not read: on an autoscaling
-cluster, ``--decoders`` and ``--encoders`` ask for more, and pending actors make it start nodes of their
-kind). What ``options`` sets is kept; there are never more decoders than objects (each is decoded by one
-actor).
+Counts default to what the alive nodes fit. On an autoscaling cluster (:mod:`pipeline.embed.autoscaling`
+finds its node types), a stage's pool starts at that count and may grow to what the node types that serve
+it host at their ``max_workers`` (:func:`with_bounds`): Ray Data adds actors while their stage is the
+bottleneck, and the pending ones make the autoscaler start nodes of their kind. Which type serves which
+stage: its stage label when the plan goes by labels, else, in a GPU plan, encode for the types with an
+encoder's GPUs and decode for the others; a CPU-only plan without labels does not say, and keeps its pools
+fixed. What ``options`` sets is kept (a given count is a fixed pool); there are never more decoders than
+objects (each is decoded by one actor).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ import torch
 
 from ..models import VideoTextModel
 from ..storage import StorageOptions, Store
+from .autoscaling import NodeType
 from .options import EmbedOptions
 from .stages.decode import DecodeSettings, decode_video
 
@@ -145,6 +150,8 @@ class StageResources:
     cpus_per_encoder: float
     decode_selector: dict[str, str] = field(default_factory=dict)  # a Ray label selector; {}: any node
     encode_selector: dict[str, str] = field(default_factory=dict)
+    max_decoders: int | None = None  # how far an autoscaling cluster lets each pool grow; None: fixed
+    max_encoders: int | None = None
 
     @property
     def encoder_device(self) -> str:
@@ -156,8 +163,10 @@ def stage_resources(
     objects: int,
     options: EmbedOptions,
     timings: Callable[[], tuple[float, float]],
+    node_types: list[NodeType] | None = None,
 ) -> StageResources:
-    """Place the stages on the alive ``nodes``, for ``objects`` listed objects (the module's rules).
+    """Place the stages on the alive ``nodes``, for ``objects`` listed objects (the module's rules), the
+    pools growing on the autoscaler's ``node_types`` (:func:`with_bounds`).
 
     GPU encoders (one per ``options.gpus_per_encoder`` GPUs; by default 1 when a node has GPUs) unless that
     is 0; ``timings()`` (one video's seconds to decode and to encode, one thread) is called only when the
@@ -181,7 +190,43 @@ def stage_resources(
         plan = replace(
             plan, decode_selector={options.stage_label: DECODE}, encode_selector={options.stage_label: ENCODE}
         )
-    return replace(plan, decoders=min(plan.decoders, objects))
+    plan = replace(plan, decoders=min(plan.decoders, objects))
+    if node_types and (labelled is not None or gpus_per_encoder):
+        plan = with_bounds(plan, node_types, objects, options, by_label=labelled is not None)
+    return plan
+
+
+def with_bounds(
+    plan: StageResources, node_types: list[NodeType], objects: int, options: EmbedOptions, by_label: bool
+) -> StageResources:
+    """``plan`` with each pool's bound: the actors of its size that the node types serving the stage
+    (``by_label``: their stage label; else GPU types encode and the others decode) host at their
+    ``max_workers`` (an unbounded type: as many as there are objects to give them), never fewer than the
+    plan starts with; a count that ``options`` sets stays fixed."""
+    decoders = encoders = 0
+    for kind in node_types:
+        if by_label:
+            stage = kind.labels.get(options.stage_label)
+        else:
+            stage = ENCODE if kind.gpus >= plan.gpus_per_encoder else DECODE
+        left = kind.cpus
+        hosted = {DECODE: 0, ENCODE: 0}
+        if stage == ENCODE:
+            hosted[ENCODE] = int(left / plan.cpus_per_encoder + EPS)
+            if plan.gpus_per_encoder:
+                hosted[ENCODE] = min(hosted[ENCODE], int(kind.gpus / plan.gpus_per_encoder + EPS))
+            left -= hosted[ENCODE] * plan.cpus_per_encoder
+        if stage == DECODE or (stage == ENCODE and not by_label and not plan.decode_selector):
+            hosted[DECODE] = int(left / plan.cpus_per_decoder + EPS)  # GPU nodes only: they decode too
+        count = objects if kind.max_workers is None else kind.max_workers
+        decoders += hosted[DECODE] * count
+        encoders += hosted[ENCODE] * count
+    encoders = min(encoders, math.ceil(objects / options.batch_size))  # never more than batches
+    bound = {
+        "max_decoders": None if options.decoders else min(max(decoders, plan.decoders), objects),
+        "max_encoders": None if options.encoders else max(encoders, plan.encoders),
+    }
+    return replace(plan, **{k: v for k, v in bound.items() if v is not None and v > getattr(plan, k[4:])})
 
 
 def _labelled(hosts: list[Node], key: str) -> tuple[list[int], list[int]] | None:

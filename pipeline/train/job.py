@@ -20,12 +20,13 @@ from typing import Any
 import ray.data
 import torch
 
-from ..embed.on_ray import connect, decoded
+from ..embed.on_ray import cluster_nodes, connect, decoded
 from ..embed.stages.decode import DecodeSettings
 from ..models import VideoTextModel, default_model_source, load_model, new_model
 from ..storage import Store
 from ..video_table import DescribedVideo, read_video_table
 from .options import TrainOptions, TrainSummary
+from .resources import train_resources
 from .trainer import Trainer, freeze, read_history
 
 SHUFFLE_BUFFER = 1024  # clips each worker draws its batches from, in random order
@@ -124,15 +125,15 @@ def train(table_uri: str, options: TrainOptions) -> TrainSummary:
     settings = DecodeSettings(start.num_frames, start.preprocessor)
     texts = _targets(rows, start, table_uri)
     del start
-    resources = connect(options.address)
+    connect(options.address)
     listed = [
         {"uri": uri, "size": Store(uri, options.storage).size(), "etag": None, "mtime": None} for uri in texts
     ]
-    cpus = options.cpus_per_worker or max(1.0, resources.get("CPU", 1) // options.workers)
-    decoders = max(1, int(resources.get("CPU", 1)))
+    sizes = train_resources(cluster_nodes(), options.workers, options.use_gpu, options.cpus_per_worker)
+    cpus = sizes.cpus_per_worker
     with _in_order():  # the clips in table order, whichever decoder finishes first: seeded shuffles repeat
         clips = (
-            decoded(listed, settings, options.storage, decoders, 1.0)
+            decoded(listed, settings, options.storage, sizes.decoders, sizes.cpus_per_decoder)
             .filter(lambda row: row["error"] is None)
             .materialize()  # decoded once: every epoch reads the object store
         )

@@ -30,7 +30,7 @@ class TrainOptions:
     batch_size: int = 8  # clips per worker and step
     workers: int = 1
     use_gpu: bool = False
-    cpus_per_worker: float | None = None  # default: the cluster's CPUs shared among the workers
+    cpus_per_worker: float | None = None  # default: the most that lets every worker run at once
     template: str = DEFAULT_TEMPLATE  # the caption of a labeled video
     seed: int = 0  # model initialization and shuffling
     address: str | None = None  # Ray address; None starts (or joins) a local Ray
