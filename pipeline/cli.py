@@ -268,6 +268,13 @@ def _parser() -> argparse.ArgumentParser:
         default=run("seed"),
         help="initialization and shuffling seed (default %(default)s)",
     )
+    train.add_argument(
+        "--backbone-cache",
+        choices=("auto", "on", "off"),
+        default=run("backbone_cache"),
+        help="a frozen backbone's features (EVL) computed once per clip and kept for every epoch: "
+        "'auto' (the default) caches for 2+ epochs when they fit half the object store",
+    )
     train.add_argument("--address", help="Ray address (default: start a local Ray)")
     train.add_argument("--json", action="store_true", help="print the summary as JSON")
     _storage_flags(train)
@@ -329,6 +336,7 @@ def _run_train(args: argparse.Namespace, out: TextIO) -> int:
         cpus_per_worker=args.cpus_per_worker,
         template=args.template,
         seed=args.seed,
+        backbone_cache=args.backbone_cache,
         address=args.address,
         train=TrainConfig(
             learning_rate=args.lr,

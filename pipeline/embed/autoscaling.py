@@ -5,8 +5,8 @@ Two sources, in this order:
 
 1. The cluster config that an autoscaler reports to the cluster's GCS (node groups: resources, min and max
    counts; no labels). Ray Data reads the same record to size its own requests
-   (``ray._private.state.state.get_cluster_config``: not a public API, so any failure to read it reads as
-   "no record").
+   (``ray._private.state.state.get_cluster_config``: not a public API, so the job's Ray module,
+   :func:`pipeline.embed.on_ray.autoscaled_node_types`, reads any failure as "no record").
 2. The cluster launcher's config, which ``ray up`` copies to the head node as
    ``~/ray_bootstrap_config.yaml`` for the autoscaler it starts there (``cluster.yaml``'s
    ``available_node_types``: resources, labels, ``min_workers``/``max_workers``, and the cluster-wide
@@ -18,15 +18,12 @@ the plan then sizes its pools to the alive nodes only.
 
 from __future__ import annotations
 
-import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import yaml
-
-log = logging.getLogger(__name__)
 
 BOOTSTRAP_CONFIG = "~/ray_bootstrap_config.yaml"  # where the cluster launcher leaves the autoscaler's config
 
@@ -40,12 +37,6 @@ class NodeType:
     gpus: float = 0.0
     labels: Mapping[str, str] = field(default_factory=dict)
     max_workers: int | None = None
-
-
-def autoscaled_node_types(bootstrap: str = BOOTSTRAP_CONFIG) -> list[NodeType]:
-    """The worker node types of the connected cluster's autoscaler (this module's sources); [] when there
-    is none."""
-    return _reported_node_types() or launcher_node_types(bootstrap)
 
 
 def launcher_node_types(path: str = BOOTSTRAP_CONFIG) -> list[NodeType]:
@@ -76,15 +67,10 @@ def launcher_node_types(path: str = BOOTSTRAP_CONFIG) -> list[NodeType]:
     return types
 
 
-def _reported_node_types() -> list[NodeType]:
-    """The node groups of the cluster config an autoscaler reported to the GCS; [] without one."""
-    try:
-        import ray._private.state
-
-        config: Any = ray._private.state.state.get_cluster_config()
-    except Exception as error:  # noqa: BLE001 - a private API: any failure means "no record"
-        log.debug("no cluster config in the GCS: %s", error)
-        return []
+def reported_node_types(config: Any) -> list[NodeType]:
+    """The node groups of a cluster config that an autoscaler reported to the GCS (an
+    ``autoscaler_pb2.ClusterConfig``, as :func:`pipeline.embed.on_ray.autoscaled_node_types` reads it);
+    [] for None."""
     if config is None:
         return []
     return [

@@ -19,6 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 import ray
+import ray._private.state
 import ray.data
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
@@ -26,7 +27,7 @@ from ..library import LibraryWriter, PartInfo
 from ..library.journal import Journal
 from ..models import VideoTextModel
 from ..storage import StorageOptions
-from .autoscaling import autoscaled_node_types
+from .autoscaling import BOOTSTRAP_CONFIG, NodeType, launcher_node_types, reported_node_types
 from .options import EmbedOptions
 from .resources import WRITE_CPUS, Node, stage_resources, time_stages
 from .stages.decode import DecodeSettings, DecodeVideos
@@ -167,6 +168,18 @@ def pool(size: int, max_size: int | None = None) -> ray.data.ActorPoolStrategy:
     if max_size is None or max_size <= size:
         return ray.data.ActorPoolStrategy(size=size)
     return ray.data.ActorPoolStrategy(min_size=size, max_size=max_size)
+
+
+def autoscaled_node_types(bootstrap: str = BOOTSTRAP_CONFIG) -> list[NodeType]:
+    """The worker node types of the connected cluster's autoscaler: those of the cluster config it reported
+    to the GCS, else those of the cluster launcher's config on this (the head) node; [] when neither
+    exists (see :mod:`pipeline.embed.autoscaling`)."""
+    try:
+        config = ray._private.state.state.get_cluster_config()
+    except Exception as error:  # noqa: BLE001 - a private API (Ray Data's own source): failing means none
+        log.debug("no cluster config in the GCS: %s", error)
+        config = None
+    return reported_node_types(config) or launcher_node_types(bootstrap)
 
 
 def decoded(

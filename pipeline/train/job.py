@@ -10,6 +10,7 @@ plus the training state that resumes the run exactly.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 import time
@@ -20,11 +21,13 @@ from typing import Any
 import ray.data
 import torch
 
-from ..embed.on_ray import cluster_nodes, connect, decoded
+from ..embed.on_ray import cluster_nodes, connect, decoded, pool
 from ..embed.stages.decode import DecodeSettings
 from ..models import VideoTextModel, default_model_source, load_model, new_model
 from ..storage import Store
 from ..video_table import DescribedVideo, read_video_table
+from .backbone_cache import COLUMN as CACHED
+from .backbone_cache import BackboneFeatures, from_stored, use_cache
 from .options import TrainOptions, TrainSummary
 from .resources import train_resources
 from .trainer import Trainer, freeze, read_history
@@ -47,6 +50,12 @@ def _start_model(options: TrainOptions, labels: list[str] | None) -> VideoTextMo
             backbone, labels, storage_options=Store(backbone, options.storage).fsspec_options()
         )
     return new_model(options.config)
+
+
+def _starting_model(options: TrainOptions, labels: list[str] | None) -> VideoTextModel:
+    """The model as the run starts (or resumes) it: the checkpoint resumed or fine-tuned, else a new one."""
+    source = options.resume or options.model
+    return load_model(source, options.storage) if source else _start_model(options, labels)
 
 
 def _targets(rows: list[DescribedVideo], model: VideoTextModel, table_uri: str) -> dict[str, list[str]]:
@@ -101,9 +110,13 @@ def _train_worker(config: dict[str, Any]) -> None:
         for batch in batches:
             if len(batch["uri"]) < 2:
                 continue  # the contrastive loss needs at least two clips
-            pixel_values = torch.stack([preprocessor.normalize(frames) for frames in batch["frames"]])
             targets = [draw.choice(texts[uri]) for uri in batch["uri"]]
-            losses.append(trainer.step(pixel_values.to(device), targets))
+            if CACHED in batch:
+                features = from_stored(batch[CACHED]).to(device)
+                losses.append(trainer.step(None, targets, backbone_features=features))
+            else:
+                pixel_values = torch.stack([preprocessor.normalize(frames) for frames in batch["frames"]])
+                losses.append(trainer.step(pixel_values.to(device), targets))
         record = trainer.end_epoch(losses)
         if rank == 0:
             trainer.save(options.output, options.storage)
@@ -118,14 +131,14 @@ def train(table_uri: str, options: TrainOptions) -> TrainSummary:
     started = time.perf_counter()
     rows = read_video_table(table_uri, options.storage, options.template)
     # loaded once here: a bad checkpoint fails before Ray starts
-    source = options.resume or options.model
     labeled = all(row.label is not None for row in rows)
     labels = sorted({row.label for row in rows}) if labeled and options.family == "evl" else None
-    start = load_model(source, options.storage) if source else _start_model(options, labels)
+    load_start = functools.partial(_starting_model, options, labels)
+    start = load_start()
     settings = DecodeSettings(start.num_frames, start.preprocessor)
     texts = _targets(rows, start, table_uri)
-    del start
-    connect(options.address)
+    use_cache(options.backbone_cache, start, 0, options.epochs, 0)  # "on" for X-CLIP fails here
+    resources = connect(options.address)
     listed = [
         {"uri": uri, "size": Store(uri, options.storage).size(), "etag": None, "mtime": None} for uri in texts
     ]
@@ -142,6 +155,25 @@ def train(table_uri: str, options: TrainOptions) -> TrainSummary:
         raise ValueError(
             f"only {count} of {len(rows)} videos in {table_uri} could be decoded: nothing to train on"
         )
+    cached = use_cache(
+        options.backbone_cache, start, count, options.epochs, resources.get("object_store_memory", 0)
+    )
+    del start
+    if cached:  # the frozen backbone once per clip, on the training workers' shape, before they start
+        with _in_order():
+            clips = clips.map_batches(
+                BackboneFeatures,
+                fn_constructor_kwargs=dict(
+                    load=load_start,
+                    device="cuda" if options.use_gpu else "cpu",
+                    threads=None if options.use_gpu else math.ceil(cpus),
+                ),
+                batch_size=options.batch_size,
+                batch_format="numpy",
+                compute=pool(options.workers),
+                num_cpus=cpus,
+                num_gpus=1 if options.use_gpu else 0,
+            ).materialize()
     schedule = options.train
     if schedule.total_steps is None:  # cosine decay over the whole run
         steps_per_epoch = math.ceil(count / options.workers / options.batch_size)
@@ -163,7 +195,9 @@ def train(table_uri: str, options: TrainOptions) -> TrainSummary:
     trainer.fit()
     last = last_checkpoint(Store(options.output, options.storage))
     history = read_history(last)
-    return TrainSummary(last.uri, count, len(listed) - count, history, time.perf_counter() - started)
+    return TrainSummary(
+        last.uri, count, len(listed) - count, history, time.perf_counter() - started, backbone_cached=cached
+    )
 
 
 @contextlib.contextmanager

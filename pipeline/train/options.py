@@ -33,6 +33,8 @@ class TrainOptions:
     cpus_per_worker: float | None = None  # default: the most that lets every worker run at once
     template: str = DEFAULT_TEMPLATE  # the caption of a labeled video
     seed: int = 0  # model initialization and shuffling
+    # a frozen backbone's features computed once per clip: "on", "off", or "auto" (see train.backbone_cache)
+    backbone_cache: str = "auto"
     address: str | None = None  # Ray address; None starts (or joins) a local Ray
     train: TrainConfig = field(default_factory=TrainConfig)
     storage: StorageOptions = field(default_factory=StorageOptions)
@@ -60,6 +62,7 @@ class TrainSummary:
     failed: int  # listed videos that could not be decoded
     epochs: list[dict[str, float]]  # per epoch: epoch, loss (mean over steps), steps (in all)
     seconds: float
+    backbone_cached: bool = False  # the epochs stepped from the frozen backbone's features, computed once
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,4 +75,6 @@ class TrainSummary:
             f"trained on {self.clips} clips ({self.failed} failed to decode) in {self.seconds:.0f} s; "
             f"last checkpoint: {self.checkpoint}"
         )
+        if self.backbone_cached:
+            lines.append("the frozen backbone ran once per clip (its features cached for every epoch)")
         return "\n".join(lines)

@@ -119,16 +119,24 @@ class Trainer:
             return torch.autocast(device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def step(self, pixel_values: torch.Tensor, targets: list[str]) -> float:
+    def step(
+        self,
+        pixel_values: torch.Tensor | None,
+        targets: list[str],
+        backbone_features: torch.Tensor | None = None,
+    ) -> float:
         """One optimizer step on a batch whose i-th target (a caption, or a label: the model's
-        ``trains_on``) is the i-th video's; returns the loss."""
-        if len(targets) != len(pixel_values) or len(targets) < 2:
+        ``trains_on``) is the i-th video's; returns the loss. A model with a frozen backbone (EVL) may be
+        given the videos' ``backbone_features`` (computed once per clip) instead of their pixels."""
+        inputs = pixel_values if backbone_features is None else backbone_features
+        if len(targets) != len(inputs) or len(targets) < 2:
             raise ValueError("a batch needs at least two videos, each with one caption or label")
+        cached = {} if backbone_features is None else {"backbone_features": backbone_features}
         self.model.train()
         for group in self.optimizer.param_groups:
             group["lr"] = self.config.learning_rate_at(self.step_count)
-        with self._autocast(pixel_values.device):
-            loss = self.core.training_loss(self.model, pixel_values, targets, self.tokenizer)
+        with self._autocast(inputs.device):
+            loss = self.core.training_loss(self.model, pixel_values, targets, self.tokenizer, **cached)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

@@ -169,8 +169,11 @@ def test_cli_trains_a_text_aligned_evl_model_whose_library_answers_queries(
     table = write_dataset(tmp_path / "clips", sample_scenes(6, seed=9), seconds=1.0, fps=8)
     run, library = str(tmp_path / "run"), str(tmp_path / "library")
     train_flags = ["--family", "evl", "--backbone", str(tiny_model), "--batch-size", "3", "--lr", "1e-3"]
-    assert main(["train", table, run, *train_flags, "--json"]) == 0
-    checkpoint = json.loads(capsys.readouterr().out)["checkpoint"]
+    assert main(["train", table, run, *train_flags, "--epochs", "2", "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    # two epochs: the frozen backbone ran once per clip, on Ray Data, and both epochs stepped the decoder
+    assert summary["backbone_cached"] and [e["steps"] for e in summary["epochs"]] == [2, 4]
+    checkpoint = summary["checkpoint"]
     model = load_model(checkpoint)
     assert isinstance(model, EVLModel) and model.config.text_aligned
 

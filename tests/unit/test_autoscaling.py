@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import ray
 import yaml
 from ray.core.generated import autoscaler_pb2
 
-from pipeline.embed.autoscaling import NodeType, autoscaled_node_types, launcher_node_types
+from pipeline.embed.autoscaling import NodeType, launcher_node_types
+from pipeline.embed.on_ray import autoscaled_node_types
 from pipeline.embed.options import EmbedOptions
 from pipeline.embed.resources import Node, stage_resources
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from helpers import write_video
@@ -15,6 +16,7 @@ from pipeline.embed.stages.decode import DecodeSettings, decode_video
 from pipeline.models import VideoTextModel, load_model
 from pipeline.samples.synthetic import render, sample_scenes
 from pipeline.storage import Store
+from pipeline.train.backbone_cache import COLUMN, BackboneFeatures, feature_bytes, from_stored, use_cache
 from pipeline.train.trainer import TrainConfig, Trainer
 from xclip_core import XCLIPModel
 from xclip_core.checkpoints import hf_to_original
@@ -109,6 +111,65 @@ def test_training_moves_the_decoder_only_lowers_the_loss_and_resumes_exactly(
     resumed.fit([(pixels, targets)] * 2)
     for (name, a), b in zip(model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("variant", ["classifier", "text-aligned"])
+def test_training_from_cached_backbone_features_is_training_from_the_pixels(
+    tiny_model: Path, batch, variant: str
+) -> None:
+    pixels, captions, labels = batch
+    targets = labels if variant == "classifier" else captions
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(evl_over_clip(tiny_model, labels=LABELS if variant == "classifier" else None))
+    on_pixels, on_features = models
+    features = on_features.backbone_features(pixels)
+    vision, layers = on_features.config.vision_config, on_features.config.decoder_config.num_layers
+    tokens = 1 + (vision.image_size // vision.patch_size) ** 2
+    assert features.shape == (6, layers, 3, pixels.shape[1], tokens, vision.hidden_size)
+    assert not features.requires_grad
+    torch.testing.assert_close(
+        on_features.eval().get_video_features(backbone_features=features),
+        on_pixels.eval().get_video_features(pixels),
+    )
+    first = Trainer(on_pixels, config=TrainConfig(3e-3, weight_decay=0.0))
+    second = Trainer(on_features, config=TrainConfig(3e-3, weight_decay=0.0))
+    for step in range(3):
+        torch.manual_seed(step)  # the same dropout draws
+        loss = first.step(pixels, targets)
+        torch.manual_seed(step)
+        assert second.step(None, targets, backbone_features=features) == pytest.approx(loss, rel=1e-5)
+    for (name, a), b in zip(on_pixels.state_dict().items(), on_features.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match=r"backbone_features must be \(batch, 2, 3, frames"):
+        on_features.get_video_features(backbone_features=features[:, :1])
+    with pytest.raises(ValueError, match="either pixel_values or backbone_features"):
+        on_features.get_video_features(pixels, features)
+
+
+def test_the_backbone_cache_stage_keeps_bfloat16_features_and_when_to_cache(tiny_model: Path, batch) -> None:
+    pixels, _, labels = batch
+    torch.manual_seed(0)
+    model = evl_over_clip(tiny_model, labels=LABELS)
+    scenes = sample_scenes(2, seed=2)
+    frames = np.stack([render(s, 4, 32, 32) for s in scenes])  # decoded clips, uint8 (T, H, W, 3)
+    stage = BackboneFeatures(lambda: model)
+    out = stage({"uri": np.array(["a", "b"]), "frames": frames})
+    assert set(out) == {"uri", COLUMN} and out[COLUMN].dtype == np.int16
+    normalized = torch.stack([model.preprocessor.normalize(torch.from_numpy(f)) for f in frames])
+    expected = model.backbone_features(normalized)
+    torch.testing.assert_close(from_stored(out[COLUMN]), expected, rtol=2**-8, atol=1e-5)  # bfloat16
+
+    per_clip = feature_bytes(model)
+    assert per_clip == out[COLUMN][0].nbytes
+    assert feature_bytes(XCLIPModel.from_pretrained(tiny_model)) is None
+    assert use_cache("auto", model, 100, 2, object_store_bytes=2 * 100 * per_clip)
+    assert not use_cache("auto", model, 100, 2, object_store_bytes=2 * 100 * per_clip - 1)  # half at most
+    assert not use_cache("auto", model, 100, 1, object_store_bytes=1e12)  # one epoch: nothing to reuse
+    assert use_cache("on", model, 100, 1, 0) and not use_cache("off", model, 1, 9, 1e12)
+    with pytest.raises(ValueError, match="no frozen backbone to cache"):
+        use_cache("on", XCLIPModel.from_pretrained(tiny_model), 100, 2, 1e12)
 
 
 def test_labels_the_classifier_does_not_know_are_refused(tiny_model: Path, batch) -> None:

@@ -91,3 +91,21 @@ class VisionBackbone(nn.Module):
     def forward(self, pixel_values: torch.Tensor, num_outputs: int) -> list[BlockFeatures]:
         x = self.pre_layernorm(self.embeddings(pixel_values))  # (N, L, D)
         return self.encoder.forward_features(x, num_outputs)
+
+
+def stack_features(features: list[BlockFeatures], num_frames: int) -> torch.Tensor:
+    """The K blocks' features of B videos as one tensor, (B, K, 3, T, L, D): each block's output, queries
+    and keys (heads merged), per video: what a clip gives the decoder, the same at every epoch."""
+    blocks = [torch.stack([f.out, f.q.flatten(2), f.k.flatten(2)]) for f in features]  # K x (3, B*T, L, D)
+    return torch.stack(blocks).unflatten(2, (-1, num_frames)).permute(2, 0, 1, 3, 4, 5)
+
+
+def unstack_features(stacked: torch.Tensor, num_heads: int) -> list[BlockFeatures]:
+    """:func:`stack_features` undone: (B, K, 3, T, L, D) -> K :class:`BlockFeatures` of B*T frames."""
+    features = []
+    for block in stacked.unbind(1):  # (B, 3, T, L, D)
+        out, q, k = (part.flatten(0, 1) for part in block.unbind(1))  # (B*T, L, D)
+        features.append(
+            BlockFeatures(out=out, q=q.unflatten(-1, (num_heads, -1)), k=k.unflatten(-1, (num_heads, -1)))
+        )
+    return features

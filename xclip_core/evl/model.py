@@ -37,7 +37,7 @@ from ..model import WEIGHT_FILES, contrastive_loss
 from ..sources import ModelSource
 from ..text import TextTransformer
 from ..tokenizer import CLIPTokenizer
-from .backbone import VisionBackbone
+from .backbone import BlockFeatures, VisionBackbone, stack_features, unstack_features
 from .config import EVLConfig
 from .decoder import EVLDecoder
 from .original import load_original
@@ -171,8 +171,33 @@ class EVLModel(CheckpointedModel):
         return self.alignment
 
     # ------------------------------------------------------------------------------------ forward
-    def get_video_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Video features (B, D): the decoder's output for its query token, before the head's LayerNorm."""
+    def backbone_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The frozen backbone's output for videos (B, T, 3, H, W), stacked (B, K, 3, T, L, D) (see
+        :func:`~xclip_core.evl.backbone.stack_features`): what the decoder reads. It never changes while the
+        decoder trains, so a training run may compute it once per clip and step from it
+        (``backbone_features=`` of :meth:`forward` and :meth:`training_loss`)."""
+        return stack_features(self._backbone(pixel_values), pixel_values.shape[1])
+
+    def get_video_features(
+        self, pixel_values: torch.Tensor | None = None, backbone_features: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Video features (B, D): the decoder's output for its query token, before the head's LayerNorm; of
+        videos (B, T, 3, H, W), or of their :meth:`backbone_features` computed earlier."""
+        if (pixel_values is None) == (backbone_features is None):
+            raise ValueError("pass either pixel_values or backbone_features")
+        if backbone_features is None:
+            return self.decoder(self._backbone(pixel_values), pixel_values.shape[1])
+        expected = (self.config.decoder_config.num_layers, 3)
+        if backbone_features.ndim != 6 or tuple(backbone_features.shape[1:3]) != expected:
+            raise ValueError(
+                f"backbone_features must be (batch, {expected[0]}, 3, frames, tokens, width) as "
+                f"backbone_features() returns, got shape {tuple(backbone_features.shape)}"
+            )
+        heads = self.config.vision_config.num_attention_heads
+        return self.decoder(unstack_features(backbone_features, heads), backbone_features.shape[3])
+
+    def _backbone(self, pixel_values: torch.Tensor) -> list[BlockFeatures]:
+        """The frozen backbone's last K blocks' features for videos (B, T, 3, H, W)."""
         if pixel_values.ndim != 5:
             raise ValueError(
                 f"pixel_values must be (batch, frames, 3, H, W), got shape {tuple(pixel_values.shape)}"
@@ -189,18 +214,19 @@ class EVLModel(CheckpointedModel):
                 f"embedding has one entry per frame), got {frames}"
             )
         with torch.no_grad():  # the frozen backbone: no gradients, no saved activations
-            features = self.vision_model(pixel_values.flatten(0, 1), self.config.decoder_config.num_layers)
-        return self.decoder(features, frames)
+            return self.vision_model(pixel_values.flatten(0, 1), self.config.decoder_config.num_layers)
 
     def forward(
         self,
-        pixel_values: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        backbone_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Class logits (B, classes) of videos (B, T, 3, H, W); given texts (``input_ids`` (N, L)), the
-        video-text logits (B, N) instead: the scaled cosine of the text-aligned embeddings."""
-        features = self.get_video_features(pixel_values)
+        """Class logits (B, classes) of videos (B, T, 3, H, W) (or of their ``backbone_features``); given
+        texts (``input_ids`` (N, L)), the video-text logits (B, N) instead: the scaled cosine of the
+        text-aligned embeddings."""
+        features = self.get_video_features(pixel_values, backbone_features)
         if input_ids is None:
             if self.head is None:
                 raise ValueError("this EVL model has no classifier (num_classes is 0): pass texts to score")
@@ -210,22 +236,29 @@ class EVLModel(CheckpointedModel):
         return self.alignment.logit_scale.exp() * videos @ texts.T
 
     def training_loss(
-        self, model: nn.Module, pixel_values: torch.Tensor, targets: list[str], tokenizer: CLIPTokenizer
+        self,
+        model: nn.Module,
+        pixel_values: torch.Tensor | None,
+        targets: list[str],
+        tokenizer: CLIPTokenizer,
+        backbone_features: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The training objective, run through ``model`` (this model or its data-parallel wrapper): the
-        contrastive loss against the captions (text-aligned), or the cross-entropy of the labels (a
-        classifier; ``config.labels`` names the classes)."""
+        """The training objective, run through ``model`` (this model or its data-parallel wrapper) on
+        videos or their ``backbone_features``: the contrastive loss against the captions (text-aligned), or
+        the cross-entropy of the labels (a classifier; ``config.labels`` names the classes)."""
+        inputs = {"pixel_values": pixel_values, "backbone_features": backbone_features}
         if self.trains_on == "caption":
             tokens = self.tokenize(targets)
-            return contrastive_loss(model(pixel_values, tokens["input_ids"], tokens["attention_mask"]))
+            return contrastive_loss(model(**inputs, **tokens))
         labels = self.config.labels or []
         unknown = sorted(set(targets) - set(labels))
         if unknown:
             raise ValueError(
                 f"labels the model has no class for: {unknown[:5]} (its classes: {labels[:10]}...)"
             )
-        index = torch.tensor([labels.index(t) for t in targets], device=pixel_values.device)
-        return F.cross_entropy(model(pixel_values), index)
+        device = (pixel_values if pixel_values is not None else backbone_features).device
+        index = torch.tensor([labels.index(t) for t in targets], device=device)
+        return F.cross_entropy(model(**inputs), index)
 
     # -------------------------------------------------------------------------------- init & I/O
     @torch.no_grad()
