@@ -38,12 +38,12 @@ CUDA). Prints, per model:
   process peak       the whole process's peak: ru_maxrss (CPU), max_memory_allocated (CUDA)
   parameters         all / trainable
 
-and the ratios, measured in this run: EVL / X-CLIP steps/s (goal >= 3x; uncached and cached) and EVL / X-CLIP step peak (goal
-<= 1/3; the goal ratio uses the step's own peak, since the weights are the same order in both), each with
-"met" or "missed", plus the whole-process peaks' ratio for reference, and the FLOP bound: X-CLIP's step
-over EVL's backbone forward alone, the most EVL can gain at an equal arithmetic rate. Last, ``--steps`` more
-EVL steps timed in parts (median of each): backbone forward (no grad), decoder and head forward, backward,
-AdamW step.
+and the ratios, measured in this run: EVL / X-CLIP steps/s (goal >= 3x; uncached and cached) and EVL / X-CLIP
+step peak (goal <= 1/3; the goal ratio uses the step's own peak, since the weights are the same order in
+both), each with "met" or "missed", plus the whole-process peaks' ratio for reference, and the FLOP bound:
+X-CLIP's step over EVL's backbone forward alone, the most EVL can gain at an equal arithmetic rate. Last,
+``--steps`` more EVL steps timed in parts (median of each): backbone forward (no grad), decoder and head
+forward, backward, AdamW step.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from .cluster import commands as cluster_commands
 from .cluster.submit import ClusterError
-from .embed.options import EXECUTORS, IN_PROCESS_MAX_OBJECTS, SAMPLINGS, EmbedOptions
+from .embed.options import EXECUTORS, IN_PROCESS_MAX_CPUS, IN_PROCESS_MAX_OBJECTS, SAMPLINGS, EmbedOptions
 from .library.gc import GRACE_S
 from .library.index import KINDS as INDEX_KINDS
 from .library.manifest import LibraryError, WorseVersionError
@@ -80,7 +80,8 @@ def _embed_flags(parser: argparse.ArgumentParser) -> None:
         choices=EXECUTORS,
         default=_default(EmbedOptions, "executor"),
         help="where the stages run: on Ray, or in this process without Ray; auto (the default): in this "
-        f"process when no cluster is to be joined and at most {IN_PROCESS_MAX_OBJECTS} objects are new",
+        f"process when no cluster is to be joined and at most {IN_PROCESS_MAX_OBJECTS} objects are new or "
+        f"this machine has at most {IN_PROCESS_MAX_CPUS} CPUs",
     )
     parser.add_argument(
         "--stage-label",

@@ -1,30 +1,36 @@
-"""The embed stages in the job's own process: a small change set without Ray's start-up.
+"""The embed stages in the job's own process: a job on this machine without Ray's start-up and hops.
 
 A local Ray costs ~12 s before its first video on a laptop (its services, then each actor's imports and model
-load), more than a refresh that adds a few dozen videos spends on them. So when the job runs on this machine
-(no cluster to join) and the objects to embed are few (``IN_PROCESS_MAX_OBJECTS`` and ``IN_PROCESS_MAX_BYTES``
-in :mod:`pipeline.embed.options`), the same stage callables run here in a plain loop: decode -> encode ->
-write (decoding a few batches ahead in a thread, so that it overlaps encoding), one part per
-:data:`~pipeline.embed.stages.write.PART_ROWS` rows, each part recorded in the journal as soon as it is
-written, exactly as the Ray plan does. ``--executor ray`` or ``in-process`` overrides the choice.
+load), more than a refresh that adds a few dozen videos spends on them, and on a small machine its per-block
+work and actors take CPU from the stages (on 2 cores a 200-video job runs 1.9x as fast here as on Ray). So
+when the job runs on this machine (no cluster to join) and either the objects to embed are few
+(``IN_PROCESS_MAX_OBJECTS`` and ``IN_PROCESS_MAX_BYTES`` in :mod:`pipeline.embed.options`) or the machine is
+small (at most ``IN_PROCESS_MAX_CPUS`` CPUs), the same stage callables run here: decode -> encode -> write,
+one part per :data:`~pipeline.embed.stages.write.PART_ROWS` rows, each part recorded in the journal as soon
+as it is written, exactly as the Ray plan does. Decoding runs on a pool of threads, one per CPU, a few
+batches ahead of the encoder (PyAV and Pillow release the GIL: 2 threads decode 1.85x as fast as one), and
+the batches reach the encoder in the listed order. ``--executor ray`` or ``in-process`` overrides the
+choice.
 
-What Ray gives that a loop does not: a crash in native decoder code ends this process, where on Ray it costs
-one actor (and its crash ledger fails the video after a few tries). Here an :class:`InFlightMarker` names the
-video being decoded; a job for the same library that finds a marker left behind by a dead process runs on
-Ray, where that video is tried a bounded number of times.
+What Ray gives that a process does not: a crash in native decoder code ends this process, where on Ray it
+costs one actor (and its crash ledger fails the video after a few tries). Here an :class:`InFlightMarker`
+names the videos being decoded; a job for the same library that finds a marker left behind by a dead
+process runs on Ray, where each of them is tried a bounded number of times, and resumes from the parts
+already written.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
 import os
-import queue
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -33,7 +39,7 @@ import numpy as np
 from ..library import LibraryWriter, PartInfo
 from ..library.journal import Journal
 from ..models import VideoTextModel
-from .options import IN_PROCESS_MAX_BYTES, IN_PROCESS_MAX_OBJECTS, EmbedOptions
+from .options import IN_PROCESS_MAX_BYTES, IN_PROCESS_MAX_CPUS, IN_PROCESS_MAX_OBJECTS, EmbedOptions
 from .stages.decode import DecodeSettings, DecodeVideos
 from .stages.encode import EncodeFrames
 from .stages.write import PART_ROWS, WritePart, written_part
@@ -41,48 +47,71 @@ from .stages.write import PART_ROWS, WritePart, written_part
 log = logging.getLogger(__name__)
 
 PLACEMENT = "this process"  # the summary's node name for the stages run here
-DECODED_AHEAD = 2  # decoded batches that may wait for the encoder (each at most 16 x 8 frames at 224 px)
+DECODED_AHEAD = 2  # decoded batches that may wait for the encoder beyond one per decoding thread
 
 T = TypeVar("T")
 
 
 class InFlightMarker:
-    """A file that names the video this process is decoding for ``library``, removed when it is done.
+    """A file that names the videos this process is decoding for ``library``, each removed when done.
 
     It lives in the machine's temporary directory (the in-process executor only runs on the job's own
-    machine), keyed by the library's URI. ``begin``/``end`` are :class:`DecodeVideos`' crash ledger: a video
-    begun again after a crash gets the count of crashed tries, so that a run forced in-process fails it after
-    ``max_tries`` instead of crashing forever."""
+    machine), keyed by the library's URI: ``{"pid": ..., "videos": {uri: tries}}``. ``begin``/``end`` are
+    :class:`DecodeVideos`' crash ledger (called from several decoding threads): a video begun again after
+    the process that decoded it died gets the count of those tries, so that a run forced in-process fails it
+    after ``max_tries`` instead of crashing forever (a video that was merely decoding beside the culprit
+    counts one try too: it needs ``max_tries`` such crashes to fail)."""
 
     def __init__(self, library: str) -> None:
         key = hashlib.blake2b(library.encode(), digest_size=10).hexdigest()
         self.path = Path(tempfile.gettempdir()) / "videosearch" / f"in-flight-{key}.json"
+        self.lock = threading.Lock()
+        self.videos: dict[str, int] = {}  # in flight here -> tries, this one included
+        self.crashed: dict[str, int] | None = None  # a dead process's videos -> their tries (read once)
 
-    def left_behind(self) -> str | None:
-        """The video a dead process was decoding for this library, if one was."""
+    def _dead(self) -> dict[str, int]:
+        """The videos of a marker left behind by a dead process, with their tries; {} when there is none."""
         try:
             marker = json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None
-        return None if _alive(marker.get("pid")) else str(marker.get("uri"))
+            if _alive(marker.get("pid")):
+                return {}
+            return {str(uri): int(tries) for uri, tries in marker["videos"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return {}
+
+    def left_behind(self) -> str | None:
+        """A video a dead process was decoding for this library, if it was decoding any."""
+        return next(iter(sorted(self._dead())), None)
 
     def begin(self, uri: str) -> int:
         """Mark ``uri`` as being decoded; the number of earlier tries that died decoding it."""
-        try:
-            marker = json.loads(self.path.read_text())
-            tries = int(marker["tries"]) if marker.get("uri") == uri and not _alive(marker.get("pid")) else 0
-        except (OSError, ValueError, KeyError):
-            tries = 0
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps({"uri": uri, "tries": tries + 1, "pid": os.getpid()}))
+        with self.lock:
+            if self.crashed is None:
+                self.crashed = self._dead()
+            tries = self.crashed.get(uri, 0)
+            self.videos[uri] = tries + 1
+            self._write()
         return tries
 
     def end(self, uri: str) -> None:
         """``uri`` is decoded (or became an error row): no longer in flight."""
-        self.clear()
+        with self.lock:
+            self.videos.pop(uri, None)
+            self._write()
 
     def clear(self) -> None:
-        self.path.unlink(missing_ok=True)
+        with self.lock:
+            self.videos.clear()
+            self.path.unlink(missing_ok=True)
+
+    def _write(self) -> None:
+        if not self.videos:
+            self.path.unlink(missing_ok=True)
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_suffix(f".{os.getpid()}.tmp")
+        temporary.write_text(json.dumps({"pid": os.getpid(), "videos": self.videos}))
+        temporary.replace(self.path)  # whole, whenever the process dies
 
 
 def _alive(pid: Any) -> bool:
@@ -103,20 +132,29 @@ def runs_in_process(listed: list[dict[str, Any]], options: EmbedOptions, library
 
     ``--executor auto`` runs here when there is no cluster to join (no ``--address``, no ``RAY_ADDRESS``, or
     either is ``local``, and no Ray connected in this process), no actor counts were asked for, ``listed`` is
-    at most ``IN_PROCESS_MAX_OBJECTS`` objects of ``IN_PROCESS_MAX_BYTES``, and no earlier in-process job of
-    ``library`` died while decoding."""
+    at most ``IN_PROCESS_MAX_OBJECTS`` objects of ``IN_PROCESS_MAX_BYTES`` or this machine has at most
+    ``IN_PROCESS_MAX_CPUS`` CPUs, and no earlier in-process job of ``library`` died while decoding."""
     if options.executor != "auto":
         return options.executor == "in-process"
     address = options.address or os.environ.get("RAY_ADDRESS") or "local"
     if address != "local" or options.decoders or options.encoders or _ray_connected():
         return False
     size = sum(int(row.get("size") or 0) for row in listed)
-    if len(listed) > IN_PROCESS_MAX_OBJECTS or size > IN_PROCESS_MAX_BYTES:
+    small = len(listed) <= IN_PROCESS_MAX_OBJECTS and size <= IN_PROCESS_MAX_BYTES
+    if not small and usable_cpus() > IN_PROCESS_MAX_CPUS:
         return False
     crashed = InFlightMarker(library).left_behind()
     if crashed is not None:
         log.warning("a job died decoding %s: this one runs on Ray, where a crash costs an actor", crashed)
     return crashed is None
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity, which containers and ``taskset`` narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _ray_connected() -> bool:
@@ -141,15 +179,15 @@ def embed_in_process(
     encode = EncodeFrames(options.model, options.storage, device, options.batch_size, loaded=model)
     write = WritePart(writer.store, writer.embedding_dim, writer.prompt_shape)
 
-    def decoded() -> Iterator[dict[str, np.ndarray]]:  # a batch of rows per encoder call (or per long video)
-        for start in range(0, len(listed), options.batch_size):
-            group = listed[start : start + options.batch_size]
-            yield from decode(
-                {name: np.array([row[name] for row in group], dtype=object) for name in group[0]}
-            )
+    def decoding(group: list[dict[str, Any]]) -> Callable[[], list[dict[str, np.ndarray]]]:
+        """One encoder call's videos, decoded: a batch of rows (several for a long video's segments)."""
+        batch = {name: np.array([row[name] for row in group], dtype=object) for name in group[0]}
+        return lambda: list(decode(batch))
 
+    groups = (listed[i : i + options.batch_size] for i in range(0, len(listed), options.batch_size))
     pending: list[dict[str, np.ndarray]] = []
-    for frames in ahead(decoded(), DECODED_AHEAD):
+    decoded = in_parallel((decoding(group) for group in groups), usable_cpus(), DECODED_AHEAD)
+    for frames in (batch for batches in decoded for batch in batches):
         pending.append(encode(frames))
         while sum(len(b["uri"]) for b in pending) >= PART_ROWS:
             part, pending = _split(pending, PART_ROWS)
@@ -160,44 +198,23 @@ def embed_in_process(
     return journal.parts, {"decode": {PLACEMENT: 1}, "encode": {PLACEMENT: 1}}
 
 
-def ahead(items: Iterator[T], depth: int) -> Iterator[T]:
-    """``items``, produced by a thread that runs at most ``depth`` items ahead of the consumer: decoding
-    (PyAV) and encoding (torch) release the GIL, so the next videos decode while the model encodes. An
-    exception in the producer is raised here, in order; a consumer that stops early stops the producer."""
-    slots: queue.Queue[tuple[str, Any]] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def put(kind: str, value: Any) -> bool:
-        while not stop.is_set():
-            try:
-                slots.put((kind, value), timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
+def in_parallel(calls: Iterable[Callable[[], T]], threads: int, depth: int) -> Iterator[T]:
+    """The results of ``calls``, in order, computed by ``threads`` threads at most ``threads + depth`` calls
+    ahead of the consumer (decoding releases the GIL in PyAV and Pillow, so the threads decode side by side
+    while the consumer encodes). An exception in a call is raised here, in its place; a consumer that stops
+    early stops the submissions (the calls already running finish)."""
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="videosearch-decode") as pool:
+        window: collections.deque[Future[T]] = collections.deque()
         try:
-            for item in items:
-                if not put("item", item):
-                    return
-            put("done", None)
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
-            put("error", e)
-
-    producer = threading.Thread(target=produce, name="videosearch-decode", daemon=True)
-    producer.start()
-    try:
-        while True:
-            kind, value = slots.get()
-            if kind == "error":
-                raise value
-            if kind == "done":
-                return
-            yield value
-    finally:
-        stop.set()
-        producer.join()
+            for call in calls:
+                window.append(pool.submit(call))
+                if len(window) >= threads + depth:
+                    yield window.popleft().result()
+            while window:
+                yield window.popleft().result()
+        finally:
+            for future in window:
+                future.cancel()
 
 
 def _written(write: WritePart, rows: dict[str, np.ndarray]) -> PartInfo:

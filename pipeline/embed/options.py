@@ -12,7 +12,8 @@ from ..storage import StorageOptions
 EXECUTORS = ("auto", "ray", "in-process")
 SAMPLINGS = ("exact", "fast")  # as pipeline.embed.stages.decode has them (not imported: PyAV, for --help)
 IN_PROCESS_MAX_OBJECTS = 64  # "auto" embeds at most this many objects in the job's process...
-IN_PROCESS_MAX_BYTES = 256 * 2**20  # ... of at most this many bytes (see pipeline.embed.in_process)
+IN_PROCESS_MAX_BYTES = 256 * 2**20  # ... of at most this many bytes (see pipeline.embed.in_process)...
+IN_PROCESS_MAX_CPUS = 4  # ... or any number, on a machine of at most this many CPUs
 
 
 @dataclass

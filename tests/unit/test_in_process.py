@@ -5,15 +5,21 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 from helpers import write_video
 
 from pipeline.embed import in_process
-from pipeline.embed.in_process import InFlightMarker, ahead, runs_in_process
+from pipeline.embed.in_process import InFlightMarker, in_parallel, runs_in_process
 from pipeline.embed.job import embed
-from pipeline.embed.options import IN_PROCESS_MAX_BYTES, IN_PROCESS_MAX_OBJECTS, EmbedOptions
+from pipeline.embed.options import (
+    IN_PROCESS_MAX_BYTES,
+    IN_PROCESS_MAX_CPUS,
+    IN_PROCESS_MAX_OBJECTS,
+    EmbedOptions,
+)
 from pipeline.library import Library
 
 
@@ -39,8 +45,11 @@ def test_auto_runs_a_small_change_in_process_when_there_is_no_cluster_to_join(
     auto = EmbedOptions()
     assert runs_in_process(listed(3), auto, library)
     assert runs_in_process(listed(IN_PROCESS_MAX_OBJECTS), EmbedOptions(address="local"), library)
+    monkeypatch.setattr(in_process, "usable_cpus", lambda: IN_PROCESS_MAX_CPUS + 1)  # a larger machine
     assert not runs_in_process(listed(IN_PROCESS_MAX_OBJECTS + 1), auto, library)
     assert not runs_in_process(listed(2, size=IN_PROCESS_MAX_BYTES), auto, library)
+    monkeypatch.setattr(in_process, "usable_cpus", lambda: IN_PROCESS_MAX_CPUS)  # a small one: any job
+    assert runs_in_process(listed(IN_PROCESS_MAX_OBJECTS * 10, size=IN_PROCESS_MAX_BYTES), auto, library)
     assert not runs_in_process(listed(3), EmbedOptions(address="ray://head:10001"), library)
     assert not runs_in_process(listed(3), EmbedOptions(decoders=2), library)
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
@@ -58,15 +67,26 @@ def test_a_video_that_killed_an_in_process_job_sends_the_next_job_to_ray(library
     assert marker.begin("/videos/bad.mp4") == 0  # this process decodes it: not left behind
     assert marker.left_behind() is None and runs_in_process(listed(3), EmbedOptions(), library)
 
-    # the process died while decoding it
-    marker.path.write_text(json.dumps({"uri": "/videos/bad.mp4", "tries": 1, "pid": dead_pid()}))
+    # videos decode side by side: each is in flight until it ends
+    assert marker.begin("/videos/other.mp4") == 0
+    marker.end("/videos/bad.mp4")
+    assert json.loads(marker.path.read_text())["videos"] == {"/videos/other.mp4": 1}
+    marker.end("/videos/other.mp4")
+    assert not marker.path.exists()
+
+    # the process died while decoding two videos
+    videos = {"/videos/bad.mp4": 1, "/videos/beside.mp4": 2}
+    marker.path.write_text(json.dumps({"pid": dead_pid(), "videos": videos}))
     assert marker.left_behind() == "/videos/bad.mp4"
     assert not runs_in_process(listed(3), EmbedOptions(), library)
     assert runs_in_process(listed(3), EmbedOptions(), library + "-other")  # another library's marker
-    # forced in-process, the video's crashed tries are counted, as the decoder's crash ledger wants
-    assert marker.begin("/videos/bad.mp4") == 1
-    marker.end("/videos/bad.mp4")
-    assert marker.left_behind() is None
+    # forced in-process, each video's crashed tries are counted, as the decoder's crash ledger wants
+    again = InFlightMarker(library)
+    assert again.begin("/videos/bad.mp4") == 1 and again.begin("/videos/beside.mp4") == 2
+    assert again.begin("/videos/new.mp4") == 0
+    for uri in ("/videos/bad.mp4", "/videos/beside.mp4", "/videos/new.mp4"):
+        again.end(uri)
+    assert again.left_behind() is None and not again.path.exists()
 
 
 def test_in_process_jobs_write_parts_of_part_rows_holding_every_video_once(
@@ -89,25 +109,30 @@ def test_in_process_jobs_write_parts_of_part_rows_holding_every_video_once(
     assert not InFlightMarker(library).path.exists()
 
 
-def test_decoding_ahead_keeps_the_order_raises_in_place_and_stops_with_its_consumer() -> None:
-    produced: list[int] = []
+def test_decoding_in_parallel_keeps_the_order_raises_in_place_and_stops_with_its_consumer() -> None:
+    started: list[int] = []
+    together = threading.Barrier(2, timeout=10)
 
-    def items(fail_at: int | None = None):
-        for i in range(100):
-            if i == fail_at:
+    def call(i: int, fail: bool = False, meet: bool = False):
+        def run() -> int:
+            started.append(i)
+            if meet:
+                together.wait()  # returns only when two calls run at once
+            if fail:
                 raise OSError(f"broken at {i}")
-            produced.append(i)
-            yield i
+            return i
 
-    assert list(ahead(items(), 2)) == list(range(100))
+        return run
+
+    assert list(in_parallel((call(i, meet=i < 2) for i in range(100)), 2, 2)) == list(range(100))
     got = []
     with pytest.raises(OSError, match="broken at 5"):
-        for i in ahead(items(fail_at=5), 2):
+        for i in in_parallel((call(i, fail=i == 5) for i in range(100)), 2, 2):
             got.append(i)
     assert got == [0, 1, 2, 3, 4]  # everything before the failure, in order, then the failure itself
 
-    produced.clear()
-    for i in ahead(items(), 2):
+    started.clear()
+    for i in in_parallel((call(i) for i in range(100)), 2, 2):
         if i == 3:
             break
-    assert len(produced) <= 3 + 1 + 2 + 1  # the items consumed, the slots, the one being put: then it stops
+    assert len(started) <= 4 + 2 + 2  # the calls consumed and the window (threads + depth): then it stops
