@@ -27,7 +27,7 @@ from ..models import VideoTextModel, default_model_source, load_model, new_model
 from ..storage import Store
 from ..video_table import DescribedVideo, read_video_table
 from .backbone_cache import COLUMN as CACHED
-from .backbone_cache import BackboneFeatures, from_stored, use_cache
+from .backbone_cache import BackboneFeatures, check_mode, from_stored, use_cache
 from .options import TrainOptions, TrainSummary
 from .resources import train_resources
 from .trainer import Trainer, freeze, read_history
@@ -137,7 +137,7 @@ def train(table_uri: str, options: TrainOptions) -> TrainSummary:
     start = load_start()
     settings = DecodeSettings(start.num_frames, start.preprocessor)
     texts = _targets(rows, start, table_uri)
-    use_cache(options.backbone_cache, start, 0, options.epochs, 0)  # "on" for X-CLIP fails here
+    check_mode(options.backbone_cache, start)  # before Ray starts
     resources = connect(options.address)
     listed = [
         {"uri": uri, "size": Store(uri, options.storage).size(), "etag": None, "mtime": None} for uri in texts
