@@ -25,6 +25,7 @@ import collections
 import hashlib
 import json
 import logging
+import math
 import os
 import sys
 import tempfile
@@ -35,11 +36,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import torch
 
 from ..library import LibraryWriter, PartInfo
 from ..library.journal import Journal
 from ..models import VideoTextModel
 from .options import IN_PROCESS_MAX_BYTES, IN_PROCESS_MAX_CPUS, IN_PROCESS_MAX_OBJECTS, EmbedOptions
+from .resources import EPS, share_cpus, time_stages
 from .stages.decode import DecodeSettings, DecodeVideos
 from .stages.encode import EncodeFrames
 from .stages.write import PART_ROWS, WritePart, written_part
@@ -48,6 +51,7 @@ log = logging.getLogger(__name__)
 
 PLACEMENT = "this process"  # the summary's node name for the stages run here
 DECODED_AHEAD = 2  # decoded batches that may wait for the encoder beyond one per decoding thread
+TIMED_FROM = 16  # objects from which the job times one video per stage to share the CPUs between them
 
 T = TypeVar("T")
 
@@ -175,8 +179,65 @@ def embed_in_process(
     soon as it is written, and the placement (every stage in :data:`PLACEMENT`)."""
     marker = InFlightMarker(writer.store.uri)
     decode = DecodeVideos(settings, options.storage, crash_ledger=marker)
-    device = "cpu" if options.gpus_per_encoder == 0 else "auto"
-    encode = EncodeFrames(options.model, options.storage, device, options.batch_size, loaded=model)
+    on_gpu = options.gpus_per_encoder != 0 and torch.cuda.is_available()
+    decoders, encoder_threads = thread_shares(listed, settings, options, model, on_gpu)
+    torch_threads = torch.get_num_threads()
+    try:
+        encode = EncodeFrames(
+            options.model,
+            options.storage,
+            "cuda" if on_gpu else "cpu",
+            options.batch_size,
+            threads=encoder_threads,
+            loaded=model,
+        )
+        return _embed(listed, options, writer, journal, marker, decode, encode, decoders)
+    finally:
+        torch.set_num_threads(torch_threads)  # the caller's, whatever the encoder was given
+
+
+def thread_shares(
+    listed: list[dict[str, Any]],
+    settings: DecodeSettings,
+    options: EmbedOptions,
+    model: VideoTextModel,
+    on_gpu: bool,
+) -> tuple[int, int | None]:
+    """The decoding threads and the encoder's torch threads (None: torch's default) for ``listed``.
+
+    On a GPU, or for fewer than :data:`TIMED_FROM` objects, a thread per CPU decodes and torch keeps its
+    default. Otherwise the CPUs are shared between the stages as the Ray plan shares one node
+    (:func:`~pipeline.embed.resources.share_cpus`), by one video's measured cost in each: the bundled model
+    (decode-bound) gets one torch thread and every CPU decodes; base-patch32 (encode-bound) gets the cores
+    and one thread decodes. Oversubscribed, the two slowed each other (bundled model, 200 clips on 2 cores:
+    17-21 videos/s with one torch thread, 13-18 with two)."""
+    cpus = usable_cpus()
+    if on_gpu or len(listed) < TIMED_FROM:
+        return cpus, None
+    decode_s, encode_s = time_stages(listed, settings, options.storage, model)
+    shares = share_cpus(cpus, decode_s, encode_s)
+    threads = max(1, math.ceil(shares.cpus_per_encoder - EPS))
+    log.info(
+        "one video: decode %.3f s, encode %.3f s: %d decoding threads, %d torch threads",
+        decode_s,
+        encode_s,
+        shares.decoders,
+        threads,
+    )
+    return shares.decoders, threads
+
+
+def _embed(
+    listed: list[dict[str, Any]],
+    options: EmbedOptions,
+    writer: LibraryWriter,
+    journal: Journal,
+    marker: InFlightMarker,
+    decode: DecodeVideos,
+    encode: EncodeFrames,
+    decoders: int,
+) -> tuple[list[PartInfo], dict[str, dict[str, int]]]:
+    """:func:`embed_in_process` once its stages are built."""
     write = WritePart(writer.store, writer.embedding_dim, writer.prompt_shape)
 
     def decoding(group: list[dict[str, Any]]) -> Callable[[], list[dict[str, np.ndarray]]]:
@@ -186,7 +247,7 @@ def embed_in_process(
 
     groups = (listed[i : i + options.batch_size] for i in range(0, len(listed), options.batch_size))
     pending: list[dict[str, np.ndarray]] = []
-    decoded = in_parallel((decoding(group) for group in groups), usable_cpus(), DECODED_AHEAD)
+    decoded = in_parallel((decoding(group) for group in groups), decoders, DECODED_AHEAD)
     for frames in (batch for batches in decoded for batch in batches):
         pending.append(encode(frames))
         while sum(len(b["uri"]) for b in pending) >= PART_ROWS:

@@ -12,7 +12,7 @@ import pytest
 from helpers import write_video
 
 from pipeline.embed import in_process
-from pipeline.embed.in_process import InFlightMarker, in_parallel, runs_in_process
+from pipeline.embed.in_process import TIMED_FROM, InFlightMarker, in_parallel, runs_in_process, thread_shares
 from pipeline.embed.job import embed
 from pipeline.embed.options import (
     IN_PROCESS_MAX_BYTES,
@@ -20,7 +20,9 @@ from pipeline.embed.options import (
     IN_PROCESS_MAX_OBJECTS,
     EmbedOptions,
 )
+from pipeline.embed.stages.decode import DecodeSettings
 from pipeline.library import Library
+from pipeline.models import load_model
 
 
 def listed(count: int, size: int = 1000) -> list[dict]:
@@ -136,3 +138,25 @@ def test_decoding_in_parallel_keeps_the_order_raises_in_place_and_stops_with_its
         if i == 3:
             break
     assert len(started) <= 4 + 2 + 2  # the calls consumed and the window (threads + depth): then it stops
+
+
+def test_large_jobs_share_the_cpus_between_decoding_threads_and_the_encoder_by_measured_costs(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    video = tmp_path / "clip.mp4"
+    write_video(video, 24, 64, 48, fps=8, seed=1)
+    model = load_model(str(tiny_model))
+    settings = DecodeSettings(model.num_frames, model.preprocessor)
+    options = EmbedOptions(model=str(tiny_model))
+    few = [{"uri": str(video), "size": video.stat().st_size, "etag": None, "mtime": 0.0}] * (TIMED_FROM - 1)
+    monkeypatch.setattr(in_process, "usable_cpus", lambda: 4)
+    assert thread_shares(few, settings, options, model, on_gpu=False) == (4, None)  # not worth timing
+    many = few * 2
+    assert thread_shares(many, settings, options, model, on_gpu=True) == (4, None)  # the encoder is a GPU
+    # decode-bound (a tiny model): torch keeps one thread, every other CPU decodes
+    monkeypatch.setattr(in_process, "time_stages", lambda *args: (0.07, 0.014))
+    assert thread_shares(many, settings, options, model, on_gpu=False) == (4, 1)
+    # encode-bound (base-patch32): the encoder gets the cores, one thread decodes
+    monkeypatch.setattr(in_process, "time_stages", lambda *args: (0.05, 1.0))
+    decoders, threads = thread_shares(many, settings, options, model, on_gpu=False)
+    assert (decoders, threads) == (1, 4)
