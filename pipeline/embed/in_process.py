@@ -42,7 +42,7 @@ from ..library import LibraryWriter, PartInfo
 from ..library.journal import Journal
 from ..models import VideoTextModel
 from .options import IN_PROCESS_MAX_BYTES, IN_PROCESS_MAX_CPUS, IN_PROCESS_MAX_OBJECTS, EmbedOptions
-from .resources import EPS, share_cpus, time_stages
+from .resources import EPS, share_cpus, time_decode, time_encode
 from .stages.decode import DecodeSettings, DecodeVideos
 from .stages.encode import EncodeFrames
 from .stages.write import PART_ROWS, WritePart, written_part
@@ -205,26 +205,23 @@ def thread_shares(
 ) -> tuple[int, int | None]:
     """The decoding threads and the encoder's torch threads (None: torch's default) for ``listed``.
 
-    On a GPU, or for fewer than :data:`TIMED_FROM` objects, a thread per CPU decodes and torch keeps its
-    default. Otherwise the CPUs are shared between the stages as the Ray plan shares one node
-    (:func:`~pipeline.embed.resources.share_cpus`), by one video's measured cost in each: the bundled model
-    (decode-bound) gets one torch thread and every CPU decodes; base-patch32 (encode-bound) gets the cores
-    and one thread decodes. Oversubscribed, the two slowed each other (bundled model, 200 clips on 2 cores:
-    17-21 videos/s with one torch thread, 13-18 with two)."""
+    A thread per CPU decodes (threads waiting on the window cost nothing). On a GPU, or for fewer than
+    :data:`TIMED_FROM` objects, torch keeps its default. Otherwise the encoder gets its share of the CPUs as
+    the Ray plan shares one node (:func:`~pipeline.embed.resources.share_cpus`), rounded up, by one video's
+    measured cost in each stage (the encoder timed on its default threads, which warms it up for the run):
+    the bundled model (decode-bound) one torch thread, base-patch32 (encode-bound) every core. More torch
+    threads than the encoder keeps busy take cores from decoding (their OpenMP threads spin while they
+    wait): the bundled model, 200 clips on 2 cores, ran 17-21 videos/s with one torch thread, 13-18 with
+    two."""
     cpus = usable_cpus()
     if on_gpu or len(listed) < TIMED_FROM:
         return cpus, None
-    decode_s, encode_s = time_stages(listed, settings, options.storage, model)
-    shares = share_cpus(cpus, decode_s, encode_s)
-    threads = max(1, math.ceil(shares.cpus_per_encoder - EPS))
-    log.info(
-        "one video: decode %.3f s, encode %.3f s: %d decoding threads, %d torch threads",
-        decode_s,
-        encode_s,
-        shares.decoders,
-        threads,
-    )
-    return shares.decoders, threads
+    decode_s = time_decode(listed, settings, options.storage)
+    default = torch.get_num_threads()  # timed on the threads it runs with: the warm-up is not wasted
+    encode_s = time_encode(model, default) * default  # its CPU-seconds, as many cores as threads
+    threads = max(1, math.ceil(share_cpus(cpus, decode_s, encode_s).cpus_per_encoder - EPS))
+    log.info("one video: decode %.3f s, encode %.3f CPU-s: %d torch threads", decode_s, encode_s, threads)
+    return cpus, threads
 
 
 def _embed(

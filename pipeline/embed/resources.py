@@ -89,18 +89,18 @@ def time_decode(listed: list[dict[str, Any]], settings: DecodeSettings, storage:
 
 
 @torch.inference_mode()
-def time_encode(model: VideoTextModel) -> float:
-    """Seconds for one clip through the model's video side, on one CPU thread."""
+def time_encode(model: VideoTextModel, threads: int = 1) -> float:
+    """Seconds for one clip through the model's video side, on ``threads`` CPU threads."""
     height, width = model.preprocessor.crop_size
     clip = torch.zeros(1, model.num_frames, 3, height, width)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
     try:
         started = time.perf_counter()
         model.encode_videos(clip)
         return time.perf_counter() - started
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(before)
 
 
 def time_stages(

@@ -153,10 +153,11 @@ def test_large_jobs_share_the_cpus_between_decoding_threads_and_the_encoder_by_m
     assert thread_shares(few, settings, options, model, on_gpu=False) == (4, None)  # not worth timing
     many = few * 2
     assert thread_shares(many, settings, options, model, on_gpu=True) == (4, None)  # the encoder is a GPU
-    # decode-bound (a tiny model): torch keeps one thread, every other CPU decodes
-    monkeypatch.setattr(in_process, "time_stages", lambda *args: (0.07, 0.014))
+    monkeypatch.setattr(in_process.torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(in_process, "time_decode", lambda *args: 0.07)
+    # decode-bound (a tiny model): torch gets one thread, a thread per CPU decodes
+    monkeypatch.setattr(in_process, "time_encode", lambda model, threads: 0.007)
     assert thread_shares(many, settings, options, model, on_gpu=False) == (4, 1)
-    # encode-bound (base-patch32): the encoder gets the cores, one thread decodes
-    monkeypatch.setattr(in_process, "time_stages", lambda *args: (0.05, 1.0))
-    decoders, threads = thread_shares(many, settings, options, model, on_gpu=False)
-    assert (decoders, threads) == (1, 4)
+    # encode-bound (base-patch32): the encoder gets every core
+    monkeypatch.setattr(in_process, "time_encode", lambda model, threads: 0.5)
+    assert thread_shares(many, settings, options, model, on_gpu=False) == (4, 4)
