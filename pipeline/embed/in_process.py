@@ -2,7 +2,7 @@
 
 A local Ray costs ~12 s before its first video on a laptop (its services, then each actor's imports and model
 load), more than a refresh that adds a few dozen videos spends on them, and on a small machine its per-block
-work and actors take CPU from the stages (on 2 cores a 200-video job runs 1.9x as fast here as on Ray). So
+work and actors take CPU from the stages (on 2 cores a 200-video job runs 2-3x as fast here as on Ray). So
 when the job runs on this machine (no cluster to join) and either the objects to embed are few
 (``IN_PROCESS_MAX_OBJECTS`` and ``IN_PROCESS_MAX_BYTES`` in :mod:`pipeline.embed.options`) or the machine is
 small (at most ``IN_PROCESS_MAX_CPUS`` CPUs), the same stage callables run here: decode -> encode -> write,
