@@ -180,61 +180,7 @@ def embed_in_process(
     marker = InFlightMarker(writer.store.uri)
     decode = DecodeVideos(settings, options.storage, crash_ledger=marker)
     on_gpu = options.gpus_per_encoder != 0 and torch.cuda.is_available()
-    decoders, encoder_threads = thread_shares(listed, settings, options, model, on_gpu)
-    torch_threads = torch.get_num_threads()
-    try:
-        encode = EncodeFrames(
-            options.model,
-            options.storage,
-            "cuda" if on_gpu else "cpu",
-            options.batch_size,
-            threads=encoder_threads,
-            loaded=model,
-        )
-        return _embed(listed, options, writer, journal, marker, decode, encode, decoders)
-    finally:
-        torch.set_num_threads(torch_threads)  # the caller's, whatever the encoder was given
-
-
-def thread_shares(
-    listed: list[dict[str, Any]],
-    settings: DecodeSettings,
-    options: EmbedOptions,
-    model: VideoTextModel,
-    on_gpu: bool,
-) -> tuple[int, int | None]:
-    """The decoding threads and the encoder's torch threads (None: torch's default) for ``listed``.
-
-    A thread per CPU decodes (threads waiting on the window cost nothing). On a GPU, or for fewer than
-    :data:`TIMED_FROM` objects, torch keeps its default. Otherwise the encoder gets its share of the CPUs as
-    the Ray plan shares one node (:func:`~pipeline.embed.resources.share_cpus`), rounded up, by one video's
-    measured cost in each stage (the encoder timed on its default threads, which warms it up for the run):
-    the bundled model (decode-bound) one torch thread, base-patch32 (encode-bound) every core. More torch
-    threads than the encoder keeps busy take cores from decoding (their OpenMP threads spin while they
-    wait): the bundled model, 200 clips on 2 cores, ran 17-21 videos/s with one torch thread, 13-18 with
-    two."""
-    cpus = usable_cpus()
-    if on_gpu or len(listed) < TIMED_FROM:
-        return cpus, None
-    decode_s = time_decode(listed, settings, options.storage)
-    default = torch.get_num_threads()  # timed on the threads it runs with: the warm-up is not wasted
-    encode_s = time_encode(model, default) * default  # its CPU-seconds, as many cores as threads
-    threads = max(1, math.ceil(share_cpus(cpus, decode_s, encode_s).cpus_per_encoder - EPS))
-    log.info("one video: decode %.3f s, encode %.3f CPU-s: %d torch threads", decode_s, encode_s, threads)
-    return cpus, threads
-
-
-def _embed(
-    listed: list[dict[str, Any]],
-    options: EmbedOptions,
-    writer: LibraryWriter,
-    journal: Journal,
-    marker: InFlightMarker,
-    decode: DecodeVideos,
-    encode: EncodeFrames,
-    decoders: int,
-) -> tuple[list[PartInfo], dict[str, dict[str, int]]]:
-    """:func:`embed_in_process` once its stages are built."""
+    threads = encoder_threads(listed, settings, options, model, on_gpu)
     write = WritePart(writer.store, writer.embedding_dim, writer.prompt_shape)
 
     def decoding(group: list[dict[str, Any]]) -> Callable[[], list[dict[str, np.ndarray]]]:
@@ -244,16 +190,51 @@ def _embed(
 
     groups = (listed[i : i + options.batch_size] for i in range(0, len(listed), options.batch_size))
     pending: list[dict[str, np.ndarray]] = []
-    decoded = in_parallel((decoding(group) for group in groups), decoders, DECODED_AHEAD)
-    for frames in (batch for batches in decoded for batch in batches):
-        pending.append(encode(frames))
-        while sum(len(b["uri"]) for b in pending) >= PART_ROWS:
-            part, pending = _split(pending, PART_ROWS)
-            journal.record(_written(write, part))
+    torch_threads = torch.get_num_threads()
+    try:
+        device = "cuda" if on_gpu else "cpu"
+        encode = EncodeFrames(
+            options.model, options.storage, device, options.batch_size, threads=threads, loaded=model
+        )
+        # a decoding thread per CPU: threads waiting on the window cost nothing
+        decoded = in_parallel((decoding(group) for group in groups), usable_cpus(), DECODED_AHEAD)
+        for frames in (batch for batches in decoded for batch in batches):
+            pending.append(encode(frames))
+            while sum(len(b["uri"]) for b in pending) >= PART_ROWS:
+                part, pending = _split(pending, PART_ROWS)
+                journal.record(_written(write, part))
+    finally:
+        torch.set_num_threads(torch_threads)  # the caller's, whatever the encoder was given
     if pending and sum(len(b["uri"]) for b in pending):
         journal.record(_written(write, _concat(pending)))
     marker.clear()
     return journal.parts, {"decode": {PLACEMENT: 1}, "encode": {PLACEMENT: 1}}
+
+
+def encoder_threads(
+    listed: list[dict[str, Any]],
+    settings: DecodeSettings,
+    options: EmbedOptions,
+    model: VideoTextModel,
+    on_gpu: bool,
+) -> int | None:
+    """The encoder's torch threads for ``listed`` (None: torch's default), beside a decoding thread per CPU.
+
+    On a GPU, or for fewer than :data:`TIMED_FROM` objects, torch keeps its default. Otherwise the encoder
+    gets its share of the CPUs as the Ray plan shares one node (:func:`~pipeline.embed.resources.share_cpus`),
+    rounded up, by one video's measured cost in each stage (the encoder timed on its default threads, which
+    warms it up for the run): the bundled model (decode-bound) one torch thread, base-patch32 (encode-bound)
+    every core. More torch threads than the encoder keeps busy take cores from decoding (their OpenMP threads
+    spin while they wait): the bundled model, 200 clips on 2 cores, ran 17-21 videos/s with one torch
+    thread, 13-18 with two."""
+    if on_gpu or len(listed) < TIMED_FROM:
+        return None
+    decode_s = time_decode(listed, settings, options.storage)
+    default = torch.get_num_threads()  # timed on the threads it runs with: the warm-up is not wasted
+    encode_s = time_encode(model, default) * default  # its CPU-seconds, as many cores as threads
+    threads = max(1, math.ceil(share_cpus(usable_cpus(), decode_s, encode_s).cpus_per_encoder - EPS))
+    log.info("one video: decode %.3f s, encode %.3f CPU-s: %d torch threads", decode_s, encode_s, threads)
+    return threads
 
 
 def in_parallel(calls: Iterable[Callable[[], T]], threads: int, depth: int) -> Iterator[T]:

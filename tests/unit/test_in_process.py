@@ -12,7 +12,13 @@ import pytest
 from helpers import write_video
 
 from pipeline.embed import in_process
-from pipeline.embed.in_process import TIMED_FROM, InFlightMarker, in_parallel, runs_in_process, thread_shares
+from pipeline.embed.in_process import (
+    TIMED_FROM,
+    InFlightMarker,
+    encoder_threads,
+    in_parallel,
+    runs_in_process,
+)
 from pipeline.embed.job import embed
 from pipeline.embed.options import (
     IN_PROCESS_MAX_BYTES,
@@ -100,7 +106,16 @@ def test_in_process_jobs_write_parts_of_part_rows_holding_every_video_once(
         write_video(videos / f"{i}.mp4", 12, 48, 40, fps=6, seed=i)
     (videos / "broken.mp4").write_bytes(b"not a video")
     monkeypatch.setattr(in_process, "PART_ROWS", 2)  # parts of 2 rows: 6 objects make 3 parts
+    monkeypatch.setattr(in_process, "usable_cpus", lambda: 3)
+    threads: list[int] = []
+
+    def recorded(calls, count, depth):  # the real pool, its thread count noted
+        threads.append(count)
+        return in_parallel(calls, count, depth)
+
+    monkeypatch.setattr(in_process, "in_parallel", recorded)
     summary = embed(str(videos), library, EmbedOptions())
+    assert threads == [3]  # a decoding thread per CPU
     assert (summary.executor, summary.ok, summary.failed) == ("in-process", 5, 1)
     assert summary.placement == {"decode": {"this process": 1}, "encode": {"this process": 1}}
     current = Library.open(library)
@@ -150,14 +165,14 @@ def test_large_jobs_share_the_cpus_between_decoding_threads_and_the_encoder_by_m
     options = EmbedOptions(model=str(tiny_model))
     few = [{"uri": str(video), "size": video.stat().st_size, "etag": None, "mtime": 0.0}] * (TIMED_FROM - 1)
     monkeypatch.setattr(in_process, "usable_cpus", lambda: 4)
-    assert thread_shares(few, settings, options, model, on_gpu=False) == (4, None)  # not worth timing
+    assert encoder_threads(few, settings, options, model, on_gpu=False) is None  # not worth timing
     many = few * 2
-    assert thread_shares(many, settings, options, model, on_gpu=True) == (4, None)  # the encoder is a GPU
+    assert encoder_threads(many, settings, options, model, on_gpu=True) is None  # the encoder is a GPU
     monkeypatch.setattr(in_process.torch, "get_num_threads", lambda: 2)
     monkeypatch.setattr(in_process, "time_decode", lambda *args: 0.07)
     # decode-bound (a tiny model): torch gets one thread, a thread per CPU decodes
     monkeypatch.setattr(in_process, "time_encode", lambda model, threads: 0.007)
-    assert thread_shares(many, settings, options, model, on_gpu=False) == (4, 1)
+    assert encoder_threads(many, settings, options, model, on_gpu=False) == 1
     # encode-bound (base-patch32): the encoder gets every core
     monkeypatch.setattr(in_process, "time_encode", lambda model, threads: 0.5)
-    assert thread_shares(many, settings, options, model, on_gpu=False) == (4, 4)
+    assert encoder_threads(many, settings, options, model, on_gpu=False) == 4
