@@ -139,6 +139,12 @@ class Node:
     node_id: str = ""
 
 
+def actor_hosts(nodes: list[Node]) -> list[Node]:
+    """The nodes that can host an actor (those with CPUs); with none (a head waiting for its workers), one
+    node of one CPU, where the actors wait for the workers to come."""
+    return [node for node in nodes if node.cpus > 0] or [Node(cpus=1.0)]
+
+
 @dataclass(frozen=True)
 class StageResources:
     """The actors of the decode and encode stages, what each one is given and where it may run."""
@@ -173,8 +179,7 @@ def stage_resources(
     CPUs are shared between the stages by their costs. Raises ``ValueError`` when GPU encoders are asked
     and no node has the GPUs of one.
     """
-    # the nodes that can host an actor (Ray counts whole CPUs); none: a head waiting for its workers
-    hosts = [node for node in nodes if node.cpus > 0] or [Node(cpus=1.0)]
+    hosts = actor_hosts(nodes)
     if options.gpus_per_encoder is not None:
         gpus_per_encoder = options.gpus_per_encoder
     else:
@@ -222,11 +227,13 @@ def with_bounds(
         decoders += hosted[DECODE] * count
         encoders += hosted[ENCODE] * count
     encoders = min(encoders, math.ceil(objects / options.batch_size))  # never more than batches
-    bound = {
-        "max_decoders": None if options.decoders else min(max(decoders, plan.decoders), objects),
-        "max_encoders": None if options.encoders else max(encoders, plan.encoders),
-    }
-    return replace(plan, **{k: v for k, v in bound.items() if v is not None and v > getattr(plan, k[4:])})
+    max_decoders = min(max(decoders, plan.decoders), objects)
+    max_encoders = max(encoders, plan.encoders)
+    return replace(
+        plan,  # a pool that cannot grow, or whose count was given, stays fixed (None)
+        max_decoders=max_decoders if not options.decoders and max_decoders > plan.decoders else None,
+        max_encoders=max_encoders if not options.encoders and max_encoders > plan.encoders else None,
+    )
 
 
 def _labelled(hosts: list[Node], key: str) -> tuple[list[int], list[int]] | None:

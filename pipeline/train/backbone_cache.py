@@ -37,7 +37,7 @@ def feature_bytes(model: VideoTextModel) -> int | None:
     if not hasattr(model, "backbone_features"):
         return None
     vision, decoder = model.config.vision_config, model.config.decoder_config
-    tokens = 1 + (vision.image_size // vision.patch_size) ** 2
+    tokens = 1 + vision.num_patches  # the class token and the patches
     return decoder.num_layers * 3 * model.num_frames * tokens * vision.hidden_size * 2
 
 

@@ -53,9 +53,8 @@ def _start_model(options: TrainOptions, labels: list[str] | None) -> VideoTextMo
 
 
 def _starting_model(options: TrainOptions, labels: list[str] | None) -> VideoTextModel:
-    """The model as the run starts (or resumes) it: the checkpoint resumed or fine-tuned, else a new one."""
-    source = options.resume or options.model
-    return load_model(source, options.storage) if source else _start_model(options, labels)
+    """The model as the run starts (:func:`_start_model`) or resumes it (the checkpoint resumed)."""
+    return load_model(options.resume, options.storage) if options.resume else _start_model(options, labels)
 
 
 def _targets(rows: list[DescribedVideo], model: VideoTextModel, table_uri: str) -> dict[str, list[str]]:

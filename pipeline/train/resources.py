@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..embed.resources import EPS, Node
+from ..embed.resources import EPS, Node, actor_hosts
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ def train_resources(
 
     Raises ``ValueError`` when the workers cannot all run at once, with the numbers a user can change.
     """
-    hosts = [node for node in nodes if node.cpus > 0] or [Node(cpus=1.0)]
+    hosts = actor_hosts(nodes)
     cpus_per_decoder = min(1.0, max(node.cpus for node in hosts))
     decoders = sum(int(node.cpus / cpus_per_decoder + EPS) for node in hosts)
     if use_gpu:
