@@ -41,22 +41,23 @@ def feature_bytes(model: VideoTextModel) -> int | None:
     return decoder.num_layers * 3 * model.num_frames * tokens * vision.hidden_size * 2
 
 
-def check_mode(mode: str, model: VideoTextModel) -> None:
-    """Raises ``ValueError`` for an unknown ``mode``, or ``on`` with a model that has no frozen backbone."""
+def check_mode(mode: str, per_clip: int | None) -> None:
+    """Raises ``ValueError`` for an unknown ``mode``, or ``on`` for a model without a frozen backbone
+    (``per_clip``, its :func:`feature_bytes`, is None)."""
     if mode not in CACHE_MODES:
         raise ValueError(f"--backbone-cache must be one of {', '.join(CACHE_MODES)}, got {mode!r}")
-    if mode == "on" and feature_bytes(model) is None:
+    if mode == "on" and per_clip is None:
         raise ValueError(
             "--backbone-cache on: this model trains its whole video encoder (X-CLIP), there is no frozen "
             "backbone to cache"
         )
 
 
-def use_cache(mode: str, model: VideoTextModel, clips: int, epochs: int, object_store_bytes: float) -> bool:
-    """Whether a run of ``epochs`` epochs over ``clips`` clips caches ``model``'s backbone features (the
-    module's rule for ``auto``); raises as :func:`check_mode` does."""
-    check_mode(mode, model)
-    per_clip = feature_bytes(model)
+def use_cache(mode: str, per_clip: int | None, clips: int, epochs: int, object_store_bytes: float) -> bool:
+    """Whether a run of ``epochs`` epochs over ``clips`` clips caches the backbone features of a model whose
+    :func:`feature_bytes` are ``per_clip`` (the module's rule for ``auto``); raises as :func:`check_mode`
+    does."""
+    check_mode(mode, per_clip)
     if mode != "auto":
         return mode == "on"
     fits = per_clip is not None and clips * per_clip <= OBJECT_STORE_SHARE * object_store_bytes

@@ -27,7 +27,7 @@ from ..models import VideoTextModel, default_model_source, load_model, new_model
 from ..storage import Store
 from ..video_table import DescribedVideo, read_video_table
 from .backbone_cache import COLUMN as CACHED
-from .backbone_cache import BackboneFeatures, check_mode, from_stored, use_cache
+from .backbone_cache import BackboneFeatures, check_mode, feature_bytes, from_stored, use_cache
 from .options import TrainOptions, TrainSummary
 from .resources import train_resources
 from .trainer import Trainer, freeze, read_history
@@ -136,7 +136,9 @@ def train(table_uri: str, options: TrainOptions) -> TrainSummary:
     start = load_start()
     settings = DecodeSettings(start.num_frames, start.preprocessor)
     texts = _targets(rows, start, table_uri)
-    check_mode(options.backbone_cache, start)  # before Ray starts
+    per_clip = feature_bytes(start)
+    check_mode(options.backbone_cache, per_clip)  # before Ray starts
+    del start
     resources = connect(options.address)
     listed = [
         {"uri": uri, "size": Store(uri, options.storage).size(), "etag": None, "mtime": None} for uri in texts
@@ -155,9 +157,8 @@ def train(table_uri: str, options: TrainOptions) -> TrainSummary:
             f"only {count} of {len(rows)} videos in {table_uri} could be decoded: nothing to train on"
         )
     cached = use_cache(
-        options.backbone_cache, start, count, options.epochs, resources.get("object_store_memory", 0)
+        options.backbone_cache, per_clip, count, options.epochs, resources.get("object_store_memory", 0)
     )
-    del start
     if cached:  # the frozen backbone once per clip, on the training workers' shape, before they start
         with _in_order():
             clips = clips.map_batches(

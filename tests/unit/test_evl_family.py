@@ -164,12 +164,12 @@ def test_the_backbone_cache_stage_keeps_bfloat16_features_and_when_to_cache(tiny
     per_clip = feature_bytes(model)
     assert per_clip == out[COLUMN][0].nbytes
     assert feature_bytes(XCLIPModel.from_pretrained(tiny_model)) is None
-    assert use_cache("auto", model, 100, 2, object_store_bytes=2 * 100 * per_clip)
-    assert not use_cache("auto", model, 100, 2, object_store_bytes=2 * 100 * per_clip - 1)  # half at most
-    assert not use_cache("auto", model, 100, 1, object_store_bytes=1e12)  # one epoch: nothing to reuse
-    assert use_cache("on", model, 100, 1, 0) and not use_cache("off", model, 1, 9, 1e12)
+    assert use_cache("auto", per_clip, 100, 2, object_store_bytes=2 * 100 * per_clip)
+    assert not use_cache("auto", per_clip, 100, 2, object_store_bytes=2 * 100 * per_clip - 1)  # half at most
+    assert not use_cache("auto", per_clip, 100, 1, object_store_bytes=1e12)  # one epoch: nothing to reuse
+    assert use_cache("on", per_clip, 100, 1, 0) and not use_cache("off", per_clip, 1, 9, 1e12)
     with pytest.raises(ValueError, match="no frozen backbone to cache"):
-        use_cache("on", XCLIPModel.from_pretrained(tiny_model), 100, 2, 1e12)
+        use_cache("on", feature_bytes(XCLIPModel.from_pretrained(tiny_model)), 100, 2, 1e12)
 
 
 def test_labels_the_classifier_does_not_know_are_refused(tiny_model: Path, batch) -> None:
