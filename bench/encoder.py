@@ -1,7 +1,7 @@
 """Our X-CLIP video encoder against ``transformers.XCLIPModel``: same weights, same inputs, one run.
 
 Usage: python bench/encoder.py [--preset xclip-base-patch32] [--batch 4] [--rounds 5]
-                               [--dtype float32|bfloat16|float16] [--device cpu|cuda]
+                               [--dtype float32|bfloat16|float16] [--device cpu|cuda] [--compile]
 
 Random weights are saved once in the Hugging Face layout and both implementations load them. Throughput is
 timed in alternating rounds in one process (reference, ours, reference, ours...), so that load from other
@@ -10,7 +10,8 @@ separately, each implementation in its own subprocess (load + one batch). Also p
 of the embeddings, and a roofline: each implementation's floating-point operations per batch (torch's
 FlopCounterMode: matrix multiplies, convolution, attention), the GFLOP/s it reaches, and this machine's
 rate on the model's largest matrix multiply, timed in the same run, which bounds what any implementation of
-the same arithmetic can reach.
+the same arithmetic can reach. ``--compile`` adds ours through ``torch.compile`` as the embed job's
+``--compile on`` runs it (CUDA graphs on a GPU), with the seconds its first call took to compile.
 """
 
 from __future__ import annotations
@@ -35,10 +36,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 def load_encoder(impl: str, checkpoint: str, dtype: torch.dtype, device: str) -> Callable:
     """``pixel_values -> video embeddings`` for one implementation."""
-    if impl == "ours":
+    if impl in ("ours", "compiled"):
+        from pipeline.embed.stages.encode import compiled_encoder
         from xclip_core import XCLIPModel
 
         model = XCLIPModel.from_pretrained(checkpoint, dtype=dtype, device=device)
+        if impl == "compiled":
+            return compiled_encoder(model.get_video_features, torch.device(device))
         return model.get_video_features
     from transformers import XCLIPModel as ReferenceModel
 
@@ -95,6 +99,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds per implementation")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--compile", action="store_true", help="also time ours through torch.compile")
     parser.add_argument("--memory-child", nargs=2, metavar=("IMPL", "DIR"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_child:
@@ -124,13 +129,19 @@ def main() -> None:
             cmd = [sys.executable, __file__, "--memory-child", impl, work, *sys.argv[1:]]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             memory[impl] = json.loads(out.strip().splitlines()[-1])
+        if args.compile:
+            impls += ("compiled",)
         encoders = {impl: load_encoder(impl, f"{work}/ckpt", dtype, args.device) for impl in impls}
 
     x = pixel_values.to(args.device, dtype)
     seconds: dict[str, list[float]] = {impl: [] for impl in impls}
     with torch.inference_mode():
-        outputs = {impl: encoders[impl](x).float().cpu() for impl in impls}  # warm-up
-        flops = {impl: count_flops(encoders[impl], x) for impl in impls}
+        outputs, first_call = {}, {}
+        for impl in impls:  # warm-up (and the compile)
+            started = time.perf_counter()
+            outputs[impl] = encoders[impl](x).float().cpu()
+            first_call[impl] = time.perf_counter() - started
+        flops = {impl: count_flops(encoders[impl if impl != "compiled" else "ours"], x) for impl in impls}
         rows = args.batch * vision.num_frames * (vision.num_patches + 1)  # the MLP sees patches + class
         peak = matmul_gflops(rows, vision.hidden_size, vision.intermediate_size, dtype, args.device, 5)
         for _ in range(args.rounds):
@@ -156,10 +167,20 @@ def main() -> None:
             f"  {label:26s} best {rate[impl]['best']:7.2f} videos/s, median {rate[impl]['median']:7.2f}, "
             f"peak RSS {mem['peak_rss_mib']:.0f} MiB{gpu}"
         )
+    if args.compile:
+        print(
+            f"  {'ours, compiled':26s} best {rate['compiled']['best']:7.2f} videos/s, median "
+            f"{rate['compiled']['median']:7.2f}, first call (the compile) {first_call['compiled']:.1f} s"
+        )
     for stat in ("best", "median"):
         print(f"  ratio ours / reference ({stat}): {rate['ours'][stat] / rate['reference'][stat]:.2f}x")
+        if args.compile:
+            print(f"  ratio compiled / ours ({stat}): {rate['compiled'][stat] / rate['ours'][stat]:.2f}x")
     diff = (outputs["ours"] - outputs["reference"]).abs().max().item()
     print(f"  max abs difference of video embeddings: {diff:.2e}")
+    if args.compile:
+        diff = (outputs["compiled"] - outputs["ours"]).abs().max().item()
+        print(f"  max abs difference, compiled vs ours: {diff:.2e}")
     print(
         f"roofline: this machine's {rows}x{vision.hidden_size} by {vision.hidden_size}x"
         f"{vision.intermediate_size} matrix multiply runs at {peak:.1f} GFLOP/s"

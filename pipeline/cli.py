@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from .cluster import commands as cluster_commands
 from .cluster.submit import ClusterError
-from .embed.options import EXECUTORS, IN_PROCESS_MAX_CPUS, IN_PROCESS_MAX_OBJECTS, SAMPLINGS, EmbedOptions
+from .embed.options import (
+    COMPILES,
+    EXECUTORS,
+    IN_PROCESS_MAX_CPUS,
+    IN_PROCESS_MAX_OBJECTS,
+    SAMPLINGS,
+    EmbedOptions,
+)
 from .library.gc import GRACE_S
 from .library.index import KINDS as INDEX_KINDS
 from .library.manifest import LibraryError, WorseVersionError
@@ -70,6 +77,13 @@ def _embed_flags(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=_default(EmbedOptions, "batch_size"),
         help="videos per encoder call (default %(default)s)",
+    )
+    parser.add_argument(
+        "--compile",
+        choices=COMPILES,
+        default=_default(EmbedOptions, "compile"),
+        help="run the video encoder through torch.compile (1.15-1.3x on CPUs; compiling takes ~5-40 s per "
+        "encoder); auto (the default): a CPU encoder with at least 10 minutes of encoding",
     )
     parser.add_argument("--decoders", type=int, help="decode actors (default: from the cluster's CPUs)")
     parser.add_argument("--encoders", type=int, help="encode actors (default: one per GPU, else 1)")
@@ -370,6 +384,7 @@ def _run_embed(args: argparse.Namespace, out: TextIO) -> int:
         segment_s=args.segment,
         sampling=args.sampling,
         batch_size=args.batch_size,
+        compile=args.compile,
         decoders=args.decoders,
         encoders=args.encoders,
         gpus_per_encoder=args.gpus_per_encoder,

@@ -41,6 +41,7 @@ import torch
 from ..library import LibraryWriter, PartInfo
 from ..library.journal import Journal
 from ..models import VideoTextModel
+from .compiling import compiles
 from .options import IN_PROCESS_MAX_BYTES, IN_PROCESS_MAX_CPUS, IN_PROCESS_MAX_OBJECTS, EmbedOptions
 from .resources import EPS, share_cpus, time_decode, time_encode
 from .stages.decode import DecodeSettings, DecodeVideos
@@ -191,10 +192,19 @@ def embed_in_process(
     groups = (listed[i : i + options.batch_size] for i in range(0, len(listed), options.batch_size))
     pending: list[dict[str, np.ndarray]] = []
     torch_threads = torch.get_num_threads()
+    compiled = compiles(
+        options.compile, on_gpu, len(listed), lambda: time_encode(model, threads or torch.get_num_threads())
+    )
     try:
         device = "cuda" if on_gpu else "cpu"
         encode = EncodeFrames(
-            options.model, options.storage, device, options.batch_size, threads=threads, loaded=model
+            options.model,
+            options.storage,
+            device,
+            options.batch_size,
+            threads=threads,
+            loaded=model,
+            compiled=compiled,
         )
         # a decoding thread per CPU: threads waiting on the window cost nothing
         decoded = in_parallel((decoding(group) for group in groups), usable_cpus(), DECODED_AHEAD)

@@ -28,8 +28,9 @@ from ..library.journal import Journal
 from ..models import VideoTextModel
 from ..storage import StorageOptions
 from .autoscaling import BOOTSTRAP_CONFIG, NodeType, launcher_node_types, reported_node_types
+from .compiling import compiles
 from .options import EmbedOptions
-from .resources import WRITE_CPUS, Node, stage_resources, time_stages
+from .resources import WRITE_CPUS, Node, stage_resources, time_encode, time_stages
 from .stages.decode import DecodeSettings, DecodeVideos
 from .stages.encode import EncodeFrames
 from .stages.write import PART_ROWS, WritePart, written_part
@@ -268,6 +269,12 @@ def embed_on_ray(
         stages.cpus_per_encoder,
         stages.encode_selector or "any",
     )
+    compiled = compiles(
+        options.compile,
+        stages.gpus_per_encoder > 0,
+        len(listed) / stages.encoders,
+        lambda: time_encode(model, math.ceil(stages.cpus_per_encoder)),
+    )
     placement = PlacementLedger()
     ds = decoded(
         listed,
@@ -288,6 +295,7 @@ def embed_on_ray(
             batch_size=options.batch_size,
             # on a CPU the encoder runs its share of the cores, rounded up
             threads=None if stages.gpus_per_encoder else math.ceil(stages.cpus_per_encoder),
+            compiled=compiled,
             placement=placement,
         ),
         batch_size=options.batch_size,

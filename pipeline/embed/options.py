@@ -11,6 +11,7 @@ from ..storage import StorageOptions
 
 EXECUTORS = ("auto", "ray", "in-process")
 SAMPLINGS = ("exact", "fast")  # as pipeline.embed.stages.decode has them (not imported: PyAV, for --help)
+COMPILES = ("auto", "on", "off")  # torch.compile of the video encoder (pipeline.embed.compiling)
 IN_PROCESS_MAX_OBJECTS = 64  # "auto" embeds at most this many objects in the job's process...
 IN_PROCESS_MAX_BYTES = 256 * 2**20  # ... of at most this many bytes (see pipeline.embed.in_process)...
 IN_PROCESS_MAX_CPUS = 4  # ... or any number, on a machine of at most this many CPUs
@@ -25,6 +26,9 @@ class EmbedOptions:
     segment_s: float | None = None  # embed fixed-length segments instead of whole videos
     sampling: str = "exact"  # "fast": the cheapest frames within half a sampling interval (keyframes)
     batch_size: int = 4  # videos (segments) per encoder call
+    compile: str = (
+        "auto"  # the encoder through torch.compile; auto: a CPU encoder with a long share of the job
+    )
     decoders: int | None = None  # decode actors
     encoders: int | None = None  # encode actors
     gpus_per_encoder: float | None = None  # 1 when the cluster has GPUs, else 0
@@ -50,6 +54,8 @@ class EmbedOptions:
         )
         if self.sampling not in SAMPLINGS:
             raise ValueError(f"--sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}")
+        if self.compile not in COMPILES:
+            raise ValueError(f"--compile must be one of {', '.join(COMPILES)}, got {self.compile!r}")
         if self.executor not in EXECUTORS:
             raise ValueError(f"--executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
         for flag, value, valid, wanted in checks:

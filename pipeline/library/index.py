@@ -24,10 +24,16 @@ it anew: when the library's size calls for another kind (``auto``'s thresholds),
 more than :data:`IVF_DRIFT` times, or less than 1 / :data:`IVF_DRIFT` of, the vectors its centroids were
 trained on (its lists then no longer balance the data: a query probes ever longer or ever emptier lists).
 HNSW cannot delete: :func:`remove` rebuilds it.
+
+Where FAISS sees GPUs (the ``gpu`` extra's ``faiss-gpu`` on a machine with CUDA GPUs), IVF centroids are
+trained by k-means on the GPUs, and :func:`on_gpus` copies an index to them for searching (the searcher
+does). An index FAISS cannot move (HNSW; PQ codes of a size the GPU kernels lack) stays on the CPU. What is
+serialized is always the CPU index: a library built on a GPU machine opens anywhere.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import faiss
@@ -40,6 +46,8 @@ HNSW_M = 32
 HNSW_EF_SEARCH = 128
 TRAIN_POINTS_PER_CENTROID = 64
 _IP = faiss.METRIC_INNER_PRODUCT
+
+log = logging.getLogger(__name__)
 
 
 def auto_kind(n: int) -> str:
@@ -105,7 +113,12 @@ def build_index(ids: np.ndarray, vectors: np.ndarray, kind: str = "auto", seed: 
         for cp in clusterings:
             cp.seed = seed
             cp.max_points_per_centroid = TRAIN_POINTS_PER_CENTROID
+        flat = faiss.IndexFlatIP(d)  # k-means assigns by the coarse quantizer's metric...
+        kmeans = on_gpus(flat)  # ... on the GPUs where there are any
+        if kmeans is not flat:
+            index.clustering_index = kmeans
         index.train(vectors)
+        index.clustering_index = None  # the GPU index lives only as long as this call
         index.nprobe = _nprobe(nlist)
     index.add_with_ids(vectors, ids)
     return index
@@ -178,6 +191,24 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
     scores, ids = index.search(queries, k)
     scores[ids < 0] = -np.inf
     return scores, ids
+
+
+def on_gpus(index: faiss.Index) -> faiss.Index:
+    """``index`` copied to every GPU FAISS sees (its search parameters kept), or ``index`` itself where FAISS
+    sees none (``faiss-cpu``; no CUDA device) or cannot move it (logged once per kind)."""
+    if faiss.get_num_gpus() == 0:
+        return index
+    try:
+        return faiss.index_cpu_to_all_gpus(index)
+    except (RuntimeError, AttributeError) as e:  # AttributeError: a faiss build without its GPU classes
+        kind = type(_inner(index)).__name__
+        if kind not in _CPU_ONLY:
+            _CPU_ONLY.add(kind)
+            log.info("FAISS keeps a %s index on the CPU: %s", kind, e)
+        return index
+
+
+_CPU_ONLY: set[str] = set()  # index classes on_gpus could not move
 
 
 def serialize(index: faiss.Index) -> bytes:

@@ -59,7 +59,7 @@ class Searcher:
                 f"(sha256 {recorded.sha256[:16]}...): query with the library's own model ({recorded.source})"
             )
         self.scorer = ExactScorer(self.model)
-        self.index = library.index()
+        self.index = faiss_index.on_gpus(library.index())  # the library's own stays on the CPU
         self.rows = RowLookup(library.store, library.snapshot.parts, library.schema, library.rerank_shape)
 
     @classmethod

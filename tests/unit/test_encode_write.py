@@ -216,3 +216,37 @@ def test_write_part_of_an_empty_batch_writes_nothing(tmp_path):
     empty = {name: np.array([]) for name in ENCODED}
     assert all(len(column) == 0 for column in WritePart(str(tmp_path), DIM, (PATCHES, DIM))(empty).values())
     assert not list(tmp_path.iterdir())
+
+
+def test_a_compiled_encoder_gives_the_eager_embeddings_from_one_graph(checkpoint):
+    torch._dynamo.reset()
+    clips = videos(5, seed=2)
+    batch = decoded_batch([*clips[:3], None, *clips[3:]], [None, None, None, "cannot decode", None, None])
+    eager = EncodeFrames(checkpoint[0], device="cpu", batch_size=3)(batch)
+    stage = EncodeFrames(checkpoint[0], device="cpu", batch_size=3, compiled=True)
+    out = stage(batch)  # two sub-batches: 3 videos, then 2 padded to 3
+
+    assert out["error"].tolist() == eager["error"].tolist()
+    np.testing.assert_allclose(out["embedding"], eager["embedding"], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        out["prompt_features"].astype(np.float32), eager["prompt_features"].astype(np.float32), atol=2e-3
+    )
+    assert not out["embedding"][3].any()
+    out = stage(decoded_batch([clips[0]], [None]))  # a lone video: padded too, no recompile
+    np.testing.assert_allclose(out["embedding"][0], eager["embedding"][0], atol=1e-5, rtol=0)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
+def test_a_compiled_encoder_on_cuda_replays_one_graph_and_agrees_with_eager(checkpoint):
+    torch._dynamo.reset()
+    clips = videos(7, seed=4)
+    batch = decoded_batch(list(clips), [None] * 7)
+    eager = EncodeFrames(checkpoint[0], device="cuda", batch_size=4)(batch)
+    stage = EncodeFrames(checkpoint[0], device="cuda", batch_size=4, compiled=True)
+    first, second = stage(batch), stage(batch)  # CUDA graphs: the second call replays the first's buffers
+    for out in (first, second):
+        cosine = (out["embedding"] * eager["embedding"]).sum(axis=1)
+        assert cosine.min() > 0.999, cosine
+    np.testing.assert_array_equal(first["embedding"], second["embedding"])
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pytest
 
@@ -106,6 +107,25 @@ def test_ivf_is_seeded_and_ivfpq_builds(data) -> None:
     assert fx.describe(pq).startswith("ivfpq (nlist=102, nprobe=16, 8 bytes/vector): 4000 vectors")
     _, found = fx.search(pq, queries, 10)
     assert np.isin(found, ids).all()
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "ivfpq", "hnsw"])
+def test_an_index_on_the_gpus_finds_what_it_finds_on_the_cpu(data, kind: str) -> None:
+    """Without GPUs (CI) ``on_gpus`` is the index itself; with faiss-gpu and a GPU, a copy there for flat
+    and IVF (built, as here, by k-means on the GPU). What a library stores is the CPU index either way."""
+    ids, vectors, queries = data
+    index = fx.build_index(ids, vectors, kind=kind)
+    moved = fx.on_gpus(index)
+    if faiss.get_num_gpus() == 0 or kind == "hnsw":
+        assert moved is index
+    elif kind in ("flat", "ivf"):
+        assert moved is not index
+    cpu_scores, cpu_found = fx.search(index, queries, 10)
+    gpu_scores, gpu_found = fx.search(moved, queries, 10)
+    assert np.mean(cpu_found == gpu_found) >= 0.98
+    same = cpu_found == gpu_found
+    np.testing.assert_allclose(gpu_scores[same], cpu_scores[same], atol=1e-4)
+    assert fx.kind_of(fx.deserialize(fx.serialize(index))) == kind
 
 
 def test_bad_input() -> None:
