@@ -2,7 +2,7 @@
 And how much fast sampling changes retrieval.
 
 Usage: python bench/decode.py [--videos 24] [--seconds 10] [--width 640 --height 360] [--fps 25] [--gop 50]
-                              [--model DIR] [--workdir DIR]
+                              [--model DIR] [--workdir DIR] [--nvdec]
 
 Writes ``--videos`` captioned synthetic clips (``pipeline.samples.synthetic``: moving shapes; H.264, a
 keyframe every ``--gop`` frames, as streaming encoders put one every 2 s; cached in the workdir), then, in
@@ -14,7 +14,11 @@ this process with one thread (torch and FFmpeg), the CPU-seconds per video of:
              unreferenced frames skipped, the frames shown at X-CLIP's times)
   fast       ``decode_video`` with ``sampling="fast"``: the cheapest frames within half a sampling interval
 
-and the CPU efficiency of each against decord (goals: exact >= 1.15x, fast >= 3x), fast's recorded time
+and, with ``--nvdec`` (an NVIDIA GPU), both samplings decoded on the GPU's video decoder (``device="cuda"``),
+whose frames are compared with the CPU's; for these the wall-clock seconds per video are printed beside the
+CPU-seconds (NVDEC's own work is not CPU time).
+
+Printed: the CPU efficiency of each against decord (goals: exact >= 1.15x, fast >= 3x), fast's recorded time
 errors, and then what fast sampling does to retrieval with ``--model`` (default: the bundled model, which
 knows the synthetic world): every clip's caption as a query against every clip, ranked by the cosine of the
 embeddings from exact frames and from fast frames: the mean Spearman rank correlation of the two rankings per
@@ -28,6 +32,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import av
@@ -73,10 +78,17 @@ def with_decord(path: Path, settings: DecodeSettings) -> np.ndarray:
 
 def cpu_seconds(decode, paths: list[Path]) -> tuple[float, list]:
     """CPU-seconds per video of ``decode`` over ``paths`` (after one warm-up), and its outputs."""
+    cpu_s, _, outputs = timed(decode, paths)
+    return cpu_s, outputs
+
+
+def timed(decode, paths: list[Path]) -> tuple[float, float, list]:
+    """CPU-seconds and wall-clock seconds per video of ``decode`` over ``paths`` (after one warm-up), and
+    its outputs."""
     decode(paths[0])
-    started = time.process_time()
+    started, wall = time.process_time(), time.perf_counter()
     outputs = [decode(path) for path in paths]
-    return (time.process_time() - started) / len(paths), outputs
+    return (time.process_time() - started) / len(paths), (time.perf_counter() - wall) / len(paths), outputs
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -102,6 +114,7 @@ def main() -> None:
     parser.add_argument(
         "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "videosearch-bench-decode"
     )
+    parser.add_argument("--nvdec", action="store_true", help="also decode on the GPU (NVDEC)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
@@ -130,6 +143,19 @@ def main() -> None:
             f"  {label:24s} {seconds * 1000:7.1f} ms CPU per video   efficiency / decord {ratio:5.2f}x"
             f"   (goal >= {goal}x: {verdict})"
         )
+    if args.nvdec:
+        cpu_wall_s = timed(lambda p: decode_video(p, exact)[0], paths)[1]
+        print(f"  exact, wall-clock          {cpu_wall_s * 1000:7.1f} ms per video")
+        for label, settings, cpu_rows in (("exact", exact, exact_rows), ("fast", fast, fast_rows)):
+            on_gpu = replace(settings, device="cuda")
+            seconds, wall, rows = timed(lambda p, s=on_gpu: decode_video(p, s)[0], paths)
+            pairs = zip(rows, cpu_rows, strict=True)
+            diff = max(np.abs(a["frames"].astype(int) - b["frames"]).max() for a, b in pairs)
+            print(
+                f"  {label + ', NVDEC':24s} {seconds * 1000:7.1f} ms CPU per video   efficiency / decord "
+                f"{decord_s / seconds:5.2f}x   wall-clock {wall * 1000:6.1f} ms; max difference from the "
+                f"CPU's frames {diff}"
+            )
     print(
         f"  fast's time error per video: median {np.median(errors):.3f} s, max {errors.max():.3f} s "
         f"(bound: half the sampling interval, {interval / 2:.3f} s)"

@@ -18,6 +18,7 @@ from .cluster import commands as cluster_commands
 from .cluster.submit import ClusterError
 from .embed.options import (
     COMPILES,
+    DECODE_DEVICES,
     EXECUTORS,
     IN_PROCESS_MAX_CPUS,
     IN_PROCESS_MAX_OBJECTS,
@@ -71,6 +72,13 @@ def _embed_flags(parser: argparse.ArgumentParser) -> None:
         default=_default(EmbedOptions, "sampling"),
         help="exact: X-CLIP's uniform sampling (default); fast: the cheapest frames (keyframes) within half "
         "a sampling interval of each, the time error recorded per row",
+    )
+    parser.add_argument(
+        "--decode-device",
+        choices=DECODE_DEVICES,
+        default=_default(EmbedOptions, "decode_device"),
+        help="cpu: FFmpeg's software decoders (default); cuda: the GPU's video decoder (NVDEC), decoders on "
+        "the GPU nodes",
     )
     parser.add_argument(
         "--batch-size",
@@ -383,6 +391,7 @@ def _run_embed(args: argparse.Namespace, out: TextIO) -> int:
         frames=args.frames,
         segment_s=args.segment,
         sampling=args.sampling,
+        decode_device=args.decode_device,
         batch_size=args.batch_size,
         compile=args.compile,
         decoders=args.decoders,

@@ -64,7 +64,9 @@ def _run(source: str, library: str, options: EmbedOptions, refresh: bool) -> Emb
     frames = options.frames or model.num_frames
     if frames != model.num_frames:
         raise ValueError(f"the model takes {model.num_frames} frames per video, not {frames}")
-    settings = DecodeSettings(frames, model.preprocessor, options.segment_s, options.sampling)
+    settings = DecodeSettings(
+        frames, model.preprocessor, options.segment_s, options.sampling, options.decode_device
+    )
     listed = list_objects(source, options.storage)
     if not listed:
         raise ValueError(f"nothing to embed: {source} lists no objects")

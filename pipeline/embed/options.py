@@ -11,6 +11,7 @@ from ..storage import StorageOptions
 
 EXECUTORS = ("auto", "ray", "in-process")
 SAMPLINGS = ("exact", "fast")  # as pipeline.embed.stages.decode has them (not imported: PyAV, for --help)
+DECODE_DEVICES = ("cpu", "cuda")  # "cuda": NVDEC (pipeline.embed.stages.decode)
 COMPILES = ("auto", "on", "off")  # torch.compile of the video encoder (pipeline.embed.compiling)
 IN_PROCESS_MAX_OBJECTS = 64  # "auto" embeds at most this many objects in the job's process...
 IN_PROCESS_MAX_BYTES = 256 * 2**20  # ... of at most this many bytes (see pipeline.embed.in_process)...
@@ -25,6 +26,7 @@ class EmbedOptions:
     frames: int | None = None  # frames per video/segment; the model's own count by default
     segment_s: float | None = None  # embed fixed-length segments instead of whole videos
     sampling: str = "exact"  # "fast": the cheapest frames within half a sampling interval (keyframes)
+    decode_device: str = "cpu"  # "cuda": decoders decode on their node's GPU (NVDEC)
     batch_size: int = 4  # videos (segments) per encoder call
     compile: str = (
         "auto"  # the encoder through torch.compile; auto: a CPU encoder with a long share of the job
@@ -54,6 +56,10 @@ class EmbedOptions:
         )
         if self.sampling not in SAMPLINGS:
             raise ValueError(f"--sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}")
+        if self.decode_device not in DECODE_DEVICES:
+            raise ValueError(
+                f"--decode-device must be one of {', '.join(DECODE_DEVICES)}, got {self.decode_device!r}"
+            )
         if self.compile not in COMPILES:
             raise ValueError(f"--compile must be one of {', '.join(COMPILES)}, got {self.compile!r}")
         if self.executor not in EXECUTORS:

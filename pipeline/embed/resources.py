@@ -249,12 +249,16 @@ def _gpu_plan(
     gpus_per_encoder: float,
     options: EmbedOptions,
 ) -> StageResources:
-    """GPU encoders on the GPU nodes, decoders on the others (on every node when all have GPUs)."""
+    """GPU encoders on the GPU nodes, decoders on the others (on every node when all have GPUs); decoders
+    that decode on a GPU (``--decode-device cuda``) on the GPU nodes, and only there."""
+    on_gpus = options.decode_device == "cuda" and labelled is None
     if labelled is not None:
         encode, decode = labelled
     else:
         encode = [i for i, node in enumerate(hosts) if node.gpus >= gpus_per_encoder]
         decode = [i for i in range(len(hosts)) if i not in encode] or list(range(len(hosts)))
+        if on_gpus:
+            decode = [i for i, node in enumerate(hosts) if node.gpus > 0]
     slots = {i: int(hosts[i].gpus // gpus_per_encoder) for i in encode}
     if not any(slots.values()):
         raise ValueError(
@@ -264,9 +268,12 @@ def _gpu_plan(
     # one CPU per encoder, less on a node too small for that; at most half a node the decoders share
     cpus = min(hosts[i].cpus / n / (2 if i in decode else 1) for i, n in slots.items() if n)
     encoders = options.encoders or sum(slots.values())
-    return _with_decoders(
+    plan = _with_decoders(
         hosts, encode, decode, slots, encoders, min(GPU_ENCODER_CPUS, cpus), gpus_per_encoder, options
     )
+    if on_gpus:  # off every node without a GPU, not just the encoders' (they are among the decoders' here)
+        plan = replace(plan, decode_selector=_avoiding(hosts, set(range(len(hosts))) - set(decode)))
+    return plan
 
 
 def _shared_cpu_plan(

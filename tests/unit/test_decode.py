@@ -10,6 +10,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+from av.codec.hwaccel import HWAccel
 from helpers import decode_frames, pattern_frames, write_audio, write_frames, write_video
 from PIL import Image
 
@@ -19,6 +20,7 @@ from pipeline.embed.stages.decode import (
     DecodeSettings,
     DecodeVideos,
     decode_video,
+    open_cuda_decoder,
     open_video,
 )
 from pipeline.embed.stages.list import list_objects
@@ -329,3 +331,43 @@ def test_a_long_video_is_handed_on_in_batches_of_segments(videos: dict[str, str]
     cut = decoder.decode(listed(str(tmp_path / "cut.mp4")))
     assert len(cut["error"]) > 1
     assert all(e is None for e in cut["error"][:-1]) and "truncated or corrupt" in cut["error"][-1]
+
+
+def nvdec_available() -> bool:
+    try:
+        open_cuda_decoder()
+    except ValueError:
+        return False
+    return True
+
+
+NVDEC = nvdec_available()
+
+
+@pytest.mark.skipif(NVDEC, reason="this machine can decode on a GPU")
+def test_decoding_on_cuda_where_ffmpeg_finds_no_gpu_is_refused_before_any_video() -> None:
+    with pytest.raises(ValueError, match="--decode-device cuda: FFmpeg cannot open a CUDA device here"):
+        DecodeVideos(DecodeSettings(8, PRE, device="cuda"))
+    with pytest.raises(ValueError, match="--decode-device must be one of cpu, cuda, got 'gpu'"):
+        DecodeSettings(8, PRE, device="gpu")
+
+
+@pytest.mark.skipif(not NVDEC, reason="needs NVDEC: an NVIDIA GPU and driver (CI has none)")
+@pytest.mark.parametrize("sampling", ["exact", "fast"])
+@pytest.mark.parametrize("name", ["h264_10s", "mkv", "ts", "odd_h264", "mpeg4", "live_webm"])
+def test_nvdec_gives_the_frames_of_the_cpu_decoder(videos: dict[str, str], name: str, sampling: str) -> None:
+    """H.264 decoding is bit-exact by its standard, and the pictures come back to host memory for the same
+    conversion and resize; MPEG-4 part 2 (no bit-exact inverse DCT) and VP8 (NVDEC lacks it: FFmpeg's
+    software decoder takes over) are held to what the CPU gives within 2 levels."""
+    on_gpu = DecodeVideos(DecodeSettings(8, PRE, sampling=sampling, device="cuda")).decode(
+        listed(videos[name])
+    )
+    on_cpu = DecodeVideos(DecodeSettings(8, PRE, sampling=sampling)).decode(listed(videos[name]))
+    assert on_gpu["error"].tolist() == [None]
+    np.testing.assert_array_equal(on_gpu["sample_error_s"], on_cpu["sample_error_s"])
+    if name in ("mpeg4", "live_webm"):
+        assert np.abs(on_gpu["frames"].astype(int) - on_cpu["frames"]).max() <= 2
+    else:
+        np.testing.assert_array_equal(on_gpu["frames"], on_cpu["frames"])
+    with av.open(videos["h264_10s"], hwaccel=HWAccel("cuda")) as container:
+        assert container.streams.video[0].codec_context.is_hwaccel  # decoded on the GPU, not fallen back

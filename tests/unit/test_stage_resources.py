@@ -228,6 +228,15 @@ def test_decoders_on_cpu_nodes_and_encoders_on_gpu_nodes() -> None:
     assert_places(nodes, stages)
 
 
+def test_decoders_that_decode_on_gpus_run_on_the_gpu_nodes_only() -> None:
+    nodes = cpu_nodes(16) + gpu_nodes(2)
+    nvdec = EmbedOptions(model="unused", decode_device="cuda")
+    stages = stage_resources(nodes, objects=1000, options=nvdec, timings=not_timed)
+    assert stage_nodes(nodes, stages.decode_selector) == ["gpu0", "gpu1"]  # NVDEC: not the CPU node
+    assert (stages.encoders, stages.decoders) == (2, 14)  # 2 x (8 - 1): the writer runs on the CPU node
+    assert_places(nodes, stages, any_order=False)
+
+
 def test_gpu_nodes_only_share_every_node() -> None:
     one = gpu_nodes(1)
     stages = stage_resources(one, objects=1000, options=OPTIONS, timings=not_timed)

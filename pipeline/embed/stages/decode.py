@@ -9,6 +9,11 @@ means downloading every video entirely even when 8 frames of it are needed.
 The ``i``-th frame index of X-CLIP's sampling (:func:`segment_frame_indices`) stands for the time ``i / fps``;
 :class:`~pipeline.embed.stages.frame_reader.FrameReader` finds the frame shown then, seeking where that saves
 decoding.
+
+``device="cuda"`` decodes on the GPU's video decoder (NVDEC) through FFmpeg's CUDA hwaccel, which PyAV's
+wheels carry: the compressed stream goes to the GPU, each decoded picture comes back to host memory, and the
+frames are converted, resized and cropped as on the CPU. Streams NVDEC cannot decode (a codec or profile it
+lacks) fall back to FFmpeg's software decoder.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from typing import IO, Any
 import av
 import av.logging
 import numpy as np
+from av.codec.hwaccel import HWAccel
 from av.container import InputContainer
 from av.video.stream import VideoStream
 from PIL import Image
@@ -34,7 +40,7 @@ from xclip_core.video_transforms import VideoPreprocessor
 
 from ...library.schema import DECODED, LISTED
 from ...storage import StorageOptions, StorageUnavailable, Store, translate_error
-from ..options import SAMPLINGS
+from ..options import DECODE_DEVICES, SAMPLINGS
 from .frame_reader import DecodeError, FrameReader, check_size
 
 S3_BLOCK_SIZE = 1 << 20  # bytes fetched per ranged read of a remote object
@@ -46,6 +52,9 @@ RETRY_WAIT_S = 1.0  # before the second try; doubled before each later one
 _IO_BUFFER_SIZE = 32 << 10  # bytes PyAV asks the file object for per read
 # demuxers whose "video" is a picture; the image ones read by content are all named "<codec>_pipe". (A GIF is
 # read as a video: animated GIFs are short clips.)
+# FFmpeg's CUDA device on the device's primary context: retained once per process (DecodeVideos keeps one),
+# it makes opening each video's NVDEC decoder cheap
+_CUDA_OPTIONS = {"primary_ctx": "1"}
 _NOT_VIDEO = {"ico": "an image"}  # demuxers that probe by content and find no video (images: *_pipe)
 _INT_COLUMNS = ("segment", "frame_count", "width", "height")
 _FLOAT_COLUMNS = ("start_s", "end_s", "duration_s", "fps", "sample_error_s")
@@ -61,13 +70,15 @@ class DecodeSettings:
     ahead. ``sampling``: ``"exact"`` (X-CLIP's uniform sampling: the frame shown at each wanted time) or
     ``"fast"`` (the cheapest frame within half the sampling interval of each wanted time: a keyframe where
     one is that close; see :mod:`~pipeline.embed.stages.frame_reader`). Each row records its largest time
-    error (``sample_error_s``).
+    error (``sample_error_s``). ``device``: ``"cpu"`` (FFmpeg's software decoders) or ``"cuda"`` (NVDEC, see
+    the module docstring).
     """
 
     num_frames: int
     preprocessor: VideoPreprocessor
     segment_s: float | None = None
     sampling: str = "exact"
+    device: str = "cpu"
     thumbnail_size: int = 160
     max_pixels: int = MAX_PIXELS
     max_forward_s: float = MAX_FORWARD_S
@@ -75,6 +86,10 @@ class DecodeSettings:
     def __post_init__(self) -> None:
         if self.sampling not in SAMPLINGS:
             raise ValueError(f"--sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}")
+        if self.device not in DECODE_DEVICES:
+            raise ValueError(
+                f"--decode-device must be one of {', '.join(DECODE_DEVICES)}, got {self.device!r}"
+            )
 
     @property
     def frames_shape(self) -> tuple[int, int, int, int]:
@@ -157,7 +172,7 @@ def iter_segments(
     if video.seek(0, os.SEEK_END) == 0:
         raise DecodeError("empty object")
     video.seek(0)
-    with _open_container(video) as container:
+    with _open_container(video, settings.device) as container:
         stream = _video_stream(container, settings.max_pixels)
         timing = _header_timing(container, stream)
         if timing is not None:
@@ -165,7 +180,7 @@ def iter_segments(
             return
         timing = _scan_timing(container, stream)  # the header lacks duration or rate: read every packet
     video.seek(0)  # and start over (raw streams cannot seek back)
-    with _open_container(video) as container:
+    with _open_container(video, settings.device) as container:
         yield from _decode_segments(
             container, _video_stream(container, settings.max_pixels), timing, settings
         )
@@ -193,6 +208,9 @@ class DecodeVideos:
     A crash in native decoder code kills the process, not just the call. ``crash_ledger`` (any object with
     ``begin(uri) -> int``, the number of earlier unfinished attempts, and ``end(uri)``) survives the actor:
     a video that was begun ``max_tries`` times without ending becomes an error row instead of a new crash.
+
+    Decoding on ``"cuda"`` (``settings.device``) needs FFmpeg to open a CUDA device where the callable is
+    constructed: a node without one raises :class:`ValueError` there, before any video.
     """
 
     def __init__(
@@ -206,6 +224,7 @@ class DecodeVideos:
         self.storage_options = storage_options
         self.crash_ledger = crash_ledger
         self.max_tries = max_tries
+        self._cuda = open_cuda_decoder() if settings.device == "cuda" else None  # kept: see _CUDA_OPTIONS
 
     def __call__(self, batch: dict[str, Any]) -> Iterator[dict[str, np.ndarray]]:
         """Decode every video of ``batch`` (columns ``uri``, ``size``, ``etag``, ``mtime``); the rows come in
@@ -282,7 +301,19 @@ class DecodeVideos:
         return row | {"frames": frames, "thumbnail": b"", "error": reason}
 
 
-def _open_container(file: IO[bytes]) -> InputContainer:
+def open_cuda_decoder() -> HWAccel:
+    """FFmpeg's CUDA device for H.264 decoding, opened here; :class:`ValueError` (a setting this node cannot
+    honour) saying what to do where it cannot be (no NVIDIA GPU or driver visible to this process)."""
+    try:
+        return HWAccel("cuda", options=_CUDA_OPTIONS).create(av.codec.Codec("h264", "r"))
+    except Exception as e:  # noqa: BLE001 - FFmpeg's errors vary by what is missing; all mean the same here
+        raise ValueError(
+            f"--decode-device cuda: FFmpeg cannot open a CUDA device here ({type(e).__name__}: {e}); NVDEC "
+            "needs an NVIDIA GPU and its driver visible to the decoders (or use --decode-device cpu)"
+        ) from e
+
+
+def _open_container(file: IO[bytes], device: str = "cpu") -> InputContainer:
     """``av.open`` with FFmpeg's error messages captured, so a failure can say what was wrong.
 
     The format is probed by content only: given the file's name, FFmpeg would also trust its extension and
@@ -297,7 +328,8 @@ def _open_container(file: IO[bytes]) -> InputContainer:
     try:
         with av.logging.Capture() as logs:
             unnamed = SimpleNamespace(read=file.read, seek=file.seek, tell=file.tell)
-            return av.open(unnamed, "r", buffer_size=_IO_BUFFER_SIZE)
+            hwaccel = HWAccel("cuda", options=_CUDA_OPTIONS) if device == "cuda" else None
+            return av.open(unnamed, "r", buffer_size=_IO_BUFFER_SIZE, hwaccel=hwaccel)
     except av.error.FFmpegError as e:
         if logs:  # a demuxer recognised the data and then failed on it
             raise DecodeError(f"truncated or corrupt: {_ffmpeg_message(e, logs[-1])}") from e
