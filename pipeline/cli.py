@@ -90,7 +90,7 @@ def _embed_flags(parser: argparse.ArgumentParser) -> None:
         "--compile",
         choices=COMPILES,
         default=_default(EmbedOptions, "compile"),
-        help="run the video encoder through torch.compile (1.15-1.3x on CPUs; compiling takes ~5-40 s per "
+        help="run the video encoder through torch.compile (1.14-1.33x on CPUs; compiling takes ~5-40 s per "
         "encoder); auto (the default): a CPU encoder with at least 10 minutes of encoding",
     )
     parser.add_argument("--decoders", type=int, help="decode actors (default: from the cluster's CPUs)")

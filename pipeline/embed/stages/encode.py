@@ -133,7 +133,7 @@ def compiled_encoder(
 
     Compiling happens at the first call: on this project's 2-core CPU ~40 s for base-patch32 and ~20 s for
     the bundled model when Inductor's cache (``TORCHINDUCTOR_CACHE_DIR``, by default under the system's temp
-    directory) is cold, ~5 s when it is warm; the compiled encoder is 1.15-1.3x as fast as the eager one
+    directory) is cold, ~5 s when it is warm; the compiled encoder is 1.14-1.33x as fast as the eager one
     there (``bench/encoder.py --compile``)."""
     return torch.compile(encode, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
 
