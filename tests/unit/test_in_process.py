@@ -8,7 +8,9 @@ import sys
 import threading
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 from helpers import write_video
 
 from pipeline.embed import in_process
@@ -176,3 +178,28 @@ def test_large_jobs_share_the_cpus_between_decoding_threads_and_the_encoder_by_m
     # encode-bound (base-patch32): the encoder gets every core
     monkeypatch.setattr(in_process, "time_encode", lambda model, threads: 0.5)
     assert encoder_threads(many, settings, options, model, on_gpu=False) == 4
+
+
+def test_a_job_with_compile_on_encodes_through_one_compiled_graph_and_stores_the_eager_embeddings(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i in range(3):
+        write_video(videos / f"{i}.mp4", 12, 48, 40, fps=6, seed=i)
+    torch._dynamo.reset()
+    libraries = {}
+    for mode in ("off", "on"):
+        libraries[mode] = str(tmp_path / f"library-{mode}")
+        options = EmbedOptions(model=str(tiny_model), compile=mode, batch_size=2, executor="in-process")
+        assert embed(str(videos), libraries[mode], options).ok == 3
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1  # "on" only; its 2 + 1 padded to 2
+    eager, compiled = (
+        Library.open(libraries[m]).table(["uri", "embedding"]).sort_by("uri") for m in libraries
+    )
+    assert eager["uri"].to_pylist() == compiled["uri"].to_pylist()
+    np.testing.assert_allclose(
+        np.stack(compiled["embedding"].to_numpy(zero_copy_only=False)),
+        np.stack(eager["embedding"].to_numpy(zero_copy_only=False)),
+        atol=1e-5,
+    )
