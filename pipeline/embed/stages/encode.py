@@ -33,8 +33,8 @@ class EncodeFrames:
     bfloat16 is not supported) on CUDA and float32 on CPU, over sub-batches of at most ``batch_size`` videos.
     ``compiled``: the video side goes through ``torch.compile`` (:func:`compiled_encoder`), every sub-batch
     padded to ``batch_size`` so that one graph serves them all. ``threads`` sets torch's CPU thread count if
-    given. ``loaded`` is the model of ``model_src`` where the
-    caller has it loaded already (the job's own process); the stage then moves it to its device and dtype.
+    given. ``loaded`` is the model of ``model_src`` where the caller has it loaded already (the job's own
+    process); the stage then moves it to its device and dtype.
 
     Attributes: ``identity`` (the hash is of the float32 weights as loaded, so CPU and GPU actors agree);
     ``frame_shape`` = the ``(T, crop, crop, 3)`` the model takes; ``embedding_dim`` and ``rerank_shape``.
