@@ -13,6 +13,7 @@ S3 is a real moto server spoken to over HTTP on 127.0.0.1, as in s3fs's own test
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import json
@@ -364,3 +365,11 @@ def run_all(commands: dict[str, list[str | os.PathLike]], timeout: float = 120) 
                 proc.kill()
                 proc.wait()
     return runs
+
+
+def compiled_graphs_from_here() -> collections.Counter:
+    """Reset torch.compile as in a new process and zero its counters (``torch._dynamo.reset`` leaves them);
+    the returned counter's ``["unique_graphs"]`` then counts the graphs compiled from here on."""
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    return torch._dynamo.utils.counters["stats"]

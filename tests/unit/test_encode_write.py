@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import transformers
-from helpers import decoded_batch, reference_model
+from helpers import compiled_graphs_from_here, decoded_batch, reference_model
 
 from pipeline.embed.stages.encode import EncodeFrames, ModelLoadError
 from pipeline.embed.stages.write import WritePart, row_id, rows_to_table, written_part
@@ -219,7 +219,7 @@ def test_write_part_of_an_empty_batch_writes_nothing(tmp_path):
 
 
 def test_a_compiled_encoder_gives_the_eager_embeddings_from_one_graph(checkpoint):
-    torch._dynamo.reset()
+    stats = compiled_graphs_from_here()
     clips = videos(5, seed=2)
     batch = decoded_batch([*clips[:3], None, *clips[3:]], [None, None, None, "cannot decode", None, None])
     eager = EncodeFrames(checkpoint[0], device="cpu", batch_size=3)(batch)
@@ -234,12 +234,12 @@ def test_a_compiled_encoder_gives_the_eager_embeddings_from_one_graph(checkpoint
     assert not out["embedding"][3].any()
     out = stage(decoded_batch([clips[0]], [None]))  # a lone video: padded too, no recompile
     np.testing.assert_allclose(out["embedding"][0], eager["embedding"][0], atol=1e-5, rtol=0)
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert stats["unique_graphs"] == 1
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
 def test_a_compiled_encoder_on_cuda_replays_one_graph_and_agrees_with_eager(checkpoint):
-    torch._dynamo.reset()
+    stats = compiled_graphs_from_here()
     clips = videos(7, seed=4)
     batch = decoded_batch(list(clips), [None] * 7)
     eager = EncodeFrames(checkpoint[0], device="cuda", batch_size=4)(batch)
@@ -249,4 +249,4 @@ def test_a_compiled_encoder_on_cuda_replays_one_graph_and_agrees_with_eager(chec
         cosine = (out["embedding"] * eager["embedding"]).sum(axis=1)
         assert cosine.min() > 0.999, cosine
     np.testing.assert_array_equal(first["embedding"], second["embedding"])
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert stats["unique_graphs"] == 1
