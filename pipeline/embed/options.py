@@ -18,6 +18,12 @@ IN_PROCESS_MAX_BYTES = 256 * 2**20  # ... of at most this many bytes (see pipeli
 IN_PROCESS_MAX_CPUS = 4  # ... or any number, on a machine of at most this many CPUs
 
 
+def check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    """``ValueError`` naming ``flag`` and its ``choices`` unless ``value`` is one of them."""
+    if value not in choices:
+        raise ValueError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+
+
 @dataclass
 class EmbedOptions:
     """Everything ``videosearch embed`` can set; ``None`` means "derive from the model or the cluster"."""
@@ -28,9 +34,7 @@ class EmbedOptions:
     sampling: str = "exact"  # "fast": the cheapest frames within half a sampling interval (keyframes)
     decode_device: str = "cpu"  # "cuda": decoders decode on their node's GPU (NVDEC)
     batch_size: int = 4  # videos (segments) per encoder call
-    compile: str = (
-        "auto"  # the encoder through torch.compile; auto: a CPU encoder with a long share of the job
-    )
+    compile: str = "auto"  # torch.compile of the encoder; auto: a CPU encoder with a long share of the job
     decoders: int | None = None  # decode actors
     encoders: int | None = None  # encode actors
     gpus_per_encoder: float | None = None  # 1 when the cluster has GPUs, else 0
@@ -54,16 +58,10 @@ class EmbedOptions:
             ("--encoders", self.encoders, lambda v: v >= 1, "at least 1"),
             ("--gpus-per-encoder", self.gpus_per_encoder, lambda v: 0 <= v < math.inf, "0 or more"),
         )
-        if self.sampling not in SAMPLINGS:
-            raise ValueError(f"--sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}")
-        if self.decode_device not in DECODE_DEVICES:
-            raise ValueError(
-                f"--decode-device must be one of {', '.join(DECODE_DEVICES)}, got {self.decode_device!r}"
-            )
-        if self.compile not in COMPILES:
-            raise ValueError(f"--compile must be one of {', '.join(COMPILES)}, got {self.compile!r}")
-        if self.executor not in EXECUTORS:
-            raise ValueError(f"--executor must be one of {', '.join(EXECUTORS)}, got {self.executor!r}")
+        check_choice("--sampling", self.sampling, SAMPLINGS)
+        check_choice("--decode-device", self.decode_device, DECODE_DEVICES)
+        check_choice("--compile", self.compile, COMPILES)
+        check_choice("--executor", self.executor, EXECUTORS)
         for flag, value, valid, wanted in checks:
             if value is not None and not valid(value):
                 raise ValueError(f"{flag} must be {wanted}, got {value:g}")

@@ -40,7 +40,7 @@ from xclip_core.video_transforms import VideoPreprocessor
 
 from ...library.schema import DECODED, LISTED
 from ...storage import StorageOptions, StorageUnavailable, Store, translate_error
-from ..options import DECODE_DEVICES, SAMPLINGS
+from ..options import DECODE_DEVICES, SAMPLINGS, check_choice
 from .frame_reader import DecodeError, FrameReader, check_size
 
 S3_BLOCK_SIZE = 1 << 20  # bytes fetched per ranged read of a remote object
@@ -84,12 +84,8 @@ class DecodeSettings:
     max_forward_s: float = MAX_FORWARD_S
 
     def __post_init__(self) -> None:
-        if self.sampling not in SAMPLINGS:
-            raise ValueError(f"--sampling must be one of {', '.join(SAMPLINGS)}, got {self.sampling!r}")
-        if self.device not in DECODE_DEVICES:
-            raise ValueError(
-                f"--decode-device must be one of {', '.join(DECODE_DEVICES)}, got {self.device!r}"
-            )
+        check_choice("--sampling", self.sampling, SAMPLINGS)
+        check_choice("--decode-device", self.device, DECODE_DEVICES)
 
     @property
     def frames_shape(self) -> tuple[int, int, int, int]:
