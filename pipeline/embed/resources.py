@@ -256,9 +256,10 @@ def _gpu_plan(
         encode, decode = labelled
     else:
         encode = [i for i, node in enumerate(hosts) if node.gpus >= gpus_per_encoder]
-        decode = [i for i in range(len(hosts)) if i not in encode] or list(range(len(hosts)))
         if on_gpus:
             decode = [i for i, node in enumerate(hosts) if node.gpus > 0]
+        else:
+            decode = [i for i in range(len(hosts)) if i not in encode] or list(range(len(hosts)))
     slots = {i: int(hosts[i].gpus // gpus_per_encoder) for i in encode}
     if not any(slots.values()):
         raise ValueError(
