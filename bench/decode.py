@@ -73,7 +73,7 @@ def with_decord(path: Path, settings: DecodeSettings) -> np.ndarray:
     reader = decord.VideoReader(str(path), num_threads=1)
     frames = reader.get_batch(segment_frame_indices(len(reader), settings.num_frames)).asnumpy()
     pre = settings.preprocessor
-    return resize_center_crop(frames, pre.size, pre.crop_size).numpy()
+    return resize_center_crop(frames, pre.size, pre.crop_size)
 
 
 def cpu_seconds(decode, paths: list[Path]) -> tuple[float, list]:

@@ -9,6 +9,9 @@ changed in Pillow 13, python-pillow/Pillow#9549), and its C code is the fastest 
 for 8 frames 640x360 -> 224 against 38.6 ms for a vectorised sparse-matrix reimplementation with the same
 output bytes). One frame at a time, so memory does not grow with the clip. The centre crop follows
 ``transformers.image_transforms.center_crop``, zero padding included.
+
+The resize and crop (the decoder-side step) use numpy and Pillow only: torch is imported by the model-side
+steps, so that the pipeline's decoder processes start without its ~2 s import.
 """
 
 from __future__ import annotations
@@ -17,13 +20,15 @@ import json
 import os
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .sources import ModelSource
+
+if TYPE_CHECKING:
+    import torch
 
 # X-CLIP normalises with the ImageNet statistics, not CLIP's (0.48145466, ...): the original code's
 # img_norm_cfg (mean 123.675, 116.28, 103.53 / std 58.395, 57.12, 57.375 on 0-255) and the
@@ -33,7 +38,7 @@ XCLIP_STD = (0.229, 0.224, 0.225)
 PIL_BILINEAR = 2
 CONFIG_NAME = "preprocessor_config.json"
 
-VideoLike = torch.Tensor | np.ndarray
+VideoLike: TypeAlias = "torch.Tensor | np.ndarray"
 
 
 def resize_output_size(height: int, width: int, shortest_edge: int) -> tuple[int, int]:
@@ -57,21 +62,29 @@ def _crop_window(size: int, crop: int) -> tuple[slice, slice]:
 
 def as_video(frames: VideoLike) -> torch.Tensor:
     """Check and convert one video to a uint8 ``(T, H, W, 3)`` tensor (no copy for torch input)."""
+    import torch
+
     video = torch.as_tensor(frames)
-    if video.dtype != torch.uint8 or video.ndim != 4 or video.shape[-1] != 3:
-        raise ValueError(f"expected a uint8 (T, H, W, 3) video, got {video.dtype} {tuple(video.shape)}")
+    _check_video(video.dtype == torch.uint8, video)
     return video
+
+
+def _check_video(is_uint8: bool, video: Any) -> None:
+    if not is_uint8 or video.ndim != 4 or video.shape[-1] != 3:
+        raise ValueError(f"expected a uint8 (T, H, W, 3) video, got {video.dtype} {tuple(video.shape)}")
 
 
 def resize_center_crop(
     frames: VideoLike, size: int | None = 224, crop_size: tuple[int, int] | None = (224, 224)
-) -> torch.Tensor:
+) -> np.ndarray:
     """Resize the shorter side to ``size`` (Pillow bilinear: the reference) and centre-crop to ``crop_size``.
 
-    ``frames`` is uint8 ``(T, H, W, 3)``; the result is uint8 ``(T, crop_h, crop_w, 3)``, small enough to pass
-    between processes. ``size=None`` skips the resize and ``crop_size=None`` the crop.
+    ``frames`` is uint8 ``(T, H, W, 3)`` (a numpy array or a CPU tensor); the result is a uint8 numpy array
+    ``(T, crop_h, crop_w, 3)``, small enough to pass between processes. ``size=None`` skips the resize and
+    ``crop_size=None`` the crop.
     """
-    video = as_video(frames).numpy()
+    video = np.asarray(frames)
+    _check_video(video.dtype == np.uint8, video)
     num_frames, height, width, _ = video.shape
     out_h, out_w = resize_output_size(height, width, size) if size else (height, width)
     crop_h, crop_w = crop_size or (out_h, out_w)
@@ -81,7 +94,7 @@ def resize_center_crop(
         if (out_h, out_w) != (height, width):
             frame = np.asarray(Image.fromarray(frame).resize((out_w, out_h), Image.Resampling.BILINEAR))
         out[i, write_y, write_x] = frame[read_y, read_x]
-    return torch.from_numpy(out)
+    return out
 
 
 def normalize(
@@ -96,6 +109,8 @@ def normalize(
     Rounding follows ``transformers`` exactly: rescale in float64 then cast to float32, normalise in float32.
     ``rescale_factor=None`` skips the rescale, ``mean=None`` (or ``std=None``) the normalisation.
     """
+    import torch
+
     x = as_video(frames).permute(0, 3, 1, 2)
     x = (x.to(torch.float64) * rescale_factor).to(torch.float32) if rescale_factor else x.to(torch.float32)
     if mean is not None and std is not None:
@@ -200,8 +215,8 @@ class VideoPreprocessor:
         text = json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
         target.fs.pipe_file(target.path(CONFIG_NAME), text.encode("utf-8"))
 
-    def resize_crop(self, frames: VideoLike) -> torch.Tensor:
-        """Decoder-side step: uint8 ``(T, H, W, 3)`` -> uint8 ``(T, crop_h, crop_w, 3)``."""
+    def resize_crop(self, frames: VideoLike) -> np.ndarray:
+        """Decoder-side step: uint8 ``(T, H, W, 3)`` -> uint8 numpy ``(T, crop_h, crop_w, 3)``."""
         return resize_center_crop(
             frames, self.size if self.do_resize else None, self.crop_size if self.do_center_crop else None
         )
@@ -218,6 +233,8 @@ class VideoPreprocessor:
     def __call__(self, videos: VideoLike | Sequence[VideoLike]) -> dict[str, torch.Tensor]:
         """One video or a list of videos (uint8 ``(T, H, W, 3)``, same ``T``) ->
         ``{"pixel_values": float32 (B, T, 3, crop_h, crop_w)}``."""
+        import torch
+
         if isinstance(videos, (torch.Tensor, np.ndarray)) and videos.ndim == 4:
             videos = [videos]
         return {"pixel_values": torch.stack([self.normalize(self.resize_crop(video)) for video in videos])}

@@ -6,7 +6,6 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..library.refresh import Changes
 from ..storage import StorageOptions
 
 EXECUTORS = ("auto", "ray", "in-process")
@@ -101,6 +100,8 @@ class EmbedSummary:
             f"{self.videos_per_s:.2f} videos/s"
         ]
         if self.changes:
+            from ..library.refresh import Changes  # here: the decoders import this module, not the readers
+
             lines.append("  changes: " + Changes(**self.changes).text())
         if self.executor == "in-process":
             lines.append("  ran in this process (a small change set: no Ray started)")

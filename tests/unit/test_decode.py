@@ -63,7 +63,7 @@ def listed(*paths: str, sizes: list[int] | None = None) -> dict[str, np.ndarray]
 
 def reference(path: str, indices: list[int], preprocessor: VideoPreprocessor = PRE) -> np.ndarray:
     """The frames at ``indices`` decoded independently (decord ``get_batch``), then resized and cropped."""
-    return preprocessor.resize_crop(decode_frames(path, indices)).numpy()
+    return preprocessor.resize_crop(decode_frames(path, indices))
 
 
 def test_segments_rows_times_and_frames(videos: dict[str, str]) -> None:

@@ -37,7 +37,7 @@ def keyframes(path: str) -> set[int]:
 
 def shown_indices(path: str, frames: np.ndarray, window: range) -> list[int]:
     """The frame indices within ``window`` whose frame (resized as the decoder does) is ``frames``."""
-    every = PRE.resize_crop(decode_frames(path, list(window))).numpy()
+    every = PRE.resize_crop(decode_frames(path, list(window)))
     return [j for j, frame in zip(window, every, strict=True) if np.array_equal(frame, frames)]
 
 

@@ -163,14 +163,16 @@ def test_text_and_batch_match_transformers(processors) -> None:
 def test_decoder_step_then_normalize_is_the_call() -> None:
     preprocessor = VideoPreprocessor()
     frames = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (3, 270, 480, 3), dtype=np.uint8))
-    small = preprocessor.resize_crop(frames)
-    assert small.dtype == torch.uint8 and small.shape == (3, 224, 224, 3)
-    assert torch.equal(small, resize_center_crop(frames, 224, (224, 224)))
+    small = preprocessor.resize_crop(frames)  # numpy, for the decoders, from a tensor or an array
+    assert small.dtype == np.uint8 and small.shape == (3, 224, 224, 3)
+    np.testing.assert_array_equal(small, resize_center_crop(frames.numpy(), 224, (224, 224)))
     pixel_values = preprocessor.normalize(small)
     assert pixel_values.dtype == torch.float32 and pixel_values.shape == (3, 3, 224, 224)
     assert torch.equal(preprocessor(frames)["pixel_values"][0], pixel_values)
     with pytest.raises(ValueError, match="uint8"):
         preprocessor(frames.float())
+    with pytest.raises(ValueError, match="uint8"):
+        preprocessor.resize_crop(frames.numpy()[0])
 
 
 def test_processor_parts_and_round_trip(tmp_path) -> None:

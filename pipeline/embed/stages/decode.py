@@ -433,7 +433,7 @@ def _decode_segments(
 def _resize_crop(preprocessor: VideoPreprocessor, frames: list[np.ndarray]) -> np.ndarray:
     """Each frame resized and cropped on its own: the frames need no stacking at their decoded size (8 x 1 MB
     at 640x360), and a resolution change within the segment needs no other path."""
-    return np.concatenate([preprocessor.resize_crop(f[None]).numpy() for f in frames])
+    return np.concatenate([preprocessor.resize_crop(f[None]) for f in frames])
 
 
 def _thumbnail(frame: np.ndarray, size: int) -> bytes:
