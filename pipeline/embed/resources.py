@@ -75,30 +75,37 @@ class CpuShares:
 
 
 def time_decode(listed: list[dict[str, Any]], settings: DecodeSettings, storage: StorageOptions) -> float:
-    """Seconds to decode the first listed video that decodes (of :data:`TIMED_VIDEOS`), as a whole. A
-    segment costs about as much as a whole video: the same frames, sought."""
+    """Seconds to decode the first listed video that decodes (of :data:`TIMED_VIDEOS`), as a whole, warm
+    (:func:`warm_seconds`). A segment costs about as much as a whole video: the same frames, sought."""
     whole = replace(settings, segment_s=None)
     for row in [row for row in listed if row["size"]][:TIMED_VIDEOS]:
-        started = time.perf_counter()
         try:
-            decode_video(Store(row["uri"], storage), whole)
+            return warm_seconds(lambda row=row: decode_video(Store(row["uri"], storage), whole))
         except Exception:  # noqa: BLE001 - a bad video is the job's business, not the timing's
             continue
-        return time.perf_counter() - started
     return FALLBACK_DECODE_S
+
+
+def warm_seconds(call: Callable[[], object]) -> float:
+    """Seconds of ``call``'s second run: the first pays one-time costs (the file's first read, the codec's
+    and the kernels' set-up, memory) that can double a small model's or a short video's time, and that
+    alone once tipped a job's CPU share to the encoder (2 torch threads spinning beside 2 decoders)."""
+    call()
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
 
 
 @torch.inference_mode()
 def time_encode(model: VideoTextModel, threads: int = 1) -> float:
-    """Seconds for one clip through the model's video side, on ``threads`` CPU threads."""
+    """Seconds for one clip through the model's video side, on ``threads`` CPU threads, warm
+    (:func:`warm_seconds`)."""
     height, width = model.preprocessor.crop_size
     clip = torch.zeros(1, model.num_frames, 3, height, width)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        started = time.perf_counter()
-        model.encode_videos(clip)
-        return time.perf_counter() - started
+        return warm_seconds(lambda: model.encode_videos(clip))
     finally:
         torch.set_num_threads(before)
 
