@@ -18,9 +18,11 @@ import contextlib
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -373,3 +375,36 @@ def compiled_graphs_from_here() -> collections.Counter:
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     return torch._dynamo.utils.counters["stats"]
+
+
+class DecoderKiller(threading.Thread):
+    """Kills (SIGKILL, as a crash in native decoder code ends a process) every decoder process (one whose
+    command line holds ``title``) that has ``poison`` open, whenever one does; ``killed`` holds their pids."""
+
+    def __init__(self, poison: Path, title: bytes):
+        super().__init__(daemon=True)
+        self.poison = str(poison.resolve())
+        self.title = title
+        self.killed: set[int] = set()
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(0.005):
+            for pid in self._decoders() - self.killed:
+                if self._has_poison_open(pid):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                        self.killed.add(pid)
+
+    def _decoders(self) -> set[int]:
+        pids = set()
+        for entry in Path("/proc").iterdir():
+            with contextlib.suppress(OSError):
+                if entry.name.isdigit() and self.title in (entry / "cmdline").read_bytes():
+                    pids.add(int(entry.name))
+        return pids
+
+    def _has_poison_open(self, pid: int) -> bool:
+        with contextlib.suppress(OSError):
+            return any(os.readlink(fd) == self.poison for fd in Path(f"/proc/{pid}/fd").iterdir())
+        return False

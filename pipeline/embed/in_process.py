@@ -7,13 +7,18 @@ when the job runs on this machine (no cluster to join) and either the objects to
 (``IN_PROCESS_MAX_OBJECTS`` and ``IN_PROCESS_MAX_BYTES`` in :mod:`pipeline.embed.options`) or the machine is
 small (at most ``IN_PROCESS_MAX_CPUS`` CPUs), the same stage callables run here: decode -> encode -> write,
 one part per :data:`~pipeline.embed.stages.write.PART_ROWS` rows, each part recorded in the journal as soon
-as it is written, exactly as the Ray plan does. Decoding runs on a pool of threads, one per CPU, a few
-batches ahead of the encoder (PyAV and Pillow release the GIL: 2 threads decode 1.85x as fast as one), and
-the batches reach the encoder in the listed order. ``--executor ray`` or ``in-process`` overrides the
-choice.
+as it is written, exactly as the Ray plan does. ``--executor ray`` or ``in-process`` overrides the choice.
 
-What Ray gives that a process does not: a crash in native decoder code ends this process, where on Ray it
-costs one actor (and its crash ledger fails the video after a few tries). Here an :class:`InFlightMarker`
+Decoding runs one decoder per CPU, a few batches ahead of the encoder, and the batches reach the encoder in
+the listed order:
+
+- a small change set (at most ``IN_PROCESS_MAX_OBJECTS``) decodes on threads of this process, which start at
+  once (PyAV and Pillow release the GIL: 2 threads decode ~1.6x as fast as one);
+- a larger job (on a small machine) decodes in worker processes (:mod:`~pipeline.embed.decoder_processes`):
+  they cost ~0.6 s to start, share no GIL, and a crash in native decoder code costs one worker, not the job
+  (the video is failed after a few tries, as on Ray).
+
+A crash in native decoder code on a decoding thread ends this process. There an :class:`InFlightMarker`
 names the videos being decoded; a job for the same library that finds a marker left behind by a dead
 process runs on Ray, where each of them is tried a bounded number of times, and resumes from the parts
 already written.
@@ -21,7 +26,8 @@ already written.
 
 from __future__ import annotations
 
-import collections
+import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -30,10 +36,9 @@ import os
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -42,7 +47,9 @@ from ..library import LibraryWriter, PartInfo
 from ..library.journal import Journal
 from ..models import VideoTextModel
 from .compiling import compiles
+from .decoder_processes import DecoderProcesses
 from .options import IN_PROCESS_MAX_BYTES, IN_PROCESS_MAX_CPUS, IN_PROCESS_MAX_OBJECTS, EmbedOptions
+from .parallel import in_parallel
 from .resources import EPS, share_cpus, time_decode, time_encode
 from .stages.decode import DecodeSettings, DecodeVideos
 from .stages.encode import EncodeFrames
@@ -51,10 +58,9 @@ from .stages.write import PART_ROWS, WritePart, written_part
 log = logging.getLogger(__name__)
 
 PLACEMENT = "this process"  # the summary's node name for the stages run here
+DECODER_PROCESSES = "decoder processes"  # ... and for the decoder processes it starts (their count)
 DECODED_AHEAD = 2  # decoded batches that may wait for the encoder beyond one per decoding thread
 TIMED_FROM = 16  # objects from which the job times one video per stage to share the CPUs between them
-
-T = TypeVar("T")
 
 
 class InFlightMarker:
@@ -179,46 +185,78 @@ def embed_in_process(
     """Decode, encode and write ``listed`` in this process: the new parts, each recorded in ``journal`` as
     soon as it is written, and the placement (every stage in :data:`PLACEMENT`)."""
     marker = InFlightMarker(writer.store.uri)
-    decode = DecodeVideos(settings, options.storage, crash_ledger=marker)
-    on_gpu = options.gpus_per_encoder != 0 and torch.cuda.is_available()
-    threads = encoder_threads(listed, settings, options, model, on_gpu)
-    write = WritePart(writer.store, writer.embedding_dim, writer.prompt_shape)
+    processes = decoding_processes(listed)
+    with contextlib.ExitStack() as stack:
+        # started first: the worker processes import while this process times the stages
+        workers = DecoderProcesses(settings, options.storage, processes) if processes else None
+        if workers is not None:
+            stack.enter_context(workers)
+        on_gpu = options.gpus_per_encoder != 0 and torch.cuda.is_available()
+        threads = encoder_threads(listed, settings, options, model, on_gpu)
+        groups = (listed[i : i + options.batch_size] for i in range(0, len(listed), options.batch_size))
+        batches = (_batch(group) for group in groups)  # one encoder call's videos each
+        if workers is not None:
+            decoded = workers.decoded(batches, DECODED_AHEAD)
+        else:  # a decoding thread per CPU: threads waiting on the window cost nothing
+            decode = DecodeVideos(settings, options.storage, crash_ledger=marker)
+            calls = (functools.partial(_decoded, decode, batch) for batch in batches)
+            decoded = in_parallel(calls, usable_cpus(), DECODED_AHEAD)
+        stack.enter_context(contextlib.closing(decoded))  # its decoding stops before the workers do
+        torch_threads = torch.get_num_threads()
 
-    def decoding(group: list[dict[str, Any]]) -> Callable[[], list[dict[str, np.ndarray]]]:
-        """One encoder call's videos, decoded: a batch of rows (several for a long video's segments)."""
-        batch = {name: np.array([row[name] for row in group], dtype=object) for name in group[0]}
-        return lambda: list(decode(batch))
+        def encode_s() -> float:  # for --compile auto, on the encoder's threads
+            return time_encode(model, threads or torch.get_num_threads())
 
-    groups = (listed[i : i + options.batch_size] for i in range(0, len(listed), options.batch_size))
+        try:
+            encode = EncodeFrames(
+                options.model,
+                options.storage,
+                "cuda" if on_gpu else "cpu",
+                options.batch_size,
+                threads=threads,
+                loaded=model,
+                compiled=compiles(options.compile, on_gpu, len(listed), encode_s),
+            )
+            write = WritePart(writer.store, writer.embedding_dim, writer.prompt_shape)
+            _encode_and_write(decoded, encode, write, journal)
+        finally:
+            torch.set_num_threads(torch_threads)  # the caller's, whatever the encoder was given
+    marker.clear()
+    decoders = {DECODER_PROCESSES: processes} if processes else {PLACEMENT: 1}
+    return journal.parts, {"decode": decoders, "encode": {PLACEMENT: 1}}
+
+
+def _encode_and_write(
+    decoded: Iterable[list[dict[str, np.ndarray]]], encode: EncodeFrames, write: WritePart, journal: Journal
+) -> None:
+    """Encode the ``decoded`` batches in order and write them, a part per :data:`PART_ROWS` rows, each
+    recorded in ``journal`` as soon as it is written."""
     pending: list[dict[str, np.ndarray]] = []
-    torch_threads = torch.get_num_threads()
-    compiled = compiles(
-        options.compile, on_gpu, len(listed), lambda: time_encode(model, threads or torch.get_num_threads())
-    )
-    try:
-        device = "cuda" if on_gpu else "cpu"
-        encode = EncodeFrames(
-            options.model,
-            options.storage,
-            device,
-            options.batch_size,
-            threads=threads,
-            loaded=model,
-            compiled=compiled,
-        )
-        # a decoding thread per CPU: threads waiting on the window cost nothing
-        decoded = in_parallel((decoding(group) for group in groups), usable_cpus(), DECODED_AHEAD)
-        for frames in (batch for batches in decoded for batch in batches):
-            pending.append(encode(frames))
-            while sum(len(b["uri"]) for b in pending) >= PART_ROWS:
-                part, pending = _split(pending, PART_ROWS)
-                journal.record(_written(write, part))
-    finally:
-        torch.set_num_threads(torch_threads)  # the caller's, whatever the encoder was given
+    for frames in (batch for batches in decoded for batch in batches):
+        pending.append(encode(frames))
+        while sum(len(b["uri"]) for b in pending) >= PART_ROWS:
+            part, pending = _split(pending, PART_ROWS)
+            journal.record(_written(write, part))
     if pending and sum(len(b["uri"]) for b in pending):
         journal.record(_written(write, _concat(pending)))
-    marker.clear()
-    return journal.parts, {"decode": {PLACEMENT: 1}, "encode": {PLACEMENT: 1}}
+
+
+def decoding_processes(listed: list[dict[str, Any]]) -> int:
+    """The worker processes that decode ``listed`` (:mod:`~pipeline.embed.decoder_processes`): one per CPU
+    for more than ``IN_PROCESS_MAX_OBJECTS`` objects on a POSIX system with more than one CPU; else 0, and
+    threads of this process decode (they start ~0.6 s sooner, which is most of a small change set's job)."""
+    cpus = usable_cpus()
+    return cpus if len(listed) > IN_PROCESS_MAX_OBJECTS and cpus > 1 and os.name == "posix" else 0
+
+
+def _batch(group: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """Listed rows as one batch of columns."""
+    return {name: np.array([row[name] for row in group], dtype=object) for name in group[0]}
+
+
+def _decoded(decode: DecodeVideos, batch: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
+    """``batch`` decoded: a batch of rows (several for a long video's segments)."""
+    return list(decode(batch))
 
 
 def encoder_threads(
@@ -245,25 +283,6 @@ def encoder_threads(
     threads = max(1, math.ceil(share_cpus(usable_cpus(), decode_s, encode_s).cpus_per_encoder - EPS))
     log.info("one video: decode %.3f s, encode %.3f CPU-s: %d torch threads", decode_s, encode_s, threads)
     return threads
-
-
-def in_parallel(calls: Iterable[Callable[[], T]], threads: int, depth: int) -> Iterator[T]:
-    """The results of ``calls``, in order, computed by ``threads`` threads at most ``threads + depth`` calls
-    ahead of the consumer (decoding releases the GIL in PyAV and Pillow, so the threads decode side by side
-    while the consumer encodes). An exception in a call is raised here, in its place; a consumer that stops
-    early stops the submissions (the calls already running finish)."""
-    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="videosearch-decode") as pool:
-        window: collections.deque[Future[T]] = collections.deque()
-        try:
-            for call in calls:
-                window.append(pool.submit(call))
-                if len(window) >= threads + depth:
-                    yield window.popleft().result()
-            while window:
-                yield window.popleft().result()
-        finally:
-            for future in window:
-                future.cancel()
 
 
 def _written(write: WritePart, rows: dict[str, np.ndarray]) -> PartInfo:

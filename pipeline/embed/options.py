@@ -104,7 +104,9 @@ class EmbedSummary:
 
             lines.append("  changes: " + Changes(**self.changes).text())
         if self.executor == "in-process":
-            lines.append("  ran in this process (a small change set: no Ray started)")
+            processes = self.placement.get("decode", {}).get("decoder processes")
+            decoders = f"{processes} decoder processes" if processes else "decoding threads"
+            lines.append(f"  ran on this machine without Ray ({decoders})")
         elif self.placement:
             lines.append("  placement: " + ", ".join(_stage_nodes(s, n) for s, n in self.placement.items()))
         lines += [f"  failed: {f['uri']}: {f['error']}" for f in self.failures]

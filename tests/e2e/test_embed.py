@@ -13,10 +13,7 @@ and run concurrently.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +25,7 @@ import s3fs
 import torch
 import torch.nn.functional as F
 from helpers import (
+    DecoderKiller,
     MotoS3,
     Run,
     free_port,
@@ -484,39 +482,6 @@ def test_unreachable_endpoint_exits_2_quickly(failed_runs: FailedRuns) -> None:
 # ----------------------------------------------------------------------------- a decoder that dies mid-video
 
 
-class DecoderKiller(threading.Thread):
-    """Kills (SIGKILL, as a crash in native decoder code ends a process) every decode actor that has
-    ``poison`` open, whenever one does; ``killed`` holds their pids."""
-
-    def __init__(self, poison: Path):
-        super().__init__(daemon=True)
-        self.poison = str(poison.resolve())
-        self.killed: set[int] = set()
-        self.done = threading.Event()
-
-    def run(self) -> None:
-        while not self.done.wait(0.005):
-            for pid in self._decoders() - self.killed:
-                if self._has_poison_open(pid):
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                        self.killed.add(pid)
-
-    @staticmethod
-    def _decoders() -> set[int]:
-        pids = set()
-        for entry in Path("/proc").iterdir():
-            with contextlib.suppress(OSError):
-                if entry.name.isdigit() and b"DecodeVideos" in (entry / "cmdline").read_bytes():
-                    pids.add(int(entry.name))
-        return pids
-
-    def _has_poison_open(self, pid: int) -> bool:
-        with contextlib.suppress(OSError):
-            return any(os.readlink(fd) == self.poison for fd in Path(f"/proc/{pid}/fd").iterdir())
-        return False
-
-
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="finds the decoders through /proc")
 def test_a_video_that_kills_its_decoder_is_failed_after_bounded_tries(
     tiny_model: Path, tmp_path: Path
@@ -528,7 +493,7 @@ def test_a_video_that_kills_its_decoder_is_failed_after_bounded_tries(
     poison = Path(
         write_frames(videos / "z-poison.mp4", pattern_frames(600, 320, 240, "noise", 22), FPS, gop=600)
     )
-    killer = DecoderKiller(poison)
+    killer = DecoderKiller(poison, b"DecodeVideos")  # Ray's decode actors
     killer.start()
     try:
         embed = run("embed", videos, tmp_path / "library", "--model", tiny_model, "--decoders", "1", "--json")

@@ -17,7 +17,6 @@ from pipeline.embed.in_process import (
     TIMED_FROM,
     InFlightMarker,
     encoder_threads,
-    in_parallel,
     runs_in_process,
 )
 from pipeline.embed.job import embed
@@ -27,6 +26,7 @@ from pipeline.embed.options import (
     IN_PROCESS_MAX_OBJECTS,
     EmbedOptions,
 )
+from pipeline.embed.parallel import in_parallel
 from pipeline.embed.stages.decode import DecodeSettings
 from pipeline.library import Library
 from pipeline.models import load_model
@@ -125,6 +125,29 @@ def test_in_process_jobs_write_parts_of_part_rows_holding_every_video_once(
     assert sorted(row["uri"] for row in rows) == sorted(str(p) for p in videos.iterdir())
     assert [row["uri"] for row in rows if row["error"]] == [str(videos / "broken.mp4")]
     assert not InFlightMarker(library).path.exists()
+
+
+def test_a_job_larger_than_a_small_change_decodes_in_worker_processes_and_stores_what_threads_store(
+    library: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i in range(4):
+        write_video(videos / f"{i}.mp4", 12, 48, 40, fps=6, seed=i)
+    (videos / "broken.mp4").write_bytes(b"not a video")
+    monkeypatch.setattr(in_process, "usable_cpus", lambda: 2)
+    small = embed(str(videos), library, EmbedOptions())
+    assert small.placement["decode"] == {"this process": 1}  # threads: 5 objects are a small change
+    monkeypatch.setattr(in_process, "IN_PROCESS_MAX_OBJECTS", 4)
+    large = embed(str(videos), library + "-large", EmbedOptions())
+    assert (large.executor, large.ok, large.failed) == ("in-process", 4, 1)
+    assert large.placement["decode"] == {"decoder processes": 2}
+    assert "ran on this machine without Ray (2 decoder processes)" in large.text()
+    on_threads, in_processes = (
+        Library.open(path).table(["uri", "error", "embedding", "thumbnail"]).sort_by("uri")
+        for path in (library, library + "-large")
+    )
+    assert on_threads.to_pylist() == in_processes.to_pylist()
 
 
 def test_decoding_in_parallel_keeps_the_order_raises_in_place_and_stops_with_its_consumer() -> None:

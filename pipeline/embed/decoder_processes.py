@@ -1,0 +1,179 @@
+"""Decoding in worker processes: the in-process executor's decoders for jobs large enough to pay their start.
+
+Threads share one interpreter: the Python around PyAV and Pillow (the frame reader's loop, array copies)
+holds the GIL for ~20% of a video's decode, which caps two decoding threads at ~1.6x one (measured on the
+bench's clips, ``bench/RESULTS.md``). Processes share no GIL. Each worker is a fresh interpreter running
+:mod:`~pipeline.embed.decode_worker` (not a fork of the job, whose threads and s3fs event loop do not survive
+a fork, and not ``multiprocessing``, which would run the caller's ``__main__`` script again in each worker).
+It imports the decode stage only (no torch: ~0.5 s), while the job loads its model and times its stages.
+
+A worker that dies (a crash in native decoder code, the kernel's OOM killer) costs that worker's batch, not
+the job: its videos are decoded again one at a time by a new worker, and one that kills its worker
+``max_tries`` times becomes an error row ("the decoder crashed on this video N times; not retried"), as on
+Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import subprocess
+import sys
+import threading
+from collections.abc import Iterable, Iterator
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..storage import StorageOptions
+from .parallel import in_parallel
+from .stages.decode import DecodeSettings
+
+Batch = dict[str, np.ndarray]
+
+STOP_WAIT_S = 5.0  # a worker still running this long after its input closed is killed
+_ROOT = str(Path(__file__).resolve().parents[2])  # where the worker finds the pipeline package
+
+
+class WorkerDied(Exception):
+    """A decoder process died (a signal, an error exit) while it decoded."""
+
+
+class DecoderProcess:
+    """One decoder process (:mod:`~pipeline.embed.decode_worker`), started at once; :meth:`decode` waits for
+    it to be ready."""
+
+    def __init__(self, settings: DecodeSettings, storage_options: StorageOptions | None, max_tries: int):
+        self.setup = (settings, storage_options, max_tries)
+        self._start()
+
+    def _start(self) -> None:
+        to_worker, inbox = os.pipe()
+        outbox, from_worker = os.pipe()
+        path = os.pathsep.join(filter(None, [_ROOT, os.environ.get("PYTHONPATH")]))
+        env = os.environ | {"PYTHONPATH": path}
+        command = [sys.executable, "-m", "pipeline.embed.decode_worker", str(to_worker), str(from_worker)]
+        try:
+            self.process = subprocess.Popen(command, pass_fds=(to_worker, from_worker), env=env)
+        finally:
+            os.close(to_worker)
+            os.close(from_worker)
+        self.send = Connection(inbox, readable=False)
+        self.receive = Connection(outbox, writable=False)
+        self.ready = False
+        with contextlib.suppress(OSError):
+            self.send.send(self.setup)  # a worker that died at once is found at its first answer
+
+    def decode(self, batch: Batch, crashes: dict[str, int]) -> list[Batch]:
+        """``batch`` decoded by this process; :class:`WorkerDied` when it died meanwhile, and whatever the
+        worker raised (the store down, a setting it cannot honour) raised here."""
+        if not self.ready:
+            self._answer()
+            self.ready = True
+        try:
+            self.send.send((batch, crashes))
+        except OSError as e:
+            raise WorkerDied from e
+        return self._answer()
+
+    def _answer(self) -> Any:
+        try:
+            kind, value = self.receive.recv()
+        except (EOFError, OSError) as e:
+            code = self.process.wait()
+            if code == 0 or not self.ready:  # stopped by the job's Ctrl-C; or no video's fault
+                what = "stopped" if code == 0 else "failed to start"
+                raise RuntimeError(f"a decoder process {what} (exit code {code}; its stderr is above)") from e
+            raise WorkerDied(f"exit code {code}") from e
+        if kind == "raised":
+            raise value
+        return value
+
+    def restart(self) -> None:
+        """A new process in place of this one (which died)."""
+        self.close()
+        self._start()
+
+    def close(self) -> None:
+        """Close its input (it exits) and reap it."""
+        self.send.close()
+        self.receive.close()
+        try:
+            self.process.wait(STOP_WAIT_S)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+class DecoderProcesses:
+    """``processes`` decoder processes, started at once: :meth:`decoded` maps them over batches of listed
+    rows, in order."""
+
+    def __init__(
+        self,
+        settings: DecodeSettings,
+        storage_options: StorageOptions | None,
+        processes: int,
+        max_tries: int = 3,
+    ) -> None:
+        self.setup = (settings, storage_options, max_tries)
+        self.processes = processes
+        self.crashes: dict[str, int] = {}  # uri -> decoder processes it killed
+        self._lock = threading.Lock()
+        self._closed = False
+        self._all = [DecoderProcess(*self.setup) for _ in range(processes)]
+        self._idle: queue.SimpleQueue[DecoderProcess] = queue.SimpleQueue()
+        for worker in self._all:
+            self._idle.put(worker)
+
+    def close(self) -> None:
+        self._closed = True
+        for worker in self._all:
+            worker.close()
+
+    def __enter__(self) -> DecoderProcesses:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def decoded(self, batches: Iterable[Batch], depth: int) -> Iterator[list[Batch]]:
+        """Each of ``batches`` decoded (:class:`~pipeline.embed.stages.decode.DecodeVideos`' output
+        batches), in order, at most ``processes + depth`` batches ahead of the consumer. An error a worker
+        raises (the store down) is raised here in its batch's place; a worker's death is not (see the
+        module)."""
+        calls = ((lambda batch=batch: self.decode(batch)) for batch in batches)
+        return in_parallel(calls, self.processes, depth)
+
+    def decode(self, batch: Batch) -> list[Batch]:
+        """``batch`` decoded by an idle worker (waiting for one)."""
+        worker = self._idle.get()
+        try:
+            return worker.decode(batch, self._crashes(batch))
+        except WorkerDied:
+            if self._closed:
+                raise
+            worker.restart()
+            return [out for i in range(len(batch["uri"])) for out in self._alone(worker, batch, i)]
+        finally:
+            self._idle.put(worker)
+
+    def _alone(self, worker: DecoderProcess, batch: Batch, i: int) -> list[Batch]:
+        """Video ``i`` of ``batch`` decoded on its own (``worker`` restarted whenever it dies): one whose
+        decoding kills the worker is counted each time, until the worker makes it an error row."""
+        video = {name: column[i : i + 1] for name, column in batch.items()}
+        while True:
+            try:
+                return worker.decode(video, self._crashes(video))
+            except WorkerDied:
+                uri = str(video["uri"][0])
+                with self._lock:
+                    self.crashes[uri] = self.crashes.get(uri, 0) + 1
+                worker.restart()
+
+    def _crashes(self, batch: Batch) -> dict[str, int]:
+        with self._lock:
+            return {str(uri): self.crashes[str(uri)] for uri in batch["uri"] if str(uri) in self.crashes}
