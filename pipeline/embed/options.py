@@ -6,6 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from ..flags import check_choice
 from ..storage import StorageOptions
 
 EXECUTORS = ("auto", "ray", "in-process")
@@ -15,12 +16,6 @@ COMPILES = ("auto", "on", "off")  # torch.compile of the video encoder (pipeline
 IN_PROCESS_MAX_OBJECTS = 64  # "auto" embeds at most this many objects in the job's process...
 IN_PROCESS_MAX_BYTES = 256 * 2**20  # ... of at most this many bytes (see pipeline.embed.in_process)...
 IN_PROCESS_MAX_CPUS = 4  # ... or any number, on a machine of at most this many CPUs
-
-
-def check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
-    """``ValueError`` naming ``flag`` and its ``choices`` unless ``value`` is one of them."""
-    if value not in choices:
-        raise ValueError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
 
 
 @dataclass

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..flags import check_choice
 from ..models import VideoTextModel
 
 CACHE_MODES = ("auto", "on", "off")
@@ -44,8 +45,7 @@ def feature_bytes(model: VideoTextModel) -> int | None:
 def check_mode(mode: str, per_clip: int | None) -> None:
     """Raises ``ValueError`` for an unknown ``mode``, or ``on`` for a model without a frozen backbone
     (``per_clip``, its :func:`feature_bytes`, is None)."""
-    if mode not in CACHE_MODES:
-        raise ValueError(f"--backbone-cache must be one of {', '.join(CACHE_MODES)}, got {mode!r}")
+    check_choice("--backbone-cache", mode, CACHE_MODES)
     if mode == "on" and per_clip is None:
         raise ValueError(
             "--backbone-cache on: this model trains its whole video encoder (X-CLIP), there is no frozen "

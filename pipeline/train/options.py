@@ -7,6 +7,7 @@ from typing import Any
 
 from xclip_core.config import XCLIPConfig
 
+from ..flags import check_choice
 from ..storage import StorageOptions
 from ..video_table import DEFAULT_TEMPLATE
 from .trainer import TrainConfig
@@ -40,10 +41,7 @@ class TrainOptions:
     storage: StorageOptions = field(default_factory=StorageOptions)
 
     def __post_init__(self) -> None:
-        if self.family not in FAMILIES_TRAINED_NEW:
-            raise ValueError(
-                f"--family must be one of {', '.join(FAMILIES_TRAINED_NEW)}, got {self.family!r}"
-            )
+        check_choice("--family", self.family, FAMILIES_TRAINED_NEW)
         new_evl = self.family == "evl"
         if sum(x is not None for x in (self.model, self.config, self.resume)) + new_evl != 1:
             raise ValueError(

@@ -17,6 +17,7 @@ from pipeline.models import VideoTextModel, load_model
 from pipeline.samples.synthetic import render, sample_scenes
 from pipeline.storage import Store
 from pipeline.train.backbone_cache import COLUMN, BackboneFeatures, feature_bytes, from_stored, use_cache
+from pipeline.train.options import TrainOptions
 from pipeline.train.trainer import TrainConfig, Trainer
 from xclip_core import XCLIPModel
 from xclip_core.checkpoints import hf_to_original
@@ -170,6 +171,13 @@ def test_the_backbone_cache_stage_keeps_bfloat16_features_and_when_to_cache(tiny
     assert use_cache("on", per_clip, 100, 1, 0) and not use_cache("off", per_clip, 1, 9, 1e12)
     with pytest.raises(ValueError, match="no frozen backbone to cache"):
         use_cache("on", feature_bytes(XCLIPModel.from_pretrained(tiny_model)), 100, 2, 1e12)
+    with pytest.raises(ValueError, match="--backbone-cache must be one of auto, on, off, got 'always'"):
+        use_cache("always", per_clip, 100, 2, 1e12)
+
+
+def test_a_family_train_cannot_start_is_refused_with_those_it_can() -> None:
+    with pytest.raises(ValueError, match="--family must be one of xclip, evl, got 'clip'"):
+        TrainOptions(output="/tmp/run", family="clip")
 
 
 def test_labels_the_classifier_does_not_know_are_refused(tiny_model: Path, batch) -> None:

@@ -38,9 +38,10 @@ from PIL import Image
 from xclip_core.sampling import segment_frame_indices, segments
 from xclip_core.video_transforms import VideoPreprocessor
 
+from ...flags import check_choice
 from ...library.schema import DECODED, LISTED
 from ...storage import StorageOptions, StorageUnavailable, Store, translate_error
-from ..options import DECODE_DEVICES, SAMPLINGS, check_choice
+from ..options import DECODE_DEVICES, SAMPLINGS
 from .frame_reader import DecodeError, FrameReader, check_size
 
 S3_BLOCK_SIZE = 1 << 20  # bytes fetched per ranged read of a remote object

@@ -1,0 +1,9 @@
+"""Checks of command-line flag values that the jobs' options share."""
+
+from __future__ import annotations
+
+
+def check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    """``ValueError`` naming ``flag`` and its ``choices`` unless ``value`` is one of them."""
+    if value not in choices:
+        raise ValueError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
