@@ -16,6 +16,7 @@ from fault_proxy import FaultProxy, Faults
 from helpers import MotoS3, Run, run, write_video
 
 from pipeline import Library
+from pipeline.embed.decoder_processes import DecoderProcesses
 from pipeline.embed.stages.decode import DecodeSettings, DecodeVideos
 from pipeline.storage import StorageOptions, StorageUnavailable, Store, translate_error
 from xclip_core.video_transforms import VideoPreprocessor
@@ -167,6 +168,26 @@ def test_a_store_that_stays_down_stops_the_decoder_instead_of_failing_each_video
             decoder(proxy, attempts=2).decode(batch)
     finally:
         proxy.faults = Faults()
+
+
+def test_decoder_processes_read_the_store_as_the_stage_does_and_stop_the_job_when_it_stays_down(
+    s3: MotoS3, source: str, proxy: FaultProxy
+) -> None:
+    """An in-process job's decoder processes (its jobs of more than 64 objects) get the storage options
+    across the process boundary, and a store that stays down is raised in the job, not turned into rows."""
+    batch = listed(source, s3.options, ["0.mp4", "1.mp4"])
+    here = decoder(proxy, attempts=2)
+    with DecoderProcesses(here.settings, here.storage_options, processes=1) as workers:
+        [[decoded]] = list(workers.decoded(iter([batch]), depth=0))
+        expected = here.decode(batch)
+        assert list(decoded["error"]) == [None, None]
+        np.testing.assert_array_equal(decoded["frames"], expected["frames"])
+        proxy.faults = Faults(outage=OUTAGE, kinds=("slowdown",))
+        try:
+            with pytest.raises(StorageUnavailable, match="keeps failing"):
+                list(workers.decoded(iter([batch]), depth=0))
+        finally:
+            proxy.faults = Faults()
 
 
 @pytest.mark.parametrize(
