@@ -36,7 +36,7 @@ import os
 import sys
 import tempfile
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -192,7 +192,10 @@ def embed_in_process(
         if workers is not None:
             stack.enter_context(workers)
         on_gpu = options.gpus_per_encoder != 0 and torch.cuda.is_available()
-        threads = encoder_threads(listed, settings, options, model, on_gpu)
+        # one clip's encoding seconds by torch threads, timed once per count (the CPU share and --compile
+        # auto both want it, on the same count for an encode-bound model)
+        encode_s = functools.cache(functools.partial(time_encode, model))
+        threads = encoder_threads(listed, settings, options, encode_s, on_gpu)
         groups = (listed[i : i + options.batch_size] for i in range(0, len(listed), options.batch_size))
         batches = (_batch(group) for group in groups)  # one encoder call's videos each
         if workers is not None:
@@ -203,10 +206,6 @@ def embed_in_process(
             decoded = in_parallel(calls, usable_cpus(), DECODED_AHEAD)
         stack.enter_context(contextlib.closing(decoded))  # its decoding stops before the workers do
         torch_threads = torch.get_num_threads()
-
-        def encode_s() -> float:  # for --compile auto, on the encoder's threads
-            return time_encode(model, threads or torch.get_num_threads())
-
         try:
             encode = EncodeFrames(
                 options.model,
@@ -215,7 +214,9 @@ def embed_in_process(
                 options.batch_size,
                 threads=threads,
                 loaded=model,
-                compiled=compiles(options.compile, on_gpu, len(listed), encode_s),
+                compiled=compiles(
+                    options.compile, on_gpu, len(listed), lambda: encode_s(threads or torch_threads)
+                ),
             )
             write = WritePart(writer.store, writer.embedding_dim, writer.prompt_shape)
             _encode_and_write(decoded, encode, write, journal)
@@ -263,10 +264,11 @@ def encoder_threads(
     listed: list[dict[str, Any]],
     settings: DecodeSettings,
     options: EmbedOptions,
-    model: VideoTextModel,
+    encode_s: Callable[[int], float],
     on_gpu: bool,
 ) -> int | None:
-    """The encoder's torch threads for ``listed`` (None: torch's default), beside a decoding thread per CPU.
+    """The encoder's torch threads for ``listed`` (None: torch's default), beside a decoder per CPU;
+    ``encode_s(threads)``: one clip's encoding seconds on that many torch threads.
 
     On a GPU, or for fewer than :data:`TIMED_FROM` objects, torch keeps its default. Otherwise the encoder
     gets its share of the CPUs as the Ray plan shares one node (:func:`~pipeline.embed.resources.share_cpus`),
@@ -279,9 +281,9 @@ def encoder_threads(
         return None
     decode_s = time_decode(listed, settings, options.storage)
     default = torch.get_num_threads()  # timed on the threads it runs with: the warm-up is not wasted
-    encode_s = time_encode(model, default) * default  # its CPU-seconds, as many cores as threads
-    threads = max(1, math.ceil(share_cpus(usable_cpus(), decode_s, encode_s).cpus_per_encoder - EPS))
-    log.info("one video: decode %.3f s, encode %.3f CPU-s: %d torch threads", decode_s, encode_s, threads)
+    encode_cpu_s = encode_s(default) * default  # its CPU-seconds, as many cores as threads
+    threads = max(1, math.ceil(share_cpus(usable_cpus(), decode_s, encode_cpu_s).cpus_per_encoder - EPS))
+    log.info("one video: decode %.3f s, encode %.3f CPU-s: %d torch threads", decode_s, encode_cpu_s, threads)
     return threads
 
 
