@@ -36,7 +36,7 @@ import os
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -182,15 +182,16 @@ def embed_in_process(
     model: VideoTextModel,
     journal: Journal,
 ) -> tuple[list[PartInfo], dict[str, dict[str, int]]]:
-    """Decode, encode and write ``listed`` in this process: the new parts, each recorded in ``journal`` as
-    soon as it is written, and the placement (every stage in :data:`PLACEMENT`)."""
+    """Decode, encode and write ``listed`` on this machine: the new parts, each recorded in ``journal`` as
+    soon as it is written, and the placement (the encoder in :data:`PLACEMENT`, the decoders there too or in
+    :data:`DECODER_PROCESSES`)."""
     marker = InFlightMarker(writer.store.uri)
     processes = decoding_processes(listed)
     with contextlib.ExitStack() as stack:
         # started first: the worker processes import while this process times the stages
-        workers = DecoderProcesses(settings, options.storage, processes) if processes else None
-        if workers is not None:
-            stack.enter_context(workers)
+        workers = (
+            stack.enter_context(DecoderProcesses(settings, options.storage, processes)) if processes else None
+        )
         on_gpu = options.gpus_per_encoder != 0 and torch.cuda.is_available()
         # one clip's encoding seconds by torch threads, timed once per count (the CPU share and --compile
         # auto both want it, on the same count for an encode-bound model)
@@ -200,10 +201,8 @@ def embed_in_process(
         batches = (_batch(group) for group in groups)  # one encoder call's videos each
         if workers is not None:
             decoded = workers.decoded(batches, DECODED_AHEAD)
-        else:  # a decoding thread per CPU: threads waiting on the window cost nothing
-            decode = DecodeVideos(settings, options.storage, crash_ledger=marker)
-            calls = (functools.partial(_decoded, decode, batch) for batch in batches)
-            decoded = in_parallel(calls, usable_cpus(), DECODED_AHEAD)
+        else:
+            decoded = _on_threads(batches, DecodeVideos(settings, options.storage, crash_ledger=marker))
         stack.enter_context(contextlib.closing(decoded))  # its decoding stops before the workers do
         torch_threads = torch.get_num_threads()
         try:
@@ -255,9 +254,13 @@ def _batch(group: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     return {name: np.array([row[name] for row in group], dtype=object) for name in group[0]}
 
 
-def _decoded(decode: DecodeVideos, batch: dict[str, np.ndarray]) -> list[dict[str, np.ndarray]]:
-    """``batch`` decoded: a batch of rows (several for a long video's segments)."""
-    return list(decode(batch))
+def _on_threads(
+    batches: Iterable[dict[str, np.ndarray]], decode: DecodeVideos
+) -> Iterator[list[dict[str, np.ndarray]]]:
+    """Each of ``batches`` decoded by ``decode`` (a list of batches of rows: several for a long video's
+    segments), in order, a few ahead, on a thread per CPU (threads waiting on the window cost nothing)."""
+    calls = ((lambda batch=batch: list(decode(batch))) for batch in batches)
+    return in_parallel(calls, usable_cpus(), DECODED_AHEAD)
 
 
 def encoder_threads(
