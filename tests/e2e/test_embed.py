@@ -489,9 +489,9 @@ def test_a_video_that_kills_its_decoder_is_failed_after_bounded_tries(
     videos = tmp_path / "videos"
     videos.mkdir()
     write_video(videos / "a-fine.mp4", 20, 64, 48, fps=FPS, seed=21)
-    # long and with one keyframe, so that its decoder keeps it open long enough to be seen and killed
+    # with one keyframe, so that its decoder keeps it open (~0.3 s) long enough to be seen and killed
     poison = Path(
-        write_frames(videos / "z-poison.mp4", pattern_frames(600, 320, 240, "noise", 22), FPS, gop=600)
+        write_frames(videos / "z-poison.mp4", pattern_frames(300, 160, 120, "noise", 22), FPS, gop=300)
     )
     killer = DecoderKiller(poison, b"DecodeVideos")  # Ray's decode actors
     killer.start()
