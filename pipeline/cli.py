@@ -503,6 +503,11 @@ def _ray_running() -> bool:
     return "ray" in sys.modules and sys.modules["ray"].is_initialized()
 
 
+# what an interrupted command leaves, by command (the others leave nothing to say)
+_KEPT = "; nothing was published, and the parts written so far are kept: the same command goes on from them"
+_INTERRUPTED = {"embed": _KEPT, "refresh": _KEPT}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
@@ -537,6 +542,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (StorageError, LibraryError, ValueError, FileNotFoundError, ClusterError) as err:
         print(f"videosearch {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        kept = _INTERRUPTED.get(args.command, "")
+        print(f"videosearch {args.command}: interrupted{kept}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

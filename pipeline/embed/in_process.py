@@ -188,6 +188,7 @@ def embed_in_process(
     marker = InFlightMarker(writer.store.uri)
     processes = decoding_processes(listed)
     with contextlib.ExitStack() as stack:
+        stack.callback(marker.clear)  # however the job ends (Ctrl-C, the store down), unless it crashes
         # started first: the worker processes import while this process times the stages
         workers = (
             stack.enter_context(DecoderProcesses(settings, options.storage, processes)) if processes else None
@@ -205,23 +206,20 @@ def embed_in_process(
             decoded = _on_threads(batches, DecodeVideos(settings, options.storage, crash_ledger=marker))
         stack.enter_context(contextlib.closing(decoded))  # its decoding stops before the workers do
         torch_threads = torch.get_num_threads()
-        try:
-            encode = EncodeFrames(
-                options.model,
-                options.storage,
-                "cuda" if on_gpu else "cpu",
-                options.batch_size,
-                threads=threads,
-                loaded=model,
-                compiled=compiles(
-                    options.compile, on_gpu, len(listed), lambda: encode_s(threads or torch_threads)
-                ),
-            )
-            write = WritePart(writer.store, writer.embedding_dim, writer.prompt_shape)
-            _encode_and_write(decoded, encode, write, journal)
-        finally:
-            torch.set_num_threads(torch_threads)  # the caller's, whatever the encoder was given
-    marker.clear()
+        stack.callback(torch.set_num_threads, torch_threads)  # the caller's, whatever the encoder was given
+        encode = EncodeFrames(
+            options.model,
+            options.storage,
+            "cuda" if on_gpu else "cpu",
+            options.batch_size,
+            threads=threads,
+            loaded=model,
+            compiled=compiles(
+                options.compile, on_gpu, len(listed), lambda: encode_s(threads or torch_threads)
+            ),
+        )
+        write = WritePart(writer.store, writer.embedding_dim, writer.prompt_shape)
+        _encode_and_write(decoded, encode, write, journal)
     decoders = {DECODER_PROCESSES: processes} if processes else {PLACEMENT: 1}
     return journal.parts, {"decode": decoders, "encode": {PLACEMENT: 1}}
 

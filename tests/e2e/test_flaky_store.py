@@ -16,7 +16,11 @@ from fault_proxy import FaultProxy, Faults
 from helpers import MotoS3, Run, run, write_video
 
 from pipeline import Library
+from pipeline.embed import in_process
 from pipeline.embed.decoder_processes import DecoderProcesses
+from pipeline.embed.in_process import InFlightMarker
+from pipeline.embed.job import embed as embed_job
+from pipeline.embed.options import EmbedOptions
 from pipeline.embed.stages.decode import DecodeSettings, DecodeVideos
 from pipeline.storage import StorageOptions, StorageUnavailable, Store, translate_error
 from xclip_core.video_transforms import VideoPreprocessor
@@ -124,6 +128,26 @@ def test_an_outage_mid_job_or_while_parts_are_read_back_publishes_nothing_and_th
     summary = embed(source, library, proxy, Faults()).json()
     assert (summary["version"], summary["ok"], summary["failed"]) == (1, VIDEOS, 0)
     assert set(objects_once(Library.open(library, s3.options)).values()) == {None}
+
+
+def test_a_store_down_while_an_in_process_job_decodes_leaves_no_crash_marker(
+    s3: MotoS3, bucket: str, source: str, proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The store failing is not a decoder crash: the next job of the library is not sent to Ray for it."""
+    monkeypatch.setattr(in_process.tempfile, "gettempdir", lambda: str(tmp_path))
+    library = f"s3://{bucket}/lib"
+    options = EmbedOptions(
+        storage=StorageOptions(endpoint_url=proxy.url, max_attempts=2), executor="in-process", batch_size=2
+    )
+    proxy.faults = Faults(outage=range(6, 10**9), only="/videos/", methods=("GET",))  # mid-decode
+    try:
+        with pytest.raises(StorageUnavailable, match="keeps failing"):
+            embed_job(source, library, options)
+    finally:
+        faults, proxy.faults = proxy.faults, Faults()
+    assert faults.faulted, "no read of a video failed"
+    assert InFlightMarker(library).left_behind() is None
+    assert not InFlightMarker(library).path.exists()
 
 
 # ------------------------------------------------------------------------------- the decode stage, alone

@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import functools
 import json
+import os
+import shutil
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import compiled_graphs_from_here, write_video
+from helpers import cli_env, compiled_graphs_from_here, pattern_frames, videosearch, write_frames, write_video
 
 from pipeline.embed import in_process
 from pipeline.embed.in_process import (
@@ -98,6 +102,49 @@ def test_a_video_that_killed_an_in_process_job_sends_the_next_job_to_ray(library
     for uri in ("/videos/bad.mp4", "/videos/beside.mp4", "/videos/new.mp4"):
         again.end(uri)
     assert again.left_behind() is None and not again.path.exists()
+
+
+def test_ctrl_c_stops_an_in_process_job_with_a_word_and_leaves_no_crash_marker(
+    tiny_model: Path, tmp_path: Path
+) -> None:
+    """Ctrl-C is not a crash: the next job of the library runs in-process again and goes on from the parts
+    already written."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    # slow to decode (one keyframe, ~0.3 s each): the job is still decoding when Ctrl-C comes
+    slow = write_frames(videos / "0.mp4", pattern_frames(300, 160, 120, "noise", 5), 6, gop=300)
+    for i in range(1, 8):
+        shutil.copy(slow, videos / f"{i}.mp4")
+    library = tmp_path / "library"
+    env = cli_env() | {"TMPDIR": str(tmp_path / "tmp")}
+    (tmp_path / "tmp").mkdir()
+    job = subprocess.Popen(
+        videosearch("embed", videos, library, "--model", tiny_model),
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, which a terminal's Ctrl-C signals
+    )
+    markers = tmp_path / "tmp" / "videosearch"
+    deadline = time.monotonic() + 60
+    while not (markers.is_dir() and any(markers.iterdir())) and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.killpg(job.pid, signal.SIGINT)
+    _, stderr = job.communicate(timeout=60)
+    assert job.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("videosearch embed: interrupted; nothing was published")
+    assert not any(markers.iterdir())  # not taken for a crash: the next job needs no Ray
+    rerun = subprocess.run(
+        videosearch("embed", videos, library, "--model", tiny_model, "--json"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    summary = json.loads(rerun.stdout)
+    assert (summary["executor"], summary["ok"]) == ("in-process", 8)
 
 
 def test_in_process_jobs_write_parts_of_part_rows_holding_every_video_once(
