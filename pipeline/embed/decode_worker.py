@@ -65,8 +65,8 @@ def _answer(outbox: Connection, kind: str, value: Any) -> None:
 def main() -> None:
     inbox = Connection(int(sys.argv[1]), writable=False)
     outbox = Connection(int(sys.argv[2]), readable=False)
-    # the job's Ctrl-C reaches its whole process group; a job that stops early closes the pipes: exit 0
-    with contextlib.suppress(KeyboardInterrupt, BrokenPipeError, EOFError):
+    # a job that stops (its Ctrl-C, an error) closes the pipes, and the worker exits quietly
+    with contextlib.suppress(BrokenPipeError, EOFError):
         serve(inbox, outbox)
 
 

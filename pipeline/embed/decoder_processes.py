@@ -57,7 +57,10 @@ class DecoderProcess:
         env = os.environ | {"PYTHONPATH": path}
         command = [sys.executable, "-m", "pipeline.embed.decode_worker", str(to_worker), str(from_worker)]
         try:
-            self.process = subprocess.Popen(command, pass_fds=(to_worker, from_worker), env=env)
+            # its own session: a Ctrl-C reaches the job, which stops it by closing its pipes
+            self.process = subprocess.Popen(
+                command, pass_fds=(to_worker, from_worker), env=env, start_new_session=True
+            )
         finally:
             os.close(to_worker)
             os.close(from_worker)
@@ -84,7 +87,9 @@ class DecoderProcess:
             kind, value = self.receive.recv()
         except (EOFError, OSError) as e:
             code = self.process.wait()
-            if code == 0 or not self.ready:  # stopped by the job's Ctrl-C; or no video's fault
+            if (
+                code == 0 or not self.ready
+            ):  # it stopped as told, or failed before any video: no video's fault
                 what = "stopped" if code == 0 else "failed to start"
                 raise RuntimeError(f"a decoder process {what} (exit code {code}; its stderr is above)") from e
             raise WorkerDied(f"exit code {code}") from e
@@ -134,6 +139,12 @@ class DecoderProcesses:
         for worker in self._all:
             worker.close()
 
+    def _stop(self) -> None:
+        """Stop every worker now, mid-batch (no batch is restarted after this)."""
+        self._closed = True
+        for worker in self._all:
+            worker.process.kill()
+
     def __enter__(self) -> DecoderProcesses:
         return self
 
@@ -146,7 +157,18 @@ class DecoderProcesses:
         raises (the store down) is raised here in its batch's place; a worker's death is not (see the
         module)."""
         calls = ((lambda batch=batch: self.decode(batch)) for batch in batches)
-        return in_parallel(calls, self.processes, depth)
+        results = in_parallel(calls, self.processes, depth)
+        finished = False
+        try:
+            # not "yield from": closing this generator would close `results` first, which waits for the
+            # batches in flight before the finally below could stop them
+            for result in results:  # noqa: UP028
+                yield result
+            finished = True
+        finally:
+            if not finished:  # the job stops (Ctrl-C, an error): the batches in flight are not waited for
+                self._stop()
+            results.close()
 
     def decode(self, batch: Batch) -> list[Batch]:
         """``batch`` decoded by an idle worker (waiting for one)."""

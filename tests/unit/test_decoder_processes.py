@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -52,6 +53,20 @@ def test_worker_processes_decode_what_the_stage_decodes_in_order(clips: list[Pat
         assert list(got["error"]) == list(expected["error"])  # the broken file's error row as well
         np.testing.assert_array_equal(got["frames"], expected["frames"])
         assert list(got["thumbnail"]) == list(expected["thumbnail"])
+
+
+def test_a_job_that_stops_early_stops_its_workers_mid_batch(clips: list[Path], tmp_path: Path) -> None:
+    """Ctrl-C or an error in the job: the batches in flight are not decoded to their end (a long video's
+    could take minutes), and no worker is restarted."""
+    slow = Path(write_frames(tmp_path / "slow.mp4", pattern_frames(300, 160, 120, "noise", 5), 6, gop=300))
+    copies = [slow] + [Path(shutil.copy(slow, tmp_path / f"slow-{i}.mp4")) for i in range(7)]
+    with DecoderProcesses(SETTINGS, None, processes=1) as workers:
+        decoded = workers.decoded(iter([listed(clips[:1]), listed(copies)]), depth=1)
+        next(decoded)  # the first batch; the slow one is in flight
+        worker = workers._all[0].process
+        decoded.close()
+        assert worker.poll() == -signal.SIGKILL  # stopped, not left to finish its batch
+        assert workers._all[0].process is worker  # and not restarted
 
 
 def test_a_setting_a_worker_cannot_honour_is_raised_in_the_job() -> None:
