@@ -32,6 +32,7 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -76,10 +77,22 @@ def with_decord(path: Path, settings: DecodeSettings) -> np.ndarray:
     return resize_center_crop(frames, pre.size, pre.crop_size)
 
 
-def cpu_seconds(decode, paths: list[Path]) -> tuple[float, list]:
-    """CPU-seconds per video of ``decode`` over ``paths`` (after one warm-up), and its outputs."""
-    cpu_s, _, outputs = timed(decode, paths)
-    return cpu_s, outputs
+def interleaved_cpu_seconds(
+    decoders: dict[str, Callable], paths: list[Path]
+) -> dict[str, tuple[float, list]]:
+    """CPU-seconds per video of each of ``decoders`` over ``paths`` (after one warm-up each), and its outputs.
+    The decoders take turns on each video, so that this machine's drifts in speed (up to 40% between
+    back-to-back runs of a few seconds) fall on all of them alike instead of on whichever ran then."""
+    spent = dict.fromkeys(decoders, 0.0)
+    outputs: dict[str, list] = {name: [] for name in decoders}
+    for decode in decoders.values():
+        decode(paths[0])
+    for path in paths:
+        for name, decode in decoders.items():
+            started = time.process_time()
+            outputs[name].append(decode(path))
+            spent[name] += time.process_time() - started
+    return {name: (spent[name] / len(paths), outputs[name]) for name in decoders}
 
 
 def timed(decode, paths: list[Path]) -> tuple[float, float, list]:
@@ -125,9 +138,15 @@ def main() -> None:
     exact = DecodeSettings(model.num_frames, model.preprocessor)
     fast = DecodeSettings(model.num_frames, model.preprocessor, sampling="fast")
 
-    decord_s, _ = cpu_seconds(lambda p: with_decord(p, exact), paths)
-    exact_s, exact_rows = cpu_seconds(lambda p: decode_video(p, exact)[0], paths)
-    fast_s, fast_rows = cpu_seconds(lambda p: decode_video(p, fast)[0], paths)
+    measured = interleaved_cpu_seconds(
+        {
+            "decord": lambda p: with_decord(p, exact),
+            "exact": lambda p: decode_video(p, exact)[0],
+            "fast": lambda p: decode_video(p, fast)[0],
+        },
+        paths,
+    )
+    (decord_s, _), (exact_s, exact_rows), (fast_s, fast_rows) = measured.values()
     errors = np.array([row["sample_error_s"] for row in fast_rows])
     interval = args.seconds / model.num_frames
     print(
