@@ -87,9 +87,8 @@ class DecoderProcess:
             kind, value = self.receive.recv()
         except (EOFError, OSError) as e:
             code = self.process.wait()
-            if (
-                code == 0 or not self.ready
-            ):  # it stopped as told, or failed before any video: no video's fault
+            # it stopped as told, or failed before any video: no video's fault
+            if code == 0 or not self.ready:
                 what = "stopped" if code == 0 else "failed to start"
                 raise RuntimeError(f"a decoder process {what} (exit code {code}; its stderr is above)") from e
             raise WorkerDied(f"exit code {code}") from e
