@@ -42,6 +42,16 @@ def listed(count: int, size: int = 1000) -> list[dict]:
     return [{"uri": f"/videos/{i}.mp4", "size": size, "etag": None, "mtime": 0.0} for i in range(count)]
 
 
+def videos_and_a_broken_file(tmp_path: Path, count: int) -> Path:
+    """A directory of ``count`` short videos and ``broken.mp4``, which is not one."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i in range(count):
+        write_video(videos / f"{i}.mp4", 12, 48, 40, fps=6, seed=i)
+    (videos / "broken.mp4").write_bytes(b"not a video")
+    return videos
+
+
 def dead_pid() -> int:
     done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True)
     return int(done.stdout)
@@ -150,11 +160,7 @@ def test_ctrl_c_stops_an_in_process_job_with_a_word_and_leaves_no_crash_marker(
 def test_in_process_jobs_write_parts_of_part_rows_holding_every_video_once(
     library: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    videos = tmp_path / "videos"
-    videos.mkdir()
-    for i in range(5):
-        write_video(videos / f"{i}.mp4", 12, 48, 40, fps=6, seed=i)
-    (videos / "broken.mp4").write_bytes(b"not a video")
+    videos = videos_and_a_broken_file(tmp_path, 5)
     monkeypatch.setattr(in_process, "PART_ROWS", 2)  # parts of 2 rows: 6 objects make 3 parts
     monkeypatch.setattr(in_process, "usable_cpus", lambda: 3)
     threads: list[int] = []
@@ -179,11 +185,7 @@ def test_in_process_jobs_write_parts_of_part_rows_holding_every_video_once(
 def test_a_job_larger_than_a_small_change_decodes_in_worker_processes_and_stores_what_threads_store(
     library: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    videos = tmp_path / "videos"
-    videos.mkdir()
-    for i in range(4):
-        write_video(videos / f"{i}.mp4", 12, 48, 40, fps=6, seed=i)
-    (videos / "broken.mp4").write_bytes(b"not a video")
+    videos = videos_and_a_broken_file(tmp_path, 4)
     monkeypatch.setattr(in_process, "usable_cpus", lambda: 2)
     small = embed(str(videos), library, EmbedOptions())
     assert small.placement["decode"] == {"this process": 1}  # threads: 5 objects are a small change
