@@ -70,8 +70,8 @@ def _embed_flags(parser: argparse.ArgumentParser) -> None:
         "--sampling",
         choices=SAMPLINGS,
         default=_default(EmbedOptions, "sampling"),
-        help="exact: X-CLIP's uniform sampling (default); fast: the cheapest frames (keyframes) within half "
-        "a sampling interval of each, the time error recorded per row",
+        help="exact: X-CLIP's uniform sampling and resize (default); fast: the cheapest frames (keyframes) "
+        "within half a sampling interval of each, the time error recorded per row, resized by FFmpeg",
     )
     parser.add_argument(
         "--decode-device",

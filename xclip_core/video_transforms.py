@@ -221,6 +221,10 @@ class VideoPreprocessor:
             frames, self.size if self.do_resize else None, self.crop_size if self.do_center_crop else None
         )
 
+    def crop(self, frames: VideoLike) -> np.ndarray:
+        """Decoder-side step for frames resized elsewhere (shorter side ``size``): the centre crop alone."""
+        return resize_center_crop(frames, None, self.crop_size if self.do_center_crop else None)
+
     def normalize(self, frames: VideoLike) -> torch.Tensor:
         """Model-side step: uint8 ``(T, H, W, 3)`` -> float32 ``(T, 3, H, W)`` pixel values."""
         return normalize(

@@ -169,13 +169,19 @@ def test_variable_frame_rate_samples_by_time(tmp_path: Path) -> None:
 def test_thumbnails_are_jpegs_of_the_middle_frame(videos: dict[str, str]) -> None:
     path = videos["h264_10s"]
     out = DecodeVideos(DecodeSettings(8, PRE, segment_s=4, thumbnail_size=48)).decode(listed(path))
+
+    def pillow_thumbnail(index: int) -> np.ndarray:
+        frame = Image.fromarray(decode_frames(path, [index])[0])
+        return np.asarray(frame.resize((85, 48), Image.Resampling.BILINEAR), dtype=float)
+
     for row, (start, end) in enumerate([(0, 100), (100, 200), (200, 250)]):
         image = Image.open(io.BytesIO(out["thumbnail"][row]))
         assert image.format == "JPEG" and image.size == (85, 48)  # 96x54 scaled by 48/54
-        middle = decode_frames(path, [segment_frame_indices(250, 8, start, end)[4]])[0]
-        expected = io.BytesIO()
-        Image.fromarray(middle).resize((85, 48), Image.Resampling.BILINEAR).save(expected, "JPEG", quality=80)
-        np.testing.assert_array_equal(np.asarray(image), np.asarray(Image.open(expected)))
+        sampled = segment_frame_indices(250, 8, start, end)
+        # FFmpeg's scaler and JPEG: within a few levels of Pillow's resize of the middle frame, and nearer it
+        # than to the segment's other sampled frames
+        distance = {i: np.abs(np.asarray(image, dtype=float) - pillow_thumbnail(i)).mean() for i in sampled}
+        assert distance[sampled[4]] < 10 and min(distance, key=distance.get) == sampled[4]
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ from ...flags import check_choice
 from ...library.schema import DECODED, LISTED
 from ...storage import StorageOptions, StorageUnavailable, Store, translate_error
 from ..options import DECODE_DEVICES, SAMPLINGS
-from .frame_reader import DecodeError, FrameReader, check_size
+from .frame_reader import DecodeError, FrameReader, RGBConverter, check_size, display_size
 
 S3_BLOCK_SIZE = 1 << 20  # bytes fetched per ranged read of a remote object
 MAX_PIXELS = 8192 * 4320  # frames larger than 8K are refused, not decoded
@@ -70,7 +70,8 @@ class DecodeSettings:
     than ``max_pixels`` refused; seeking only when the next frame wanted lies more than ``max_forward_s``
     ahead. ``sampling``: ``"exact"`` (X-CLIP's uniform sampling: the frame shown at each wanted time) or
     ``"fast"`` (the cheapest frame within half the sampling interval of each wanted time: a keyframe where
-    one is that close; see :mod:`~pipeline.embed.stages.frame_reader`). Each row records its largest time
+    one is that close, see :mod:`~pipeline.embed.stages.frame_reader`; resized by FFmpeg's scaler as it is
+    converted, within a few levels of the preprocessor's resize). Each row records its largest time
     error (``sample_error_s``). ``device``: ``"cpu"`` (FFmpeg's software decoders) or ``"cuda"`` (NVDEC, see
     the module docstring).
     """
@@ -400,7 +401,15 @@ def _decode_segments(
     container: InputContainer, stream: VideoStream, timing: tuple[float, float, int], settings: DecodeSettings
 ) -> Iterator[dict[str, Any]]:
     duration, fps, frame_count = timing
-    reader = FrameReader(container, stream, fps, settings.max_pixels, settings.max_forward_s)
+    reader = FrameReader(container, stream, fps, settings.max_forward_s)
+    pre = settings.preprocessor
+    # exact: each picture converted at its own size, then resized and cropped as the reference processor
+    # does (bit-exact); fast: FFmpeg's scaler resizes as it converts (a third of the cost, within a few levels
+    # of the reference), then the crop alone
+    fast_resize = settings.sampling == "fast" and pre.do_resize
+    to_model = RGBConverter(settings.max_pixels, pre.size if fast_resize else None)
+    resize_crop = pre.crop if fast_resize else pre.resize_crop
+    to_thumbnail = RGBConverter(settings.max_pixels, settings.thumbnail_size)
     segment_s = settings.segment_s
     windows = segments(duration, segment_s) if segment_s else [(0.0, duration)]
     for number, (start_s, end_s) in enumerate(windows):
@@ -409,10 +418,15 @@ def _decode_segments(
         indices = segment_frame_indices(frame_count, settings.num_frames, first, max(last, first + 1))
         # fast: any frame within half the sampling interval (it stays in its own slot of the segment)
         tolerance = (max(last, first + 1) - first) / fps / settings.num_frames / 2
-        read = [reader.rgb_at(i / fps, tolerance if settings.sampling == "fast" else None) for i in indices]
-        frames = [rgb for rgb, _ in read]
-        error = max(abs(time - i / fps) for (_, time), i in zip(read, indices, strict=True))
-        height, width = frames[0].shape[:2]
+        frames, error = [], 0.0
+        for slot, index in enumerate(indices):
+            picture, time = reader.frame_at(index / fps, tolerance if settings.sampling == "fast" else None)
+            frames.append(resize_crop(to_model(picture)[None])[0])
+            error = max(error, abs(time - index / fps))
+            if slot == 0:
+                height, width = display_size(picture)
+            if slot == len(indices) // 2:
+                thumbnail = _jpeg(to_thumbnail(picture))
         yield (
             {
                 "segment": number,
@@ -424,26 +438,15 @@ def _decode_segments(
                 "width": width,
                 "height": height,
                 "sample_error_s": error,
-                "frames": _resize_crop(settings.preprocessor, frames),
-                "thumbnail": _thumbnail(frames[len(frames) // 2], settings.thumbnail_size),
+                "frames": np.stack(frames),
+                "thumbnail": thumbnail,
                 "error": None,
             }
         )
 
 
-def _resize_crop(preprocessor: VideoPreprocessor, frames: list[np.ndarray]) -> np.ndarray:
-    """Each frame resized and cropped on its own: the frames need no stacking at their decoded size (8 x 1 MB
-    at 640x360), and a resolution change within the segment needs no other path."""
-    return np.concatenate([preprocessor.resize_crop(f[None]) for f in frames])
-
-
-def _thumbnail(frame: np.ndarray, size: int) -> bytes:
-    """JPEG (quality 80) of ``frame`` with its shorter side resized to ``size``."""
-    height, width = frame.shape[:2]
-    scale = size / min(height, width)
-    image = Image.fromarray(frame).resize(
-        (max(1, round(width * scale)), max(1, round(height * scale))), Image.Resampling.BILINEAR
-    )
+def _jpeg(rgb: np.ndarray) -> bytes:
+    """JPEG (quality 80) of a thumbnail."""
     out = io.BytesIO()
-    image.save(out, "JPEG", quality=80)
+    Image.fromarray(rgb).save(out, "JPEG", quality=80)
     return out.getvalue()

@@ -25,7 +25,10 @@ from collections.abc import Iterator
 import av
 import numpy as np
 from av.container import InputContainer
+from av.video.reformatter import VideoReformatter
 from av.video.stream import VideoStream
+
+from xclip_core.video_transforms import resize_output_size
 
 INDEXED_FORMATS = {"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm"}  # FFmpeg demuxers with keyframe indexes
 UNTIMED_FORMATS = {"avi"}  # no presentation timestamps (with B-frames FFmpeg's guesses are out of order)
@@ -41,21 +44,13 @@ def check_size(width: int, height: int, max_pixels: int) -> None:
 
 
 class FrameReader:
-    """RGB frames of a video stream at non-decreasing times, decoding forward and seeking over long gaps."""
+    """The pictures of a video stream at non-decreasing times, decoding forward and seeking over long gaps."""
 
-    def __init__(
-        self,
-        container: InputContainer,
-        stream: VideoStream,
-        fps: float,
-        max_pixels: int,
-        max_forward_s: float,
-    ):
+    def __init__(self, container: InputContainer, stream: VideoStream, fps: float, max_forward_s: float):
         self.container, self.stream = container, stream
         self.time_base = float(stream.time_base)
         self.start = stream.start_time or 0
         self.period = 1.0 / fps
-        self.max_pixels = max_pixels
         # frames are timed by counting them (in display order) where the container has no timestamps
         self.counted = container.format.name in UNTIMED_FORMATS
         # seek only where the container has a keyframe index; elsewhere (MPEG-TS, raw streams) FFmpeg
@@ -64,13 +59,12 @@ class FrameReader:
         self.skip_before = -math.inf  # frames shown before this time are never picked: skip if unreferenced
         self.frames = self._decode()
         self.current: tuple[float, av.VideoFrame] | None = None  # the last decoded frame and its time
-        self.rgb: tuple[float, np.ndarray] | None = None  # the last converted frame
 
-    def rgb_at(self, target: float, tolerance: float | None = None) -> tuple[np.ndarray, float]:
-        """uint8 ``(H, W, 3)`` RGB, display rotation applied, of a frame shown within ``tolerance`` of
-        ``target`` (seconds from the stream start, never decreasing), and that frame's time. By default
-        (exact sampling) it is the first frame whose time is at least ``target - period / 2``; a larger
-        ``tolerance`` takes the cheapest frame within it (see the module docstring)."""
+    def frame_at(self, target: float, tolerance: float | None = None) -> tuple[av.VideoFrame, float]:
+        """The decoded picture shown within ``tolerance`` of ``target`` (seconds from the stream start, never
+        decreasing), and its time. By default (exact sampling) it is the first frame whose time is at least
+        ``target - period / 2``; a larger ``tolerance`` takes the cheapest frame within it (see the module
+        docstring). Convert it at once (:class:`RGBConverter`): the next call may decode over it."""
         exact = tolerance is None or tolerance <= self.period / 2
         earliest = target - (self.period / 2 if exact else tolerance)
         if self.current is None or self.current[0] < earliest:
@@ -85,9 +79,7 @@ class FrameReader:
                     self._check_ended(target)
                     break
         time, frame = self.current
-        if self.rgb is None or self.rgb[0] != time:
-            self.rgb = time, to_rgb(frame, self.max_pixels)
-        return self.rgb[1], time
+        return frame, time
 
     def _keyframe_near(self, target: float, tolerance: float) -> float | None:
         """The time of a keyframe within ``tolerance`` of ``target`` and ahead of the decoder (the nearest),
@@ -174,13 +166,36 @@ class FrameReader:
         return (pts - self.start) * self.time_base
 
 
-def to_rgb(frame: av.VideoFrame, max_pixels: int) -> np.ndarray:
-    check_size(frame.width, frame.height, max_pixels)
-    rgb = frame.to_ndarray(format="rgb24")
-    if rgb.dtype != np.uint8 or rgb.shape != (frame.height, frame.width, 3) or min(rgb.shape) == 0:
-        raise DecodeError(
-            f"truncated or corrupt: decoded frame of shape {rgb.shape} for a "
-            f"{frame.width}x{frame.height} picture"
-        )
-    turns = round(frame.rotation / 90) % 4  # counter-clockwise, like np.rot90
-    return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
+def display_size(frame: av.VideoFrame) -> tuple[int, int]:
+    """(height, width) of the picture as shown: its display rotation applied."""
+    turned = round(frame.rotation / 90) % 2
+    return (frame.width, frame.height) if turned else (frame.height, frame.width)
+
+
+class RGBConverter:
+    """Pictures -> uint8 ``(H, W, 3)`` RGB as shown (display rotation applied), at their own size; or, with
+    ``shorter_side``, resized by FFmpeg's scaler (bilinear, filtering as it downscales) as it converts, to
+    the size :func:`~xclip_core.video_transforms.resize_output_size` gives: one pass over the picture instead
+    of a conversion at full size and a resize, within a few levels of Pillow's resize (not bit-exact).
+
+    One converter serves the pictures of a video: it keeps FFmpeg's scaler context between them (creating one
+    costs as much as a conversion). Not thread-safe."""
+
+    def __init__(self, max_pixels: int, shorter_side: int | None = None):
+        self.max_pixels, self.shorter_side = max_pixels, shorter_side
+        self.scaler = VideoReformatter()
+
+    def __call__(self, frame: av.VideoFrame) -> np.ndarray:
+        check_size(frame.width, frame.height, self.max_pixels)
+        height, width = display_size(frame)
+        if self.shorter_side is not None:
+            height, width = resize_output_size(height, width, self.shorter_side)
+        turns = round(frame.rotation / 90) % 4  # counter-clockwise, like np.rot90
+        coded = (width, height) if turns % 2 else (height, width)
+        rgb = self.scaler.reformat(frame, coded[1], coded[0], "rgb24", interpolation="BILINEAR").to_ndarray()
+        if rgb.dtype != np.uint8 or rgb.shape != (*coded, 3) or min(rgb.shape) == 0:
+            raise DecodeError(
+                f"truncated or corrupt: decoded frame of shape {rgb.shape} for a "
+                f"{frame.width}x{frame.height} picture"
+            )
+        return np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
