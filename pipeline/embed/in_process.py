@@ -48,7 +48,13 @@ from ..library.journal import Journal
 from ..models import VideoTextModel
 from .compiling import compiles
 from .decoder_processes import DecoderProcesses
-from .options import IN_PROCESS_MAX_BYTES, IN_PROCESS_MAX_CPUS, IN_PROCESS_MAX_OBJECTS, EmbedOptions
+from .options import (
+    IN_PROCESS_MAX_BYTES,
+    IN_PROCESS_MAX_CPUS,
+    IN_PROCESS_MAX_OBJECTS,
+    EmbedOptions,
+    StagesRun,
+)
 from .parallel import in_parallel
 from .resources import EPS, share_cpus, time_decode, time_encode
 from .stages.decode import DecodeSettings, DecodeVideos
@@ -181,10 +187,10 @@ def embed_in_process(
     writer: LibraryWriter,
     model: VideoTextModel,
     journal: Journal,
-) -> tuple[list[PartInfo], dict[str, dict[str, int]]]:
+) -> tuple[list[PartInfo], StagesRun]:
     """Decode, encode and write ``listed`` on this machine: the new parts, each recorded in ``journal`` as
-    soon as it is written, and the placement (the encoder in :data:`PLACEMENT`, the decoders there too or in
-    :data:`DECODER_PROCESSES`)."""
+    soon as it is written, and how the stages ran (the encoder in :data:`PLACEMENT`, the decoders there too
+    or in :data:`DECODER_PROCESSES`)."""
     marker = InFlightMarker(writer.store.uri)
     processes = decoding_processes(listed)
     with contextlib.ExitStack() as stack:
@@ -221,7 +227,7 @@ def embed_in_process(
         write = WritePart(writer.store, writer.embedding_dim, writer.prompt_shape)
         _encode_and_write(decoded, encode, write, journal)
     decoders = {DECODER_PROCESSES: processes} if processes else {PLACEMENT: 1}
-    return journal.parts, {"decode": decoders, "encode": {PLACEMENT: 1}}
+    return journal.parts, StagesRun({"decode": decoders, "encode": {PLACEMENT: 1}}, encode.compiled)
 
 
 def _encode_and_write(

@@ -36,7 +36,7 @@ from ..library.writer import IndexDelta, count_videos
 from ..models import VideoTextModel, absolute_source, load_model
 from ..storage import StorageError, Store, worker_storage_errors
 from .in_process import InFlightMarker, embed_in_process, runs_in_process
-from .options import EmbedOptions, EmbedSummary
+from .options import EmbedOptions, EmbedSummary, StagesRun
 from .stages.decode import DecodeSettings
 from .stages.list import list_objects
 
@@ -92,10 +92,10 @@ def _run(source: str, library: str, options: EmbedOptions, refresh: bool) -> Emb
         to_embed = [row for row in plan.to_embed if row["uri"] not in covered]
         in_process = runs_in_process(to_embed, options, store.uri)
         with worker_storage_errors():  # a worker's StorageError, out of Ray's wrapping: exit 2, not a trace
-            embedded, placement = (
+            embedded, ran = (
                 _embed_objects(to_embed, settings, options, writer, model, journal, in_process)
                 if to_embed
-                else ([], {})
+                else ([], StagesRun())
             )
         new_parts = resumed + whole_videos(writer, embedded)
         index, trained_on = _index(writer, plan, new_parts, reused)
@@ -117,9 +117,7 @@ def _run(source: str, library: str, options: EmbedOptions, refresh: bool) -> Emb
         _finish(journal)
     InFlightMarker(store.uri).clear()  # whichever way this job ran, nothing of the library is in flight
     executor = "in-process" if to_embed and in_process else "ray" if to_embed else None
-    return _summary(
-        store.uri, version.number, rows, listed, started, changes, placement=placement, executor=executor
-    )
+    return _summary(store.uri, version.number, rows, listed, started, changes, ran=ran, executor=executor)
 
 
 FAILURE_JUMP = 0.5  # a version whose share of failed objects is this much above the current one's is refused
@@ -179,8 +177,8 @@ def _embed_objects(
     model: VideoTextModel,
     journal: Journal,
     in_process: bool,
-) -> tuple[list[PartInfo], dict[str, dict[str, int]]]:
-    """Decode, encode and write ``listed`` in this process or on Ray: the new parts, and where the stages
+) -> tuple[list[PartInfo], StagesRun]:
+    """Decode, encode and write ``listed`` in this process or on Ray: the new parts, and how the stages
     ran."""
     if in_process:
         log.info("embedding %d objects in this process (no Ray)", len(listed))
@@ -222,7 +220,7 @@ def _summary(
     started: float,
     changes: dict[str, int],
     published: bool = True,
-    placement: dict[str, dict[str, int]] | None = None,
+    ran: StagesRun | None = None,
     executor: str | None = None,
 ) -> EmbedSummary:
     """What version ``version`` of ``library`` holds (its ``rows``' ``uri`` and ``error``): embedded videos
@@ -242,6 +240,7 @@ def _summary(
         failures=[{"uri": uri, "error": error} for uri, error in failures],
         changes=changes,
         published=published,
-        placement=placement or {},
+        placement=ran.placement if ran else {},
         executor=executor,
+        compiled=ran.compiled if ran else False,
     )

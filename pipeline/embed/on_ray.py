@@ -29,8 +29,8 @@ from ..models import VideoTextModel
 from ..storage import StorageOptions
 from .autoscaling import BOOTSTRAP_CONFIG, NodeType, launcher_node_types, reported_node_types
 from .compiling import compiles
-from .options import EmbedOptions
-from .resources import WRITE_CPUS, Node, stage_resources, time_encode, time_stages
+from .options import EmbedOptions, StagesRun
+from .resources import WRITE_CPUS, Node, stage_resources, time_decode, time_encode
 from .stages.decode import DecodeSettings, DecodeVideos
 from .stages.encode import EncodeFrames
 from .stages.write import PART_ROWS, WritePart, written_part
@@ -244,16 +244,17 @@ def embed_on_ray(
     writer: LibraryWriter,
     model: VideoTextModel,
     journal: Journal,
-) -> tuple[list[PartInfo], dict[str, dict[str, int]]]:
+) -> tuple[list[PartInfo], StagesRun]:
     """Decode, encode and write ``listed`` on Ray Data: the new parts, each recorded in ``journal`` as soon
-    as it is written, and where the stages ran (:meth:`PlacementLedger.placement`)."""
+    as it is written, and how the stages ran (where: :meth:`PlacementLedger.placement`)."""
     connect(options.address)
     _quiet_ray_data_console()
+    encode_s = functools.cache(functools.partial(time_encode, model))  # timed once per thread count
     stages = stage_resources(
         cluster_nodes(),
         len(listed),
         options,
-        timings=functools.partial(time_stages, listed, settings, options.storage, model),
+        timings=lambda: (time_decode(listed, settings, options.storage), encode_s(1)),
         node_types=autoscaled_node_types(),
     )
     log.info(
@@ -273,7 +274,7 @@ def embed_on_ray(
         options.compile,
         stages.gpus_per_encoder > 0,
         len(listed) / stages.encoders,
-        lambda: time_encode(model, math.ceil(stages.cpus_per_encoder)),
+        lambda: encode_s(math.ceil(stages.cpus_per_encoder)),
     )
     placement = PlacementLedger()
     ds = decoded(
@@ -314,4 +315,4 @@ def embed_on_ray(
     )
     for written in ds.iter_rows():
         journal.record(written_part(written))
-    return journal.parts, placement.placement()
+    return journal.parts, StagesRun(placement.placement(), compiled)

@@ -61,6 +61,15 @@ class EmbedOptions:
                 raise ValueError(f"{flag} must be {wanted}, got {value:g}")
 
 
+@dataclass(frozen=True)
+class StagesRun:
+    """How an executor ran a job's stages: where (as :attr:`EmbedSummary.placement`) and whether its encoders
+    ran compiled (``--compile``)."""
+
+    placement: dict[str, dict[str, int]] = field(default_factory=dict)
+    compiled: bool = False
+
+
 @dataclass
 class EmbedSummary:
     """What a finished job reports: counts, failures and speed."""
@@ -78,6 +87,7 @@ class EmbedSummary:
     # stage ("decode", "encode") -> node ("IP short-node-id") -> actors of the stage that ran there
     placement: dict[str, dict[str, int]] = field(default_factory=dict)
     executor: str | None = None  # "ray" or "in-process"; None when nothing was embedded
+    compiled: bool = False  # the encoders ran through torch.compile (--compile on, or auto's choice)
 
     @property
     def videos_per_s(self) -> float:
@@ -104,6 +114,8 @@ class EmbedSummary:
             lines.append(f"  ran on this machine without Ray ({decoders})")
         elif self.placement:
             lines.append("  placement: " + ", ".join(_stage_nodes(s, n) for s, n in self.placement.items()))
+        if self.compiled:
+            lines.append("  the video encoder ran compiled (torch.compile)")
         lines += [f"  failed: {f['uri']}: {f['error']}" for f in self.failures]
         return "\n".join(lines)
 

@@ -110,13 +110,6 @@ def time_encode(model: VideoTextModel, threads: int = 1) -> float:
         torch.set_num_threads(before)
 
 
-def time_stages(
-    listed: list[dict[str, Any]], settings: DecodeSettings, storage: StorageOptions, model: VideoTextModel
-) -> tuple[float, float]:
-    """One video's seconds to decode (:func:`time_decode`) and to encode (:func:`time_encode`)."""
-    return time_decode(listed, settings, storage), time_encode(model)
-
-
 def share_cpus(
     cpus: float,
     decode_s: float,

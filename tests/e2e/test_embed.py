@@ -185,6 +185,8 @@ def s3_job(s3: MotoS3, tiny_model: Path, tmp_path_factory: pytest.TempPathFactor
         *CPU_ENCODERS,
         "--executor",
         "ray",  # a handful of videos would run in the job's process (auto): this is the Ray Data plan's test
+        "--compile",
+        "on",  # the encoder actors compile (the embeddings are still held to the reference's)
         "--json",
     )
     s3fs.S3FileSystem.clear_instance_cache()
@@ -199,6 +201,7 @@ def test_s3_embed_summary(s3_job: S3Job) -> None:
     assert [f["uri"] for f in summary["failures"]] == sorted(failed)
     assert summary["seconds"] > 0 and summary["videos_per_s"] > 0
     assert summary["executor"] == "ray" and set(summary["placement"]) == {"decode", "encode"}
+    assert summary["compiled"] is True
 
 
 def test_s3_every_object_is_in_the_library_once(s3_job: S3Job) -> None:
@@ -363,7 +366,9 @@ def test_segments_cover_the_video_and_equal_the_model_on_their_frames(
 
 def test_second_embed_publishes_version_2_and_version_1_stays_readable(local_jobs: LocalJobs) -> None:
     # a few local videos: the stages ran in the job's own process (the S3 job's tests cover Ray's plan)
-    assert local_jobs.first.json()["executor"] == "in-process"
+    assert (
+        local_jobs.first.json()["executor"] == "in-process" and local_jobs.first.json()["compiled"] is False
+    )
     summary = local_jobs.second.json()
     assert (summary["version"], summary["objects"], summary["ok"], summary["segments"]) == (2, 3, 3, 5)
     uri = str(local_jobs.library)

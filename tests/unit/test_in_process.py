@@ -265,7 +265,9 @@ def test_a_job_with_compile_on_encodes_through_one_compiled_graph_and_stores_the
     for mode in ("off", "on"):
         libraries[mode] = str(tmp_path / f"library-{mode}")
         options = EmbedOptions(model=str(tiny_model), compile=mode, batch_size=2, executor="in-process")
-        assert embed(str(videos), libraries[mode], options).ok == 3
+        summary = embed(str(videos), libraries[mode], options)
+        assert summary.ok == 3 and summary.compiled == (mode == "on")
+        assert ("ran compiled (torch.compile)" in summary.text()) == (mode == "on")
     assert stats["unique_graphs"] == 1  # "on" only; its 2 + 1 padded to 2
     eager, compiled = (
         Library.open(libraries[m]).table(["uri", "embedding"]).sort_by("uri") for m in libraries
