@@ -1,7 +1,8 @@
 """The embed pipeline against its own stages and against a plain loop: throughput measured in one run.
 
 Usage: python bench/pipeline.py [--videos 200] [--distinct N] [--seconds 10] [--width 640 --height 360]
-                                [--model PRESET_OR_DIR] [--batch-size 4] [--workdir DIR]
+                                [--model PRESET_OR_DIR] [--batch-size 4] [--sampling exact|fast]
+                                [--workdir DIR]
 
 Generates ``--videos`` real H.264 clips (moving shapes from ``pipeline.samples.synthetic``, 25 fps; cached in
 the workdir, so re-runs reuse them) and a checkpoint (``--model``: a preset's geometry with seeded random
@@ -22,13 +23,14 @@ this process, it times:
                   is no cluster to join for at most 64 objects, or any number on a machine of at most 4
                   CPUs), model load included
 
-and prints videos/s and cores busy (CPU time / wall time of this process) for each, the ratios pipeline /
-slowest stage alone (goal >= 0.85) and pipeline / plain loop (goal >= 1.3), on a machine without a GPU the
-CPU bound (cores / the two stages' CPU-seconds per video: the most any schedule of them on these cores can
-reach, start-up excluded) and the best whole-job ratios it allows after Ray Data's start-up floor, the
-driver's peak RSS (getrusage), the Ray workers' peak RSS (psutil, sampled during the pipeline run; RSS counts
-the object-store pages a worker touched, so the sum double-counts those), and the machine: cores, torch
-threads, load average before and after (other processes skew every figure alike).
+``--sampling fast`` runs the decode stage and both jobs with fast sampling (the plain loop stays decord's
+exact sampling: the baseline). It prints videos/s and cores busy (CPU time / wall time of this process) for
+each, the ratios pipeline / slowest stage alone (goal >= 0.85) and pipeline / plain loop (goal >= 1.3), on a
+machine without a GPU the CPU bound (cores / the two stages' CPU-seconds per video: the most any schedule of
+them on these cores can reach, start-up excluded) and the best whole-job ratios it allows after Ray Data's
+start-up floor, the driver's peak RSS (getrusage), the Ray workers' peak RSS (psutil, sampled during the
+pipeline run; RSS counts the object-store pages a worker touched, so the sum double-counts those), and the
+machine: cores, torch threads, load average before and after (other processes skew every figure alike).
 Stage and loop figures exclude model loading (reported separately); the pipeline figure includes everything
 its job does after Ray is up (model check and hash in the driver, actor start-up and model load, indexing).
 """
@@ -56,7 +58,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.embed.job import embed  # noqa: E402
-from pipeline.embed.options import EmbedOptions  # noqa: E402
+from pipeline.embed.options import SAMPLINGS, EmbedOptions  # noqa: E402
 from pipeline.embed.stages.decode import DecodeSettings, DecodeVideos  # noqa: E402
 from pipeline.embed.stages.encode import EncodeFrames, compute_dtype  # noqa: E402
 from pipeline.embed.stages.list import list_objects  # noqa: E402
@@ -161,10 +163,10 @@ def make_checkpoint(workdir: Path, model: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------- measurements
-def measure_decode(source: Path, model_dir: str) -> tuple[Result, list[np.ndarray]]:
+def measure_decode(source: Path, model_dir: str, sampling: str) -> tuple[Result, list[np.ndarray]]:
     """The decode stage alone: ``DecodeVideos`` on one listed video per call (as the plan batches it)."""
     model = load_model(model_dir)
-    decoder = DecodeVideos(DecodeSettings(model.num_frames, model.preprocessor))
+    decoder = DecodeVideos(DecodeSettings(model.num_frames, model.preprocessor, sampling=sampling))
     listed = list_objects(str(source))
     frames = []
     started, cpu = time.perf_counter(), time.process_time()
@@ -299,7 +301,9 @@ class PipelineRun:
         return math.ceil(self.plan.args[4])
 
 
-def measure_pipeline(run_dir: Path, videos: list[Path], model_dir: str, batch_size: int) -> PipelineRun:
+def measure_pipeline(
+    run_dir: Path, videos: list[Path], model_dir: str, batch_size: int, sampling: str
+) -> PipelineRun:
     """The whole job: ``embed`` on a local Ray that is started (and timed) before the clock starts; then the
     same job on one video (after, so that its start-up is the warmer one: its cost is not overstated)."""
     import ray
@@ -307,7 +311,7 @@ def measure_pipeline(run_dir: Path, videos: list[Path], model_dir: str, batch_si
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     plan_log = _capture_log("pipeline.embed.on_ray")
-    options = EmbedOptions(model=model_dir, batch_size=batch_size, executor="ray")
+    options = EmbedOptions(model=model_dir, batch_size=batch_size, executor="ray", sampling=sampling)
     started = time.perf_counter()
     ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=True)
     ray_init_s = time.perf_counter() - started
@@ -393,12 +397,14 @@ def measure_plain_loop(videos: list[Path], model_dir: str) -> Result:
     return Result("plain loop", len(videos), seconds, detail, cpu)
 
 
-def measure_in_process(run_dir: Path, videos: list[Path], model_dir: str, batch_size: int) -> Result:
+def measure_in_process(
+    run_dir: Path, videos: list[Path], model_dir: str, batch_size: int, sampling: str
+) -> Result:
     """The whole job in this process (``--executor in-process``, what ``auto`` runs with no cluster to join
     for at most 64 objects, or any number on a machine of at most 4 CPUs): model load and hash, decoding a
     few batches ahead (threads for a small change set, else decoder processes: their CPU time counts too),
     encoding, writing, indexing, publishing."""
-    options = EmbedOptions(model=model_dir, batch_size=batch_size, executor="in-process")
+    options = EmbedOptions(model=model_dir, batch_size=batch_size, executor="in-process", sampling=sampling)
     source = str(make_source(run_dir / "in-process", videos))
     started, cpu = time.perf_counter(), time.process_time() + _children_cpu_s()
     summary = embed(source, str(run_dir / "library-in-process"), options)
@@ -447,7 +453,7 @@ def print_report(
         f"input: {args.videos} H.264 videos ({min(args.distinct or args.videos, args.videos)} distinct), "
         f"{args.seconds:g} s {args.width}x{args.height} at {FPS} fps; "
         f"model {model}, {load_model(args.checkpoint).num_frames} frames per video, "
-        f"batch size {args.batch_size}"
+        f"batch size {args.batch_size}, {args.sampling} sampling"
     )
     print(pipeline.plan.getMessage() if pipeline.plan else "plan: (not logged)")
     run = pipeline.result
@@ -594,6 +600,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", default="xclip-base-patch32", help="a preset name or a checkpoint dir")
     parser.add_argument("--batch-size", type=int, default=4, help="videos per encoder call")
     parser.add_argument(
+        "--sampling",
+        choices=SAMPLINGS,
+        default="exact",
+        help="the decode stage's and the jobs' sampling (the plain loop samples exactly, with decord)",
+    )
+    parser.add_argument(
         "--workdir",
         type=Path,
         default=Path(tempfile.gettempdir()) / "videosearch-bench-pipeline",
@@ -612,13 +624,14 @@ def main() -> None:
     args.checkpoint = make_checkpoint(args.workdir, args.model)
     run_dir = args.workdir / f"run-{os.getpid()}"
     try:
-        decode, frames = measure_decode(make_source(run_dir / "videos", videos), args.checkpoint)
+        source = make_source(run_dir / "videos", videos)
+        decode, frames = measure_decode(source, args.checkpoint, args.sampling)
         _progress(decode)
         stages = [decode, _progress(measure_encode(frames, args.checkpoint, args.batch_size, threads=None))]
-        pipeline = measure_pipeline(run_dir, videos, args.checkpoint, args.batch_size)
+        pipeline = measure_pipeline(run_dir, videos, args.checkpoint, args.batch_size, args.sampling)
         _progress(pipeline.result)
         plain = _progress(measure_plain_loop(videos, args.checkpoint))
-        here = _progress(measure_in_process(run_dir, videos, args.checkpoint, args.batch_size))
+        here = _progress(measure_in_process(run_dir, videos, args.checkpoint, args.batch_size, args.sampling))
         threads = pipeline.encoder_threads
         if threads is not None and threads != torch.get_num_threads():  # the encoder as the pipeline runs it
             stages.append(

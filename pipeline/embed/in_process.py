@@ -56,7 +56,7 @@ from .options import (
     StagesRun,
 )
 from .parallel import in_parallel
-from .resources import EPS, share_cpus, time_decode, time_encode
+from .resources import EPS, encode_cpu_s, share_cpus, time_decode, time_encode
 from .stages.decode import DecodeSettings, DecodeVideos
 from .stages.encode import EncodeFrames
 from .stages.write import PART_ROWS, WritePart, written_part
@@ -200,10 +200,7 @@ def embed_in_process(
             stack.enter_context(DecoderProcesses(settings, options.storage, processes)) if processes else None
         )
         on_gpu = options.gpus_per_encoder != 0 and torch.cuda.is_available()
-        # one clip's encoding seconds by torch threads, timed once per count (the CPU share and --compile
-        # auto both want it, on the same count for an encode-bound model)
-        encode_s = functools.cache(functools.partial(time_encode, model))
-        threads = encoder_threads(listed, settings, options, encode_s, on_gpu)
+        threads = encoder_threads(listed, settings, options, functools.partial(encode_cpu_s, model), on_gpu)
         groups = (listed[i : i + options.batch_size] for i in range(0, len(listed), options.batch_size))
         batches = (_batch(group) for group in groups)  # one encoder call's videos each
         if workers is not None:
@@ -221,7 +218,7 @@ def embed_in_process(
             threads=threads,
             loaded=model,
             compiled=compiles(
-                options.compile, on_gpu, len(listed), lambda: encode_s(threads or torch_threads)
+                options.compile, on_gpu, len(listed), lambda: time_encode(model, threads or torch_threads)
             ),
         )
         write = WritePart(writer.store, writer.embedding_dim, writer.prompt_shape)
@@ -271,26 +268,23 @@ def encoder_threads(
     listed: list[dict[str, Any]],
     settings: DecodeSettings,
     options: EmbedOptions,
-    encode_s: Callable[[int], float],
+    encode_cpu_s: Callable[[], float],
     on_gpu: bool,
 ) -> int | None:
     """The encoder's torch threads for ``listed`` (None: torch's default), beside a decoder per CPU;
-    ``encode_s(threads)``: one clip's encoding seconds on that many torch threads.
+    ``encode_cpu_s()``: one clip's encoding CPU-seconds.
 
     On a GPU, or for fewer than :data:`TIMED_FROM` objects, torch keeps its default. Otherwise the encoder
     gets its share of the CPUs as the Ray plan shares one node (:func:`~pipeline.embed.resources.share_cpus`),
-    rounded up, by one video's measured cost in each stage (the encoder timed on its default threads, which
-    warms it up for the run): the bundled model (decode-bound) one torch thread, base-patch32 (encode-bound)
-    every core. More torch threads than the encoder keeps busy take cores from decoding (their OpenMP threads
-    spin while they wait): the bundled model, 200 clips on 2 cores, ran 17-21 videos/s with one torch
-    thread, 13-18 with two."""
+    rounded up, by one video's CPU-seconds in each stage: the bundled model (decode-bound) one torch thread,
+    base-patch32 (encode-bound) every core. More torch threads than the encoder keeps busy take cores from
+    decoding (their OpenMP threads spin while they wait): the bundled model, 120 clips on 2 cores, spent
+    50-65 ms of CPU per video in the encoder's process with two torch threads against 17-20 with one."""
     if on_gpu or len(listed) < TIMED_FROM:
         return None
-    decode_s = time_decode(listed, settings, options.storage)
-    default = torch.get_num_threads()  # timed on the threads it runs with: the warm-up is not wasted
-    encode_cpu_s = encode_s(default) * default  # its CPU-seconds, as many cores as threads
-    threads = max(1, math.ceil(share_cpus(usable_cpus(), decode_s, encode_cpu_s).cpus_per_encoder - EPS))
-    log.info("one video: decode %.3f s, encode %.3f CPU-s: %d torch threads", decode_s, encode_cpu_s, threads)
+    decode_s, encode_s = time_decode(listed, settings, options.storage), encode_cpu_s()
+    threads = max(1, math.ceil(share_cpus(usable_cpus(), decode_s, encode_s).cpus_per_encoder - EPS))
+    log.info("one video: decode %.3f CPU-s, encode %.3f CPU-s: %d torch threads", decode_s, encode_s, threads)
     return threads
 
 

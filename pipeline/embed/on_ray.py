@@ -11,7 +11,6 @@ and keeps each stage on its nodes by label selectors; every stage actor records 
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 from collections import Counter
@@ -30,7 +29,7 @@ from ..storage import StorageOptions
 from .autoscaling import BOOTSTRAP_CONFIG, NodeType, launcher_node_types, reported_node_types
 from .compiling import compiles
 from .options import EmbedOptions, StagesRun
-from .resources import WRITE_CPUS, Node, stage_resources, time_decode, time_encode
+from .resources import WRITE_CPUS, Node, encode_cpu_s, stage_resources, time_decode, time_encode
 from .stages.decode import DecodeSettings, DecodeVideos
 from .stages.encode import EncodeFrames
 from .stages.write import PART_ROWS, WritePart, written_part
@@ -249,12 +248,11 @@ def embed_on_ray(
     as it is written, and how the stages ran (where: :meth:`PlacementLedger.placement`)."""
     connect(options.address)
     _quiet_ray_data_console()
-    encode_s = functools.cache(functools.partial(time_encode, model))  # timed once per thread count
     stages = stage_resources(
         cluster_nodes(),
         len(listed),
         options,
-        timings=lambda: (time_decode(listed, settings, options.storage), encode_s(1)),
+        timings=lambda: (time_decode(listed, settings, options.storage), encode_cpu_s(model)),
         node_types=autoscaled_node_types(),
     )
     log.info(
@@ -274,7 +272,7 @@ def embed_on_ray(
         options.compile,
         stages.gpus_per_encoder > 0,
         len(listed) / stages.encoders,
-        lambda: encode_s(math.ceil(stages.cpus_per_encoder)),
+        lambda: time_encode(model, math.ceil(stages.cpus_per_encoder)),
     )
     placement = PlacementLedger()
     ds = decoded(

@@ -9,9 +9,9 @@ node serves one stage: one stage cannot then take the room the other was planned
   ``gpus_per_encoder`` GPUs with one CPU each, and every CPU that the encoders and the writer's tasks
   (:data:`WRITE_CPUS`) leave decodes, one CPU per decoder. With CPUs only, which stage is the bottleneck
   depends on the model and the videos: base-patch32 encodes a video in seconds and decodes it in a tenth of
-  one, the bundled tiny model encodes in a fiftieth and is decode-bound. So the driver times one video of
-  each stage (the first listed videos, decoded as the job will; the loaded model on a zero clip, one
-  thread) and shares the CPUs in proportion (:func:`share_cpus`).
+  one, the bundled tiny model encodes in a fiftieth and is decode-bound. So the driver measures one video's
+  CPU-seconds in each stage (the first listed videos, decoded as the job will; the loaded model on a zero
+  clip, one thread) and shares the CPUs in proportion (:func:`share_cpus`).
 - Several nodes, with GPUs: the GPU nodes encode (one encoder per GPU share, one CPU each) and the others
   decode, ``floor(node CPUs)`` decoders of one CPU each; a cluster of GPU nodes only shares every node as
   one node is shared.
@@ -38,6 +38,7 @@ objects (each is decoded by one actor).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -70,42 +71,57 @@ class CpuShares:
     decoders: int
     cpus_per_decoder: float
     cpus_per_encoder: float
-    decode_s: float  # measured seconds per decoded row (video or segment), one thread
-    encode_s: float  # measured seconds per encoded row, one thread
+    decode_s: float  # measured CPU-seconds per decoded row (video or segment), one thread
+    encode_s: float  # measured CPU-seconds per encoded row, one thread
 
 
 def time_decode(listed: list[dict[str, Any]], settings: DecodeSettings, storage: StorageOptions) -> float:
-    """Seconds to decode the first listed video that decodes (of :data:`TIMED_VIDEOS`), as a whole, warm
-    (:func:`warm_seconds`). A segment costs about as much as a whole video: the same frames, sought."""
+    """CPU-seconds to decode the first listed video that decodes (of :data:`TIMED_VIDEOS`), as a whole,
+    warm (:func:`warm_seconds` on this thread's CPU clock: neither the store's latency nor the processes
+    starting beside it count). A segment costs about as much as a whole video: the same frames, sought."""
     whole = replace(settings, segment_s=None)
     for row in [row for row in listed if row["size"]][:TIMED_VIDEOS]:
         try:
-            return warm_seconds(lambda row=row: decode_video(Store(row["uri"], storage), whole))
+            decode = functools.partial(decode_video, Store(row["uri"], storage), whole)
+            return warm_seconds(decode, clock=time.thread_time)
         except Exception:  # noqa: BLE001 - a bad video is the job's business, not the timing's
             continue
     return FALLBACK_DECODE_S
 
 
-def warm_seconds(call: Callable[[], object]) -> float:
-    """Seconds of ``call``'s second run: the first pays one-time costs (the file's first read, the codec's
-    and the kernels' set-up, memory) that can double a small model's or a short video's time, and that
-    alone once tipped a job's CPU share to the encoder (2 torch threads spinning beside 2 decoders)."""
+def warm_seconds(call: Callable[[], object], clock: Callable[[], float] = time.perf_counter) -> float:
+    """Seconds of ``call``'s second run by ``clock`` (wall-clock by default): the first pays one-time costs
+    (the file's first read, the codec's and the kernels' set-up, memory) that can double a small model's or a
+    short video's time, and that alone once tipped a job's CPU share to the encoder (2 torch threads spinning
+    beside 2 decoders)."""
     call()
-    started = time.perf_counter()
+    started = clock()
     call()
-    return time.perf_counter() - started
+    return clock() - started
+
+
+def time_encode(model: VideoTextModel, threads: int = 1) -> float:
+    """Seconds (wall-clock) for one clip through the model's video side on ``threads`` torch threads, warm
+    (:func:`warm_seconds`): how long the encoding of a job takes (``--compile auto``)."""
+    return _timed_encode(model, threads, time.perf_counter)
+
+
+def encode_cpu_s(model: VideoTextModel) -> float:
+    """CPU-seconds for one clip through the model's video side on one torch thread, warm: this thread's CPU
+    clock (one torch thread computes on the calling thread), so the processes starting beside it do not count.
+    A job's CPU share goes by it: timed by the wall clock beside the decoder processes starting up, the
+    bundled model's clip took 0.02-0.20 s, and the larger figures gave it 2 spinning torch threads."""
+    return _timed_encode(model, 1, time.thread_time)
 
 
 @torch.inference_mode()
-def time_encode(model: VideoTextModel, threads: int = 1) -> float:
-    """Seconds for one clip through the model's video side, on ``threads`` CPU threads, warm
-    (:func:`warm_seconds`)."""
+def _timed_encode(model: VideoTextModel, threads: int, clock: Callable[[], float]) -> float:
     height, width = model.preprocessor.crop_size
     clip = torch.zeros(1, model.num_frames, 3, height, width)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return warm_seconds(lambda: model.encode_videos(clip))
+        return warm_seconds(lambda: model.encode_videos(clip), clock)
     finally:
         torch.set_num_threads(before)
 

@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from pipeline.embed.resources import FALLBACK_DECODE_S, share_cpus, time_decode, time_encode
+from pipeline.embed.resources import FALLBACK_DECODE_S, encode_cpu_s, share_cpus, time_decode, time_encode
 from pipeline.embed.stages.decode import DecodeSettings
 from pipeline.embed.stages.list import list_objects
 from pipeline.samples.synthetic import sample_scenes, write_dataset
@@ -47,4 +47,5 @@ def test_timings_come_from_a_real_video_and_the_model(tmp_path, tiny_model) -> N
     assert time_decode(bad, DecodeSettings(4, preprocessor), options) == FALLBACK_DECODE_S
     good = [row for row in list_objects(str(tmp_path / "good"), options) if row["uri"].endswith(".mp4")]
     assert 0 < time_decode(bad + good, DecodeSettings(4, preprocessor), options) < 10
-    assert 0 < time_encode(XCLIPModel.from_pretrained(tiny_model)) < 10
+    model = XCLIPModel.from_pretrained(tiny_model)
+    assert 0 < time_encode(model) < 10 and 0 < encode_cpu_s(model) < 10

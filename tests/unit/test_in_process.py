@@ -32,7 +32,7 @@ from pipeline.embed.options import (
     EmbedOptions,
 )
 from pipeline.embed.parallel import in_parallel
-from pipeline.embed.resources import time_encode
+from pipeline.embed.resources import encode_cpu_s
 from pipeline.embed.stages.decode import DecodeSettings
 from pipeline.library import Library
 from pipeline.models import load_model
@@ -240,17 +240,16 @@ def test_large_jobs_share_the_cpus_between_decoding_threads_and_the_encoder_by_m
     options = EmbedOptions(model=str(tiny_model))
     few = [{"uri": str(video), "size": video.stat().st_size, "etag": None, "mtime": 0.0}] * (TIMED_FROM - 1)
     monkeypatch.setattr(in_process, "usable_cpus", lambda: 4)
-    timed = functools.partial(time_encode, model)
+    timed = functools.partial(encode_cpu_s, model)
     assert encoder_threads(few, settings, options, timed, on_gpu=False) is None  # not worth timing
     many = few * 2
     assert encoder_threads(many, settings, options, timed, on_gpu=True) is None  # the encoder is a GPU
     assert 1 <= encoder_threads(many, settings, options, timed, on_gpu=False) <= 4  # measured
-    monkeypatch.setattr(in_process.torch, "get_num_threads", lambda: 2)
     monkeypatch.setattr(in_process, "time_decode", lambda *args: 0.07)
     # decode-bound (a tiny model): torch gets one thread, a thread per CPU decodes
-    assert encoder_threads(many, settings, options, lambda threads: 0.007, on_gpu=False) == 1
+    assert encoder_threads(many, settings, options, lambda: 0.014, on_gpu=False) == 1
     # encode-bound (base-patch32): the encoder gets every core
-    assert encoder_threads(many, settings, options, lambda threads: 0.5, on_gpu=False) == 4
+    assert encoder_threads(many, settings, options, lambda: 1.0, on_gpu=False) == 4
 
 
 def test_a_job_with_compile_on_encodes_through_one_compiled_graph_and_stores_the_eager_embeddings(
