@@ -176,7 +176,8 @@ def measure_decode(source: Path, model_dir: str, sampling: str) -> tuple[Result,
             raise RuntimeError(f"decoding {row['uri']} failed: {out['error'][0]}")
         frames.append(out["frames"][0])
     seconds, cpu = time.perf_counter() - started, time.process_time() - cpu
-    detail = f"PyAV, torch {torch.get_num_threads()} threads for the resize"
+    resize = "FFmpeg's scaler" if sampling == "fast" else "Pillow"
+    detail = f"PyAV, one thread, {sampling} sampling, {resize} resize"
     return Result("decode stage alone", len(listed), seconds, detail, cpu), frames
 
 
