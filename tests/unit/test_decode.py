@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import os
 import re
 from pathlib import Path
@@ -15,6 +16,7 @@ from helpers import decode_frames, pattern_frames, write_audio, write_frames, wr
 from PIL import Image
 
 from pipeline.embed.stages.decode import (
+    MAX_PIXELS,
     SEGMENTS_PER_BATCH,
     DecodeError,
     DecodeSettings,
@@ -23,6 +25,7 @@ from pipeline.embed.stages.decode import (
     open_cuda_decoder,
     open_video,
 )
+from pipeline.embed.stages.frame_reader import RGBConverter
 from pipeline.embed.stages.list import list_objects
 from pipeline.storage import Store
 from xclip_core.sampling import segment_frame_indices
@@ -356,6 +359,20 @@ def test_decoding_on_cuda_where_ffmpeg_finds_no_gpu_is_refused_before_any_video(
         DecodeVideos(DecodeSettings(8, PRE, device="cuda"))
     with pytest.raises(ValueError, match="--decode-device must be one of cpu, cuda, got 'gpu'"):
         DecodeSettings(8, PRE, device="gpu")
+
+
+@pytest.mark.parametrize("shorter_side", [None, 32])  # exact sampling's conversion, and fast sampling's
+def test_pictures_in_nvdecs_layout_give_the_software_decoders_rgb(
+    videos: dict[str, str], shorter_side: int | None
+) -> None:
+    """NVDEC hands its pictures back as NV12, FFmpeg's H.264 decoder as planar YUV 4:2:0: the same samples,
+    which FFmpeg's scaler turns into other RGB values at full size unless they are repacked first."""
+    with av.open(videos["h264_10s"]) as container:
+        pictures = list(itertools.islice(container.decode(video=0), 0, 30, 6))
+    convert = RGBConverter(MAX_PIXELS, shorter_side)
+    for picture in pictures:
+        assert picture.format.name == "yuv420p"
+        np.testing.assert_array_equal(convert(picture.reformat(format="nv12")), convert(picture))
 
 
 @pytest.mark.skipif(not NVDEC, reason="needs NVDEC: an NVIDIA GPU and driver (CI has none)")

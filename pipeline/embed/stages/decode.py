@@ -11,9 +11,9 @@ The ``i``-th frame index of X-CLIP's sampling (:func:`segment_frame_indices`) st
 decoding.
 
 ``device="cuda"`` decodes on the GPU's video decoder (NVDEC) through FFmpeg's CUDA hwaccel, which PyAV's
-wheels carry: the compressed stream goes to the GPU, each decoded picture comes back to host memory, and the
-frames are converted, resized and cropped as on the CPU. Streams NVDEC cannot decode (a codec or profile it
-lacks) fall back to FFmpeg's software decoder.
+wheels carry: the compressed stream goes to the GPU, each decoded picture comes back to host memory (as NV12,
+repacked to the software decoder's planar layout), and the frames are converted, resized and cropped as on the
+CPU. Streams NVDEC cannot decode (a codec or profile it lacks) fall back to FFmpeg's software decoder.
 """
 
 from __future__ import annotations
