@@ -404,8 +404,8 @@ def _decode_segments(
     reader = FrameReader(container, stream, fps, settings.max_forward_s)
     pre = settings.preprocessor
     # exact: each picture converted at its own size, then resized and cropped as the reference processor
-    # does (bit-exact); fast: FFmpeg's scaler resizes as it converts (a third of the cost, within a few levels
-    # of the reference), then the crop alone
+    # does (bit-exact); fast: FFmpeg's scaler resizes as it converts (a seventh of the cost, within a few
+    # levels of the reference), then the crop alone
     fast_resize = settings.sampling == "fast" and pre.do_resize
     to_model = RGBConverter(settings.max_pixels, pre.size if fast_resize else None)
     resize_crop = pre.crop if fast_resize else pre.resize_crop
