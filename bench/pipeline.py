@@ -1,7 +1,7 @@
 """The embed pipeline against its own stages and against a plain loop: throughput measured in one run.
 
 Usage: python bench/pipeline.py [--videos 200] [--distinct N] [--seconds 10] [--width 640 --height 360]
-                                [--model PRESET_OR_DIR] [--batch-size 4] [--sampling exact|fast]
+                                [--gop N] [--model PRESET_OR_DIR] [--batch-size 4] [--sampling exact|fast]
                                 [--workdir DIR]
 
 Generates ``--videos`` real H.264 clips (moving shapes from ``pipeline.samples.synthetic``, 25 fps; cached in
@@ -108,11 +108,18 @@ def driver_peak_rss_mib() -> float:
 
 # ------------------------------------------------------------------------------------------------ inputs
 def make_videos(
-    workdir: Path, count: int, seconds: float, width: int, height: int, distinct: int | None = None
+    workdir: Path,
+    count: int,
+    seconds: float,
+    width: int,
+    height: int,
+    distinct: int | None = None,
+    gop: int | None = None,
 ) -> list[Path]:
     """``count`` cached H.264 clips of moving shapes, of which ``distinct`` (all by default) are different
-    files and the rest repeat them; only the missing ones are written, on every core."""
-    cache = workdir / f"videos-{width}x{height}-{seconds:g}s-{FPS}fps"
+    files and the rest repeat them, a keyframe every ``gop`` frames (x264's default, 250, if None); only the
+    missing ones are written, on every core."""
+    cache = workdir / (f"videos-{width}x{height}-{seconds:g}s-{FPS}fps" + (f"-gop{gop}" if gop else ""))
     cache.mkdir(parents=True, exist_ok=True)
     distinct = min(count, distinct or count)
     scenes = sample_scenes(min(distinct, len(all_shapes())), seed=SEED, max_shapes=2)
@@ -121,16 +128,20 @@ def make_videos(
     if missing:
         started = time.perf_counter()
         with ProcessPoolExecutor(os.cpu_count()) as pool:
-            write = functools.partial(write_clip_atomically, seconds=seconds, width=width, height=height)
+            write = functools.partial(
+                write_clip_atomically, seconds=seconds, width=width, height=height, gop=gop
+            )
             list(pool.map(write, *zip(*missing, strict=True)))  # re-raises what a writer raised
         print(f"wrote {len(missing)} videos to {cache} in {time.perf_counter() - started:.0f} s", flush=True)
     return [paths[i % distinct] for i in range(count)]
 
 
-def write_clip_atomically(path: Path, scene: Scene, seconds: float, width: int, height: int) -> None:
+def write_clip_atomically(
+    path: Path, scene: Scene, seconds: float, width: int, height: int, gop: int | None
+) -> None:
     """One clip, written under a temporary name and renamed: an interrupted run leaves no partial clip."""
     partial = path.with_suffix(f".tmp-{os.getpid()}.mp4")
-    write_clip(partial, scene, seconds=seconds, fps=FPS, width=width, height=height)
+    write_clip(partial, scene, seconds=seconds, fps=FPS, width=width, height=height, gop=gop)
     partial.replace(path)
 
 
@@ -452,8 +463,8 @@ def print_report(
     model = args.model if args.model == args.checkpoint else f"{args.model} ({args.checkpoint})"
     print(
         f"input: {args.videos} H.264 videos ({min(args.distinct or args.videos, args.videos)} distinct), "
-        f"{args.seconds:g} s {args.width}x{args.height} at {FPS} fps; "
-        f"model {model}, {load_model(args.checkpoint).num_frames} frames per video, "
+        f"{args.seconds:g} s {args.width}x{args.height} at {FPS} fps, a keyframe every {args.gop or 250} "
+        f"frames; model {model}, {load_model(args.checkpoint).num_frames} frames per video, "
         f"batch size {args.batch_size}, {args.sampling} sampling"
     )
     print(pipeline.plan.getMessage() if pipeline.plan else "plan: (not logged)")
@@ -598,6 +609,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=10.0, help="length of each video")
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--height", type=int, default=360)
+    parser.add_argument(
+        "--gop", type=int, help="frames between keyframes (default: x264's, 250; streaming encoders use ~2 s)"
+    )
     parser.add_argument("--model", default="xclip-base-patch32", help="a preset name or a checkpoint dir")
     parser.add_argument("--batch-size", type=int, default=4, help="videos per encoder call")
     parser.add_argument(
@@ -621,7 +635,9 @@ def main() -> None:
         raise SystemExit("--width and --height must be even (H.264 in yuv420p)")
     load_before = os.getloadavg()[0]
     args.workdir.mkdir(parents=True, exist_ok=True)
-    videos = make_videos(args.workdir, args.videos, args.seconds, args.width, args.height, args.distinct)
+    videos = make_videos(
+        args.workdir, args.videos, args.seconds, args.width, args.height, args.distinct, args.gop
+    )
     args.checkpoint = make_checkpoint(args.workdir, args.model)
     run_dir = args.workdir / f"run-{os.getpid()}"
     try:

@@ -151,12 +151,16 @@ def write_clip(
     fps: int = 12,
     width: int = 128,
     height: int = 128,
+    gop: int | None = None,
 ) -> str:
-    """Encode the scene as an H.264 MP4 file; returns the path."""
+    """Encode the scene as an H.264 MP4 file; returns the path. ``gop``: frames between keyframes (x264's
+    default, 250, otherwise)."""
     path = os.fspath(path)
     with av.open(path, "w") as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        if gop is not None:
+            stream.codec_context.gop_size = gop
         for frame in render(scene, max(1, round(seconds * fps)), width, height):
             container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
         container.mux(stream.encode())

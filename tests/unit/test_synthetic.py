@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 
+import av
 import numpy as np
 import pytest
 from helpers import decode_frames
@@ -16,6 +17,7 @@ from pipeline.samples.synthetic import (
     render,
     sample_scenes,
     split,
+    write_clip,
     write_dataset,
 )
 
@@ -86,3 +88,11 @@ def test_write_dataset_writes_real_videos_and_their_captions(tmp_path) -> None:
     assert [r["caption"] for r in rows] == [s.caption for s in scenes]
     for row in rows:  # names relative to the table, so that the directory can move as one
         assert decode_frames(tmp_path / row["uri"]).shape == (8, 128, 128, 3)
+
+
+@pytest.mark.parametrize("gop", [None, 5])
+def test_clips_have_a_keyframe_every_gop_frames(tmp_path, gop: int | None) -> None:
+    path = write_clip(tmp_path / "clip.mp4", sample_scenes(1, seed=1)[0], seconds=2.0, fps=10, gop=gop)
+    with av.open(path) as container:
+        keys = [i for i, packet in enumerate(container.demux(video=0)) if packet.is_keyframe]
+    assert keys == ([0] if gop is None else list(range(0, 20, gop)))  # x264's default: 250 frames
