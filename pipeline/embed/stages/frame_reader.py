@@ -66,7 +66,7 @@ class FrameReader:
         """The decoded picture shown within ``tolerance`` of ``target`` (seconds from the stream start, never
         decreasing), and its time. By default (exact sampling) it is the first frame whose time is at least
         ``target - period / 2``; a larger ``tolerance`` takes the cheapest frame within it (see the module
-        docstring). Convert it at once (:class:`RGBConverter`): the next call may decode over it."""
+        docstring). :class:`RGBConverter` turns it into RGB."""
         exact = tolerance is None or tolerance <= self.period / 2
         earliest = target - (self.period / 2 if exact else tolerance)
         if self.current is None or self.current[0] < earliest:
@@ -168,10 +168,14 @@ class FrameReader:
         return (pts - self.start) * self.time_base
 
 
+def quarter_turns(frame: av.VideoFrame) -> int:
+    """The picture's display rotation in quarter turns counter-clockwise (0-3), as ``np.rot90`` counts."""
+    return round(frame.rotation / 90) % 4
+
+
 def display_size(frame: av.VideoFrame) -> tuple[int, int]:
     """(height, width) of the picture as shown: its display rotation applied."""
-    turned = round(frame.rotation / 90) % 2
-    return (frame.width, frame.height) if turned else (frame.height, frame.width)
+    return (frame.width, frame.height) if quarter_turns(frame) % 2 else (frame.height, frame.width)
 
 
 class RGBConverter:
@@ -199,8 +203,8 @@ class RGBConverter:
         height, width = display_size(frame)
         if self.shorter_side is not None:
             height, width = resize_output_size(height, width, self.shorter_side)
-        turns = round(frame.rotation / 90) % 4  # counter-clockwise, like np.rot90
-        coded = (width, height) if turns % 2 else (height, width)
+        turns = quarter_turns(frame)
+        coded = (width, height) if turns % 2 else (height, width)  # the size asked of the stored picture
         rgb = self.scaler.reformat(frame, coded[1], coded[0], "rgb24", interpolation="BILINEAR").to_ndarray()
         if rgb.dtype != np.uint8 or rgb.shape != (*coded, 3) or min(rgb.shape) == 0:
             raise DecodeError(
