@@ -172,7 +172,8 @@ def build(model_name: str, args: argparse.Namespace, device: torch.device):
     xclip_config, evl_config = configs(args)
     torch.manual_seed(0)
     if model_name == "xclip":
-        from pipeline.train.trainer import TrainConfig, Trainer
+        from pipeline.train.config import TrainConfig
+        from pipeline.train.trainer import Trainer
         from xclip_core.model import XCLIPModel
 
         model = XCLIPModel(xclip_config).to(device)
@@ -185,7 +186,8 @@ def build(model_name: str, args: argparse.Namespace, device: torch.device):
             return trainer.step(pixel_values, captions)
 
     else:
-        from pipeline.train.trainer import TrainConfig, Trainer
+        from pipeline.train.config import TrainConfig
+        from pipeline.train.trainer import Trainer
         from xclip_core.evl import EVLModel
 
         evl_config.labels = [f"class {i}" for i in range(evl_config.num_classes)]

@@ -25,13 +25,12 @@ from .embed.options import (
     SAMPLINGS,
     EmbedOptions,
 )
-from .library.gc import GRACE_S
 from .library.index import KINDS as INDEX_KINDS
-from .library.manifest import LibraryError, WorseVersionError
+from .library.manifest import GRACE_S, LibraryError, WorseVersionError
 from .search.service.options import ServiceOptions
 from .storage import StorageError, StorageOptions
+from .train.config import TrainConfig
 from .train.options import TrainOptions
-from .train.trainer import TrainConfig
 from .video_table import DEFAULT_TEMPLATE
 
 if TYPE_CHECKING:
@@ -283,7 +282,7 @@ def _parser() -> argparse.ArgumentParser:
         "--cpus-per-worker", type=float, help="default: the most that lets every worker run at once"
     )
     train.add_argument(
-        "--template", default=DEFAULT_TEMPLATE, help="caption of a label (default 'a video of {}')"
+        "--template", default=DEFAULT_TEMPLATE, help="caption of a label (default %(default)r)"
     )
     train.add_argument(
         "--seed",
@@ -315,7 +314,7 @@ def _parser() -> argparse.ArgumentParser:
         help="CSV or Parquet table of the library's videos: uri,caption (retrieval) or uri,label (accuracy)",
     )
     evaluate.add_argument(
-        "--template", default=DEFAULT_TEMPLATE, help="prompt of a label (default 'a video of {}')"
+        "--template", default=DEFAULT_TEMPLATE, help="prompt of a label (default %(default)r)"
     )
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
     _storage_flags(evaluate)

@@ -24,9 +24,8 @@ from typing import Any
 from ..storage import Store, to_timestamp
 from .features import FEATURES
 from .journal import RUNS, alive, read_journals
-from .manifest import VERSIONS, all_versions, manifest_name
+from .manifest import GRACE_S, VERSIONS, all_versions, manifest_name
 
-GRACE_S = 3600.0
 _MTIME_KEYS = ("mtime", "LastModified", "last_modified", "updated", "modified", "created")
 
 

@@ -33,6 +33,9 @@ from ..storage import ObjectNotFound, Store
 FORMAT = 3  # manifest format written; readers refuse newer ones (3: re-rank records beside the parts)
 CURRENT = "_current"
 VERSIONS = "versions"
+# how long garbage collection spares what no kept version names: files a writer in flight wrote before naming
+# them, and the files of a version that stopped being current, which its readers may still be reading
+GRACE_S = 3600.0
 
 
 class LibraryError(Exception):

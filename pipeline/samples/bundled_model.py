@@ -27,9 +27,9 @@ from ..embed.job import embed
 from ..embed.options import EmbedOptions
 from ..models import load_model
 from ..search.evaluate import evaluate
+from ..train.config import TrainConfig
 from ..train.job import train
 from ..train.options import TrainOptions
-from ..train.trainer import TrainConfig
 from .synthetic import sample_scenes, split, write_dataset
 
 

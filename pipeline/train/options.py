@@ -10,7 +10,7 @@ from xclip_core.config import XCLIPConfig
 from ..flags import check_choice
 from ..storage import StorageOptions
 from ..video_table import DEFAULT_TEMPLATE
-from .trainer import TrainConfig
+from .config import TrainConfig
 
 FAMILIES_TRAINED_NEW = ("xclip", "evl")  # what --family can start
 

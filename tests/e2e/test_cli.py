@@ -34,6 +34,14 @@ def test_every_command_has_help(command: str) -> None:
     assert f"usage: videosearch {command}" in out
 
 
+def test_the_parser_imports_neither_torch_nor_ray() -> None:
+    """``--help`` and argument errors answer at once: ~0.5 s, against ~3.5 s when the parser's defaults came
+    from modules that import torch."""
+    code = "import sys, pipeline.cli; print(sorted({'torch', 'ray', 'av'} & set(sys.modules)))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert done.stdout.strip() == "[]"
+
+
 @pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "jobs").glob("*.py")))
 def test_every_job_entry_point_has_help(script: str) -> None:
     done = subprocess.run(

@@ -13,9 +13,10 @@ from pipeline.cli import main
 from pipeline.library import Library
 from pipeline.models import load_model
 from pipeline.samples.synthetic import render, sample_scenes, write_dataset
+from pipeline.train.config import TrainConfig, trainable
 from pipeline.train.job import train
 from pipeline.train.options import TrainOptions
-from pipeline.train.trainer import TrainConfig, Trainer, trainable
+from pipeline.train.trainer import Trainer
 from xclip_core import XCLIPModel
 from xclip_core.evl.model import EVLModel
 from xclip_core.tokenizer import CLIPTokenizer

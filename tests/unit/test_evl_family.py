@@ -17,8 +17,9 @@ from pipeline.models import VideoTextModel, load_model
 from pipeline.samples.synthetic import render, sample_scenes
 from pipeline.storage import Store
 from pipeline.train.backbone_cache import COLUMN, BackboneFeatures, feature_bytes, from_stored, use_cache
+from pipeline.train.config import TrainConfig
 from pipeline.train.options import TrainOptions
-from pipeline.train.trainer import TrainConfig, Trainer
+from pipeline.train.trainer import Trainer
 from xclip_core import XCLIPModel
 from xclip_core.checkpoints import hf_to_original
 from xclip_core.evl.build import evl_over_clip

@@ -7,16 +7,11 @@ line reads :class:`ServiceOptions` without loading FastAPI or uvicorn.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
-
+from ...lazy import lazy_exports
 from .options import MAX_K, MAX_QUERIES, MAX_QUERY_CHARS, ServiceOptions
 
 _LAZY = {"create_app": "pipeline.search.service.app", "serve": "pipeline.search.service.server"}
 __all__ = ["MAX_K", "MAX_QUERIES", "MAX_QUERY_CHARS", "ServiceOptions", *_LAZY]
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _LAZY:
-        raise AttributeError(f"module 'pipeline.search.service' has no attribute {name!r}")
-    return getattr(importlib.import_module(_LAZY[name]), name)
+__getattr__ = lazy_exports(__name__, _LAZY)
