@@ -6,6 +6,7 @@ import io
 import itertools
 import os
 import re
+import time
 from pathlib import Path
 
 import av
@@ -373,6 +374,22 @@ def test_pictures_in_nvdecs_layout_give_the_software_decoders_rgb(
     for picture in pictures:
         assert picture.format.name == "yuv420p"
         np.testing.assert_array_equal(convert(picture.reformat(format="nv12")), convert(picture))
+
+
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="FFmpeg's default is one scaler thread per core")
+@pytest.mark.parametrize("shorter_side", [None, 96])
+def test_the_scaler_converts_on_the_decoders_own_thread(shorter_side: int | None) -> None:
+    """A decoder is one CPU's share: FFmpeg's scaler, left to its default, converted every picture on a thread
+    per core (half of the CPU on another thread here, on 2 cores)."""
+    rgb = np.random.default_rng(0).integers(0, 256, (720, 1280, 3), dtype=np.uint8)
+    picture = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
+    convert = RGBConverter(MAX_PIXELS, shorter_side)
+    convert(picture)
+    process, thread = time.process_time(), time.thread_time()
+    for _ in range(40):
+        convert(picture)
+    process, thread = time.process_time() - process, time.thread_time() - thread
+    assert process - thread < 0.1 * process, (process, thread)
 
 
 @pytest.mark.skipif(not NVDEC, reason="needs NVDEC: an NVIDIA GPU and driver (CI has none)")
