@@ -13,12 +13,16 @@
   message that names the first, instead of doing the whole job a second time. A writer is alive until its
   lease expires (:data:`LEASE_S` after its last write; a running job renews it every :data:`RENEW_S`), or,
   on the same host, until its process is gone: the rerun of a killed job does not wait for the expiry.
+  Writers that start together could all find no live journal; so each then writes its own and claims
+  :data:`LEASE` (the run holding the lease) by compare-and-swap, unless the run it names is alive: exactly one
+  of them gets it, and the others remove their journals and fail as above.
 
 Nothing of a journal is ever part of a version: a part becomes one only when a manifest lists it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -33,7 +37,7 @@ import pyarrow.compute as pc
 
 from xclip_core.sampling import segments
 
-from ..storage import ObjectNotFound, StorageError, Store
+from ..storage import ObjectNotFound, PreconditionFailed, StorageError, Store
 from .manifest import LibraryError, PartInfo
 from .reader import read_parts
 from .refresh import fingerprint
@@ -42,6 +46,7 @@ from .schema import part_schema
 log = logging.getLogger(__name__)
 
 RUNS = "runs"
+LEASE = "_lease"  # {"run": ...}: the writer holding the lease, replaced by compare-and-swap
 LEASE_S = 600.0  # a writer that has not renewed its lease for this long is taken for dead
 RENEW_S = 60.0
 
@@ -98,21 +103,58 @@ class Journal:
         now = time.time()
         for name, journal in read_journals(self.root).items():
             if alive(journal, now):
-                expires = datetime.fromtimestamp(journal["expires"], timezone.utc).isoformat(
-                    timespec="seconds"
-                )
-                raise LibraryBusyError(
-                    f"{self.root.uri} is being written by another job (run {journal['run']}, "
-                    f"{journal['host']} pid {journal['pid']}, since {journal['started']}); wait for it, or, "
-                    f"if it is gone, until its lease expires at {expires}"
-                )
+                raise self._busy(journal)
             self.taken_over.append(name)
             if journal["model"] == self.model and journal["decode"] == self.decode:
                 self.left += [PartInfo.from_dict(part) for part in journal["parts"]]
-        self._write()
+        self._write()  # before the claim: a writer that finds the lease ours then finds us alive
+        try:
+            self._claim()
+        except BaseException:
+            self._finished = True
+            with contextlib.suppress(StorageError):  # refused: no journal of ours is left to look alive
+                self.root.delete(self.name)  # (or, with the store down, it expires)
+            raise
         self._renewer = threading.Thread(target=self._renew, name="videosearch-lease", daemon=True)
         self._renewer.start()
         return self
+
+    def _claim(self) -> None:
+        """Take :data:`LEASE` by compare-and-swap, unless the run it names is alive."""
+        holder, token = self._holder()
+        if holder is not None:
+            raise self._busy(holder)
+        try:
+            self.root.put_if(LEASE, json.dumps({"run": self.run}).encode(), token)
+        except PreconditionFailed:  # another writer claimed it since we read it
+            holder, _ = self._holder()
+            raise self._busy(holder) from None
+
+    def _holder(self) -> tuple[dict[str, Any] | None, str | None]:
+        """The live journal of the run that :data:`LEASE` names (``None``: no lease, or a dead writer's),
+        and the lease's version token (``None``: no lease yet)."""
+        try:
+            data, token = self.root.read_with_token(LEASE)
+        except ObjectNotFound:
+            return None, None
+        try:
+            journal = json.loads(self.root.read_bytes(f"{RUNS}/{json.loads(data)['run']}.json"))
+        except ObjectNotFound:  # finished: its journal went with it
+            return None, token
+        return (journal if alive(journal, time.time()) else None), token
+
+    def _busy(self, journal: dict[str, Any] | None) -> LibraryBusyError:
+        """The error for a library whose lease the writer of ``journal`` holds (``None``: one now done)."""
+        if journal is None:
+            return LibraryBusyError(
+                f"{self.root.uri} is being written by another job, which took its lease as this one started"
+            )
+        expires = datetime.fromtimestamp(journal["expires"], timezone.utc).isoformat(timespec="seconds")
+        return LibraryBusyError(
+            f"{self.root.uri} is being written by another job (run {journal['run']}, {journal['host']} pid "
+            f"{journal['pid']}, since {journal['started']}); wait for it, or, if it is gone, until its lease "
+            f"expires at {expires}"
+        )
 
     def __exit__(self, error: type[BaseException] | None, *exc: object) -> None:
         self._stop.set()

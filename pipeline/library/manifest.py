@@ -5,11 +5,13 @@ Layout under the library root (any :class:`~pipeline.storage.Store`)::
     parts/part-<uuid>.parquet   rows with the schema pipeline.library.schema.part_schema(...)
     index/<uuid>.faiss          the FAISS index of one version (row ids -> embeddings)
     versions/<n>.json           the manifest of version n (see LibraryWriter.prepare)
-    _current                    "n": the published version, the only object ever replaced
+    _current                    "n": the published version, the only object of a version ever replaced
+    runs/<run>.json, _lease     running writers' journals and their lease (pipeline.library.journal):
+                                rewritten while a job runs, never part of a version
 
-Everything but ``_current`` is immutable once written, and versions are numbered from 1. A reader reads
-``_current`` once, then only immutable files: writers never disturb it, and any published version stays
-readable by number.
+Everything of a version but ``_current`` is immutable once written, and versions are numbered from 1. A
+reader reads ``_current`` once, then only immutable files: writers never disturb it, and any published
+version stays readable by number.
 
 Manifest formats: 1 named the model ``{"id", "sha256"}``; 2 names it by its identity ``{"source", "sha256",
 "family"}``, allows libraries without re-rank features (``prompt_shape`` null), records how videos were

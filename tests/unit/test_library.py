@@ -23,6 +23,7 @@ from pipeline.library import (
 )
 from pipeline.library.features import features_path
 from pipeline.library.index import build_index
+from pipeline.library.journal import RUNS, Journal, LibraryBusyError
 from pipeline.library.reindex import reindex
 from pipeline.library.schema import part_schema
 from pipeline.storage import StorageOptions, Store
@@ -185,6 +186,34 @@ def test_racing_threads_exactly_one_publishes(where) -> None:
     won = [r for r in results if r != "lost"]
     assert len(won) == 1 and results.count("lost") == 2
     assert Library.open(*where).version == won[0]
+
+
+def test_writers_starting_together_get_the_lease_one_at_a_time(where) -> None:
+    """Each finds no live journal before any has written one; the claim by compare-and-swap lets one in."""
+    store, racers = Store(*where), 6
+    barrier, done, results = threading.Barrier(racers), threading.Event(), []
+
+    def start() -> None:
+        journal = Journal(store, MODEL.sha256, {"frames": 8, "segment_s": None})
+        barrier.wait()
+        try:
+            with journal:
+                results.append(journal.run)
+                done.wait(30)  # holding the lease until every other writer has tried
+                journal.finish()
+        except LibraryBusyError as e:
+            results.append(str(e))
+            if sum("being written by another job" in r for r in results) == racers - 1:
+                done.set()
+
+    threads = [threading.Thread(target=start) for _ in range(racers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    refused = [r for r in results if "being written by another job" in r]
+    assert len(results) == racers and len(refused) == racers - 1, results
+    assert store.names(RUNS) == []  # the refused left no journal; the winner's went when it finished
 
 
 def test_crash_before_current_leaves_the_previous_version(where) -> None:
