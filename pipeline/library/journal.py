@@ -71,9 +71,13 @@ def alive(journal: dict[str, Any], now: float) -> bool:
 
 
 def read_journals(root: Store) -> dict[str, dict[str, Any]]:
-    """The journals under ``runs/`` by name (``runs/<run>.json``), those that finish meanwhile left out."""
+    """The journals under ``runs/`` by name (``runs/<run>.json``), those that finish meanwhile left out, and
+    not the temporary files that a journal's atomic rewrite leaves there a moment (``.<run>.json.<id>.tmp``
+    on local disk: read half-written, they once broke a writer starting beside another)."""
     journals = {}
     for name in root.names(RUNS):
+        if name.startswith(".") or not name.endswith(".json"):
+            continue
         try:
             journals[f"{RUNS}/{name}"] = json.loads(root.read_bytes(f"{RUNS}/{name}"))
         except ObjectNotFound:
@@ -140,6 +144,8 @@ class Journal:
         try:
             journal = json.loads(self.root.read_bytes(f"{RUNS}/{json.loads(data)['run']}.json"))
         except ObjectNotFound:  # finished: its journal went with it
+            return None, token
+        except (ValueError, KeyError, TypeError):  # not a lease this code wrote: it names no live writer
             return None, token
         return (journal if alive(journal, time.time()) else None), token
 
