@@ -115,7 +115,6 @@ class Journal:
         try:
             self._claim()
         except BaseException:
-            self._finished = True
             with contextlib.suppress(StorageError):  # refused: no journal of ours is left to look alive
                 self.root.delete(self.name)  # (or, with the store down, it expires)
             raise
