@@ -22,7 +22,7 @@ Printed: the CPU efficiency of each against decord (goals: exact >= 1.15x, fast 
 errors, and then what fast sampling does to retrieval with ``--model`` (default: the bundled model, which
 knows the synthetic world): every clip's caption as a query against every clip, ranked by the cosine of the
 embeddings from exact frames and from fast frames: the mean Spearman rank correlation of the two rankings per
-query, and recall@1 of the right clip under each.
+query, and recall@1 of the right clip under each (``bench/retrieval.py``).
 """
 
 from __future__ import annotations
@@ -41,6 +41,8 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from retrieval import agreement  # noqa: E402  (bench/, this script's directory)
 
 from pipeline.embed.stages.decode import DecodeSettings, decode_video  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
@@ -102,13 +104,6 @@ def timed(decode, paths: list[Path]) -> tuple[float, float, list]:
     started, wall = time.process_time(), time.perf_counter()
     outputs = [decode(path) for path in paths]
     return (time.process_time() - started) / len(paths), (time.perf_counter() - wall) / len(paths), outputs
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman's rank correlation of two score vectors (no ties expected)."""
-    ra, rb = a.argsort().argsort().astype(float), b.argsort().argsort().astype(float)
-    ra, rb = ra - ra.mean(), rb - rb.mean()
-    return float((ra * rb).sum() / np.sqrt((ra**2).sum() * (rb**2).sum()))
 
 
 def main() -> None:
@@ -186,20 +181,12 @@ def main() -> None:
             frames = torch.from_numpy(np.stack([row["frames"] for row in rows]))
             pixels = model.preprocessor.normalize(frames.flatten(0, 1)).unflatten(0, frames.shape[:2])
             embedding, _ = model.encode_videos(pixels)
-            return torch.nn.functional.normalize(embedding.float(), dim=-1)
+            return embedding
 
-        videos_exact, videos_fast = embed(exact_rows), embed(fast_rows)
-        texts = torch.nn.functional.normalize(model.encode_texts([c for _, c in clips]).float(), dim=-1)
-    by_exact, by_fast = (texts @ videos_exact.T).numpy(), (texts @ videos_fast.T).numpy()
-    correlation = np.mean([spearman(a, b) for a, b in zip(by_exact, by_fast, strict=True)])
-    truth = np.arange(len(clips))
-    recall_exact = float((by_exact.argmax(1) == truth).mean())
-    recall_fast = float((by_fast.argmax(1) == truth).mean())
-    cosine = float((videos_exact * videos_fast).sum(-1).mean())
+        texts = model.encode_texts([caption for _, caption in clips])
+        measured = agreement(texts, embed(exact_rows), embed(fast_rows))
     print(
-        f"retrieval ({len(clips)} caption queries, {model.identity.source}): mean Spearman correlation of "
-        f"the rankings {correlation:.3f}; recall@1 exact {recall_exact:.2f}, fast {recall_fast:.2f}; "
-        f"mean cosine of a video's two embeddings {cosine:.4f}"
+        f"retrieval ({len(clips)} caption queries, {model.identity.source}): {measured.text('exact', 'fast')}"
     )
 
 

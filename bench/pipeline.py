@@ -2,6 +2,7 @@
 
 Usage: python bench/pipeline.py [--videos 200] [--distinct N] [--seconds 10] [--width 640 --height 360]
                                 [--gop N] [--model PRESET_OR_DIR] [--batch-size 4] [--sampling exact|fast]
+                                [--precision auto|fp32|bf16]
                                 [--workdir DIR]
 
 Generates ``--videos`` real H.264 clips (moving shapes from ``pipeline.samples.synthetic``, 25 fps; cached in
@@ -23,8 +24,9 @@ this process, it times:
                   is no cluster to join for at most 64 objects, or any number on a machine of at most 4
                   CPUs), model load included
 
-``--sampling fast`` runs the decode stage and both jobs with fast sampling (the plain loop stays decord's
-exact sampling: the baseline). It prints videos/s and cores busy (CPU time / wall time of this process) for
+``--sampling fast`` runs the decode stage and both jobs with fast sampling, ``--precision bf16`` the encode
+stage and both jobs in bfloat16 (the plain loop stays decord's exact sampling and float32 on CPUs: the
+baseline). It prints videos/s and cores busy (CPU time / wall time of this process) for
 each, the ratios pipeline / slowest stage alone (goal >= 0.85) and pipeline / plain loop (goal >= 1.3), on a
 machine without a GPU the CPU bound (cores / the two stages' CPU-seconds per video: the most any schedule of
 them on these cores can reach, start-up excluded) and the best whole-job ratios it allows after Ray Data's
@@ -62,6 +64,7 @@ from pipeline.embed.options import SAMPLINGS, EmbedOptions  # noqa: E402
 from pipeline.embed.stages.decode import DecodeSettings, DecodeVideos  # noqa: E402
 from pipeline.embed.stages.encode import EncodeFrames, compute_dtype  # noqa: E402
 from pipeline.embed.stages.list import list_objects  # noqa: E402
+from pipeline.flags import PRECISIONS  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
 from pipeline.samples.synthetic import Scene, all_shapes, sample_scenes, write_clip  # noqa: E402
 from xclip_core import XCLIPModel  # noqa: E402
@@ -192,12 +195,13 @@ def measure_decode(source: Path, model_dir: str, sampling: str) -> tuple[Result,
     return Result("decode stage alone", len(listed), seconds, detail, cpu), frames
 
 
-def measure_encode(frames: list[np.ndarray], model_dir: str, batch_size: int, threads: int | None) -> Result:
-    """The encode stage alone: ``EncodeFrames`` on the pre-decoded frames, ``batch_size`` videos per call,
-    after one untimed warm-up batch. ``threads`` None keeps torch's current thread count."""
-    previous = torch.get_num_threads()
+def measure_encode(frames: list[np.ndarray], job: EmbedOptions, threads: int | None) -> Result:
+    """The encode stage alone as ``job`` runs it: ``EncodeFrames`` on the pre-decoded frames, ``batch_size``
+    videos per call, in its precision, after one untimed warm-up batch. ``threads`` None keeps torch's current
+    thread count."""
+    previous, batch_size = torch.get_num_threads(), job.batch_size
     started = time.perf_counter()
-    encoder = EncodeFrames(model_dir, batch_size=batch_size, threads=threads)
+    encoder = EncodeFrames(job.model, batch_size=batch_size, threads=threads, precision=job.precision)
     load_s = time.perf_counter() - started
     try:
         used = torch.get_num_threads()
@@ -313,9 +317,7 @@ class PipelineRun:
         return math.ceil(self.plan.args[4])
 
 
-def measure_pipeline(
-    run_dir: Path, videos: list[Path], model_dir: str, batch_size: int, sampling: str
-) -> PipelineRun:
+def measure_pipeline(run_dir: Path, videos: list[Path], job: EmbedOptions) -> PipelineRun:
     """The whole job: ``embed`` on a local Ray that is started (and timed) before the clock starts; then the
     same job on one video (after, so that its start-up is the warmer one: its cost is not overstated)."""
     import ray
@@ -323,7 +325,7 @@ def measure_pipeline(
 
     ray.data.DataContext.get_current().enable_progress_bars = False
     plan_log = _capture_log("pipeline.embed.on_ray")
-    options = EmbedOptions(model=model_dir, batch_size=batch_size, executor="ray", sampling=sampling)
+    options = replace(job, executor="ray")
     started = time.perf_counter()
     ray.init(address="local", include_dashboard=False, configure_logging=False, log_to_driver=True)
     ray_init_s = time.perf_counter() - started
@@ -409,14 +411,12 @@ def measure_plain_loop(videos: list[Path], model_dir: str) -> Result:
     return Result("plain loop", len(videos), seconds, detail, cpu)
 
 
-def measure_in_process(
-    run_dir: Path, videos: list[Path], model_dir: str, batch_size: int, sampling: str
-) -> Result:
+def measure_in_process(run_dir: Path, videos: list[Path], job: EmbedOptions) -> Result:
     """The whole job in this process (``--executor in-process``, what ``auto`` runs with no cluster to join
     for at most 64 objects, or any number on a machine of at most 4 CPUs): model load and hash, decoding a
     few batches ahead (threads for a small change set, else decoder processes: their CPU time counts too),
     encoding, writing, indexing, publishing."""
-    options = EmbedOptions(model=model_dir, batch_size=batch_size, executor="in-process", sampling=sampling)
+    options = replace(job, executor="in-process")
     source = str(make_source(run_dir / "in-process", videos))
     started, cpu = time.perf_counter(), time.process_time() + _children_cpu_s()
     summary = embed(source, str(run_dir / "library-in-process"), options)
@@ -465,7 +465,7 @@ def print_report(
         f"input: {args.videos} H.264 videos ({min(args.distinct or args.videos, args.videos)} distinct), "
         f"{args.seconds:g} s {args.width}x{args.height} at {FPS} fps, a keyframe every {args.gop or 250} "
         f"frames; model {model}, {load_model(args.checkpoint).num_frames} frames per video, "
-        f"batch size {args.batch_size}, {args.sampling} sampling"
+        f"batch size {args.batch_size}, {args.sampling} sampling, {args.precision} precision"
     )
     print(pipeline.plan.getMessage() if pipeline.plan else "plan: (not logged)")
     run = pipeline.result
@@ -621,6 +621,12 @@ def parse_args() -> argparse.Namespace:
         help="the decode stage's and the jobs' sampling (the plain loop samples exactly, with decord)",
     )
     parser.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="auto",
+        help="the encode stage's and the jobs' precision (the plain loop runs float32 on CPUs: the baseline)",
+    )
+    parser.add_argument(
         "--workdir",
         type=Path,
         default=Path(tempfile.gettempdir()) / "videosearch-bench-pipeline",
@@ -642,18 +648,22 @@ def main() -> None:
     run_dir = args.workdir / f"run-{os.getpid()}"
     try:
         source = make_source(run_dir / "videos", videos)
+        job = EmbedOptions(
+            model=args.checkpoint,
+            batch_size=args.batch_size,
+            sampling=args.sampling,
+            precision=args.precision,
+        )
         decode, frames = measure_decode(source, args.checkpoint, args.sampling)
         _progress(decode)
-        stages = [decode, _progress(measure_encode(frames, args.checkpoint, args.batch_size, threads=None))]
-        pipeline = measure_pipeline(run_dir, videos, args.checkpoint, args.batch_size, args.sampling)
+        stages = [decode, _progress(measure_encode(frames, job, threads=None))]
+        pipeline = measure_pipeline(run_dir, videos, job)
         _progress(pipeline.result)
         plain = _progress(measure_plain_loop(videos, args.checkpoint))
-        here = _progress(measure_in_process(run_dir, videos, args.checkpoint, args.batch_size, args.sampling))
+        here = _progress(measure_in_process(run_dir, videos, job))
         threads = pipeline.encoder_threads
         if threads is not None and threads != torch.get_num_threads():  # the encoder as the pipeline runs it
-            stages.append(
-                _progress(measure_encode(frames, args.checkpoint, args.batch_size, threads=threads))
-            )
+            stages.append(_progress(measure_encode(frames, job, threads=threads)))
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     print_report(args, stages, pipeline, plain, here, (load_before, os.getloadavg()[0]))

@@ -7,3 +7,7 @@ def check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
     """``ValueError`` naming ``flag`` and its ``choices`` unless ``value`` is one of them."""
     if value not in choices:
         raise ValueError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+
+
+#: ``--precision`` of the jobs that run a model: "auto" (bfloat16 on a GPU, float32 on CPUs), "fp32", "bf16".
+PRECISIONS = ("auto", "fp32", "bf16")

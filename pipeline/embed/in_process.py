@@ -217,6 +217,7 @@ def embed_in_process(
             options.batch_size,
             threads=threads,
             loaded=model,
+            precision=options.precision,
             compiled=compiles(
                 options.compile, on_gpu, len(listed), lambda: time_encode(model, threads or torch_threads)
             ),

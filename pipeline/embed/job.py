@@ -18,6 +18,7 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
 from xclip_core.identity import ModelIdentity
 
@@ -38,6 +39,7 @@ from ..storage import StorageError, Store, worker_storage_errors
 from .in_process import InFlightMarker, embed_in_process, runs_in_process
 from .options import EmbedOptions, EmbedSummary, StagesRun
 from .stages.decode import DecodeSettings
+from .stages.encode import compute_dtype
 from .stages.list import list_objects
 
 log = logging.getLogger(__name__)
@@ -180,6 +182,8 @@ def _embed_objects(
 ) -> tuple[list[PartInfo], StagesRun]:
     """Decode, encode and write ``listed`` in this process or on Ray: the new parts, and how the stages
     ran."""
+    # in the dtype a CPU encoder runs it in: both executors time a clip of it to share the CPUs
+    model.to(dtype=compute_dtype(torch.device("cpu"), options.precision))
     if in_process:
         log.info("embedding %d objects in this process (no Ray)", len(listed))
         return embed_in_process(listed, settings, options, writer, model, journal)

@@ -295,6 +295,7 @@ def embed_on_ray(
             # on a CPU the encoder runs its share of the cores, rounded up
             threads=None if stages.gpus_per_encoder else math.ceil(stages.cpus_per_encoder),
             compiled=compiled,
+            precision=options.precision,
             placement=placement,
         ),
         batch_size=options.batch_size,

@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..flags import check_choice
+from ..flags import PRECISIONS, check_choice
 from ..storage import StorageOptions
 
 EXECUTORS = ("auto", "ray", "in-process")
@@ -29,6 +29,7 @@ class EmbedOptions:
     decode_device: str = "cpu"  # "cuda": decoders decode on their node's GPU (NVDEC)
     batch_size: int = 4  # videos (segments) per encoder call
     compile: str = "auto"  # torch.compile of the encoder; auto: a CPU encoder with a long share of the job
+    precision: str = "auto"  # the encoder's dtype: auto (bf16 on a GPU, fp32 on CPUs), fp32 or bf16
     decoders: int | None = None  # decode actors
     encoders: int | None = None  # encode actors
     gpus_per_encoder: float | None = None  # 1 when the cluster has GPUs, else 0
@@ -55,6 +56,7 @@ class EmbedOptions:
         check_choice("--sampling", self.sampling, SAMPLINGS)
         check_choice("--decode-device", self.decode_device, DECODE_DEVICES)
         check_choice("--compile", self.compile, COMPILES)
+        check_choice("--precision", self.precision, PRECISIONS)
         check_choice("--executor", self.executor, EXECUTORS)
         for flag, value, valid, wanted in checks:
             if value is not None and not valid(value):

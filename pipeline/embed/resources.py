@@ -119,7 +119,7 @@ def encode_cpu_s(model: VideoTextModel) -> float:
 @torch.inference_mode()
 def _timed_encode(model: VideoTextModel, threads: int, clock: Callable[[], float]) -> float:
     height, width = model.preprocessor.crop_size
-    clip = torch.zeros(1, model.num_frames, 3, height, width)
+    clip = torch.zeros(1, model.num_frames, 3, height, width, dtype=next(model.parameters()).dtype)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:

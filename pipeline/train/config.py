@@ -9,15 +9,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ..flags import PRECISIONS
+
 #: What each freezing option leaves trainable (parameter name prefixes / infixes); ``None`` trains all.
 FREEZE = {
     "none": None,
     # the few-shot recipe: the CLIP towers stay frozen, X-CLIP's own blocks learn
     "towers": ("mit.", "prompts_generator.", "prompts_visual", "message_", "logit_scale"),
 }
-
-
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass

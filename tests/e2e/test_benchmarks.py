@@ -75,3 +75,14 @@ def test_decode_benchmark_compares_decord_exact_and_fast(tmp_path: Path) -> None
     for mode in ("exact", "fast"):
         assert re.search(rf"{mode}\s+\S+ ms CPU per video\s+efficiency / decord\s+\S+x", out), out
     assert re.search(r"mean Spearman correlation of the rankings -?\d\.\d+", out), out
+
+
+def test_precision_benchmark_reports_both_rates_and_what_bf16_changes(tmp_path: Path) -> None:
+    out = bench(
+        "precision.py", "--videos", "3", "--seconds", "2", "--width", "64", "--height", "48", "--fps", "10",
+        "--rounds", "1", "--workdir", str(tmp_path),
+    )  # fmt: skip
+    for precision in ("fp32", "bf16"):
+        assert re.search(rf"{precision}\s+best\s+\S+ videos/s", out), out
+    assert re.search(r"ratio bf16 / fp32: best \d+\.\d+x", out), out
+    assert re.search(r"mean Spearman correlation of the rankings -?\d\.\d+; recall@1 fp32", out), out

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pytest
 import s3fs
 from cluster import LocalCluster
@@ -28,6 +29,10 @@ from helpers import CLI_TIMEOUT, MotoS3, Run, cli_env, videosearch, write_video
 from pipeline import Library
 from pipeline.cli import main
 from pipeline.cluster.submit import FORWARDED_ENV, JOBS, job_spec
+from pipeline.embed.stages.decode import DecodeSettings, DecodeVideos
+from pipeline.embed.stages.encode import EncodeFrames
+from pipeline.embed.stages.list import list_objects
+from pipeline.models import load_model
 
 if TYPE_CHECKING:
     from ray.job_submission import JobDetails
@@ -111,9 +116,10 @@ def videos(s3: MotoS3, tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(scope="module")
 def submitted(cluster: LocalCluster, videos: str, submitter: dict[str, str]) -> tuple[Run, str]:
-    """``videosearch submit embed`` to the cluster, and the library it writes."""
+    """``videosearch submit embed --precision bf16`` to the cluster, and the library it writes."""
     library = videos.replace("/videos/", "/library-submit")
-    return cli("submit", "embed", videos, library, "--address", cluster.dashboard, env=submitter), library
+    command = ["submit", "embed", videos, library, "--precision", "bf16", "--address", cluster.dashboard]
+    return cli(*command, env=submitter), library
 
 
 def job_details(cluster: LocalCluster, job_id: str) -> JobDetails:
@@ -202,6 +208,26 @@ def test_submit_runs_the_job_on_the_cluster_and_exits_as_it(
     assert f"{CLIPS} objects, {CLIPS} embedded" in done.stderr and "SUCCEEDED" in done.stderr
     assert_every_object_once(library, s3)
     assert_placement(cluster, job_id, done.stderr, by_label=True)
+
+
+def test_the_jobs_encoders_ran_in_the_precision_it_was_given(
+    submitted: tuple[Run, str], videos: str, s3: MotoS3
+) -> None:
+    """The job's ``--precision bf16`` reached its encoders on the cluster: its embeddings are the bundled
+    model's in bfloat16 on the same frames, not float32's."""
+    _, library = submitted
+    stored = Library.open(library, s3.options).table(["uri", "embedding"]).to_pylist()
+    listed = list_objects(videos, s3.options)
+    model = load_model(None)
+    decode = DecodeVideos(DecodeSettings(model.num_frames, model.preprocessor), s3.options)
+    (decoded,) = decode({name: np.array([row[name] for row in listed], dtype=object) for name in listed[0]})
+    by_uri = {row["uri"]: row["embedding"] for row in stored}
+    got = np.stack([by_uri[uri] for uri in decoded["uri"]])
+    expected = {
+        p: EncodeFrames(None, device="cpu", precision=p)(decoded)["embedding"] for p in ("bf16", "fp32")
+    }
+    np.testing.assert_allclose(got, expected["bf16"], atol=2e-4, rtol=0)
+    assert np.abs(got - expected["fp32"]).max() > 5e-4
 
 
 def test_credentials_never_appear_in_output(

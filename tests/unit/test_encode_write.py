@@ -16,6 +16,7 @@ import torch
 import transformers
 from helpers import compiled_graphs_from_here, decoded_batch, reference_model
 
+from pipeline.embed.options import EmbedOptions
 from pipeline.embed.stages.encode import EncodeFrames, ModelLoadError
 from pipeline.embed.stages.write import WritePart, row_id, rows_to_table, written_part
 from pipeline.library import read_part
@@ -130,6 +131,27 @@ def test_sub_batches_give_the_same_result_as_one_batch(checkpoint):
     np.testing.assert_allclose(
         split["prompt_features"].astype(np.float32), whole["prompt_features"].astype(np.float32), atol=2e-3
     )
+
+
+def test_bf16_on_the_cpu_runs_the_model_in_bfloat16_within_its_rounding_of_the_reference(checkpoint):
+    src, reference = checkpoint
+    assert EncodeFrames(src, device="cpu", precision="fp32").dtype == torch.float32  # as auto on a CPU
+    stage = EncodeFrames(src, device="cpu", batch_size=3, precision="bf16")
+    assert {p.dtype for p in stage.model.parameters()} == {torch.bfloat16}
+    clips = videos(4, seed=5)
+    out = stage(decoded_batch(list(clips), [None] * 4))
+    assert out["embedding"].dtype == np.float32 and out["prompt_features"].dtype == np.float16
+    np.testing.assert_allclose(np.linalg.norm(out["embedding"], axis=1), 1.0, rtol=1e-5)
+    expected = reference_embeddings(reference, clips)
+    assert (out["embedding"] * expected).sum(axis=1).min() > 0.99  # close to float32's...
+    assert np.abs(out["embedding"] - expected).max() > 1e-3  # ... and not float32's
+
+
+def test_an_unknown_precision_is_refused_naming_the_choices(checkpoint):
+    with pytest.raises(ValueError, match="--precision must be one of auto, fp32, bf16, got 'fp16'"):
+        EncodeFrames(checkpoint[0], precision="fp16")
+    with pytest.raises(ValueError, match="--precision must be one of auto, fp32, bf16, got 'fp16'"):
+        EmbedOptions(precision="fp16")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from helpers import cli_env, compiled_graphs_from_here, pattern_frames, videosearch, write_frames, write_video
 
 from pipeline.embed import in_process
@@ -24,7 +25,7 @@ from pipeline.embed.in_process import (
     encoder_threads,
     runs_in_process,
 )
-from pipeline.embed.job import embed
+from pipeline.embed.job import embed, refresh
 from pipeline.embed.options import (
     IN_PROCESS_MAX_BYTES,
     IN_PROCESS_MAX_CPUS,
@@ -277,3 +278,30 @@ def test_a_job_with_compile_on_encodes_through_one_compiled_graph_and_stores_the
         np.stack(eager["embedding"].to_numpy(zero_copy_only=False)),
         atol=1e-5,
     )
+
+
+def test_a_job_in_bf16_stores_bfloat16_embeddings_and_a_refresh_may_mix_precisions(
+    tiny_model: Path, tmp_path: Path, library: str
+) -> None:
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i in range(3):
+        write_video(videos / f"{i}.mp4", 12, 48, 40, fps=6, seed=i)
+    embeddings = {}
+    for precision in ("fp32", "bf16"):
+        options = EmbedOptions(model=str(tiny_model), precision=precision, executor="in-process")
+        assert embed(str(videos), f"{library}-{precision}", options).ok == 3
+        table = Library.open(f"{library}-{precision}").table(["uri", "embedding"]).sort_by("uri")
+        embeddings[precision] = np.stack(table["embedding"].to_numpy(zero_copy_only=False))
+    cosine = (embeddings["fp32"] * embeddings["bf16"]).sum(axis=1)
+    assert cosine.min() > 0.999 and np.abs(embeddings["fp32"] - embeddings["bf16"]).max() > 1e-4
+
+    # the rows of either precision mix: a refresh in float32 adds to the bfloat16 library
+    write_video(videos / "3.mp4", 12, 48, 40, fps=6, seed=3)
+    options = EmbedOptions(model=str(tiny_model), precision="fp32", executor="in-process")
+    summary = refresh(str(videos), f"{library}-bf16", options)
+    assert summary.changes["new"] == 1 and summary.ok == 4
+
+    # a job large enough to share the CPUs times a clip in the encoder's dtype
+    model = load_model(str(tiny_model)).to(dtype=torch.bfloat16)
+    assert encode_cpu_s(model) > 0

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...flags import PRECISIONS, check_choice
 from ...models import VideoTextModel, load_model
 from ...storage import StorageOptions
 
@@ -29,8 +30,8 @@ class EncodeFrames:
 
     ``embedding`` is float32 ``(rows, P)``, L2-normalized; ``prompt_features`` (the re-rank features, only
     for a family that has them) float16 ``(rows, *rerank_shape)``; ``model_id`` is the identity's tag on
-    every row. The model runs on ``device`` ("auto": CUDA if available, else CPU), in bfloat16 (float16 where
-    bfloat16 is not supported) on CUDA and float32 on CPU, over sub-batches of at most ``batch_size`` videos.
+    every row. The model runs on ``device`` ("auto": CUDA if available, else CPU) in the dtype of
+    ``precision`` (:func:`compute_dtype`), over sub-batches of at most ``batch_size`` videos.
     ``compiled``: the video side goes through ``torch.compile`` (:func:`compiled_encoder`), every sub-batch
     padded to ``batch_size`` so that one graph serves them all. ``threads`` sets torch's CPU thread count if
     given. ``loaded`` is the model of ``model_src`` where the caller has it loaded already (the job's own
@@ -49,6 +50,7 @@ class EncodeFrames:
         threads: int | None = None,
         loaded: VideoTextModel | None = None,
         compiled: bool = False,
+        precision: str = "auto",
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -64,7 +66,7 @@ class EncodeFrames:
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self.dtype = compute_dtype(self.device)
+        self.dtype = compute_dtype(self.device, precision)
         self.model = model.to(self.device, self.dtype)
         self.batch_size = batch_size
         self.compiled = compiled
@@ -138,8 +140,16 @@ def compiled_encoder(
     return torch.compile(encode, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
 
 
-def compute_dtype(device: torch.device) -> torch.dtype:
-    """float32 on CPU; on CUDA bfloat16 where the GPU supports it natively, else float16."""
-    if device.type != "cuda":
+def compute_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
+    """The video encoder's dtype for ``--precision`` (:data:`~pipeline.flags.PRECISIONS`) on ``device``.
+
+    ``auto``: float32 on CPU (the reference's embeddings, to its rounding); on CUDA bfloat16 where the GPU
+    supports it natively, else float16. ``fp32``: float32 anywhere. ``bf16``: bfloat16 anywhere, which CPUs
+    with AVX512-BF16 or AMX (AMD Zen 4, Intel Sapphire Rapids and later) run at ~2.2x float32's rate
+    (``bench/precision.py``); on other CPUs it gains nothing and may run slower (not measured here)."""
+    check_choice("--precision", precision, PRECISIONS)
+    if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+    if precision == "bf16" or torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.bfloat16
+    return torch.float16

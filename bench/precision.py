@@ -1,0 +1,114 @@
+"""The embed job's encode stage in bfloat16 against float32 on this machine's CPUs: its rate, and what bf16
+changes in the embeddings and in retrieval.
+
+Usage: python bench/precision.py [--videos 24] [--model DIR] [--batch 4] [--rounds 3] [--workdir DIR]
+                                 [--seconds 10] [--width 640 --height 360] [--fps 25] [--gop 50]
+
+Decodes ``--videos`` captioned synthetic clips (``bench/decode.py``'s, cached in the same workdir) with
+exact sampling, then encodes them with ``EncodeFrames`` (the job's encode stage, torch's default thread count,
+``--batch`` videos per call) at ``--precision fp32`` and ``bf16``, in alternating rounds so that this
+machine's drifts in speed fall on both alike. Printed: each precision's best and median videos/s and their
+ratio, whether the CPU has native bfloat16 instructions (AVX512-BF16, AMX), and what bf16 does to retrieval
+(``bench/retrieval.py``: every caption as a query against every clip, text embeddings in float32 as
+``query`` computes them; the mean Spearman correlation of the two rankings, recall@1 of each, the mean cosine
+of a video's two embeddings). Retrieval figures mean something for a trained model: ``--model`` defaults to
+the bundled one, which knows the synthetic world; a random checkpoint (``bench/pipeline.py`` writes
+base-patch32's under its workdir) gives the rate and the cosine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from decode import write_clips  # noqa: E402  (bench/, this script's directory)
+from retrieval import agreement  # noqa: E402
+
+from pipeline.embed.stages.decode import DecodeSettings, decode_video  # noqa: E402
+from pipeline.embed.stages.encode import EncodeFrames  # noqa: E402
+from pipeline.models import load_model  # noqa: E402
+
+PRECISIONS = ("fp32", "bf16")
+
+
+def native_bf16() -> str:
+    """The CPU's bfloat16 instructions, from Linux's /proc/cpuinfo."""
+    try:
+        flags = next(
+            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
+        )
+    except (OSError, StopIteration):
+        return "unknown (no /proc/cpuinfo)"
+    found = [flag for flag in ("avx512_bf16", "amx_bf16") if flag in flags.split()]
+    return ", ".join(found) if found else "none (emulated)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--videos", type=int, default=24)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--width", type=int, default=640)
+    parser.add_argument("--height", type=int, default=360)
+    parser.add_argument("--fps", type=int, default=25)
+    parser.add_argument("--gop", type=int, default=50)
+    parser.add_argument("--model", help="checkpoint (default: the bundled model)")
+    parser.add_argument("--batch", type=int, default=4, help="videos per encoder call")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument(
+        "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "videosearch-bench-decode"
+    )
+    args = parser.parse_args()
+    name = f"clips-{args.videos}-{args.seconds:g}s-{args.width}x{args.height}-{args.fps}fps-gop{args.gop}"
+    clips = write_clips(args.workdir / name, args)
+    model = load_model(args.model).eval()
+    settings = DecodeSettings(model.num_frames, model.preprocessor)
+    rows = [decode_video(path, settings)[0] for path, _ in clips]
+    batch = {
+        "uri": np.array([str(path) for path, _ in clips], dtype=object),
+        "error": np.array([None] * len(rows), dtype=object),
+        "frames": np.stack([row["frames"] for row in rows]),
+    }
+    stages = {
+        p: EncodeFrames(args.model, device="cpu", batch_size=args.batch, precision=p) for p in PRECISIONS
+    }
+    embeddings = {p: stage(batch)["embedding"] for p, stage in stages.items()}  # also the warm-up
+    rates: dict[str, list[float]] = {p: [] for p in PRECISIONS}
+    for _ in range(args.rounds):
+        for precision, stage in stages.items():
+            started = time.perf_counter()
+            stage(batch)
+            rates[precision].append(len(rows) / (time.perf_counter() - started))
+
+    print(
+        f"{len(rows)} clips, {model.identity.source}: {model.num_frames} frames at "
+        f"{model.preprocessor.crop_size}, batch {args.batch}, {torch.get_num_threads()} torch threads, "
+        f"{args.rounds} alternating rounds; the CPU's bfloat16 instructions: {native_bf16()}"
+    )
+    for precision in PRECISIONS:
+        print(
+            f"  {precision}  best {max(rates[precision]):8.2f} videos/s, median "
+            f"{statistics.median(rates[precision]):8.2f}"
+        )
+    print(
+        f"  ratio bf16 / fp32: best {max(rates['bf16']) / max(rates['fp32']):.2f}x, median "
+        f"{statistics.median(rates['bf16']) / statistics.median(rates['fp32']):.2f}x"
+    )
+    with torch.inference_mode():
+        texts = model.encode_texts([caption for _, caption in clips])
+    measured = agreement(texts, *(torch.from_numpy(embeddings[p]) for p in PRECISIONS))
+    print(f"retrieval ({len(clips)} caption queries): {measured.text('fp32', 'bf16')}")
+
+
+if __name__ == "__main__":
+    main()
