@@ -145,7 +145,7 @@ def compute_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
 
     ``auto``: float32 on CPU (the reference's embeddings, to its rounding); on CUDA bfloat16 where the GPU
     supports it natively, else float16. ``fp32``: float32 anywhere. ``bf16``: bfloat16 anywhere, which CPUs
-    with AVX512-BF16 or AMX (AMD Zen 4, Intel Sapphire Rapids and later) run at ~2.2x float32's rate
+    with AVX512-BF16 or AMX (e.g. AMD Zen 4, Intel Sapphire Rapids) run at ~2.2x float32's rate
     (``bench/precision.py``); on other CPUs it gains nothing and may run slower (not measured here)."""
     check_choice("--precision", precision, PRECISIONS)
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
