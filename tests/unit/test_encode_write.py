@@ -172,6 +172,11 @@ def test_encode_on_cuda_runs_in_half_precision_and_agrees_with_the_reference(che
     assert cosine.min() > 0.99, cosine  # half precision: close, not equal
     assert not out["embedding"][1].any()
 
+    exact = EncodeFrames(src, device="cuda", batch_size=3, precision="fp32")  # float32 on the GPU too
+    assert {(p.device.type, p.dtype) for p in exact.model.parameters()} == {("cuda", torch.float32)}
+    embedding = exact(decoded_batch(list(clips), [None] * 5))["embedding"]
+    assert (embedding * expected).sum(axis=1).min() > 0.9999  # cuDNN's TF32 convolution aside, float32
+
 
 def test_bad_model_source_is_a_clear_error(tmp_path, checkpoint):
     with pytest.raises(ModelLoadError, match="cannot load the model from .*nowhere"):
