@@ -106,10 +106,9 @@ def timed(decode, paths: list[Path]) -> tuple[float, float, list]:
     return (time.process_time() - started) / len(paths), (time.perf_counter() - wall) / len(paths), outputs
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+def clip_flags(parser: argparse.ArgumentParser) -> None:
+    """The flags of the captioned clips (and ``--model``), as this benchmark and ``bench/precision.py`` take
+    them."""
     parser.add_argument("--videos", type=int, default=24)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--width", type=int, default=640)
@@ -122,12 +121,24 @@ def main() -> None:
     parser.add_argument(
         "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "videosearch-bench-decode"
     )
+
+
+def cached_clips(args: argparse.Namespace) -> list[tuple[Path, str]]:
+    """The clips :func:`clip_flags` describe and their captions, written once into the workdir."""
+    name = f"clips-{args.videos}-{args.seconds:g}s-{args.width}x{args.height}-{args.fps}fps-gop{args.gop}"
+    return write_clips(args.workdir / name, args)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    clip_flags(parser)
     parser.add_argument("--nvdec", action="store_true", help="also decode on the GPU (NVDEC)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"
-    name = f"clips-{args.videos}-{args.seconds:g}s-{args.width}x{args.height}-{args.fps}fps-gop{args.gop}"
-    clips = write_clips(args.workdir / name, args)
+    clips = cached_clips(args)
     paths = [path for path, _ in clips]
     model = load_model(args.model).eval()
     exact = DecodeSettings(model.num_frames, model.preprocessor)

@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from decode import write_clips  # noqa: E402  (bench/, this script's directory)
+from decode import cached_clips, clip_flags  # noqa: E402  (bench/, this script's directory)
 from retrieval import agreement  # noqa: E402
 
 from pipeline.embed.stages.decode import DecodeSettings, decode_video  # noqa: E402
@@ -56,21 +55,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--videos", type=int, default=24)
-    parser.add_argument("--seconds", type=float, default=10.0)
-    parser.add_argument("--width", type=int, default=640)
-    parser.add_argument("--height", type=int, default=360)
-    parser.add_argument("--fps", type=int, default=25)
-    parser.add_argument("--gop", type=int, default=50)
-    parser.add_argument("--model", help="checkpoint (default: the bundled model)")
+    clip_flags(parser)
     parser.add_argument("--batch", type=int, default=4, help="videos per encoder call")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument(
-        "--workdir", type=Path, default=Path(tempfile.gettempdir()) / "videosearch-bench-decode"
-    )
     args = parser.parse_args()
-    name = f"clips-{args.videos}-{args.seconds:g}s-{args.width}x{args.height}-{args.fps}fps-gop{args.gop}"
-    clips = write_clips(args.workdir / name, args)
+    clips = cached_clips(args)
     model = load_model(args.model).eval()
     settings = DecodeSettings(model.num_frames, model.preprocessor)
     rows = [decode_video(path, settings)[0] for path, _ in clips]

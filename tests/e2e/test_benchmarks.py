@@ -67,21 +67,19 @@ def test_train_efficiency_benchmark_reports_both_ratios() -> None:
     assert "backbone forward (no grad)" in out, out
 
 
+# three captioned clips of 2 s 64x48 for bench/decode.py and bench/precision.py
+TINY_CLIPS = "--videos 3 --seconds 2 --width 64 --height 48 --fps 10 --gop 5".split()
+
+
 def test_decode_benchmark_compares_decord_exact_and_fast(tmp_path: Path) -> None:
-    out = bench(
-        "decode.py", "--videos", "3", "--seconds", "2", "--width", "64", "--height", "48", "--fps", "10",
-        "--gop", "5", "--workdir", str(tmp_path),
-    )  # fmt: skip
+    out = bench("decode.py", *TINY_CLIPS, "--workdir", str(tmp_path))
     for mode in ("exact", "fast"):
         assert re.search(rf"{mode}\s+\S+ ms CPU per video\s+efficiency / decord\s+\S+x", out), out
     assert re.search(r"mean Spearman correlation of the rankings -?\d\.\d+", out), out
 
 
 def test_precision_benchmark_reports_both_rates_and_what_bf16_changes(tmp_path: Path) -> None:
-    out = bench(
-        "precision.py", "--videos", "3", "--seconds", "2", "--width", "64", "--height", "48", "--fps", "10",
-        "--rounds", "1", "--workdir", str(tmp_path),
-    )  # fmt: skip
+    out = bench("precision.py", *TINY_CLIPS, "--rounds", "1", "--workdir", str(tmp_path))
     for precision in ("fp32", "bf16"):
         assert re.search(rf"{precision}\s+best\s+\S+ videos/s", out), out
     assert re.search(r"ratio bf16 / fp32: best \d+\.\d+x", out), out
