@@ -1,19 +1,20 @@
-"""The embed job's encode stage in bfloat16 against float32 on this machine's CPUs: its rate, and what bf16
-changes in the embeddings and in retrieval.
+"""The embed job's encode stage in bfloat16 against float32: its rate, and what bf16 changes in the
+embeddings and in retrieval.
 
-Usage: python bench/precision.py [--videos 24] [--model DIR] [--batch 4] [--rounds 3] [--workdir DIR]
-                                 [--seconds 10] [--width 640 --height 360] [--fps 25] [--gop 50]
+Usage: python bench/precision.py [--videos 24] [--model DIR] [--batch 4] [--rounds 3] [--device cpu|cuda]
+                                 [--workdir DIR] [--seconds 10] [--width 640 --height 360] [--fps 25]
+                                 [--gop 50]
 
 Decodes ``--videos`` captioned synthetic clips (``bench/decode.py``'s, cached in the same workdir) with
-exact sampling, then encodes them with ``EncodeFrames`` (the job's encode stage, torch's default thread count,
-``--batch`` videos per call) at ``--precision fp32`` and ``bf16``, in alternating rounds so that this
-machine's drifts in speed fall on both alike. Printed: each precision's best and median videos/s and their
-ratio, whether the CPU has native bfloat16 instructions (AVX512-BF16, AMX), and what bf16 does to retrieval
-(``bench/retrieval.py``: every caption as a query against every clip, text embeddings in float32 as
-``query`` computes them; the mean Spearman correlation of the two rankings, recall@1 of each, the mean cosine
-of a video's two embeddings). Retrieval figures mean something for a trained model: ``--model`` defaults to
-the bundled one, which knows the synthetic world; a random checkpoint (``bench/pipeline.py`` writes
-base-patch32's under its workdir) gives the rate and the cosine.
+exact sampling, then encodes them with ``EncodeFrames`` (the job's encode stage, on the CPUs with torch's
+default thread count or on the GPU, ``--batch`` videos per call) at ``--precision fp32`` and ``bf16``, in
+alternating rounds so that the machine's drifts in speed fall on both alike. Printed: each precision's best
+and median videos/s and their ratio, the GPU's name or whether the CPU has native bfloat16 instructions
+(AVX512-BF16, AMX), and what bf16 does to retrieval (``bench/retrieval.py``: every caption as a query against
+every clip, text embeddings in float32 as ``query`` computes them; the mean Spearman correlation of the two
+rankings, recall@1 of each, the mean cosine of a video's two embeddings). Retrieval figures mean something
+for a trained model: ``--model`` defaults to the bundled one, which knows the synthetic world; a random
+checkpoint (``bench/pipeline.py`` writes base-patch32's under its workdir) gives the rate and the cosine.
 """
 
 from __future__ import annotations
@@ -58,6 +59,7 @@ def main() -> None:
     clip_flags(parser)
     parser.add_argument("--batch", type=int, default=4, help="videos per encoder call")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the stage encodes")
     args = parser.parse_args()
     clips = cached_clips(args)
     model = load_model(args.model).eval()
@@ -69,7 +71,8 @@ def main() -> None:
         "frames": np.stack([row["frames"] for row in rows]),
     }
     stages = {
-        p: EncodeFrames(args.model, device="cpu", batch_size=args.batch, precision=p) for p in PRECISIONS
+        precision: EncodeFrames(args.model, device=args.device, batch_size=args.batch, precision=precision)
+        for precision in PRECISIONS
     }
     embeddings = {p: stage(batch)["embedding"] for p, stage in stages.items()}  # also the warm-up
     rates: dict[str, list[float]] = {p: [] for p in PRECISIONS}
@@ -79,10 +82,14 @@ def main() -> None:
             stage(batch)
             rates[precision].append(len(rows) / (time.perf_counter() - started))
 
+    machine = (
+        f"{torch.cuda.get_device_name()}"
+        if args.device == "cuda"
+        else f"{torch.get_num_threads()} torch threads; the CPU's bfloat16 instructions: {native_bf16()}"
+    )
     print(
         f"{len(rows)} clips, {model.identity.source}: {model.num_frames} frames at "
-        f"{model.preprocessor.crop_size}, batch {args.batch}, {torch.get_num_threads()} torch threads, "
-        f"{args.rounds} alternating rounds; the CPU's bfloat16 instructions: {native_bf16()}"
+        f"{model.preprocessor.crop_size}, batch {args.batch}, {args.rounds} alternating rounds; {machine}"
     )
     for precision in PRECISIONS:
         print(
