@@ -56,7 +56,7 @@ from .options import (
     StagesRun,
 )
 from .parallel import in_parallel
-from .resources import EPS, encode_cpu_s, share_cpus, time_decode, time_encode
+from .resources import COLD_OVER_WARM, EPS, encode_cpu_s, share_cpus, time_decode, time_encode
 from .stages.decode import DecodeSettings, DecodeVideos
 from .stages.encode import EncodeFrames
 from .stages.write import PART_ROWS, WritePart, written_part
@@ -269,22 +269,32 @@ def encoder_threads(
     listed: list[dict[str, Any]],
     settings: DecodeSettings,
     options: EmbedOptions,
-    encode_cpu_s: Callable[[], float],
+    encode_cpu_s: Callable[[Callable[[float], bool]], float],
     on_gpu: bool,
 ) -> int | None:
     """The encoder's torch threads for ``listed`` (None: torch's default), beside a decoder per CPU;
-    ``encode_cpu_s()``: one clip's encoding CPU-seconds.
+    ``encode_cpu_s(settled)``: one clip's encoding CPU-seconds
+    (:func:`~pipeline.embed.resources.encode_cpu_s`).
 
     On a GPU, or for fewer than :data:`TIMED_FROM` objects, torch keeps its default. Otherwise the encoder
     gets its share of the CPUs as the Ray plan shares one node (:func:`~pipeline.embed.resources.share_cpus`),
     rounded up, by one video's CPU-seconds in each stage: the bundled model (decode-bound) one torch thread,
     base-patch32 (encode-bound) every core. More torch threads than the encoder keeps busy take cores from
     decoding (their OpenMP threads spin while they wait): the bundled model, 120 clips on 2 cores, spent
-    50-65 ms of CPU per video in the encoder's process with two torch threads against 17-20 with one."""
+    50-65 ms of CPU per video in the encoder's process with two torch threads against 17-20 with one.
+
+    The clip's first (cold) run settles the count when the count is the same for its CPU-seconds and for
+    them divided by :data:`~pipeline.embed.resources.COLD_OVER_WARM` (whatever share of them was one-time
+    cost): base-patch32 then costs one clip's encoding (~1 s on one core) instead of two."""
     if on_gpu or len(listed) < TIMED_FROM:
         return None
-    decode_s, encode_s = time_decode(listed, settings, options.storage), encode_cpu_s()
-    threads = max(1, math.ceil(share_cpus(usable_cpus(), decode_s, encode_s).cpus_per_encoder - EPS))
+    decode_s, cpus = time_decode(listed, settings, options.storage), usable_cpus()
+
+    def threads_for(encode_s: float) -> int:
+        return max(1, math.ceil(share_cpus(cpus, decode_s, encode_s).cpus_per_encoder - EPS))
+
+    encode_s = encode_cpu_s(lambda first: threads_for(first) == threads_for(first / COLD_OVER_WARM))
+    threads = threads_for(encode_s)
     log.info("one video: decode %.3f CPU-s, encode %.3f CPU-s: %d torch threads", decode_s, encode_s, threads)
     return threads
 

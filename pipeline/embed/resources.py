@@ -64,6 +64,9 @@ EPS = 1e-9  # CPU sums that should be equal, compared as floats
 
 FALLBACK_DECODE_S = 0.1  # per video, when none of the first videos decodes (a typical 10 s 360p clip)
 TIMED_VIDEOS = 3  # listed videos tried for the decode timing
+# a first run's seconds over a warm run's, at most: 1.15-1.27 by the thread clock for the bundled model and
+# base-patch32 (2026-12-02); up to 2 for a small model by the wall clock
+COLD_OVER_WARM = 2.0
 
 
 @dataclass(frozen=True)
@@ -91,12 +94,22 @@ def time_decode(listed: list[dict[str, Any]], settings: DecodeSettings, storage:
     return FALLBACK_DECODE_S
 
 
-def warm_seconds(call: Callable[[], object], clock: Callable[[], float] = time.perf_counter) -> float:
+def warm_seconds(
+    call: Callable[[], object],
+    clock: Callable[[], float] = time.perf_counter,
+    settled: Callable[[float], bool] | None = None,
+) -> float:
     """Seconds of ``call``'s second run by ``clock`` (wall-clock by default): the first pays one-time costs
     (the file's first read, the codec's and the kernels' set-up, memory) that can double a small model's or a
     short video's time, and that alone once tipped a job's CPU share to the encoder (2 torch threads spinning
-    beside 2 decoders)."""
+    beside 2 decoders). ``settled(first)``: whether the first run's seconds (at least a warm run's, at most
+    :data:`COLD_OVER_WARM` times it) already answer the caller; then they are returned without a second run
+    (base-patch32's clip costs ~1 CPU-s per run)."""
+    started = clock()
     call()
+    first = clock() - started
+    if settled is not None and settled(first):
+        return first
     started = clock()
     call()
     return clock() - started
@@ -108,22 +121,28 @@ def time_encode(model: VideoTextModel, threads: int = 1) -> float:
     return _timed_encode(model, threads, time.perf_counter)
 
 
-def encode_cpu_s(model: VideoTextModel) -> float:
+def encode_cpu_s(model: VideoTextModel, settled: Callable[[float], bool] | None = None) -> float:
     """CPU-seconds for one clip through the model's video side on one torch thread, warm: this thread's CPU
     clock (one torch thread computes on the calling thread), so the processes starting beside it do not count.
     A job's CPU share goes by it: timed by the wall clock beside the decoder processes starting up, the
-    bundled model's clip took 0.02-0.20 s, and the larger figures gave it 2 spinning torch threads."""
-    return _timed_encode(model, 1, time.thread_time)
+    bundled model's clip took 0.02-0.20 s, and the larger figures gave it 2 spinning torch threads.
+    ``settled``: as :func:`warm_seconds` takes it."""
+    return _timed_encode(model, 1, time.thread_time, settled)
 
 
 @torch.inference_mode()
-def _timed_encode(model: VideoTextModel, threads: int, clock: Callable[[], float]) -> float:
+def _timed_encode(
+    model: VideoTextModel,
+    threads: int,
+    clock: Callable[[], float],
+    settled: Callable[[float], bool] | None = None,
+) -> float:
     height, width = model.preprocessor.crop_size
     clip = torch.zeros(1, model.num_frames, 3, height, width, dtype=next(model.parameters()).dtype)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return warm_seconds(lambda: model.encode_videos(clip), clock)
+        return warm_seconds(lambda: model.encode_videos(clip), clock, settled)
     finally:
         torch.set_num_threads(before)
 
