@@ -284,8 +284,8 @@ def encoder_threads(
     50-65 ms of CPU per video in the encoder's process with two torch threads against 17-20 with one.
 
     The clip's first (cold) run settles the count when the count is the same for its CPU-seconds and for
-    them divided by :data:`~pipeline.embed.resources.COLD_OVER_WARM` (whatever share of them was one-time
-    cost): base-patch32 then costs one clip's encoding (~1 s on one core) instead of two."""
+    them divided by :data:`~pipeline.embed.resources.COLD_OVER_WARM` (the most a first run was seen to cost
+    over a warm one): base-patch32 then costs one clip's encoding (~1 s on one core) instead of two."""
     if on_gpu or len(listed) < TIMED_FROM:
         return None
     decode_s, cpus = time_decode(listed, settings, options.storage), usable_cpus()
