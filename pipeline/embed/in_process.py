@@ -31,7 +31,6 @@ import functools
 import hashlib
 import json
 import logging
-import math
 import os
 import sys
 import tempfile
@@ -56,7 +55,7 @@ from .options import (
     StagesRun,
 )
 from .parallel import in_parallel
-from .resources import COLD_OVER_WARM, EPS, encode_cpu_s, share_cpus, time_decode, time_encode
+from .resources import COLD_OVER_WARM, encode_cpu_s, share_cpus, time_decode, time_encode, torch_threads
 from .stages.decode import DecodeSettings, DecodeVideos
 from .stages.encode import EncodeFrames
 from .stages.write import PART_ROWS, WritePart, written_part
@@ -291,7 +290,7 @@ def encoder_threads(
     decode_s, cpus = time_decode(listed, settings, options.storage), usable_cpus()
 
     def threads_for(encode_s: float) -> int:
-        return max(1, math.ceil(share_cpus(cpus, decode_s, encode_s).cpus_per_encoder - EPS))
+        return torch_threads(share_cpus(cpus, decode_s, encode_s).cpus_per_encoder)
 
     encode_s = encode_cpu_s(lambda first: threads_for(first) == threads_for(first / COLD_OVER_WARM))
     threads = threads_for(encode_s)

@@ -12,7 +12,6 @@ and keeps each stage on its nodes by label selectors; every stage actor records 
 from __future__ import annotations
 
 import logging
-import math
 from collections import Counter
 from typing import Any
 
@@ -29,7 +28,15 @@ from ..storage import StorageOptions
 from .autoscaling import BOOTSTRAP_CONFIG, NodeType, launcher_node_types, reported_node_types
 from .compiling import compiles
 from .options import EmbedOptions, StagesRun
-from .resources import WRITE_CPUS, Node, encode_cpu_s, stage_resources, time_decode, time_encode
+from .resources import (
+    WRITE_CPUS,
+    Node,
+    encode_cpu_s,
+    stage_resources,
+    time_decode,
+    time_encode,
+    torch_threads,
+)
 from .stages.decode import DecodeSettings, DecodeVideos
 from .stages.encode import EncodeFrames
 from .stages.write import PART_ROWS, WritePart, written_part
@@ -272,7 +279,7 @@ def embed_on_ray(
         options.compile,
         stages.gpus_per_encoder > 0,
         len(listed) / stages.encoders,
-        lambda: time_encode(model, math.ceil(stages.cpus_per_encoder)),
+        lambda: time_encode(model, torch_threads(stages.cpus_per_encoder)),
     )
     placement = PlacementLedger()
     ds = decoded(
@@ -293,7 +300,7 @@ def embed_on_ray(
             device=stages.encoder_device,  # the plan decides, not what the actor can see
             batch_size=options.batch_size,
             # on a CPU the encoder runs its share of the cores, rounded up
-            threads=None if stages.gpus_per_encoder else math.ceil(stages.cpus_per_encoder),
+            threads=None if stages.gpus_per_encoder else torch_threads(stages.cpus_per_encoder),
             compiled=compiled,
             precision=options.precision,
             placement=placement,

@@ -78,6 +78,12 @@ class CpuShares:
     encode_s: float  # measured CPU-seconds per encoded row, one thread
 
 
+def torch_threads(cpus: float) -> int:
+    """The torch threads a CPU encoder runs on its share of ``cpus``: rounded up (a float sum that should be
+    whole, 2.0000000001, is not one more)."""
+    return max(1, math.ceil(cpus - EPS))
+
+
 def time_decode(listed: list[dict[str, Any]], settings: DecodeSettings, storage: StorageOptions) -> float:
     """CPU-seconds to decode the first listed video that decodes (of :data:`TIMED_VIDEOS`), as a whole,
     warm (:func:`warm_seconds` on this process's CPU clock: neither the store's latency nor the processes

@@ -12,6 +12,7 @@ from pipeline.embed.resources import (
     share_cpus,
     time_decode,
     time_encode,
+    torch_threads,
     warm_seconds,
 )
 from pipeline.embed.stages.decode import DecodeSettings
@@ -28,6 +29,13 @@ def test_a_cheap_encoder_leaves_the_cores_to_decoders_and_an_expensive_one_takes
     base = share_cpus(2, decode_s=0.075, encode_s=2.0, reserved=0.1)  # base-patch32
     assert base.decoders == 1 and base.cpus_per_encoder == pytest.approx(1.8)
     assert share_cpus(16, 0.1, 0.1, encoders=2, decoders=3).decoders == 3  # what the user asked for
+
+
+def test_an_encoders_share_of_cpus_runs_that_many_torch_threads_rounded_up() -> None:
+    assert [torch_threads(cpus) for cpus in (0.3, 1.0, 1.8, 2.0)] == [1, 1, 2, 2]
+    four = share_cpus(4.2, decode_s=0.1, encode_s=100.0, decoders=1, reserved=0.1).cpus_per_encoder
+    assert four != 4.0 and four == pytest.approx(4.0)  # a float sum that should be whole: not 5 threads
+    assert torch_threads(four) == 4
 
 
 @pytest.mark.parametrize(
