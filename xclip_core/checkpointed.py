@@ -16,6 +16,7 @@ from .processor import XCLIPProcessor
 from .sources import ModelSource
 from .tokenizer import CLIPTokenizer
 from .video_transforms import VideoPreprocessor
+from .weights_hash import weights_sha256
 
 
 class CheckpointedModel(nn.Module):
@@ -30,12 +31,14 @@ class CheckpointedModel(nn.Module):
         super().__init__()
         self.source: str | None = None
         self.storage_options: dict[str, Any] | None = None
+        self.sha256_as_loaded: str | None = None  # set by the loaders: the weights hash as they loaded them
 
     @cached_property
     def identity(self) -> ModelIdentity:
-        """Source and weights hash; computed on first use (before any change of dtype: the hash is of the
-        weights as they are then)."""
-        return ModelIdentity(self.source or "<in memory>", self.weights_sha256(), self.family)
+        """Source and weights hash: the weights as loaded (``sha256_as_loaded``), or for a model built in
+        memory as they are at first use."""
+        sha256 = self.sha256_as_loaded or self.weights_sha256()
+        return ModelIdentity(self.source or "<in memory>", sha256, self.family)
 
     @cached_property
     def processor(self) -> XCLIPProcessor:
@@ -65,5 +68,6 @@ class CheckpointedModel(nn.Module):
         checkpoints.save_safetensors(self.state_dict(), target.fs, target.path("model.safetensors"))
 
     def weights_sha256(self) -> str:
-        """:func:`xclip_core.checkpoints.weights_sha256` of this model: the same hash for every family."""
-        return checkpoints.weights_sha256(self)
+        """:func:`xclip_core.weights_hash.weights_sha256` of this model as it is now: the same hash for every
+        family."""
+        return weights_sha256(self)

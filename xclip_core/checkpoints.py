@@ -15,7 +15,6 @@ files (remote, or in the legacy format) are read whole.
 from __future__ import annotations
 
 import codecs
-import hashlib
 import io
 import os
 import pickle
@@ -33,6 +32,7 @@ from fsspec.implementations.local import LocalFileSystem
 from . import safetensors_reader
 from .config import TextConfig, VisionConfig, XCLIPConfig
 from .sources import ModelSource
+from .weights_hash import HashWhileLoading
 
 
 class CheckpointError(ValueError):
@@ -184,13 +184,19 @@ def _select_state_dict(obj: Any, where: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state_dict.items()}
 
 
+#: Where tensors may be read straight into, by name (a model's state dict); see :meth:`Weights.tensors`.
+Destinations = Mapping[str, torch.Tensor]
+
+
 class Weights(Mapping[str, torch.Size]):
     """A checkpoint's tensors: their shapes by name, known before any tensor is read, and ``tensors()``, which
     reads them one at a time (from a safetensors file or a local zip-format torch file: straight from storage,
     so a model loads without a second copy of its weights in memory)."""
 
     def __init__(
-        self, shapes: Mapping[str, torch.Size], tensors: Callable[[], Iterator[tuple[str, torch.Tensor]]]
+        self,
+        shapes: Mapping[str, torch.Size],
+        tensors: Callable[[Destinations | None], Iterator[tuple[str, torch.Tensor]]],
     ):
         self.shapes = dict(shapes)
         self._tensors = tensors
@@ -198,7 +204,7 @@ class Weights(Mapping[str, torch.Size]):
     @classmethod
     def of(cls, state_dict: Mapping[str, torch.Tensor]) -> Weights:
         """Weights already in memory."""
-        return cls({k: v.shape for k, v in state_dict.items()}, lambda: iter(state_dict.items()))
+        return cls({k: v.shape for k, v in state_dict.items()}, lambda _: iter(state_dict.items()))
 
     def __getitem__(self, key: str) -> torch.Size:
         return self.shapes[key]
@@ -209,9 +215,11 @@ class Weights(Mapping[str, torch.Size]):
     def __len__(self) -> int:
         return len(self.shapes)
 
-    def tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """``(name, tensor)`` for every tensor, on CPU."""
-        return (item for item in self._tensors() if item[0] in self.shapes)
+    def tensors(self, into: Destinations | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+        """``(name, tensor)`` for every tensor, on CPU. A safetensors file reads a tensor straight into
+        ``into[name]`` where that is a contiguous CPU tensor of its dtype and shape, and yields it: a model's
+        state dict loads without a copy."""
+        return (item for item in self._tensors(into) if item[0] in self.shapes)
 
     def without(self, drop: Callable[[str], bool]) -> Weights:
         """These weights less the names for which ``drop`` is true."""
@@ -237,7 +245,7 @@ def open_weights(source_or_path: ModelSource | str | os.PathLike, name: str | No
             raise CheckpointError(f"{where} names no weight files")
         parts = [open_weights(source, shard) for shard in shards]
         shapes = {key: shape for part in parts for key, shape in part.items()}
-        return Weights(shapes, lambda: (item for part in parts for item in part.tensors()))
+        return Weights(shapes, lambda into: (item for part in parts for item in part.tensors(into)))
     if where.endswith(".safetensors"):
         return _safetensors_weights(source, name or "", where)
     return _torch_weights(source, name or "", where)
@@ -271,7 +279,7 @@ def _torch_weights(source: ModelSource, name: str, where: str) -> Weights:
         return Weights.of(_select_state_dict(_torch_load(source.read_bytes(name), where), where))
     state_dict = _select_state_dict(_torch_load(path, where), where)
     return Weights(
-        {k: v.shape for k, v in state_dict.items()}, lambda: ((k, v.clone()) for k, v in state_dict.items())
+        {k: v.shape for k, v in state_dict.items()}, lambda _: ((k, v.clone()) for k, v in state_dict.items())
     )
 
 
@@ -287,14 +295,15 @@ def _safetensors_weights(source: ModelSource, name: str, where: str) -> Weights:
     if not stored:
         raise CheckpointError(f"{where}: no state dict found: the file holds no tensors")
 
-    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+    def tensors(into: Destinations | None) -> Iterator[tuple[str, torch.Tensor]]:
         with source.fs.open(path, "rb") as f:
-            for key, entry in stored.items():
+            for stored_key, entry in stored.items():
+                key = stored_key.removeprefix("module.")
                 try:
-                    tensor = safetensors_reader.read_tensor(f, entry)
+                    tensor = safetensors_reader.read_tensor(f, entry, (into or {}).get(key))
                 except ValueError as err:
                     raise _unreadable(where, err) from None
-                yield key.removeprefix("module."), tensor
+                yield key, tensor
 
     return Weights({k.removeprefix("module."): v.shape for k, v in stored.items()}, tensors)
 
@@ -550,8 +559,11 @@ def load_into(
     The module is built on the meta device (no random initialization: every parameter is about to be
     loaded) and checked against the weights (:func:`check_state_dict`); then each parameter gets fresh
     memory in ``dtype`` on ``device`` and is filled one tensor at a time: loading holds the model plus one
-    tensor, never a second copy of the weights. (``torch.empty`` rather than ``Module.to_empty``, whose
+    tensor, never a second copy of the weights (a safetensors file's tensors of the same dtype are read
+    straight into the parameters on a CPU). (``torch.empty`` rather than ``Module.to_empty``, whose
     ``empty_like`` of meta tensors imports torch's symbolic-shapes machinery: 0.3 s in every process.)
+    The weights are hashed as they are filled (:class:`~xclip_core.weights_hash.HashWhileLoading`), on a
+    thread of their own: the module's ``sha256_as_loaded``.
     """
     with torch.device("meta"):
         model = build()
@@ -560,21 +572,13 @@ def load_into(
         lambda t: torch.empty(t.shape, dtype=dtype if t.is_floating_point() else t.dtype, device=device)
     )
     parameters = model.state_dict()
-    with torch.no_grad():
-        for key, tensor in weights.tensors():
-            parameters[key].copy_(tensor)
+    with torch.no_grad(), HashWhileLoading(parameters) as hashing:
+        for key, tensor in weights.tensors(into=parameters):
+            if tensor is not parameters[key]:  # read elsewhere (another dtype or device, a torch file)
+                parameters[key].copy_(tensor)
+            hashing.filled(key)
+    model.sha256_as_loaded = hashing.hexdigest()
     return model.eval()
-
-
-def weights_sha256(model: torch.nn.Module) -> str:
-    """Hex SHA-256 of a model's weights: every state-dict entry in sorted key order, as its name, dtype, shape
-    and raw bytes. Equal for equal weights wherever they were loaded from; changes with the dtype."""
-    digest = hashlib.sha256()
-    for key, tensor in sorted(model.state_dict().items()):
-        tensor = tensor.detach().cpu().contiguous()
-        digest.update(f"{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
 
 
 def save_safetensors(

@@ -13,7 +13,7 @@ from typing import Any
 @dataclass(frozen=True)
 class ModelIdentity:
     """``source``: the checkpoint as given (a path, URL or name); ``sha256``: hex SHA-256 of the weights as
-    loaded (float32; see ``XCLIPModel.weights_sha256``); ``family``: the model family (``"xclip"``...)."""
+    loaded (float32; see :mod:`xclip_core.weights_hash`); ``family``: the model family (``"xclip"``...)."""
 
     source: str
     sha256: str

@@ -83,16 +83,24 @@ def read_header(file: IO[bytes], size: int) -> dict[str, StoredTensor]:
     return dict(sorted(tensors.items(), key=lambda item: item[1].start))
 
 
-def read_tensor(file: IO[bytes], stored: StoredTensor) -> torch.Tensor:
-    """One tensor, read into its own writable CPU memory (callers copy it where it belongs)."""
+def read_tensor(file: IO[bytes], stored: StoredTensor, into: torch.Tensor | None = None) -> torch.Tensor:
+    """One tensor, read into ``into`` when that is a contiguous CPU tensor of its dtype and shape (a model's
+    parameter: no copy follows), else into its own writable CPU memory (callers copy it where it belongs)."""
+    fits = (
+        into is not None
+        and into.device.type == "cpu"
+        and into.dtype == stored.dtype
+        and into.shape == stored.shape
+        and into.is_contiguous()
+    )
+    tensor = into if fits else torch.empty(stored.shape, dtype=stored.dtype)  # not zeroed: every byte is read
+    if not tensor.numel():
+        return tensor
     file.seek(stored.start)
-    buffer = bytearray(stored.end - stored.start)
-    view, done = memoryview(buffer), 0
-    while done < len(buffer):
+    view, done = memoryview(tensor.reshape(-1).view(torch.uint8).numpy()), 0
+    while done < len(view):
         count = file.readinto(view[done:])
         if not count:
-            raise ValueError(f"file ended {len(buffer) - done} bytes short of a tensor")
+            raise ValueError(f"file ended {len(view) - done} bytes short of a tensor")
         done += count
-    if not buffer:
-        return torch.empty(stored.shape, dtype=stored.dtype)
-    return torch.frombuffer(buffer, dtype=stored.dtype).reshape(stored.shape)
+    return tensor

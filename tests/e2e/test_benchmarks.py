@@ -30,6 +30,12 @@ def test_encoder_benchmark_compares_identical_outputs() -> None:
     assert re.search(r"ours\s+\S+ GFLOP per video", out) and "roofline:" in out
 
 
+def test_model_load_benchmark_reports_both_ratios(tmp_path: Path) -> None:
+    out = bench("model_load.py", "--preset", "videosearch-tiny", "--rounds", "1", "--workdir", str(tmp_path))
+    assert re.search(r"plain / ours \(best\): \d+\.\d+x", out), out
+    assert re.search(r"ours / hash alone \(best; 1.0 is the floor\): \d+\.\d+", out), out
+
+
 def test_pipeline_benchmark_reports_ratios_and_cpu(tmp_path: Path) -> None:
     model = str(ROOT / "xclip_core" / "data" / "default-model")
     out = bench(
