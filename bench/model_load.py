@@ -8,7 +8,8 @@ alternating rounds in this process (the file in the page cache after the first):
 
 - ours: ``pipeline.models.load_model`` (the weights read straight into the parameters, hashed on a thread
   of their own as they are filled), the identity's hash included;
-- plain: the safetensors library's ``load_file``, the model built and ``load_state_dict``, then the hash;
+- plain: the model built on the meta device, the safetensors library's ``load_file`` assigned to it
+  (``load_state_dict(assign=True)``: no copy), then the hash;
 - hash alone: :func:`xclip_core.weights_hash.weights_sha256` of the loaded model, which no load that hashes
   the weights it loads can beat on one hashing thread.
 
@@ -40,8 +41,9 @@ from xclip_core.weights_hash import weights_sha256  # noqa: E402
 
 def plain_load(checkpoint: Path) -> str:
     config = XCLIPConfig.from_dict(json.loads((checkpoint / "config.json").read_text()))
-    model = XCLIPModel(config)
-    model.load_state_dict(safetensors.torch.load_file(checkpoint / "model.safetensors"))
+    with torch.device("meta"):  # no random initialization, as ours
+        model = XCLIPModel(config)
+    model.load_state_dict(safetensors.torch.load_file(checkpoint / "model.safetensors"), assign=True)
     return weights_sha256(model)
 
 
