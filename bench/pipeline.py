@@ -6,7 +6,8 @@ Usage: python bench/pipeline.py [--videos 200] [--distinct N] [--seconds 10] [--
 
 Generates ``--videos`` real H.264 clips (moving shapes from ``pipeline.samples.synthetic``, 25 fps; cached in
 the workdir, so re-runs reuse them) and a checkpoint (``--model``: a preset's geometry with seeded random
-weights, default ``xclip-base-patch32``, or an existing checkpoint directory). Then, one after the other in
+weights, default ``xclip-base-patch32``; ``videosearch-tiny``, the bundled model; or an existing checkpoint
+directory). Then, one after the other in
 this process, it times:
 
   decode alone    ``DecodeVideos`` over every video, one video per call, in this process
@@ -67,7 +68,7 @@ from pipeline.embed.stages.decode import DecodeSettings, DecodeVideos  # noqa: E
 from pipeline.embed.stages.encode import EncodeFrames, compute_dtype  # noqa: E402
 from pipeline.embed.stages.list import list_objects  # noqa: E402
 from pipeline.flags import PRECISIONS  # noqa: E402
-from pipeline.models import load_model  # noqa: E402
+from pipeline.models import BUNDLED, default_model_source, load_model  # noqa: E402
 from pipeline.samples.synthetic import Scene, all_shapes, sample_scenes, write_clip  # noqa: E402
 from xclip_core import XCLIPModel  # noqa: E402
 from xclip_core.config import preset  # noqa: E402
@@ -160,9 +161,12 @@ def make_source(source: Path, videos: list[Path]) -> Path:
 
 
 def make_checkpoint(workdir: Path, model: str) -> str:
-    """A checkpoint directory: ``model`` itself if it is one, else the preset with seeded random weights."""
+    """A checkpoint directory: ``model`` itself if it is one, the bundled model's by its name, else the
+    preset with seeded random weights."""
     if Path(model).is_dir():
         return model
+    if model == BUNDLED:
+        return default_model_source()
     config = preset(model)
     target = workdir / "models" / f"{model.removeprefix('microsoft/')}-random-{SEED}"
     if not (target / "model.safetensors").exists():
@@ -614,7 +618,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--gop", type=int, help="frames between keyframes (default: x264's, 250; streaming encoders use ~2 s)"
     )
-    parser.add_argument("--model", default="xclip-base-patch32", help="a preset name or a checkpoint dir")
+    parser.add_argument(
+        "--model",
+        default="xclip-base-patch32",
+        help=f"a preset name (random weights), {BUNDLED} (the bundled model) or a checkpoint dir",
+    )
     parser.add_argument("--batch-size", type=int, default=4, help="videos per encoder call")
     parser.add_argument(
         "--sampling",
