@@ -6,7 +6,10 @@ import io
 
 import pytest
 import torch
+from helpers import MotoS3
 
+from pipeline.models import load_model
+from pipeline.storage import Store
 from xclip_core import XCLIPModel
 from xclip_core.checkpoints import save_safetensors
 from xclip_core.safetensors_reader import read_header, read_tensor
@@ -78,3 +81,13 @@ def test_a_safetensors_tensor_is_read_straight_into_a_parameter_that_fits(tmp_pa
     other = torch.zeros(4, 3, dtype=torch.float64)  # another dtype: read into memory of its own
     read = read_tensor(io.BytesIO(data), stored["b.weight"], into=other)
     assert read is not other and torch.equal(read, state["b.weight"]) and not other.any()
+
+
+def test_a_checkpoint_on_s3_loads_the_weights_and_identity_of_its_local_copy(s3: MotoS3, bucket, tiny_model):
+    remote = Store(f"s3://{bucket}/models/tiny", s3.options)
+    for path in tiny_model.iterdir():
+        remote.write_bytes(path.name, path.read_bytes())
+    local, loaded = load_model(str(tiny_model)), load_model(remote.uri, s3.options)  # read through s3fs
+    assert loaded.identity.sha256 == local.identity.sha256 == loaded.weights_sha256()
+    expected = local.state_dict()
+    assert all(torch.equal(tensor, expected[key]) for key, tensor in loaded.state_dict().items())
