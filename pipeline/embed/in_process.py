@@ -207,8 +207,8 @@ def embed_in_process(
         else:
             decoded = _on_threads(batches, DecodeVideos(settings, options.storage, crash_ledger=marker))
         stack.enter_context(contextlib.closing(decoded))  # its decoding stops before the workers do
-        torch_threads = torch.get_num_threads()
-        stack.callback(torch.set_num_threads, torch_threads)  # the caller's, whatever the encoder was given
+        callers_threads = torch.get_num_threads()
+        stack.callback(torch.set_num_threads, callers_threads)  # the caller's, whatever the encoder was given
         encode = EncodeFrames(
             options.model,
             options.storage,
@@ -218,7 +218,7 @@ def embed_in_process(
             loaded=model,
             precision=options.precision,
             compiled=compiles(
-                options.compile, on_gpu, len(listed), lambda: time_encode(model, threads or torch_threads)
+                options.compile, on_gpu, len(listed), lambda: time_encode(model, threads or callers_threads)
             ),
         )
         write = WritePart(writer.store, writer.embedding_dim, writer.prompt_shape)
