@@ -7,8 +7,7 @@ Usage: python bench/pipeline.py [--videos 200] [--distinct N] [--seconds 10] [--
 Generates ``--videos`` real H.264 clips (moving shapes from ``pipeline.samples.synthetic``, 25 fps; cached in
 the workdir, so re-runs reuse them) and a checkpoint (``--model``: a preset's geometry with seeded random
 weights, default ``xclip-base-patch32``; ``videosearch-tiny``, the bundled model; or an existing checkpoint
-directory). Then, one after the other in
-this process, it times:
+directory). Then, one after the other in this process, it times:
 
   decode alone    ``DecodeVideos`` over every video, one video per call, in this process
   encode alone    ``EncodeFrames`` over the pre-decoded frames, ``--batch-size`` videos per call, with torch's
