@@ -19,19 +19,18 @@ from .cluster.submit import ClusterError
 from .embed.options import (
     COMPILES,
     DECODE_DEVICES,
-    EXECUTORS,
     IN_PROCESS_MAX_CPUS,
     IN_PROCESS_MAX_OBJECTS,
     SAMPLINGS,
     EmbedOptions,
 )
-from .flags import PRECISIONS
+from .flags import EXECUTORS, PRECISIONS
 from .library.index import KINDS as INDEX_KINDS
 from .library.manifest import GRACE_S, LibraryError, WorseVersionError
 from .search.service.options import ServiceOptions
 from .storage import StorageError, StorageOptions
 from .train.config import TrainConfig
-from .train.options import TrainOptions
+from .train.options import IN_PROCESS_MAX_CLIP_BYTES, TrainOptions
 from .video_table import DEFAULT_TEMPLATE
 
 if TYPE_CHECKING:
@@ -229,7 +228,8 @@ def _parser() -> argparse.ArgumentParser:
     _storage_flags(classify)
 
     train = commands.add_parser(
-        "train", help="train or fine-tune X-CLIP or EVL on captioned or labeled videos (Ray Train)"
+        "train",
+        help="train or fine-tune X-CLIP or EVL on captioned or labeled videos (Ray Train or in-process)",
     )
     train.add_argument("table", help="CSV or Parquet table with uri,caption or uri,label columns")
     train.add_argument("output", help="where checkpoint-<step>/ directories go (local path or URL)")
@@ -310,6 +310,14 @@ def _parser() -> argparse.ArgumentParser:
         "'auto' (the default) caches for 2+ epochs when they fit half the object store",
     )
     train.add_argument("--address", help="Ray address (default: start a local Ray)")
+    train.add_argument(
+        "--executor",
+        choices=EXECUTORS,
+        default=run("executor"),
+        help="where the run goes: on Ray Train, or in this process without Ray (one worker); auto (the "
+        "default): in this process for one worker when no cluster is to be joined and the decoded clips "
+        f"fill at most {IN_PROCESS_MAX_CLIP_BYTES / 2**30:g} GiB",
+    )
     train.add_argument("--json", action="store_true", help="print the summary as JSON")
     _storage_flags(train)
 
@@ -372,6 +380,7 @@ def _run_train(args: argparse.Namespace, out: TextIO) -> int:
         seed=args.seed,
         backbone_cache=args.backbone_cache,
         address=args.address,
+        executor=args.executor,
         train=TrainConfig(
             learning_rate=args.lr,
             weight_decay=args.weight_decay,

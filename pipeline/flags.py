@@ -11,3 +11,7 @@ def check_choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
 
 #: ``--precision`` of the jobs that run a model: "auto" (bfloat16 on a GPU, float32 on CPUs), "fp32", "bf16".
 PRECISIONS = ("auto", "fp32", "bf16")
+
+#: ``--executor`` of the jobs that can run without Ray: "ray", "in-process" (the job's own process), or "auto"
+#: (each job's rule: :mod:`pipeline.embed.in_process`, :mod:`pipeline.train.in_process`).
+EXECUTORS = ("auto", "ray", "in-process")

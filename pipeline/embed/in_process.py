@@ -152,8 +152,7 @@ def runs_in_process(listed: list[dict[str, Any]], options: EmbedOptions, library
     ``IN_PROCESS_MAX_CPUS`` CPUs, and no earlier in-process job of ``library`` died while decoding."""
     if options.executor != "auto":
         return options.executor == "in-process"
-    address = options.address or os.environ.get("RAY_ADDRESS") or "local"
-    if address != "local" or options.decoders or options.encoders or _ray_connected():
+    if cluster_to_join(options.address) or options.decoders or options.encoders:
         return False
     size = sum(int(row.get("size") or 0) for row in listed)
     small = len(listed) <= IN_PROCESS_MAX_OBJECTS and size <= IN_PROCESS_MAX_BYTES
@@ -163,6 +162,13 @@ def runs_in_process(listed: list[dict[str, Any]], options: EmbedOptions, library
     if crashed is not None:
         log.warning("a job died decoding %s: this one runs on Ray, where a crash costs an actor", crashed)
     return crashed is None
+
+
+def cluster_to_join(address: str | None) -> bool:
+    """Whether a job given ``address`` (``--address``) has a Ray cluster to join: an address other than
+    ``local`` given or in ``RAY_ADDRESS``, or Ray already connected in this process."""
+    address = address or os.environ.get("RAY_ADDRESS") or "local"
+    return address != "local" or _ray_connected()
 
 
 def usable_cpus() -> int:
@@ -201,7 +207,7 @@ def embed_in_process(
         on_gpu = options.gpus_per_encoder != 0 and torch.cuda.is_available()
         threads = encoder_threads(listed, settings, options, functools.partial(encode_cpu_s, model), on_gpu)
         groups = (listed[i : i + options.batch_size] for i in range(0, len(listed), options.batch_size))
-        batches = (_batch(group) for group in groups)  # one encoder call's videos each
+        batches = (as_batch(group) for group in groups)  # one encoder call's videos each
         if workers is not None:
             decoded = workers.decoded(batches, DECODED_AHEAD)
         else:
@@ -250,7 +256,7 @@ def decoding_processes(listed: list[dict[str, Any]]) -> int:
     return cpus if len(listed) > IN_PROCESS_MAX_OBJECTS and cpus > 1 and os.name == "posix" else 0
 
 
-def _batch(group: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+def as_batch(group: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     """Listed rows as one batch of columns."""
     return {name: np.array([row[name] for row in group], dtype=object) for name in group[0]}
 

@@ -6,10 +6,9 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..flags import PRECISIONS, check_choice
+from ..flags import EXECUTORS, PRECISIONS, check_choice
 from ..storage import StorageOptions
 
-EXECUTORS = ("auto", "ray", "in-process")
 SAMPLINGS = ("exact", "fast")  # as pipeline.embed.stages.decode has them (not imported: PyAV, for --help)
 DECODE_DEVICES = ("cpu", "cuda")  # "cuda": NVDEC (pipeline.embed.stages.decode)
 COMPILES = ("auto", "on", "off")  # torch.compile of the video encoder (pipeline.embed.compiling)

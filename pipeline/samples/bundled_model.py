@@ -44,6 +44,7 @@ class Recipe:
     weight_decay: float = 0.05
     warmup_steps: int = 100
     seed: int = 0  # the split, the scenes, the initialization and the shuffling all follow from it
+    executor: str = "ray"  # the shipped weights were trained on Ray Train (the executors shuffle differently)
 
 
 def make(target: str, recipe: Recipe = Recipe(), workdir: str | None = None) -> dict:
@@ -65,6 +66,7 @@ def make(target: str, recipe: Recipe = Recipe(), workdir: str | None = None) -> 
             epochs=recipe.epochs,
             batch_size=recipe.batch_size,
             seed=recipe.seed,
+            executor=recipe.executor,
             train=TrainConfig(
                 learning_rate=recipe.learning_rate,
                 weight_decay=recipe.weight_decay,

@@ -7,12 +7,15 @@ from typing import Any
 
 from xclip_core.config import XCLIPConfig
 
-from ..flags import check_choice
+from ..flags import EXECUTORS, check_choice
 from ..storage import StorageOptions
 from ..video_table import DEFAULT_TEMPLATE
 from .config import TrainConfig
 
 FAMILIES_TRAINED_NEW = ("xclip", "evl")  # what --family can start
+# "auto" trains in the job's process when the decoded clips fill at most this much memory (and see
+# pipeline.train.in_process)
+IN_PROCESS_MAX_CLIP_BYTES = 2**30
 
 
 @dataclass
@@ -37,11 +40,15 @@ class TrainOptions:
     # a frozen backbone's features computed once per clip: "on", "off", or "auto" (see train.backbone_cache)
     backbone_cache: str = "auto"
     address: str | None = None  # Ray address; None starts (or joins) a local Ray
+    # "ray" (Ray Train), "in-process" (one worker in this process, no Ray), or "auto": in-process for one
+    # worker when there is no cluster to join and the decoded clips are small (see pipeline.train.in_process)
+    executor: str = "auto"
     train: TrainConfig = field(default_factory=TrainConfig)
     storage: StorageOptions = field(default_factory=StorageOptions)
 
     def __post_init__(self) -> None:
         check_choice("--family", self.family, FAMILIES_TRAINED_NEW)
+        check_choice("--executor", self.executor, EXECUTORS)
         new_evl = self.family == "evl"
         if sum(x is not None for x in (self.model, self.config, self.resume)) + new_evl != 1:
             raise ValueError(
@@ -51,6 +58,8 @@ class TrainOptions:
             raise ValueError("--backbone is for a new EVL model (--family evl)")
         if self.epochs < 1 or self.batch_size < 2 or self.workers < 1:
             raise ValueError("epochs and workers must be at least 1, the batch size at least 2")
+        if self.executor == "in-process" and self.workers > 1:
+            raise ValueError(f"--executor in-process runs one worker: {self.workers} workers need Ray")
 
 
 @dataclass
@@ -61,6 +70,7 @@ class TrainSummary:
     epochs: list[dict[str, float]]  # per epoch: epoch, loss (mean over steps), steps (in all)
     seconds: float
     backbone_cached: bool = False  # the epochs stepped from the frozen backbone's features, computed once
+    executor: str = "ray"  # where it ran: "ray" (Ray Train) or "in-process"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,7 +80,8 @@ class TrainSummary:
             f"epoch {int(e['epoch'])}: loss {e['loss']:.4f} ({int(e['steps'])} steps)" for e in self.epochs
         ]
         lines.append(
-            f"trained on {self.clips} clips ({self.failed} failed to decode) in {self.seconds:.0f} s; "
+            f"trained on {self.clips} clips ({self.failed} failed to decode) in {self.seconds:.0f} s "
+            f"({'in this process' if self.executor == 'in-process' else 'on Ray Train'}); "
             f"last checkpoint: {self.checkpoint}"
         )
         if self.backbone_cached:

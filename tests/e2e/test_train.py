@@ -18,6 +18,7 @@ from pipeline.train.job import train
 from pipeline.train.options import TrainOptions
 from pipeline.train.trainer import Trainer
 from xclip_core import XCLIPModel
+from xclip_core.evl.build import evl_over_clip
 from xclip_core.evl.model import EVLModel
 from xclip_core.tokenizer import CLIPTokenizer
 from xclip_core.video_transforms import VideoPreprocessor
@@ -71,24 +72,75 @@ def test_freezing_the_towers_trains_only_x_clip_blocks(tiny_model, batch) -> Non
         trainable("x", "everything")
 
 
-def test_ray_train_job_decodes_trains_and_checkpoints(tiny_model, tmp_path) -> None:
+@pytest.fixture
+def table_with_a_bad_video(tmp_path) -> str:
+    """Six captioned clips of one second, and a file that is not a video (it must not stop the job)."""
     table = write_dataset(tmp_path / "clips", sample_scenes(6, seed=4), seconds=1.0, fps=8)
     with open(table, "a") as f:
-        f.write(f"{tmp_path / 'bad.mp4'},a file that is not a video\n")  # must not stop the job
+        f.write(f"{tmp_path / 'bad.mp4'},a file that is not a video\n")
     (tmp_path / "bad.mp4").write_bytes(b"not a video")
+    return table
+
+
+@pytest.mark.parametrize("executor", ["ray", "in-process"])
+def test_train_job_decodes_trains_and_checkpoints_the_same_run_for_the_same_seed(
+    tiny_model, table_with_a_bad_video, tmp_path, executor
+) -> None:
     options = TrainOptions(
-        output=str(tmp_path / "run"), model=str(tiny_model), epochs=2, batch_size=6, train=TrainConfig(1e-3)
+        output=str(tmp_path / "run"),
+        model=str(tiny_model),
+        epochs=2,
+        batch_size=4,
+        executor=executor,
+        train=TrainConfig(1e-3),
     )
-    # two epochs of one six-clip batch each: one optimizer step per epoch, a checkpoint after each
-    summary = train(table, options)
-    assert summary.checkpoint == str(tmp_path / "run" / "checkpoint-00000002")
-    assert (summary.clips, summary.failed, [e["steps"] for e in summary.epochs]) == (6, 1, [1, 2])
-    trained = XCLIPModel.from_pretrained(tmp_path / "run" / "checkpoint-00000002")
+    # two epochs of a four-clip and a two-clip batch: two optimizer steps per epoch, a checkpoint after each
+    summary = train(table_with_a_bad_video, options)
+    assert summary.executor == executor
+    assert summary.checkpoint == str(tmp_path / "run" / "checkpoint-00000004")
+    assert (summary.clips, summary.failed, [e["steps"] for e in summary.epochs]) == (6, 1, [2, 4])
+    trained = XCLIPModel.from_pretrained(tmp_path / "run" / "checkpoint-00000004")
     start = XCLIPModel.from_pretrained(tiny_model)
     assert not torch.equal(trained.mit.position_embedding, start.mit.position_embedding)
     # the same seed, the same run: clips in table order whichever decoder finishes first, seeded shuffles
-    again = train(table, replace(options, output=str(tmp_path / "again")))
+    again = train(table_with_a_bad_video, replace(options, output=str(tmp_path / "again")))
     assert XCLIPModel.from_pretrained(again.checkpoint).weights_sha256() == trained.weights_sha256()
+    if executor == "in-process":  # (the seeds reach both executors' shuffles by the same loop)
+        other = train(table_with_a_bad_video, replace(options, output=str(tmp_path / "seed"), seed=1))
+        assert XCLIPModel.from_pretrained(other.checkpoint).weights_sha256() != trained.weights_sha256()
+
+
+def test_one_full_batch_step_is_the_same_on_both_executors(
+    tiny_model, table_with_a_bad_video, batch, tmp_path
+) -> None:
+    """The two executors differ in how they shuffle only: a batch of every clip takes the same step (here an
+    EVL decoder's, from the frozen backbone's features cached on Ray's actor pool or in this process)."""
+    torch.manual_seed(0)
+    evl = evl_over_clip(tiny_model)
+    # no dropout: its masks follow a clip's place in the batch, which the executors' shuffles choose
+    evl.config.decoder_config.mlp_dropout = evl.config.classifier_dropout = 0.0
+    evl.save_pretrained(tmp_path / "evl")
+    evl.processor.save_pretrained(str(tmp_path / "evl"))
+    options = TrainOptions(
+        output=str(tmp_path / "ray"),
+        model=str(tmp_path / "evl"),
+        batch_size=8,
+        backbone_cache="on",
+        executor="ray",
+        train=TrainConfig(1e-3),
+    )
+    on_ray = train(table_with_a_bad_video, options)
+    here = train(
+        table_with_a_bad_video, replace(options, output=str(tmp_path / "here"), executor="in-process")
+    )
+    assert on_ray.backbone_cached and here.backbone_cached and (here.clips, here.failed) == (6, 1)
+    assert here.epochs[0]["loss"] == pytest.approx(on_ray.epochs[0]["loss"], rel=1e-5)
+    # the same model: the same embeddings of other clips (not the same weights to the last bits: AdamW's
+    # first step is as large for a gradient of rounding noise, as a key bias's, as for a real one)
+    with torch.no_grad():
+        embeddings = [load_model(run.checkpoint).encode_videos(batch[0])[0] for run in (on_ray, here)]
+    torch.testing.assert_close(*embeddings, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(embeddings[0], load_model(str(tmp_path / "evl")).encode_videos(batch[0])[0])
 
 
 def test_schedule_warms_up_then_decays_to_zero_and_precision_is_checked() -> None:
@@ -118,11 +170,12 @@ def test_cli_trains_from_scratch_on_labels_then_resumes(tiny_model, tmp_path, ca
         f.write("uri,label\n")
         f.writelines(f"clip-{i:05d}.mp4,{s.shapes[0].kind}\n" for i, s in enumerate(scenes))
     table, run = str(tmp_path / "clips" / "labels.csv"), str(tmp_path / "run")
-    common = ["--batch-size", "3", "--lr", "1e-3", "--json"]
+    common = ["--batch-size", "3", "--lr", "1e-3", "--executor", "in-process", "--json"]
     assert main(["train", table, run, "--config", str(tiny_model / "config.json"), *common]) == 0
     first = json.loads(capsys.readouterr().out)
     assert first["checkpoint"] == str(tmp_path / "run" / "checkpoint-00000002")
     assert [e["epoch"] for e in first["epochs"]] == [1] and first["clips"] == 6
+    assert first["executor"] == "in-process"
 
     assert main(["train", table, run, "--resume", first["checkpoint"], "--epochs", "2", *common]) == 0
     second = json.loads(capsys.readouterr().out)
@@ -158,10 +211,13 @@ def test_two_data_parallel_workers_checkpoint_to_s3_and_resume_from_there(
     start = XCLIPModel.from_pretrained(tiny_model)
     assert not torch.equal(trained.mit.position_embedding, start.mit.position_embedding)
 
-    again = TrainOptions(output=run, resume=summary.checkpoint, epochs=2, batch_size=2, storage=storage)
+    # resumed in this process (a Ray run's checkpoint resumes on either executor)
+    again = TrainOptions(
+        output=run, resume=summary.checkpoint, epochs=2, batch_size=2, executor="in-process", storage=storage
+    )
     resumed = train(table, again)
     assert resumed.checkpoint == f"{run}/checkpoint-00000006"  # one worker now: four steps of two clips
-    assert [e["steps"] for e in resumed.epochs] == [2, 6]
+    assert [e["steps"] for e in resumed.epochs] == [2, 6] and resumed.executor == "in-process"
 
 
 def test_cli_trains_a_text_aligned_evl_model_whose_library_answers_queries(
@@ -170,9 +226,11 @@ def test_cli_trains_a_text_aligned_evl_model_whose_library_answers_queries(
     table = write_dataset(tmp_path / "clips", sample_scenes(6, seed=9), seconds=1.0, fps=8)
     run, library = str(tmp_path / "run"), str(tmp_path / "library")
     train_flags = ["--family", "evl", "--backbone", str(tiny_model), "--batch-size", "3", "--lr", "1e-3"]
-    assert main(["train", table, run, *train_flags, "--epochs", "2", "--json"]) == 0
+    assert (
+        main(["train", table, run, *train_flags, "--epochs", "2", "--executor", "in-process", "--json"]) == 0
+    )
     summary = json.loads(capsys.readouterr().out)
-    # two epochs: the frozen backbone ran once per clip, on Ray Data, and both epochs stepped the decoder
+    # two epochs: the frozen backbone ran once per clip, and both epochs stepped the decoder
     assert summary["backbone_cached"] and [e["steps"] for e in summary["epochs"]] == [2, 4]
     checkpoint = summary["checkpoint"]
     model = load_model(checkpoint)

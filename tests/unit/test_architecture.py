@@ -10,7 +10,7 @@ import pytest
 ROOT = Path(__file__).parents[2]
 PACKAGES = ("pipeline", "xclip_core")
 # the only modules that import ray: the job modules, and the Jobs API client (ray.job_submission)
-RAY_MODULES = {"pipeline.embed.on_ray", "pipeline.train.job", "pipeline.cluster.submit"}
+RAY_MODULES = {"pipeline.embed.on_ray", "pipeline.train.on_ray", "pipeline.cluster.submit"}
 
 
 def module_name(path: Path) -> str:
