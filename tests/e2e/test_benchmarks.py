@@ -73,6 +73,15 @@ def test_train_efficiency_benchmark_reports_both_ratios() -> None:
     assert "backbone forward (no grad)" in out, out
 
 
+def test_train_executors_benchmark_times_a_run_in_process(tmp_path: Path) -> None:
+    """(The Ray Train run, ~1 minute, is left to full runs: the same command with another --executor.)"""
+    out = bench(
+        "train_executors.py", "--clips", "4", "--epochs", "1", "--batch-size", "2", "--rounds", "1",
+        "--executors", "in-process", "--workdir", str(tmp_path),
+    )  # fmt: skip
+    assert re.search(r"in-process: wall \d+\.\d s best.*2 steps.*\(executor in-process\)", out), out
+
+
 # three captioned clips of 2 s 64x48 for bench/decode.py and bench/precision.py
 TINY_CLIPS = [
     "--videos", "3", "--seconds", "2", "--width", "64", "--height", "48", "--fps", "10", "--gop", "5",
