@@ -28,7 +28,8 @@ check() {  # check NAME SECONDS COMMAND...: runs COMMAND under a time limit, its
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/summary.txt"
 python3 -c "import torch, av; print('torch', torch.__version__, 'PyAV', av.__version__)" | tee -a "$out/summary.txt"
 check cuda-tests 150 python3 -m pytest -q -p no:cacheprovider -rs \
-    tests/unit/test_encode_write.py tests/unit/test_decode.py tests/unit/test_index.py -k "cuda or nvdec or gpus"
+    tests/unit/test_encode_write.py tests/unit/test_decode.py tests/unit/test_index.py tests/e2e/test_train.py \
+    -k "cuda or nvdec or gpus"
 check encoder 200 python3 bench/encoder.py --preset xclip-base-patch32 --batch 32 --dtype bfloat16 --compile
 check decode 120 python3 bench/decode.py --videos 24 --nvdec --workdir "$out/clips"
 check train 150 python3 bench/train_efficiency.py --device cuda --dtype bf16 --batch 8 --steps 3

@@ -143,6 +143,21 @@ def test_one_full_batch_step_is_the_same_on_both_executors(
     assert not torch.allclose(embeddings[0], load_model(str(tmp_path / "evl")).encode_videos(batch[0])[0])
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
+def test_in_process_training_on_a_cuda_gpu_takes_the_cpus_step(tiny_model, table_with_a_bad_video, tmp_path):
+    options = TrainOptions(
+        output=str(tmp_path / "cpu"),
+        model=str(tiny_model),
+        batch_size=8,
+        executor="in-process",
+        train=TrainConfig(1e-3, precision="fp32"),
+    )
+    on_cpu = train(table_with_a_bad_video, options)
+    on_gpu = train(table_with_a_bad_video, replace(options, output=str(tmp_path / "gpu"), use_gpu=True))
+    assert on_gpu.epochs[0]["loss"] == pytest.approx(on_cpu.epochs[0]["loss"], rel=1e-3)
+    assert load_model(on_gpu.checkpoint).weights_sha256() != load_model(str(tiny_model)).weights_sha256()
+
+
 def test_schedule_warms_up_then_decays_to_zero_and_precision_is_checked() -> None:
     config = TrainConfig(learning_rate=1e-3, warmup_steps=10, total_steps=110)
     rates = [config.learning_rate_at(step) for step in range(111)]
