@@ -526,7 +526,11 @@ def _ray_running() -> bool:
 
 # what an interrupted command leaves, by command (the others leave nothing to say)
 _KEPT = "; nothing was published, and the parts written so far are kept: the same command goes on from them"
-_INTERRUPTED = {"embed": _KEPT, "refresh": _KEPT}
+_INTERRUPTED = {
+    "embed": _KEPT,
+    "refresh": _KEPT,
+    "train": "; the checkpoint of each finished epoch is kept: --resume the last one goes on from it",
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,6 +28,8 @@ import functools
 import math
 import os
 import random
+import sys
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -115,8 +117,26 @@ def train_in_process(
             )
         trainer = start_trainer(options, labels, lambda model: model.to(device))
         batches = functools.partial(clips.batches, options.batch_size)
-        run_epochs(trainer, options, texts, batches, device)
+        run_epochs(trainer, options, texts, batches, device, report=_Progress(options.epochs))
     return count, cached
+
+
+class _Progress:
+    """Each finished epoch's record on stderr as it comes, with the time since the first step (a Ray Train
+    run has Ray's own reports)."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+        self.started = time.perf_counter()
+
+    def __call__(self, record: dict[str, float]) -> None:
+        seconds = time.perf_counter() - self.started
+        print(
+            f"epoch {int(record['epoch'])} of {self.epochs}: loss {record['loss']:.4f} "
+            f"({int(record['steps'])} steps in all, {seconds:.0f} s)",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _decoded(listed: list[dict[str, Any]], settings: DecodeSettings, options: TrainOptions) -> _Clips:

@@ -4,6 +4,7 @@ Train job trains X-CLIP and EVL models that the pipeline embeds and searches wit
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 
 import pytest
@@ -187,7 +188,9 @@ def test_cli_trains_from_scratch_on_labels_then_resumes(tiny_model, tmp_path, ca
     table, run = str(tmp_path / "clips" / "labels.csv"), str(tmp_path / "run")
     common = ["--batch-size", "3", "--lr", "1e-3", "--executor", "in-process", "--json"]
     assert main(["train", table, run, "--config", str(tiny_model / "config.json"), *common]) == 0
-    first = json.loads(capsys.readouterr().out)
+    out, err = capsys.readouterr()
+    first = json.loads(out)
+    assert re.search(r"epoch 1 of 1: loss \d+\.\d{4} \(2 steps in all, \d+ s\)", err), err  # as it ends
     assert first["checkpoint"] == str(tmp_path / "run" / "checkpoint-00000002")
     assert [e["epoch"] for e in first["epochs"]] == [1] and first["clips"] == 6
     assert first["executor"] == "in-process"
