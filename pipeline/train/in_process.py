@@ -122,7 +122,7 @@ def train_in_process(
 
 
 class _Progress:
-    """Each finished epoch's record on stderr as it comes, with the time since the first step (a Ray Train
+    """Each finished epoch's record on stderr as it comes, with the time since the epochs began (a Ray Train
     run has Ray's own reports)."""
 
     def __init__(self, epochs: int) -> None:
