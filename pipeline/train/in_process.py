@@ -45,7 +45,7 @@ from ..models import VideoTextModel
 from .backbone_cache import COLUMN as CACHED
 from .backbone_cache import BackboneFeatures, use_cache
 from .options import IN_PROCESS_MAX_CLIP_BYTES, TrainOptions
-from .worker import check_enough, run_epochs, scheduled, start_trainer, starting_model
+from .worker import PreparedRun, check_enough, run_epochs, scheduled, start_trainer, starting_model
 
 MEMORY_SHARE = 0.3  # of this machine's memory, the room of the backbone cache here (a local Ray's store)
 
@@ -83,26 +83,19 @@ class _Clips:
             }
 
 
-def train_in_process(
-    listed: list[dict[str, Any]],
-    settings: DecodeSettings,
-    options: TrainOptions,
-    texts: dict[str, list[str]],
-    labels: list[str] | None,
-    per_clip_features: int | None,
-    table_uri: str,
-) -> tuple[int, bool]:
-    """Decode ``listed`` and train one worker on the clips, here; returns the clips trained on and whether
-    the backbone's features were cached. ``options.cpus_per_worker``, when given, sets torch's threads; the
+def train_in_process(run: PreparedRun) -> tuple[int, bool]:
+    """Decode ``run.listed`` and train one worker on the clips, here; returns the clips trained on and
+    whether the backbone's features were cached. ``cpus_per_worker``, when given, sets torch's threads; the
     caller's torch threads and random generator are left as they were."""
+    options, labels = run.options, run.labels
     if options.use_gpu and not torch.cuda.is_available():
         raise ValueError("--gpu: torch finds no GPU on this machine (or pass --executor ray with --address)")
     device = torch.device("cuda" if options.use_gpu else "cpu")
-    clips = _decoded(listed, settings, options)
+    clips = _decoded(run.listed, run.settings, options)
     count = len(clips.uris)
-    check_enough(count, len(listed), table_uri)
+    check_enough(count, len(run.listed), run.table_uri)
     room = MEMORY_SHARE * os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    cached = use_cache(options.backbone_cache, per_clip_features, count, options.epochs, room)
+    cached = use_cache(options.backbone_cache, run.per_clip_features, count, options.epochs, room)
     options = scheduled(options, count)
     with contextlib.ExitStack() as stack:
         stack.enter_context(
@@ -117,7 +110,7 @@ def train_in_process(
             )
         trainer = start_trainer(options, labels, lambda model: model.to(device))
         batches = functools.partial(clips.batches, options.batch_size)
-        run_epochs(trainer, options, texts, batches, device, report=_Progress(options.epochs))
+        run_epochs(trainer, options, run.texts, batches, device, report=_Progress(options.epochs))
     return count, cached
 
 

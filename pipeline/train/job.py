@@ -21,7 +21,7 @@ from .backbone_cache import check_mode, feature_bytes
 from .in_process import runs_in_process, train_in_process
 from .options import TrainOptions, TrainSummary
 from .trainer import read_history
-from .worker import starting_model
+from .worker import PreparedRun, starting_model
 
 
 def _targets(rows: list[DescribedVideo], model: VideoTextModel, table_uri: str) -> dict[str, list[str]]:
@@ -60,10 +60,10 @@ def train(table_uri: str, options: TrainOptions) -> TrainSummary:
     ]
     here = runs_in_process(options, len(listed), settings)
     if here:
-        run = train_in_process
+        execute = train_in_process
     else:
-        from .on_ray import train_on_ray as run  # Ray is imported for a run on Ray only
-    clips, cached = run(listed, settings, options, texts, labels, per_clip, table_uri)
+        from .on_ray import train_on_ray as execute  # Ray is imported for a run on Ray only
+    clips, cached = execute(PreparedRun(listed, settings, options, texts, labels, per_clip, table_uri))
     last = last_checkpoint(Store(options.output, options.storage))
     return TrainSummary(
         last.uri,

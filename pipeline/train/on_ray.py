@@ -22,11 +22,10 @@ import torch
 
 from ..embed.on_ray import cluster_nodes, connect, decoded, pool
 from ..embed.resources import torch_threads
-from ..embed.stages.decode import DecodeSettings
 from .backbone_cache import BackboneFeatures, use_cache
 from .options import TrainOptions
 from .resources import train_resources
-from .worker import check_enough, run_epochs, scheduled, start_trainer, starting_model
+from .worker import PreparedRun, check_enough, run_epochs, scheduled, start_trainer, starting_model
 
 SHUFFLE_BUFFER = 1024  # clips each worker draws its batches from, in random order
 
@@ -53,34 +52,27 @@ def _train_worker(config: dict[str, Any]) -> None:
     run_epochs(trainer, options, config["texts"], batches, device, rank, ray.train.report)
 
 
-def train_on_ray(
-    listed: list[dict[str, Any]],
-    settings: DecodeSettings,
-    options: TrainOptions,
-    texts: dict[str, list[str]],
-    labels: list[str] | None,
-    per_clip_features: int | None,
-    table_uri: str,
-) -> tuple[int, bool]:
-    """Decode ``listed`` on Ray and train on the clips with Ray Train; returns the clips trained on and
+def train_on_ray(run: PreparedRun) -> tuple[int, bool]:
+    """Decode ``run.listed`` on Ray and train on the clips with Ray Train; returns the clips trained on and
     whether the backbone's features were cached."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    options, labels = run.options, run.labels
     resources = connect(options.address)
     sizes = train_resources(cluster_nodes(), options.workers, options.use_gpu, options.cpus_per_worker)
     cpus = sizes.cpus_per_worker
     threads = None if options.use_gpu else torch_threads(cpus)
     with _in_order():  # the clips in table order, whichever decoder finishes first: seeded shuffles repeat
         clips = (
-            decoded(listed, settings, options.storage, sizes.decoders, sizes.cpus_per_decoder)
+            decoded(run.listed, run.settings, options.storage, sizes.decoders, sizes.cpus_per_decoder)
             .filter(lambda row: row["error"] is None)
             .materialize()  # decoded once: every epoch reads the object store
         )
     count = clips.count()
-    check_enough(count, len(listed), table_uri)
+    check_enough(count, len(run.listed), run.table_uri)
     room = resources.get("object_store_memory", 0)
-    cached = use_cache(options.backbone_cache, per_clip_features, count, options.epochs, room)
+    cached = use_cache(options.backbone_cache, run.per_clip_features, count, options.epochs, room)
     if cached:  # the frozen backbone once per clip, on the training workers' shape, before they start
         with _in_order():
             clips = clips.map_batches(
@@ -100,7 +92,7 @@ def train_on_ray(
         _train_worker,
         train_loop_config={
             "options": scheduled(options, count),
-            "texts": texts,
+            "texts": run.texts,
             "labels": labels,
             "threads": threads,
         },

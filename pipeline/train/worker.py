@@ -12,11 +12,12 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Iterable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 
+from ..embed.stages.decode import DecodeSettings
 from ..models import VideoTextModel, default_model_source, load_model, new_model
 from ..storage import Store
 from .backbone_cache import COLUMN as CACHED
@@ -27,6 +28,20 @@ from .trainer import Trainer, freeze
 # an epoch's batches of decoded clips (columns "uri", and "frames" or the cached backbone features),
 # shuffled by the seed given
 EpochBatches = Callable[[int], Iterable[dict[str, Any]]]
+
+
+@dataclass(frozen=True)
+class PreparedRun:
+    """A run as the job prepared it for an executor (:mod:`~pipeline.train.on_ray`,
+    :mod:`~pipeline.train.in_process`)."""
+
+    listed: list[dict[str, Any]]  # the table's videos, as the decode stage takes them
+    settings: DecodeSettings  # how they are decoded (the model's frames and preprocessing)
+    options: TrainOptions
+    texts: dict[str, list[str]]  # each video's targets: captions, or labels
+    labels: list[str] | None  # the classes of a new EVL classifier
+    per_clip_features: int | None  # bytes of one clip's cached backbone features; None: no frozen backbone
+    table_uri: str  # for messages
 
 
 def start_model(options: TrainOptions, labels: list[str] | None) -> VideoTextModel:
