@@ -19,6 +19,8 @@ import ray.data
 import ray.train
 import ray.train.torch
 import torch
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 
 from ..embed.on_ray import cluster_nodes, connect, decoded, pool
 from ..embed.resources import torch_threads
@@ -55,9 +57,6 @@ def _train_worker(config: dict[str, Any]) -> None:
 def train_on_ray(run: PreparedRun) -> tuple[int, bool]:
     """Decode ``run.listed`` on Ray and train on the clips with Ray Train; returns the clips trained on and
     whether the backbone's features were cached."""
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     options, labels = run.options, run.labels
     resources = connect(options.address)
     sizes = train_resources(cluster_nodes(), options.workers, options.use_gpu, options.cpus_per_worker)
