@@ -307,7 +307,8 @@ def _parser() -> argparse.ArgumentParser:
         choices=("auto", "on", "off"),
         default=run("backbone_cache"),
         help="a frozen backbone's features (EVL) computed once per clip and kept for every epoch: "
-        "'auto' (the default) caches for 2+ epochs when they fit half the object store",
+        "'auto' (the default) caches for 2+ epochs when they fit half the object store (in-process: half "
+        "of 30%% of the memory)",
     )
     train.add_argument("--address", help="Ray address (default: start a local Ray)")
     train.add_argument(
