@@ -15,3 +15,8 @@ PRECISIONS = ("auto", "fp32", "bf16")
 #: ``--executor`` of the jobs that can run without Ray: "ray", "in-process" (the job's own process), or "auto"
 #: (each job's rule: :mod:`pipeline.embed.in_process`, :mod:`pipeline.train.in_process`).
 EXECUTORS = ("auto", "ray", "in-process")
+
+
+class NodeSettingError(ValueError):
+    """A setting that the node a worker runs on cannot honour (``--decode-device cuda`` where FFmpeg opens no
+    CUDA device): the job stops, publishing nothing, and the command says this one line (exit 2)."""

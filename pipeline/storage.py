@@ -307,39 +307,6 @@ def _message(exc: BaseException) -> str:
     return str(exc)
 
 
-def storage_cause(exc: BaseException) -> StorageError | None:
-    """The :class:`StorageError` behind ``exc``, also where a framework wrapped it (a Ray task's error carries
-    its cause in ``.cause``); ``None`` if storage had no part in it."""
-    seen: set[int] = set()
-    pending: list[BaseException | None] = [exc]
-    while pending:
-        current = pending.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        wrapped = getattr(current, "cause", None)  # Ray's RayTaskError: also an instance of its cause's class
-        if isinstance(wrapped, BaseException):
-            pending.append(wrapped)
-            continue
-        if isinstance(current, StorageError):
-            return current
-        pending += [current.__cause__, current.__context__]
-    return None
-
-
-@contextlib.contextmanager
-def worker_storage_errors() -> Iterator[None]:
-    """Re-raise an exception that a framework raised for a failed worker (Ray's ``RayTaskError``, Ray Data's
-    wrappers) as the :class:`StorageError` behind it, if there is one: the same class, its first line only."""
-    try:
-        yield
-    except Exception as e:
-        cause = storage_cause(e)
-        if cause is None or cause is e:
-            raise
-        raise type(cause)(str(cause).splitlines()[0]) from None  # Ray Data appends advice to the message
-
-
 @contextlib.contextmanager
 def storage_errors(uri: str, action: str, options: StorageOptions | None = None) -> Iterator[None]:
     """Re-raise storage failures inside the block as :class:`StorageError` (see :func:`translate_error`)."""

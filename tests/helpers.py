@@ -408,3 +408,14 @@ class DecoderKiller(threading.Thread):
         with contextlib.suppress(OSError):
             return any(os.readlink(fd) == self.poison for fd in Path(f"/proc/{pid}/fd").iterdir())
         return False
+
+
+def nvdec_available() -> bool:
+    """Whether FFmpeg opens a CUDA device here for NVDEC (an NVIDIA GPU and its driver; CI has none)."""
+    from pipeline.embed.stages.decode import open_cuda_decoder
+
+    try:
+        open_cuda_decoder()
+    except ValueError:
+        return False
+    return True

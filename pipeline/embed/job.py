@@ -22,6 +22,7 @@ import torch
 
 from xclip_core.identity import ModelIdentity
 
+from ..flags import NodeSettingError
 from ..library import Library, LibraryWriter, PartInfo, Version, WorseVersionError
 from ..library import index as faiss_index
 from ..library.journal import Journal, resumable
@@ -35,7 +36,8 @@ from ..library.refresh import (
 )
 from ..library.writer import IndexDelta, count_videos
 from ..models import VideoTextModel, absolute_source, load_model
-from ..storage import StorageError, Store, worker_storage_errors
+from ..storage import StorageError, Store
+from ..worker_errors import worker_errors
 from .in_process import InFlightMarker, embed_in_process, runs_in_process
 from .options import EmbedOptions, EmbedSummary, StagesRun
 from .stages.decode import DecodeSettings
@@ -43,6 +45,9 @@ from .stages.encode import compute_dtype
 from .stages.list import list_objects
 
 log = logging.getLogger(__name__)
+
+# what a worker raises that the command reports in one line: the store down, a setting its node cannot honour
+WORKER_ERRORS = (StorageError, NodeSettingError)
 
 
 def embed(source: str, library: str, options: EmbedOptions) -> EmbedSummary:
@@ -93,7 +98,7 @@ def _run(source: str, library: str, options: EmbedOptions, refresh: bool) -> Emb
         resumed, covered = resumable(journal, plan.to_embed, model.embedding_dim, model.rerank_shape)
         to_embed = [row for row in plan.to_embed if row["uri"] not in covered]
         in_process = runs_in_process(to_embed, options, store.uri)
-        with worker_storage_errors():  # a worker's StorageError, out of Ray's wrapping: exit 2, not a trace
+        with worker_errors(WORKER_ERRORS):  # out of Ray's wrapping: exit 2 and one line, not a trace
             embedded, ran = (
                 _embed_objects(to_embed, settings, options, writer, model, journal, in_process)
                 if to_embed

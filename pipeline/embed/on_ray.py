@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -21,6 +22,7 @@ import ray._private.state
 import ray.data
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from ..flags import NodeSettingError
 from ..library import LibraryWriter, PartInfo
 from ..library.journal import Journal
 from ..models import VideoTextModel
@@ -67,16 +69,30 @@ def _text_columns_typed(stage: type, name: str) -> type:
 
     class Typed(stage):
         def __init__(self, *args: Any, placement: PlacementLedger | None = None, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
+            self._unable: NodeSettingError | None = None
+            try:
+                super().__init__(*args, **kwargs)
+            except NodeSettingError as e:  # raised by the first call: from an actor's constructor, an error
+                self._unable = e  # reaches the driver as text only (ActorDiedError)
             if placement is not None:
                 placement.record(name)
 
         def __call__(self, batch: dict[str, Any]) -> Any:
+            if self._unable is not None:
+                return _raising(self._unable)
             out = super().__call__(batch)  # a batch, or a generator of batches (the decode stage's)
             return typed(out) if isinstance(out, dict) else (typed(chunk) for chunk in out)
 
     Typed.__name__ = Typed.__qualname__ = stage.__name__
     return Typed
+
+
+def _raising(error: Exception) -> Iterator[dict[str, Any]]:
+    """A stage's output that raises ``error``: Ray Data hands an error raised while it iterates a stage's
+    output to the driver as itself (``RayTaskError(type)``, its ``cause``); one raised by the call itself, as
+    a ``UserCodeException`` without it."""
+    raise error
+    yield  # a generator
 
 
 def _beside_the_driver(actor: Any) -> Any:

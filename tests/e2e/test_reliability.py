@@ -1,5 +1,6 @@
-"""Reliability at the edges: bad arguments are refused before any work, and a job never replaces a library
-that answered queries with one that embeds nothing."""
+"""Reliability at the edges: bad arguments are refused before any work, a setting the decoders' node cannot
+honour stops the job in one line, and a job never replaces a library that answered queries with one that
+embeds nothing."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from helpers import run, write_video
+from helpers import nvdec_available, run, write_video
 
 from pipeline import Library
 from pipeline.cli import main
@@ -63,6 +64,22 @@ def test_bad_arguments_exit_2_with_one_line_before_any_work(
     assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert err.startswith(f"videosearch {argv[0]}: error:")
     assert Library.open(str(lib)).version == 1  # nothing published
+
+
+@pytest.mark.skipif(nvdec_available(), reason="this machine can decode on a GPU")
+@pytest.mark.parametrize("executor", ["ray", "in-process"])
+def test_decoding_on_a_gpu_where_there_is_none_stops_the_job_in_one_line(
+    library: tuple[Path, Path], tiny_model: Path, tmp_path: Path, executor: str
+) -> None:
+    """On Ray the decoders' error reaches the command through Ray's wrapping: exit 2, the decoders' one line,
+    no trace, nothing published (and no video recorded as corrupt)."""
+    source, _ = library
+    flags = ["--model", tiny_model, "--decode-device", "cuda", "--executor", executor, *CPU_ENCODERS]
+    done = run("embed", source, tmp_path / "library", *flags)
+    assert done.code == 2 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    message = [line for line in done.stderr.splitlines() if line.startswith("videosearch embed: error:")]
+    assert len(message) == 1 and "FFmpeg cannot open a CUDA device here" in message[0], done.stderr[-3000:]
+    assert Library.current_version(str(tmp_path / "library")) is None
 
 
 def test_a_job_that_embeds_nothing_does_not_replace_a_library_that_answered(

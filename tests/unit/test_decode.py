@@ -8,13 +8,20 @@ import os
 import re
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
-from av.codec.hwaccel import HWAccel
-from helpers import decode_frames, pattern_frames, write_audio, write_frames, write_video
+from helpers import (
+    decode_frames,
+    nvdec_available,
+    pattern_frames,
+    write_audio,
+    write_frames,
+    write_video,
+)
 from PIL import Image
 
 from pipeline.embed.stages.decode import (
@@ -24,11 +31,12 @@ from pipeline.embed.stages.decode import (
     DecodeSettings,
     DecodeVideos,
     decode_video,
-    open_cuda_decoder,
+    nvdec_decodes,
     open_video,
 )
 from pipeline.embed.stages.frame_reader import RGBConverter
 from pipeline.embed.stages.list import list_objects
+from pipeline.flags import NodeSettingError
 from pipeline.storage import Store
 from xclip_core.sampling import segment_frame_indices
 from xclip_core.video_transforms import VideoPreprocessor
@@ -344,14 +352,6 @@ def test_a_long_video_is_handed_on_in_batches_of_segments(videos: dict[str, str]
     assert all(e is None for e in cut["error"][:-1]) and "truncated or corrupt" in cut["error"][-1]
 
 
-def nvdec_available() -> bool:
-    try:
-        open_cuda_decoder()
-    except ValueError:
-        return False
-    return True
-
-
 NVDEC = nvdec_available()
 
 
@@ -361,6 +361,20 @@ def test_decoding_on_cuda_where_ffmpeg_finds_no_gpu_is_refused_before_any_video(
         DecodeVideos(DecodeSettings(8, PRE, device="cuda"))
     with pytest.raises(ValueError, match="--decode-device must be one of cpu, cuda, got 'gpu'"):
         DecodeSettings(8, PRE, device="gpu")
+
+
+@pytest.mark.skipif(NVDEC, reason="this machine can decode on a GPU")
+def test_a_gpu_lost_mid_job_stops_the_decoder_instead_of_failing_each_video(
+    videos: dict[str, str], tmp_path: Path
+) -> None:
+    """A decoder that opened its CUDA device (here: one built for the CPU, switched to CUDA) and then cannot
+    open it for a video raises the node's error: good videos are not recorded as corrupt."""
+    decoder = DecodeVideos(DecodeSettings(8, PRE))
+    decoder.settings = replace(decoder.settings, device="cuda")
+    with pytest.raises(NodeSettingError, match="--decode-device cuda: FFmpeg cannot open a CUDA device here"):
+        decoder.decode(listed(videos["h264_10s"]))
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    assert decoder.decode(listed(str(tmp_path / "empty.mp4")))["error"].tolist() == ["empty object"]
 
 
 @pytest.mark.parametrize("shorter_side", [None, 32])  # exact sampling's conversion, and fast sampling's
@@ -428,5 +442,4 @@ def test_nvdec_gives_the_frames_of_the_cpu_decoder(videos: dict[str, str], name:
         assert np.abs(on_gpu["frames"].astype(int) - on_cpu["frames"]).max() <= 2
     else:
         np.testing.assert_array_equal(on_gpu["frames"], on_cpu["frames"])
-    with av.open(videos["h264_10s"], hwaccel=HWAccel("cuda")) as container:
-        assert container.streams.video[0].codec_context.is_hwaccel  # decoded on the GPU, not fallen back
+    assert nvdec_decodes(videos["h264_10s"])  # decoded on the GPU, not fallen back to the software decoder

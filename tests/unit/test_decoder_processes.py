@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import DecoderKiller, pattern_frames, write_frames, write_video
+from helpers import DecoderKiller, nvdec_available, pattern_frames, write_frames, write_video
 
 from pipeline.embed.decoder_processes import DecoderProcesses
 from pipeline.embed.stages.decode import DecodeSettings, DecodeVideos
@@ -70,7 +70,7 @@ def test_a_job_that_stops_early_stops_its_workers_mid_batch(clips: list[Path], t
 
 
 def test_a_setting_a_worker_cannot_honour_is_raised_in_the_job() -> None:
-    if _has_nvdec():
+    if nvdec_available():
         pytest.skip("this machine has NVDEC: the workers honour --decode-device cuda")
     cuda = DecodeSettings(4, PRE, device="cuda")
     with (
@@ -90,14 +90,6 @@ def test_a_worker_that_cannot_start_stops_the_job_and_fails_no_video(
     ):
         list(workers.decoded(iter([listed(clips[:1])]), depth=0))
     assert workers.crashes == {}
-
-
-def _has_nvdec() -> bool:
-    try:
-        DecodeVideos(DecodeSettings(4, PRE, device="cuda"))
-    except ValueError:
-        return False
-    return True
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="finds the decoders through /proc")

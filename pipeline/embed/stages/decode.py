@@ -38,7 +38,7 @@ from PIL import Image
 from xclip_core.sampling import segment_frame_indices, segments
 from xclip_core.video_transforms import VideoPreprocessor
 
-from ...flags import check_choice
+from ...flags import NodeSettingError, check_choice
 from ...library.schema import DECODED, LISTED
 from ...storage import StorageOptions, StorageUnavailable, Store, translate_error
 from ..options import DECODE_DEVICES, SAMPLINGS
@@ -56,6 +56,7 @@ _IO_BUFFER_SIZE = 32 << 10  # bytes PyAV asks the file object for per read
 # FFmpeg's CUDA device on the device's primary context: retained once per process (DecodeVideos keeps one),
 # it makes opening each video's NVDEC decoder cheap
 _CUDA_OPTIONS = {"primary_ctx": "1"}
+_NVDEC_LAYOUTS = ("nv12", "p010le", "p016le")  # NVDEC's pictures in host memory: 8, 10, 12 bits
 _NOT_VIDEO = {"ico": "an image"}  # demuxers that probe by content and find no video (images: *_pipe)
 _INT_COLUMNS = ("segment", "frame_count", "width", "height")
 _FLOAT_COLUMNS = ("start_s", "end_s", "duration_s", "fps", "sample_error_s")
@@ -208,7 +209,9 @@ class DecodeVideos:
     a video that was begun ``max_tries`` times without ending becomes an error row instead of a new crash.
 
     Decoding on ``"cuda"`` (``settings.device``) needs FFmpeg to open a CUDA device where the callable is
-    constructed: a node without one raises :class:`ValueError` there, before any video.
+    constructed: a node without one raises :class:`~pipeline.flags.NodeSettingError` there, before any video,
+    and so does a call whose video fails to open while the device cannot be opened again (a GPU lost
+    mid-job): the job stops instead of recording good videos as corrupt.
     """
 
     def __init__(
@@ -254,6 +257,8 @@ class DecodeVideos:
                             yield self._columns(listed, sources, rows)
                             rows, sources, handed_on = [], [], handed_on + 1
                     break
+                except NodeSettingError:  # the node's fault, not the video's: the job stops
+                    raise
                 except Exception as e:  # noqa: BLE001 - any failure becomes this video's error row
                     failure = translate_error(e, str(uri), "reading", self.storage_options)
                     if isinstance(failure, StorageUnavailable):
@@ -300,15 +305,23 @@ class DecodeVideos:
 
 
 def open_cuda_decoder() -> HWAccel:
-    """FFmpeg's CUDA device for H.264 decoding, opened here; :class:`ValueError` (a setting this node cannot
-    honour) saying what to do where it cannot be (no NVIDIA GPU or driver visible to this process)."""
+    """FFmpeg's CUDA device for H.264 decoding, opened here; :class:`~pipeline.flags.NodeSettingError` saying
+    what to do where it cannot be (no NVIDIA GPU or driver visible to this process)."""
     try:
         return HWAccel("cuda", options=_CUDA_OPTIONS).create(av.codec.Codec("h264", "r"))
     except Exception as e:  # noqa: BLE001 - FFmpeg's errors vary by what is missing; all mean the same here
-        raise ValueError(
+        raise NodeSettingError(
             f"--decode-device cuda: FFmpeg cannot open a CUDA device here ({type(e).__name__}: {e}); NVDEC "
             "needs an NVIDIA GPU and its driver visible to the decoders (or use --decode-device cpu)"
         ) from e
+
+
+def nvdec_decodes(path: str) -> bool:
+    """Whether NVDEC decodes the local video ``path`` (its first picture comes back from the GPU in NVDEC's
+    layout), not FFmpeg's software decoder, which takes over for a codec or profile NVDEC lacks or when
+    NVDEC's decoder fails to start (``HWAccel.is_hwaccel`` says True either way)."""
+    with av.open(path, hwaccel=HWAccel("cuda", options=_CUDA_OPTIONS)) as container:
+        return next(container.decode(video=0)).format.name in _NVDEC_LAYOUTS
 
 
 def _open_container(file: IO[bytes], device: str = "cpu") -> InputContainer:
@@ -329,6 +342,8 @@ def _open_container(file: IO[bytes], device: str = "cpu") -> InputContainer:
             hwaccel = HWAccel("cuda", options=_CUDA_OPTIONS) if device == "cuda" else None
             return av.open(unnamed, "r", buffer_size=_IO_BUFFER_SIZE, hwaccel=hwaccel)
     except av.error.FFmpegError as e:
+        if device == "cuda":  # FFmpeg opens the CUDA device with the video: its failing is no video's fault
+            open_cuda_decoder()
         if logs:  # a demuxer recognised the data and then failed on it
             raise DecodeError(f"truncated or corrupt: {_ffmpeg_message(e, logs[-1])}") from e
         raise DecodeError("not a video: unrecognised format") from e
