@@ -44,7 +44,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from retrieval import agreement  # noqa: E402  (bench/, this script's directory)
 
-from pipeline.embed.stages.decode import DecodeSettings, decode_video  # noqa: E402
+from pipeline.embed.stages.decode import (  # noqa: E402
+    DecodeSettings,
+    decode_video,
+    nvdec_decodes,
+    open_cuda_decoder,
+)
 from pipeline.models import load_model  # noqa: E402
 from pipeline.samples.synthetic import render, sample_scenes  # noqa: E402
 from xclip_core.sampling import segment_frame_indices  # noqa: E402
@@ -171,6 +176,9 @@ def main() -> None:
     if args.nvdec:
         cpu_wall_s = timed(lambda p: decode_video(p, exact)[0], paths)[1]
         print(f"  exact, wall-clock          {cpu_wall_s * 1000:7.1f} ms per video")
+        device = open_cuda_decoder()  # held, as a decoder holds it: each video's NVDEC decoder opens cheaply
+        decoded_by = "NVDEC" if nvdec_decodes(str(paths[0])) else "FFmpeg's software decoder: NVDEC fell back"
+        print(f"  on the GPU, the first clip's pictures come from {decoded_by}")
         for label, settings, cpu_rows in (("exact", exact, exact_rows), ("fast", fast, fast_rows)):
             on_gpu = replace(settings, device="cuda")
             seconds, wall, rows = timed(lambda p, s=on_gpu: decode_video(p, s)[0], paths)
@@ -181,6 +189,7 @@ def main() -> None:
                 f"{decord_s / seconds:5.2f}x   wall-clock {wall * 1000:6.1f} ms; max difference from the "
                 f"CPU's frames {diff}"
             )
+        del device
     print(
         f"  fast's time error per video: median {np.median(errors):.3f} s, max {errors.max():.3f} s "
         f"(bound: half the sampling interval, {interval / 2:.3f} s)"

@@ -20,6 +20,7 @@ checkpoint (``bench/pipeline.py`` writes base-patch32's under its workdir) gives
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -34,7 +35,7 @@ from decode import cached_clips, clip_flags  # noqa: E402  (bench/, this script'
 from retrieval import agreement  # noqa: E402
 
 from pipeline.embed.stages.decode import DecodeSettings, decode_video  # noqa: E402
-from pipeline.embed.stages.encode import EncodeFrames  # noqa: E402
+from pipeline.embed.stages.encode import EncodeFrames, cpu_bf16_instructions  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")
@@ -42,14 +43,12 @@ PRECISIONS = ("fp32", "bf16")
 
 def native_bf16() -> str:
     """The CPU's bfloat16 instructions, from Linux's /proc/cpuinfo."""
-    try:
-        flags = next(
-            line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")
-        )
-    except (OSError, StopIteration):
-        return "unknown (no /proc/cpuinfo)"
-    found = [flag for flag in ("avx512_bf16", "amx_bf16") if flag in flags.split()]
-    return ", ".join(found) if found else "none (emulated)"
+    found = cpu_bf16_instructions()
+    limit = os.environ.get("ONEDNN_MAX_CPU_ISA")  # e.g. AVX512_CORE: oneDNN uses none of them
+    limited = f" (oneDNN limited to {limit} by ONEDNN_MAX_CPU_ISA)" if limit else ""
+    if found is None:
+        return f"unknown (no /proc/cpuinfo){limited}"
+    return (", ".join(found) if found else "none (emulated)") + limited
 
 
 def main() -> None:

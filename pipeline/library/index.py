@@ -209,6 +209,7 @@ def on_gpus(index: faiss.Index) -> faiss.Index:
 
 
 _CPU_ONLY: set[str] = set()  # index classes on_gpus could not move
+GPU_MAX_K = 2048  # the most results per query that FAISS's GPU kernels select (more: the CPU index answers)
 
 
 def serialize(index: faiss.Index) -> bytes:

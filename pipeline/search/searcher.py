@@ -81,7 +81,9 @@ class Searcher:
             raise ValueError(f"k must be at least 1, got {k}")
         text_embeds = self.text_embedding(text)
         query = torch.nn.functional.normalize(text_embeds.float(), dim=-1).numpy().astype(np.float32)
-        _, ids = faiss_index.search(self.index, query, max(k, candidates))
+        wanted = max(k, candidates)
+        index = self.index if wanted <= faiss_index.GPU_MAX_K else self.library.index()  # (on the CPU)
+        _, ids = faiss_index.search(index, query, wanted)
         ids = [int(i) for i in ids[0] if i >= 0]
         if not ids:
             return []

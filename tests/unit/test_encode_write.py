@@ -17,7 +17,8 @@ import transformers
 from helpers import compiled_graphs_from_here, decoded_batch, reference_model
 
 from pipeline.embed.options import EmbedOptions
-from pipeline.embed.stages.encode import EncodeFrames, ModelLoadError
+from pipeline.embed.stages import encode
+from pipeline.embed.stages.encode import EncodeFrames, ModelLoadError, cpu_bf16_instructions
 from pipeline.embed.stages.write import WritePart, row_id, rows_to_table, written_part
 from pipeline.library import read_part
 from pipeline.library.features import features_path
@@ -145,6 +146,39 @@ def test_bf16_on_the_cpu_runs_the_model_in_bfloat16_within_its_rounding_of_the_r
     expected = reference_embeddings(reference, clips)
     assert (out["embedding"] * expected).sum(axis=1).min() > 0.99  # close to float32's...
     assert np.abs(out["embedding"] - expected).max() > 1e-3  # ... and not float32's
+
+
+CPUINFO = {  # /proc/cpuinfo's lines that name a CPU's features, on x86 and on Arm
+    "Zen 4": "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n",
+    "Sapphire Rapids": "flags\t\t: fpu avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n",
+    "Cascade Lake": "flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_vnni\n",
+    "Graviton 3": "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n",
+    "Graviton 2": "Features\t: fp asimd crc32 atomics\n",
+}
+
+
+def test_a_cpus_bfloat16_instructions_are_read_from_cpuinfo():
+    found = {cpu: cpu_bf16_instructions(text) for cpu, text in CPUINFO.items()}
+    assert found == {
+        "Zen 4": ["avx512_bf16"],
+        "Sapphire Rapids": ["avx512_bf16", "amx_bf16"],
+        "Cascade Lake": [],
+        "Graviton 3": ["bf16"],
+        "Graviton 2": [],
+    }
+    assert cpu_bf16_instructions("processor\t: 0\n") is None  # says nothing: no warning either way
+
+
+@pytest.mark.parametrize(("instructions", "warned"), [([], True), (["amx_bf16"], False), (None, False)])
+def test_bf16_on_a_cpu_without_bfloat16_instructions_is_warned_of(
+    checkpoint, monkeypatch, caplog, instructions, warned
+):
+    monkeypatch.setattr(encode, "cpu_bf16_instructions", lambda: instructions)
+    with caplog.at_level("WARNING", logger=encode.__name__):
+        EncodeFrames(checkpoint[0], device="cpu", precision="bf16")
+        EncodeFrames(checkpoint[0], device="cpu", precision="fp32")
+    assert ("without bfloat16 instructions" in caplog.text) == warned
+    assert len(caplog.records) == warned
 
 
 def test_an_unknown_precision_is_refused_naming_the_choices(checkpoint):

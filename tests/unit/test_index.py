@@ -126,6 +126,9 @@ def test_an_index_on_the_gpus_finds_what_it_finds_on_the_cpu(data, kind: str) ->
     same = cpu_found == gpu_found
     np.testing.assert_allclose(gpu_scores[same], cpu_scores[same], atol=1e-4)
     assert fx.kind_of(fx.deserialize(fx.serialize(index))) == kind
+    if moved is not index:  # the searcher asks the CPU index for more results than the GPU kernels select
+        with pytest.raises(RuntimeError):
+            fx.search(moved, queries, fx.GPU_MAX_K + 1)
 
 
 def test_bad_input() -> None:
