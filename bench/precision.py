@@ -34,8 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from decode import cached_clips, clip_flags  # noqa: E402  (bench/, this script's directory)
 from retrieval import agreement  # noqa: E402
 
+from pipeline.bf16 import cpu_bf16_instructions  # noqa: E402
 from pipeline.embed.stages.decode import DecodeSettings, decode_video  # noqa: E402
-from pipeline.embed.stages.encode import EncodeFrames, cpu_bf16_instructions  # noqa: E402
+from pipeline.embed.stages.encode import EncodeFrames  # noqa: E402
 from pipeline.models import load_model  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")

@@ -334,6 +334,10 @@ def main() -> None:
         "per model in alternating rounds",
         flush=True,
     )
+    if args.device == "cpu" and args.dtype == "bf16":
+        from precision import native_bf16  # bench/, this script's directory
+
+        print(f"  the CPU's bfloat16 instructions: {native_bf16()}", flush=True)
     names, labels = tuple(LABELS), LABELS
     memory = {}
     for name in names:  # first, while this process is small (a child's ru_maxrss starts at its parent's RSS)

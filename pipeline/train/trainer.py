@@ -22,6 +22,7 @@ import torch
 
 from xclip_core.tokenizer import CLIPTokenizer
 
+from ..bf16 import warn_if_emulated
 from ..models import load_model
 from ..storage import StorageOptions, Store
 from .config import TrainConfig, trainable
@@ -60,6 +61,8 @@ class Trainer:
         self.tokenizer = tokenizer or self.core.tokenizer
         self.config = config or TrainConfig()
         freeze(model, self.config.freeze)
+        if self.config.precision == "bf16" and next(model.parameters()).device.type == "cpu":
+            warn_if_emulated("training", "0.04-0.38x", "bench/train_efficiency.py --dtype bf16")
         params = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             params, lr=self.config.learning_rate, weight_decay=self.config.weight_decay

@@ -7,23 +7,19 @@ whose frames do not fit the model become error rows. Nothing in a batch makes th
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ...bf16 import warn_if_emulated
 from ...flags import PRECISIONS, check_choice
 from ...models import VideoTextModel, load_model
 from ...storage import StorageOptions
 
 T = TypeVar("T")
-log = logging.getLogger(__name__)
-
-BF16_INSTRUCTIONS = ("avx512_bf16", "amx_bf16", "bf16")  # as /proc/cpuinfo names them (x86, x86, Arm)
 
 
 class ModelLoadError(RuntimeError):
@@ -72,12 +68,8 @@ class EncodeFrames:
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.dtype = compute_dtype(self.device, precision)
-        if self.device.type == "cpu" and self.dtype == torch.bfloat16 and cpu_bf16_instructions() == []:
-            log.warning(
-                "--precision bf16 on a CPU without bfloat16 instructions (AVX512-BF16, AMX): the encoder "
-                "runs at 0.16-0.33x float32's rate on such CPUs (bench/precision.py); --precision fp32 or "
-                "auto is faster here"
-            )
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16:
+            warn_if_emulated("the encoder", "0.16-0.33x", "bench/precision.py")
         self.model = model.to(self.device, self.dtype)
         self.batch_size = batch_size
         self.compiled = compiled
@@ -157,28 +149,10 @@ def compute_dtype(device: torch.device, precision: str = "auto") -> torch.dtype:
     ``auto``: float32 on CPU (the reference's embeddings, to its rounding); on CUDA bfloat16 where the GPU
     supports it natively, else float16. ``fp32``: float32 anywhere. ``bf16``: bfloat16 anywhere, which CPUs
     with AVX512-BF16 or AMX (e.g. AMD Zen 4, Intel Sapphire Rapids) run at ~2.2x float32's rate
-    (``bench/precision.py``); CPUs without them (:func:`cpu_bf16_instructions`) at 0.16-0.33x."""
+    (``bench/precision.py``); CPUs without them (:mod:`pipeline.bf16`) at 0.16-0.33x."""
     check_choice("--precision", precision, PRECISIONS)
     if precision == "fp32" or (precision == "auto" and device.type != "cuda"):
         return torch.float32
     if precision == "bf16" or torch.cuda.is_bf16_supported(including_emulation=False):
         return torch.bfloat16
     return torch.float16
-
-
-def cpu_bf16_instructions(cpuinfo: str | None = None) -> list[str] | None:
-    """The bfloat16 instructions of this CPU (of :data:`BF16_INSTRUCTIONS`) by Linux's ``/proc/cpuinfo`` (or
-    ``cpuinfo``, its text); ``None`` where that does not say (another system)."""
-    if cpuinfo is None:
-        try:
-            cpuinfo = Path("/proc/cpuinfo").read_text()
-        except OSError:
-            return None
-    flags = [
-        line.partition(":")[2].split()
-        for line in cpuinfo.splitlines()
-        if line.split(":")[0].strip() in ("flags", "Features")
-    ]
-    if not flags:
-        return None
-    return [name for name in BF16_INSTRUCTIONS if name in flags[0]]
