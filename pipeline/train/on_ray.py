@@ -19,6 +19,7 @@ import ray.data
 import ray.train
 import ray.train.torch
 import torch
+from ray.data.expressions import col
 from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -65,7 +66,7 @@ def train_on_ray(run: PreparedRun) -> tuple[int, bool]:
     with _in_order():  # the clips in table order, whichever decoder finishes first: seeded shuffles repeat
         clips = (
             decoded(run.listed, run.settings, options.storage, sizes.decoders, sizes.cpus_per_decoder)
-            .filter(lambda row: row["error"] is None)
+            .filter(expr=col("error").is_null())  # on whole blocks, not row by row in Python
             .materialize()  # decoded once: every epoch reads the object store
         )
     count = clips.count()
