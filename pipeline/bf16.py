@@ -34,12 +34,12 @@ def cpu_bf16_instructions(cpuinfo: str | None = None) -> list[str] | None:
     return [name for name in BF16_INSTRUCTIONS if name in flags[0]]
 
 
-def warn_if_emulated(work: str, rate: str, bench: str) -> bool:
+def warn_if_emulated(work: str, rate: str, bench: str) -> None:
     """Log a warning that ``--precision bf16`` slows ``work`` down on this CPU, to ``rate`` (a fraction of
     float32's rate, as ``bench`` measured it), where its ``/proc/cpuinfo`` lists no bfloat16 instructions;
-    whether it warned. Nothing where the CPU has them or ``/proc/cpuinfo`` does not say."""
+    nothing where the CPU has them or ``/proc/cpuinfo`` does not say."""
     if cpu_bf16_instructions() != []:
-        return False
+        return
     log.warning(
         "--precision bf16 on a CPU without bfloat16 instructions (AVX512-BF16, AMX): %s runs at %s float32's "
         "rate on such CPUs (%s); --precision fp32 or auto is faster here",
@@ -47,4 +47,3 @@ def warn_if_emulated(work: str, rate: str, bench: str) -> bool:
         rate,
         bench,
     )
-    return True
