@@ -110,6 +110,7 @@ def write_frames(
     times: Sequence[float] | None = None,
     faststart: bool = False,
     live: bool = False,
+    picture_first: np.ndarray | None = None,
 ) -> str:
     """Encode uint8 ``(T, H, W, 3)`` RGB ``frames``; returns the path (the container follows its extension).
 
@@ -119,6 +120,7 @@ def write_frames(
     time in seconds (variable frame rate, millisecond precision) instead of ``i / fps``. ``faststart``: put
     the MP4 index (``moov``) before the media data. ``live``: write through a non-seekable output, as a
     live recording does: Matroska then has no duration and no index (MP4 needs a seekable output).
+    ``picture_first``: a track of this one JPEG picture before the video's (an unmarked cover).
     """
     path = os.fspath(path)
     _, height, width, _ = frames.shape
@@ -130,6 +132,7 @@ def write_frames(
         else:
             output, muxer = path, None
         container = stack.enter_context(av.open(output, "w", format=muxer, options=options))
+        picture = [] if picture_first is None else picture_stream(container, picture_first, False)
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = width, height
         stream.pix_fmt = "yuv444p" if codec == "libx264" and odd else "yuv420p"
@@ -139,6 +142,8 @@ def write_frames(
             stream.set_display_rotation(rotation)
         if times is not None:
             stream.codec_context.time_base = Fraction(1, 1000)
+        for packet in picture:
+            container.mux(packet)
         for i, frame in enumerate(frames):
             video_frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
             if times is not None:
@@ -146,6 +151,18 @@ def write_frames(
             container.mux(stream.encode(video_frame))
         container.mux(stream.encode())
     return path
+
+
+def picture_stream(container: av.container.OutputContainer, picture: np.ndarray, attached: bool) -> list:
+    """Add a stream of one JPEG ``picture`` (uint8 ``(H, W, 3)`` RGB) to ``container``, marked as an attached
+    picture (a cover, as album art is stored) where ``attached``; returns its packets, to mux once every
+    stream is added."""
+    height, width, _ = picture.shape
+    stream = container.add_stream("mjpeg", rate=1)
+    stream.width, stream.height, stream.pix_fmt = width, height, "yuvj420p"
+    if attached:
+        stream.disposition = av.stream.Disposition.attached_pic
+    return [*stream.encode(av.VideoFrame.from_ndarray(picture, format="rgb24")), *stream.encode()]
 
 
 class _Unseekable(io.RawIOBase):
@@ -165,12 +182,16 @@ class _Unseekable(io.RawIOBase):
         super().close()
 
 
-def write_audio(path: str | os.PathLike, seconds: float = 1.0, rate: int = 16000) -> str:
-    """Encode ``seconds`` of a 440 Hz tone as AAC, an audio-only file (container from the extension)."""
+def write_audio(path: str | os.PathLike, seconds: float = 1.0, rate: int = 16000, cover: bool = False) -> str:
+    """Encode ``seconds`` of a 440 Hz tone as AAC, an audio-only file (container from the extension);
+    ``cover``: with a cover picture (a JPEG as an attached picture, as album art is stored)."""
     path = os.fspath(path)
     with av.open(path, "w") as container:
         stream = container.add_stream("aac", rate=rate)
         stream.layout = "mono"
+        cover_packets = picture_stream(container, np.full((64, 64, 3), 90, np.uint8), True) if cover else []
+        for packet in cover_packets:
+            container.mux(packet)
         t = np.arange(int(seconds * rate)) / rate
         samples = (0.2 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
         for start in range(0, len(samples) - 1023, 1024):

@@ -79,6 +79,19 @@ def reference(path: str, indices: list[int], preprocessor: VideoPreprocessor = P
     return preprocessor.resize_crop(decode_frames(path, indices))
 
 
+def test_the_video_track_is_read_past_a_picture_track_before_it(tmp_path: Path) -> None:
+    """A Matroska file whose first video track is one still picture (a cover, as some tools store it): the
+    moving track is sampled, as decord (the reference's reader) picks it, not the picture."""
+    frames = pattern_frames(50, 96, 54, "shapes", 5)
+    cover = np.full((64, 64, 3), 90, np.uint8)
+    path = write_frames(tmp_path / "cover_first.mkv", frames, picture_first=cover)
+    with av.open(path) as container:
+        assert [s.codec_context.name for s in container.streams.video] == ["mjpeg", "h264"]
+    (row,) = decode_video(path, DecodeSettings(8, PRE))
+    assert (row["width"], row["height"], row["frame_count"]) == (96, 54, 50)
+    np.testing.assert_array_equal(row["frames"], reference(path, segment_frame_indices(50, 8, 0, 50)))
+
+
 def test_segments_rows_times_and_frames(videos: dict[str, str]) -> None:
     path = videos["h264_10s"]
     out = DecodeVideos(DecodeSettings(8, PRE, segment_s=4)).decode(listed(path))
@@ -216,6 +229,7 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, 
     Image.new("RGB", (64, 48), (200, 0, 0)).save(d / "photo.jpg")
     Image.new("RGB", (64, 48), (0, 200, 0)).save(d / "picture.png")
     write_audio(d / "audio.m4a")
+    write_audio(d / "album_art.mp4", cover=True)
     write_video(d / "wide.mp4", 2, 2048, 64)
     files = {
         "moov_at_end.mp4": r"truncated or corrupt: moov atom not found",
@@ -227,6 +241,7 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[str, 
         "photo.jpg": r"not a video: an image \(jpeg\)",
         "picture.png": r"not a video: an image \(png\)",
         "audio.m4a": r"not a video: no video stream",
+        "album_art.mp4": r"not a video: no video stream \(only a cover picture\)",
         "wide.mp4": r"resolution 2048x64 exceeds the limit of 100000 pixels",
         "missing.mp4": r".*missing\.mp4: no such object or file",
     }

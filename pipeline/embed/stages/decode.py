@@ -32,6 +32,7 @@ import av.logging
 import numpy as np
 from av.codec.hwaccel import HWAccel
 from av.container import InputContainer
+from av.stream import Disposition
 from av.video.stream import VideoStream
 from PIL import Image
 
@@ -359,13 +360,19 @@ def _ffmpeg_message(exc: av.error.FFmpegError, log: tuple[int, str, str] | None 
 
 
 def _video_stream(container: InputContainer, max_pixels: int) -> VideoStream:
-    if not container.streams.video:
-        raise DecodeError("not a video: no video stream")
+    """The stream FFmpeg finds best among the video streams that are not a cover picture (an attached
+    picture: an audio file's album art, a download's embedded thumbnail), as decord, the reference's
+    reader, picks it (``av_find_best_stream``)."""
+    moving = [s for s in container.streams.video if not s.disposition & Disposition.attached_pic]
+    if not moving:
+        cover = " (only a cover picture)" if container.streams.video else ""
+        raise DecodeError(f"not a video: no video stream{cover}")
     name = container.format.name
     kind = "an image" if name.endswith("_pipe") else _NOT_VIDEO.get(name)
     if kind:
         raise DecodeError(f"not a video: {kind} ({name.removesuffix('_pipe')})")
-    stream = container.streams.video[0]
+    best = container.streams.best("video")
+    stream = best if best in moving else moving[0]
     check_size(stream.codec_context.width, stream.codec_context.height, max_pixels)
     stream.codec_context.thread_count = 1  # one decoder thread per worker: Ray gives each actor its CPUs
     return stream
