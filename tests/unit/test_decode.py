@@ -34,7 +34,7 @@ from pipeline.embed.stages.decode import (
     nvdec_decodes,
     open_video,
 )
-from pipeline.embed.stages.frame_reader import RGBConverter
+from pipeline.embed.stages.frame_reader import FrameReader, RGBConverter
 from pipeline.embed.stages.list import list_objects
 from pipeline.flags import NodeSettingError
 from pipeline.storage import Store
@@ -57,6 +57,8 @@ def videos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         "mkv": write_frames(d / "h264.mkv", shapes[:100], gop=10),
         "avi": write_frames(d / "h264.avi", shapes[:100], gop=10),  # no timestamps, B-frames
         "ts": write_frames(d / "h264.ts", shapes[:100], gop=10),  # no index
+        "hevc": write_frames(d / "hevc.mp4", shapes[:100], codec="libx265", gop=10),
+        "av1": write_frames(d / "av1.mkv", shapes[:100], codec="libsvtav1", gop=10),
         "live_webm": write_frames(d / "live.webm", shapes[:60], codec="libvpx", gop=10, live=True),
         "odd_h264": write_video(d / "odd_h264.mp4", 9, 63, 47, seed=2),
         "odd_mpeg4": write_video(d / "odd_mpeg4.mp4", 9, 63, 47, codec="mpeg4", seed=3),
@@ -111,7 +113,7 @@ def every_frame(path: str) -> np.ndarray:
         return np.stack([frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)])
 
 
-@pytest.mark.parametrize("name", ["h264_10s", "h264_default_gop", "mpeg4", "mkv", "avi", "ts"])
+@pytest.mark.parametrize("name", ["h264_10s", "h264_default_gop", "mpeg4", "mkv", "avi", "ts", "hevc", "av1"])
 @pytest.mark.parametrize("max_forward_s", [0.0, 1.0, float("inf")])  # seek whenever useful / default / never
 @pytest.mark.parametrize("num_frames", [8, 14])  # 14: some frames just before keyframes
 def test_frames_equal_independent_decoding(
@@ -126,10 +128,24 @@ def test_frames_equal_independent_decoding(
     if name == "mpeg4":  # MPEG-4 part 2 has no bit-exact inverse DCT: decord's FFmpeg 4.1 is 1-2 levels off
         diff = np.abs(row["frames"].astype(int) - reference(path, indices))
         assert diff.max() <= 2 and (diff > 0).mean() < 0.01
-    elif name == "avi":  # decord's get_batch seeks to wrong frames in AVI with B-frames; reading all is right
+    elif name in ("avi", "hevc"):  # decord seeks to wrong frames in these (B-frames); reading all is right
         np.testing.assert_array_equal(row["frames"], PRE.resize_crop(decode_frames(path)[indices]))
-    elif name != "ts":  # decord returns MPEG-TS frames 2 late (its frame i is frame i + 2 of the source)
+    elif name not in ("ts", "av1"):  # decord returns MPEG-TS frames 2 late; its FFmpeg 4.1 has no AV1 decoder
         np.testing.assert_array_equal(row["frames"], reference(path, indices))
+
+
+@pytest.mark.parametrize(
+    ("name", "skips"), [("h264_10s", True), ("hevc", True), ("avi", False), ("av1", False)]
+)
+def test_unreferenced_frames_are_skipped_where_the_decoder_allows_it(
+    videos: dict[str, str], name: str, skips: bool
+) -> None:
+    """H.264 and HEVC leave unreferenced frames before a wanted one undecoded (cheaper, the same frames);
+    AVI counts its frames, and libdav1d (AV1) would drop every unreferenced frame of the video, picking
+    neighbours of the wanted frames (the AV1 case of the test above)."""
+    with av.open(videos[name]) as container:
+        stream = container.streams.video[0]
+        assert FrameReader(container, stream, float(stream.average_rate), 1.0).may_skip is skips
 
 
 @pytest.mark.parametrize("name", ["odd_h264", "odd_mpeg4", "one_frame"])
@@ -410,7 +426,7 @@ SCALER_CPU = """
 import sys, time
 import av, numpy as np
 from pipeline.embed.stages.decode import MAX_PIXELS
-from pipeline.embed.stages.frame_reader import RGBConverter
+from pipeline.embed.stages.frame_reader import FrameReader, RGBConverter
 rgb = np.random.default_rng(0).integers(0, 256, (720, 1280, 3), dtype=np.uint8)
 picture = av.VideoFrame.from_ndarray(rgb, format="rgb24").reformat(format="yuv420p")
 convert = RGBConverter(MAX_PIXELS, None if sys.argv[1] == "None" else int(sys.argv[1]))

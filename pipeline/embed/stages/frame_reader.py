@@ -9,7 +9,8 @@ Seeking: the decoder runs forward and seeks (to the keyframe at or before the ne
 that skips decoding: in containers with a keyframe index (MP4/MOV, Matroska/WebM), when the next frame wanted
 lies more than ``max_forward_s`` ahead and a keyframe lies between it and the current position. Elsewhere
 (MPEG-TS, AVI, raw streams) it only decodes forward. Unreferenced frames (most B-frames) before the next
-frame wanted are not decoded at all.
+frame wanted are not decoded at all, by the decoders that can skip them one at a time
+(:data:`SKIPPING_DECODERS`).
 
 Fast sampling (``tolerance`` larger than half a frame): any frame within ``tolerance`` of the wanted time
 will do, so the reader takes the cheapest one: a keyframe within reach, found in the container's index and
@@ -32,6 +33,10 @@ from xclip_core.video_transforms import resize_output_size
 
 INDEXED_FORMATS = {"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm"}  # FFmpeg demuxers with keyframe indexes
 UNTIMED_FORMATS = {"avi"}  # no presentation timestamps (with B-frames FFmpeg's guesses are out of order)
+# FFmpeg decoders that read ``skip_frame`` for each packet, so that unreferenced frames before a wanted one
+# can be left undecoded without changing any other; libdav1d (AV1) reads it once, when it opens, and would
+# then drop every unreferenced frame of the video: elsewhere every frame is decoded
+SKIPPING_DECODERS = {"h264", "hevc", "mpeg4", "mpeg1video", "mpeg2video", "vp8", "vp9"}
 # NVDEC's semi-planar picture layouts and the planar ones FFmpeg's software decoders give for the same streams
 PLANAR_LAYOUTS = {"nv12": "yuv420p", "p010le": "yuv420p10le", "p016le": "yuv420p16le"}
 
@@ -55,6 +60,8 @@ class FrameReader:
         self.period = 1.0 / fps
         # frames are timed by counting them (in display order) where the container has no timestamps
         self.counted = container.format.name in UNTIMED_FORMATS
+        # a skipped frame would not be counted, and only some decoders skip per packet
+        self.may_skip = not self.counted and stream.codec_context.name in SKIPPING_DECODERS
         # seek only where the container has a keyframe index; elsewhere (MPEG-TS, raw streams) FFmpeg
         # seeks by bisecting on timestamps and may land past keyframes, even when seeking to the start
         self.max_forward_s = max_forward_s if container.format.name in INDEXED_FORMATS else math.inf
@@ -70,7 +77,8 @@ class FrameReader:
         exact = tolerance is None or tolerance <= self.period / 2
         earliest = target - (self.period / 2 if exact else tolerance)
         if self.current is None or self.current[0] < earliest:
-            self.skip_before = -math.inf if self.counted else (target - self.period if exact else earliest)
+            if self.may_skip:
+                self.skip_before = target - self.period if exact else earliest
             keyframe = None if exact else self._keyframe_near(target, tolerance)
             if keyframe is not None:
                 self._seek(keyframe)
@@ -108,8 +116,8 @@ class FrameReader:
 
     def _decode(self) -> Iterator[av.VideoFrame]:
         """Decode from the demuxer's position on. Frames that no other frame references (most B-frames) and
-        that are shown before ``skip_before`` are not decoded at all: that changes no other frame. (Never
-        where frames are counted: a skipped frame would not be counted.)"""
+        that are shown before ``skip_before`` are not decoded at all: that changes no other frame. (Only
+        where :attr:`may_skip`.)"""
         context = self.stream.codec_context
         for packet in self.container.demux(self.stream):
             early = packet.pts is not None and self._seconds(packet.pts) < self.skip_before
