@@ -123,6 +123,26 @@ def test_list_local(tmp_path: Path) -> None:
         list_objects(str(tmp_path / "missing"))
 
 
+def test_a_source_named_with_glob_characters_lists_what_it_names(
+    s3: MotoS3, bucket: str, tmp_path: Path
+) -> None:
+    """A folder called ``[2024] trip`` (no glob matches it) is listed as the folder; a glob still selects."""
+    raw = _raw_s3(s3)
+    for key in ("trips/[2024] trip/a.mp4", "trips/[2024] trip/b[1].mp4", "trips/other/c.mp4"):
+        raw.pipe_file(f"{bucket}/{key}", b"v")
+    (tmp_path / "[2024] trip").mkdir()
+    for name in ("a.mp4", "b[1].mp4"):
+        (tmp_path / "[2024] trip" / name).write_bytes(b"v")
+    for root, options in ((f"s3://{bucket}/trips", s3.options), (str(tmp_path), None)):
+        folder = f"{root}/[2024] trip"
+        expected = [f"{folder}/a.mp4", f"{folder}/b[1].mp4"]
+        assert [r["uri"] for r in list_objects(folder, options)] == expected
+        assert [r["uri"] for r in list_objects(folder + "/", options)] == expected
+        assert [r["uri"] for r in list_objects(f"{folder}/b[1].mp4", options)] == [f"{folder}/b[1].mp4"]
+        assert [r["uri"] for r in list_objects(f"{root}/*/a.mp4", options)] == [f"{folder}/a.mp4"]
+        assert list_objects(f"{root}/[2024] tri", options) == []  # neither a glob match nor a name
+
+
 # --- errors at the edge ---
 
 

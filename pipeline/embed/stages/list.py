@@ -20,7 +20,8 @@ def list_objects(source: str | Store, options: StorageOptions | None = None) -> 
     paths come back absolute. Directories and zero-size ``.../`` directory-marker keys are skipped; other
     zero-byte objects are kept. ``etag`` is ``None`` where the store has none (local files), ``mtime`` is
     seconds since the epoch or ``None``. A glob selects objects: directories it matches are skipped (write
-    ``dir*/**`` to take everything under them).
+    ``dir*/**`` to take everything under them). A source whose name has glob characters (``[2024] trip/``)
+    and that matches nothing as a glob is listed as the prefix or object of that name.
 
     Nothing matching is a valid, empty result. A missing bucket, a missing local base directory, denied access
     or an unreachable endpoint raise :class:`pipeline.storage.StorageError`.
@@ -29,9 +30,8 @@ def list_objects(source: str | Store, options: StorageOptions | None = None) -> 
     fs, path = store.fs, store.path()
     with store.errors("listing"):
         fs.invalidate_cache()  # instances are shared: never answer from an older listing
-        if has_magic(path):
-            entries = fs.glob(path, detail=True)
-        else:
+        entries = fs.glob(path, detail=True) if has_magic(path) else {}
+        if not entries:  # a prefix, an object, or a name with glob characters that matches nothing as one
             entries = fs.find(path, withdirs=False, detail=True)
     if not entries:
         store.check_container()  # tell "empty" apart from "no such bucket / directory"
