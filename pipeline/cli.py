@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
+from xclip_core.label_prompts import DEFAULT_TEMPLATE, check_template
+
 from .cluster import commands as cluster_commands
 from .cluster.submit import ClusterError
 from .embed.options import (
@@ -31,7 +33,6 @@ from .search.service.options import ServiceOptions
 from .storage import StorageError, StorageOptions
 from .train.config import TrainConfig
 from .train.options import IN_PROCESS_MAX_CLIP_BYTES, TrainOptions
-from .video_table import DEFAULT_TEMPLATE
 
 if TYPE_CHECKING:
     from xclip_core.config import XCLIPConfig
@@ -43,6 +44,14 @@ def _storage_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--profile", help="credentials profile (else AWS_PROFILE)")
     group.add_argument("--region", help="region (else AWS_REGION / AWS_DEFAULT_REGION)")
     group.add_argument("--anon", action="store_true", help="anonymous access to public buckets")
+
+
+def _template(value: str) -> str:
+    """A ``--template`` that makes a prompt of any label (else argparse's one-line usage error)."""
+    try:
+        return check_template(value)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
 
 
 def _storage(args: argparse.Namespace) -> StorageOptions:
@@ -221,7 +230,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     classify.add_argument("--model", help="checkpoint (default: the bundled model)")
     classify.add_argument(
-        "--template", default=DEFAULT_TEMPLATE, help="prompt template (default %(default)r)"
+        "--template", default=DEFAULT_TEMPLATE, type=_template, help="prompt template (default %(default)r)"
     )
     classify.add_argument("-k", type=int, default=5, help="labels shown per video (default 5)")
     classify.add_argument("--json", action="store_true")
@@ -295,7 +304,10 @@ def _parser() -> argparse.ArgumentParser:
         "--cpus-per-worker", type=float, help="default: the most that lets every worker run at once"
     )
     train.add_argument(
-        "--template", default=DEFAULT_TEMPLATE, help="caption of a label (default %(default)r)"
+        "--template",
+        default=DEFAULT_TEMPLATE,
+        type=_template,
+        help="caption of a label (default %(default)r)",
     )
     train.add_argument(
         "--seed",
@@ -336,7 +348,7 @@ def _parser() -> argparse.ArgumentParser:
         help="CSV or Parquet table of the library's videos: uri,caption (retrieval) or uri,label (accuracy)",
     )
     evaluate.add_argument(
-        "--template", default=DEFAULT_TEMPLATE, help="prompt of a label (default %(default)r)"
+        "--template", default=DEFAULT_TEMPLATE, type=_template, help="prompt of a label (default %(default)r)"
     )
     evaluate.add_argument("--json", action="store_true", help="print the metrics as JSON")
     _storage_flags(evaluate)

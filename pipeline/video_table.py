@@ -16,9 +16,9 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 from fsspec.core import split_protocol
 
-from .storage import StorageOptions, Store, join
+from xclip_core.label_prompts import DEFAULT_TEMPLATE, check_template
 
-DEFAULT_TEMPLATE = "a video of {}"
+from .storage import StorageOptions, Store, join
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,7 @@ def read_video_table(
     table_uri: str, storage: StorageOptions | None = None, template: str = DEFAULT_TEMPLATE
 ) -> list[DescribedVideo]:
     """The rows of a ``uri,caption`` or ``uri,label`` table (``.parquet``, else CSV with a header)."""
-    if "{}" not in template:
-        raise ValueError(f"the label template must contain '{{}}' where the label goes: {template!r}")
+    check_template(template)
     data = Store(table_uri, storage).read_bytes()
     table = (
         pq.read_table(io.BytesIO(data))

@@ -26,12 +26,12 @@ import fsspec
 import numpy as np
 import torch
 
+from .label_prompts import DEFAULT_TEMPLATE, check_template
 from .model import XCLIPModel
 from .tokenizer import CLIPTokenizer
 
 LABELS_DIR = Path(__file__).resolve().parent / "data" / "labels"
 BUNDLED_LABEL_SETS = ("kinetics400", "kinetics600", "ucf101", "hmdb51")
-DEFAULT_TEMPLATE = "a video of {}"
 LabelSet = Sequence[str] | str | os.PathLike  # class names, or a label set name / path for load_labels
 
 
@@ -137,11 +137,9 @@ class ZeroShotClassifier:
         labels: LabelSet | None = None,
         batch_size: int = 256,
     ):
-        if "{}" not in template:
-            raise ValueError(f"template must contain '{{}}' where the label goes: {template!r}")
         self.model = model
         self.tokenizer = tokenizer
-        self.template = template
+        self.template = check_template(template)
         self.batch_size = batch_size
         self.labels = None if labels is None else self._labels(labels)
         self._cache: dict[tuple[str, ...], torch.Tensor] = {}

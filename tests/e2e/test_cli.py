@@ -87,3 +87,15 @@ def test_bad_labels_is_a_clear_error(tmp_path, tiny_model, capsys) -> None:
     write_video(tmp_path / "a.mp4", 8, 32, 32)
     assert main(["classify", str(tmp_path), "--labels", "kinetics401", "--model", str(tiny_model)]) == 2
     assert "unknown label set 'kinetics401'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["classify", "x.mp4"], ["train", "table.csv", "out"], ["eval", "library", "--captions", "table.csv"]],
+)
+def test_a_template_that_cannot_make_a_prompt_is_refused_before_anything_runs(command, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, "--template", "a {kind} of {}"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --template: the template must have one '{}' where the label goes" in err

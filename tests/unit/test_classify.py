@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 import fsspec
 import numpy as np
 import pytest
@@ -11,6 +13,7 @@ from helpers import reference_model
 
 from xclip_core import XCLIPModel
 from xclip_core.classify import BUNDLED_LABEL_SETS, ZeroShotClassifier, classify, load_labels
+from xclip_core.label_prompts import check_template
 from xclip_core.processor import XCLIPProcessor
 from xclip_core.tokenizer import CLIPTokenizer
 from xclip_core.video_transforms import VideoPreprocessor
@@ -85,6 +88,31 @@ def test_label_errors(tmp_path):
     (tmp_path / "dup.txt").write_text("a\nb\na\n")
     with pytest.raises(ValueError, match="duplicate"):
         load_labels(tmp_path / "dup.txt")
+
+
+@pytest.mark.parametrize(
+    ("template", "prompt"),
+    [("{}", "surfing"), ("a video of {}", "a video of surfing"), ("{{{}}}, {{}}", "{surfing}, {}")],
+)
+def test_templates_that_make_a_prompt_of_any_label(template: str, prompt: str) -> None:
+    assert check_template(template).format("surfing") == prompt
+
+
+@pytest.mark.parametrize(
+    ("template", "reason"),
+    [
+        ("a video", "must contain '{}'"),
+        ("{{}}", "must contain '{}'"),  # a literal "{}"
+        ("a {kind} of {}", "no other braces"),  # would raise KeyError('kind') at the first label
+        ("{} and {}", "no other braces"),
+        ("a {", "no other braces"),
+    ],
+)
+def test_templates_that_cannot_are_refused_saying_why(models, tokenizer, template: str, reason: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        check_template(template)
+    with pytest.raises(ValueError, match=re.escape(reason)):
+        ZeroShotClassifier(models[1], tokenizer, template)
 
 
 # -------------------------------------------------------------------------------------------- classifier
