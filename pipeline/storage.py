@@ -102,6 +102,10 @@ class ObjectNotFound(StorageError, FileNotFoundError):
     """The object (or local file) does not exist. Also a ``FileNotFoundError``."""
 
 
+class RangeNotSatisfiable(StorageError):
+    """Bytes asked for lie past the object's end (HTTP 416): the object is shorter than its reader expects."""
+
+
 class PreconditionFailed(StorageError):
     """A conditional write lost: the object changed since the caller read it (or exists when it must not)."""
 
@@ -285,6 +289,8 @@ def translate_error(
         )
     if code == "NoSuchKey" or isinstance(exc, FileNotFoundError):
         return ObjectNotFound(f"{action} {uri}: no such object or file")
+    if code == "InvalidRange":
+        return RangeNotSatisfiable(f"{action} {uri}: the object ends before the bytes asked for")
     if code in _TRANSIENT_CODES:
         return StorageUnavailable(
             f"{action} {uri}: the store at {where} keeps failing ({code}: {_message(exc)}) after retries; "
@@ -420,10 +426,11 @@ class Store:
             return self.fs.cat_file(self.path(name))
 
     def read_ranges(self, name: str, starts: list[int], ends: list[int]) -> list[bytes]:
-        """The bytes ``[start, end)`` of the object for each pair (fetched concurrently where possible)."""
+        """The bytes ``[start, end)`` of the object for each pair (fetched concurrently where possible); fewer
+        where the object ends first, :class:`RangeNotSatisfiable` where it ends before ``start``."""
         path = self.path(name)
         with self.errors("reading", name):
-            return self.fs.cat_ranges([path] * len(starts), starts, ends)
+            return self.fs.cat_ranges([path] * len(starts), starts, ends, on_error="raise")
 
     def size(self, name: str = "") -> int:
         """The object's size in bytes."""

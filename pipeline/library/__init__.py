@@ -11,6 +11,7 @@ from ..lazy import lazy_exports
 _EXPORTS = {
     "CURRENT": ".manifest",
     "ConcurrentWriteError": ".manifest",
+    "DamagedLibraryError": ".manifest",
     "Library": ".reader",
     "LibraryError": ".manifest",
     "LibraryWriter": ".writer",

@@ -20,7 +20,8 @@ import math
 
 import numpy as np
 
-from ..storage import Store
+from ..storage import RangeNotSatisfiable, Store
+from .manifest import parsing
 
 FEATURES = "features"
 HEADER_PROBE = 4096  # bytes read to parse a remote file's .npy header (NumPy pads it to a multiple of 64)
@@ -67,8 +68,12 @@ class FeatureFile:
         self._layout: tuple[np.dtype, int, int] | None = None  # dtype, rows, data offset (remote files)
 
     def rows(self, positions: np.ndarray) -> np.ndarray:
-        """The records at ``positions`` (row numbers in the part), in that order."""
-        positions = np.asarray(positions, dtype=np.int64)
+        """The records at ``positions`` (row numbers in the part), in that order; a file that cannot be
+        parsed (truncated) raises :class:`~pipeline.library.manifest.DamagedLibraryError`."""
+        with parsing(self.store, self.path):
+            return self._rows(np.asarray(positions, dtype=np.int64))
+
+    def _rows(self, positions: np.ndarray) -> np.ndarray:
         if self.store.is_local:
             if self._array is None:
                 with self.store.errors("reading", self.path):
@@ -81,13 +86,21 @@ class FeatureFile:
         runs = np.split(order, np.flatnonzero(np.diff(order) != 1) + 1) if order.size else []  # adjacent rows
         starts = [offset + int(run[0]) * dtype.itemsize for run in runs]
         ends = [offset + (int(run[-1]) + 1) * dtype.itemsize for run in runs]
-        chunks = self.store.read_ranges(self.path, starts, ends)
-        found = np.frombuffer(b"".join(chunks), dtype=dtype)
+        try:
+            data = b"".join(self.store.read_ranges(self.path, starts, ends))
+        except RangeNotSatisfiable as e:
+            raise EOFError(f"the file ends before its row {order[-1]}") from e
+        if len(data) != sum(ends) - sum(starts):
+            raise EOFError(f"the file ends before its row {order[-1]}")
+        found = np.frombuffer(data, dtype=dtype)
         return found[np.searchsorted(order, positions)]
 
     def _header(self) -> tuple[np.dtype, int, int]:
         if self._layout is None:
-            (head,) = self.store.read_ranges(self.path, [0], [HEADER_PROBE])
+            try:
+                (head,) = self.store.read_ranges(self.path, [0], [HEADER_PROBE])  # fewer from a small file
+            except RangeNotSatisfiable as e:
+                raise EOFError("the file is empty") from e
             stream = io.BytesIO(head)
             version = np.lib.format.read_magic(stream)
             npy = np.lib.format

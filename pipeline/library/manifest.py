@@ -24,9 +24,13 @@ Readers read all three.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
+
+import pyarrow as pa
 
 from xclip_core.identity import ModelIdentity
 
@@ -42,6 +46,29 @@ GRACE_S = 3600.0
 
 class LibraryError(Exception):
     """A library is missing, damaged, or could not be updated."""
+
+
+class DamagedLibraryError(LibraryError):
+    """A file of the library cannot be parsed: truncated, overwritten, or not the library's."""
+
+
+# what JSON, Parquet (pyarrow), NumPy and FAISS raise for content they cannot parse
+UNPARSABLE = (ValueError, EOFError, RuntimeError, pa.ArrowException)
+REMEDY = (
+    "restore it from a copy, roll back to a version without it (`videosearch versions`, `videosearch "
+    "rollback --to N`), or embed the videos into a new library"
+)
+
+
+@contextlib.contextmanager
+def parsing(root: Store, name: str, remedy: str = REMEDY) -> Iterator[None]:
+    """Parsing the library's file ``name`` in the block: content that cannot be parsed (:data:`UNPARSABLE`)
+    becomes a :class:`DamagedLibraryError` that names the file and says what to do (``remedy``)."""
+    try:
+        yield
+    except UNPARSABLE as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DamagedLibraryError(f"{root.uri} is damaged: {name} cannot be read ({reason}); {remedy}") from e
 
 
 class NotALibraryError(LibraryError):
@@ -138,7 +165,15 @@ def current_version(root: Store) -> Version | None:
         data, token = root.read_with_token(CURRENT)
     except ObjectNotFound:
         return None
-    number = int(data)
+    try:
+        number = int(data)
+    except ValueError:
+        versions = ", ".join(map(str, list_versions(root)))
+        raise DamagedLibraryError(
+            f"{root.uri} is damaged: {CURRENT} holds {data[:40]!r}, not a version number; write the number "
+            f"of the version to publish into it (the library has versions {versions}, the highest the last "
+            "one written)"
+        ) from None
     return Version(number, read_manifest(root, number, named_by_current=True), token)
 
 
@@ -159,7 +194,7 @@ def all_versions(root: Store) -> tuple[Version, dict[int, dict[str, Any]], list[
 def read_manifest(root: Store, number: int, named_by_current: bool = False) -> dict[str, Any]:
     """Version ``number``'s manifest; errors say what the library has instead."""
     try:
-        manifest = json.loads(root.read_bytes(manifest_name(number)))
+        data = root.read_bytes(manifest_name(number))
     except ObjectNotFound:
         if named_by_current:
             message = f"{root.uri} is damaged: {CURRENT} names version {number}, which has no manifest"
@@ -173,6 +208,8 @@ def read_manifest(root: Store, number: int, named_by_current: bool = False) -> d
         raise VersionNotFoundError(
             f"{root.uri} has no version {number}; available versions: {', '.join(map(str, available))}"
         ) from None
+    with parsing(root, manifest_name(number)):
+        manifest = json.loads(data)
     if manifest.get("format", 0) > FORMAT:
         raise LibraryError(
             f"{root.uri} version {number} has manifest format {manifest['format']}, this program reads up to "

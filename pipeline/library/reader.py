@@ -26,6 +26,7 @@ from .manifest import (
     Version,
     current_version,
     list_versions,
+    parsing,
     read_manifest,
 )
 from .schema import PROMPT, part_schema, stored_schema
@@ -53,7 +54,11 @@ def read_part(
     beside = part.features is not None and PROMPT in names  # the re-rank features are not in the file
     read = [n for n in names if n != PROMPT or not beside] + (["id"] if beside and "id" not in names else [])
     kwargs = {} if root.is_local else {"cache_type": "none"}  # pyarrow asks for exactly the bytes it needs
-    with root.errors("reading", part.path), root.open(part.path, "rb", **kwargs) as f:
+    with (
+        root.errors("reading", part.path),
+        parsing(root, part.path),
+        root.open(part.path, "rb", **kwargs) as f,
+    ):
         fragment = ds.ParquetFileFormat().make_fragment(pa.PythonFile(f, mode="r"))
         physical = stored_schema(schema) if part.features else schema
         table = fragment.to_table(schema=physical, columns=read, filter=condition)
@@ -208,7 +213,9 @@ class Library:
         """A fresh copy of the version's index: its index file, with the manifest's delta applied (the ids it
         removes out, the embedded rows of the parts it adds in)."""
         entry = self.manifest["index"]
-        index = deserialize(self.store.read_bytes(entry["path"]))
+        data = self.store.read_bytes(entry["path"])
+        with parsing(self.store, entry["path"], f"`videosearch reindex {self.uri}` builds it again"):
+            index = deserialize(data)
         if entry.get("removed"):
             index = remove(index, np.array(entry["removed"], np.int64))
         added = [part for part in self.snapshot.parts if part.path in set(entry.get("added", ()))]

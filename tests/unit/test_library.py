@@ -14,6 +14,7 @@ import pytest
 from pipeline.library import (
     CURRENT,
     ConcurrentWriteError,
+    DamagedLibraryError,
     Library,
     LibraryWriter,
     NotALibraryError,
@@ -241,6 +242,38 @@ def test_not_a_library_and_missing_version(where) -> None:
     publish(where, None, rows(range(0, 2)))
     with pytest.raises(VersionNotFoundError, match="no version 7; available versions: 1"):
         Library.open(*where, version=7)
+
+
+@pytest.mark.parametrize("damaged", ["current", "manifest", "part", "features", "index"])
+def test_a_damaged_file_is_named_with_what_to_do(where, damaged: str) -> None:
+    """A truncated or overwritten file (a copy cut short, a disk that filled up) is a one-line error that
+    names it and says what repairs it, not the parser's complaint about '<Buffer>' or a FAISS traceback."""
+    version = publish(where, None, rows(range(0, 4)))
+    (part,) = version.parts
+    store = Store(*where)
+    name = {
+        "current": CURRENT,
+        "manifest": "versions/1.json",
+        "part": part.path,
+        "features": part.features,
+        "index": version.manifest["index"]["path"],
+    }[damaged]
+    data = store.read_bytes(name)
+    store.write_bytes(name, b"abc" if damaged == "current" else data[: len(data) // 2])
+    with pytest.raises(DamagedLibraryError) as error:
+        library = Library.open(*where)
+        library.rows_by_id([2], columns=["uri", "prompt_features"])
+        library.index()
+    message = str(error.value)
+    assert message.startswith(f"{store.uri} is damaged: {name} ") and "\n" not in message
+    if damaged == "current":
+        assert "write the number of the version to publish into it (the library has versions 1" in message
+    elif damaged == "index":
+        assert message.endswith(f"`videosearch reindex {store.uri}` builds it again")
+        reindex(where[0], options=where[1])  # from the parts: the index is whole again
+        assert Library.open(*where).index().ntotal == 4
+    else:
+        assert "cannot be read (" in message and "rollback --to N" in message
 
 
 def test_write_part_validates_and_casts(tmp_path) -> None:

@@ -17,8 +17,10 @@ from pipeline.storage import (
     S3_CLIENT_CONFIG,
     ObjectNotFound,
     PreconditionFailed,
+    RangeNotSatisfiable,
     StorageError,
     StorageOptions,
+    StorageUnavailable,
     Store,
     join,
     translate_error,
@@ -162,6 +164,20 @@ def test_missing_bucket_names_it_and_hides_credentials(s3: MotoS3, monkeypatch: 
         assert "no-such-bucket-4711" in message and "does not exist" in message
         assert SECRET not in message and SECRET not in repr(info.value)
         assert not isinstance(info.value, ObjectNotFound)
+
+
+def test_ranged_reads_raise_what_failed(s3: MotoS3, bucket: str, closed_endpoint: str) -> None:
+    """A range past the end is its own error, a short one at the end comes back short, and a failed read
+    raises: fsspec's default hands the exception back in the list, which a reader then took for bytes."""
+    store = Store(f"s3://{bucket}/ranges", s3.options)
+    store.write_bytes("ten.bin", b"0123456789")
+    assert store.read_ranges("ten.bin", [0, 8], [4, 20]) == [b"0123", b"89"]
+    with pytest.raises(RangeNotSatisfiable, match="ten.bin: the object ends before the bytes asked for"):
+        store.read_ranges("ten.bin", [0, 20], [4, 30])
+    fast = {"config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}}}
+    down = Store(f"s3://{bucket}/ranges", StorageOptions(endpoint_url=closed_endpoint, extra=fast))
+    with pytest.raises(StorageUnavailable, match="cannot reach"):
+        down.read_ranges("ten.bin", [0], [4])
 
 
 def test_unreachable_endpoint_fails_fast(closed_endpoint: str) -> None:
