@@ -11,17 +11,23 @@ that resumes the run exactly, on either executor.
 
 from __future__ import annotations
 
+import logging
 import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 from ..embed.stages.decode import DecodeSettings
 from ..models import VideoTextModel
-from ..storage import Store
+from ..storage import ObjectNotFound, StorageOptions, Store
 from ..video_table import DescribedVideo, read_video_table
 from .backbone_cache import check_mode, feature_bytes
 from .in_process import runs_in_process, train_in_process
 from .options import TrainOptions, TrainSummary
 from .trainer import read_history
 from .worker import PreparedRun, starting_model
+
+log = logging.getLogger(__name__)
+STAT_THREADS = 32  # sizes of the table's videos asked for at once
 
 
 def _targets(rows: list[DescribedVideo], model: VideoTextModel, table_uri: str) -> dict[str, list[str]]:
@@ -41,6 +47,45 @@ def _targets(rows: list[DescribedVideo], model: VideoTextModel, table_uri: str) 
     return targets
 
 
+def _listed(
+    uris: list[str], storage: StorageOptions | None, table_uri: str
+) -> tuple[list[dict[str, Any]], list[str]]:
+    """The table's videos as the decode stage takes them (``uri``, ``size``...), their sizes asked for
+    :data:`STAT_THREADS` at a time (one request each on S3: ~20 ms, 3 minutes for 10,000 videos one after
+    the other), and the uris that do not exist. A missing video is skipped with a warning, as an undecodable
+    one is; none existing is a ``ValueError``."""
+
+    def size(uri: str) -> int | None:
+        try:
+            return Store(uri, storage).size()
+        except ObjectNotFound:
+            return None
+
+    with ThreadPoolExecutor(min(STAT_THREADS, len(uris))) as pool:
+        sizes = list(pool.map(size, uris))
+    listed = [
+        {"uri": uri, "size": n, "etag": None, "mtime": None}
+        for uri, n in zip(uris, sizes, strict=True)
+        if n is not None
+    ]
+    missing = [uri for uri, n in zip(uris, sizes, strict=True) if n is None]
+    if missing:
+        named = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        if not listed:
+            raise ValueError(
+                f"none of the {len(uris)} videos of {table_uri} exists ({named}); a relative uri is "
+                "relative to the table"
+            )
+        log.warning(
+            "%d of the %d videos of %s do not exist and are skipped: %s",
+            len(missing),
+            len(uris),
+            table_uri,
+            named,
+        )
+    return listed, missing
+
+
 def train(table_uri: str, options: TrainOptions) -> TrainSummary:
     """Train a model (X-CLIP, or EVL's decoder) on a ``uri,caption`` or ``uri,label`` table, on Ray Train or
     in this process (``options.executor``)."""
@@ -55,9 +100,7 @@ def train(table_uri: str, options: TrainOptions) -> TrainSummary:
     per_clip = feature_bytes(start)
     check_mode(options.backbone_cache, per_clip)  # before Ray starts
     del start
-    listed = [
-        {"uri": uri, "size": Store(uri, options.storage).size(), "etag": None, "mtime": None} for uri in texts
-    ]
+    listed, missing = _listed(list(texts), options.storage, table_uri)
     here = runs_in_process(options, len(listed), settings)
     if here:
         execute = train_in_process
@@ -73,6 +116,7 @@ def train(table_uri: str, options: TrainOptions) -> TrainSummary:
         time.perf_counter() - started,
         backbone_cached=cached,
         executor="in-process" if here else "ray",
+        missing=len(missing),
     )
 
 

@@ -71,6 +71,7 @@ class TrainSummary:
     seconds: float
     backbone_cached: bool = False  # the epochs stepped from the frozen backbone's features, computed once
     executor: str = "ray"  # where it ran: "ray" (Ray Train) or "in-process"
+    missing: int = 0  # videos of the table that do not exist (skipped)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,7 +81,8 @@ class TrainSummary:
             f"epoch {int(e['epoch'])}: loss {e['loss']:.4f} ({int(e['steps'])} steps)" for e in self.epochs
         ]
         lines.append(
-            f"trained on {self.clips} clips ({self.failed} failed to decode) in {self.seconds:.0f} s "
+            f"trained on {self.clips} clips ({self.failed} failed to decode"
+            f"{f', {self.missing} missing' if self.missing else ''}) in {self.seconds:.0f} s "
             f"({'in this process' if self.executor == 'in-process' else 'on Ray Train'}); "
             f"last checkpoint: {self.checkpoint}"
         )

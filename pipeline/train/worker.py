@@ -97,7 +97,8 @@ def check_enough(clips: int, videos: int, table_uri: str) -> None:
     """Raises ``ValueError`` when fewer than two of a table's ``videos`` could be decoded."""
     if clips < 2:
         raise ValueError(
-            f"only {clips} of {videos} videos in {table_uri} could be decoded: nothing to train on"
+            f"{clips} of the {videos} videos of {table_uri} could be decoded: training needs at least 2 (a "
+            "step contrasts each clip with the others of its batch)"
         )
 
 

@@ -204,6 +204,31 @@ def test_cli_trains_from_scratch_on_labels_then_resumes(tiny_model, tmp_path, ca
     assert CLIPTokenizer.from_pretrained(second["checkpoint"])("a circle")["input_ids"].shape == (1, 77)
 
 
+def test_missing_videos_are_skipped_and_named_and_too_few_clips_say_why(
+    tiny_model, table_with_a_bad_video, tmp_path, capsys, caplog
+) -> None:
+    """A video deleted since the table was written is skipped as an undecodable one is (the run goes on,
+    the summary counts it); a table of which no video exists, or one clip, is refused saying so."""
+    with open(table_with_a_bad_video, "a") as f:
+        f.write("gone.mp4,a clip deleted since\n")
+    common = ["--model", str(tiny_model), "--batch-size", "4", "--executor", "in-process", "--json"]
+    assert main(["train", table_with_a_bad_video, str(tmp_path / "run"), *common]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["clips"], summary["failed"], summary["missing"]) == (6, 1, 1)
+    gone = tmp_path / "clips" / "gone.mp4"
+    skipped = f"1 of the 8 videos of {table_with_a_bad_video} do not exist and are skipped: {gone}"
+    assert skipped in caplog.text
+
+    (tmp_path / "gone.csv").write_text("uri,caption\ngone-1.mp4,a\ngone-2.mp4,b\n")
+    assert main(["train", str(tmp_path / "gone.csv"), str(tmp_path / "run2"), *common]) == 2
+    assert f"none of the 2 videos of {tmp_path / 'gone.csv'} exists ({tmp_path / 'gone-1.mp4'}, " in (
+        capsys.readouterr().err
+    )
+    (tmp_path / "one.csv").write_text(f"uri,caption\n{tmp_path / 'clips' / 'clip-00000.mp4'},a\n")
+    assert main(["train", str(tmp_path / "one.csv"), str(tmp_path / "run3"), *common]) == 2
+    assert "1 of the 1 videos" in (err := capsys.readouterr().err) and "training needs at least 2" in err
+
+
 def test_cli_train_rejects_a_bad_table_before_starting_ray(tmp_path, capsys) -> None:
     (tmp_path / "t.csv").write_text("path,text\nx.mp4,y\n")
     assert main(["train", str(tmp_path / "t.csv"), str(tmp_path / "run"), "--config", "nope"]) == 2
