@@ -449,7 +449,11 @@ def _run_query(args: argparse.Namespace, out: TextIO) -> int:
 
     if args.k < 1:
         raise ValueError(f"-k must be at least 1, got {args.k}")
-    hits = Searcher.open(args.library, _storage(args), args.version).search(args.text, k=args.k)
+    searcher = Searcher.open(args.library, _storage(args), args.version)
+    hits = searcher.search(args.text, k=args.k)
+    if not hits:  # on stderr: stdout stays the (empty) result
+        library = searcher.library
+        print(f"no results: {library.uri} version {library.version} holds no embedded video", file=sys.stderr)
     if args.json:
         print(json.dumps([hit.to_dict() for hit in hits], indent=2), file=out)
     else:

@@ -53,6 +53,11 @@ class _VideoScores:
         columns = ["uri", "error", "embedding"] + (["prompt_features"] if library.rerank_shape else [])
         table = library.table(columns)
         table = table.filter(pc.is_null(table["error"]))
+        if not table.num_rows:
+            raise ValueError(
+                f"{library.uri} version {library.version} has no embedded video (every row is an error "
+                "row): nothing to evaluate"
+            )
         self.uris = sorted(set(table["uri"].to_pylist()))
         self.position = {uri: i for i, uri in enumerate(self.uris)}
         self.row_video = torch.tensor([self.position[uri] for uri in table["uri"].to_pylist()])

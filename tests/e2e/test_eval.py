@@ -95,6 +95,23 @@ def test_videos_missing_from_the_library_are_reported_and_skipped(library, tmp_p
         evaluate(lib, write_table(tmp_path / "none.csv", ("uri", "caption"), extra))
 
 
+def test_a_library_without_an_embedded_video_is_said_to_be_so(tiny_model, tmp_path, capsys) -> None:
+    """Every object failed (published all the same, as a new library's first version is): eval says so,
+    where the scorer failed to reshape an empty tensor, and query's empty answer says why."""
+    (tmp_path / "videos").mkdir()
+    (tmp_path / "videos" / "broken.mp4").write_bytes(b"\0" * 100)
+    lib = str(tmp_path / "library")
+    assert embed(str(tmp_path / "videos"), lib, EmbedOptions(model=str(tiny_model))).failed == 1
+    broken = str(tmp_path / "videos" / "broken.mp4")
+    table = write_table(tmp_path / "t.csv", ("uri", "caption"), [(broken, "x")])
+    with pytest.raises(ValueError, match="library version 1 has no embedded video .*nothing to evaluate"):
+        evaluate(lib, table)
+    capsys.readouterr()
+    assert main(["query", lib, "a circle"]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and f"no results: {lib} version 1 holds no embedded video" in err
+
+
 def test_cli_eval_prints_json_metrics(library, capsys) -> None:
     lib, table = library
     assert main(["eval", lib, "--captions", table, "--json"]) == 0
