@@ -1,7 +1,9 @@
 """Reading the frames a sampling wants from a video stream: forward decoding, seeking over long gaps.
 
 Frames are chosen by time: the frame shown at time ``t`` is the first decoded frame whose time is at least
-``t`` minus half a frame period (``fps`` the stream's average rate, times relative to the stream start). For a
+``t`` minus half a frame period (``fps`` the stream's average rate, times relative to the stream start); where
+that frame starts more than half a period after ``t`` (a gap in a variable-frame-rate video: a screen
+recording that stays still, dropped frames), the frame on screen at ``t``, the one before it. For a
 constant-frame-rate video this is exactly frame ``round(t * fps)``; for a variable-frame-rate one it samples
 uniformly in time. (AVI has no presentation timestamps: its frames are counted.)
 
@@ -68,6 +70,8 @@ class FrameReader:
         self.skip_before = -math.inf  # frames shown before this time are never picked: skip if unreferenced
         self.frames = self._decode()
         self.current: tuple[float, av.VideoFrame] | None = None  # the last decoded frame and its time
+        self.previous: tuple[float, av.VideoFrame] | None = None  # the one decoded before it, since a seek
+        self.skipped_until = -math.inf  # the latest time of a frame left undecoded since the last seek
 
     def frame_at(self, target: float, tolerance: float | None = None) -> tuple[av.VideoFrame, float]:
         """The decoded picture shown within ``tolerance`` of ``target`` (seconds from the stream start, never
@@ -84,12 +88,33 @@ class FrameReader:
                 self._seek(keyframe)
             elif self._worth_seeking(target):
                 self._seek(target)
-            while self.current is None or self.current[0] < earliest:
-                if not self._advance():
-                    self._check_ended(target)
-                    break
+            self._advance_to(earliest, target)
+        if exact and self.current[0] > target + self.period / 2 and self.previous is not None:
+            return self._on_screen(target, earliest)
         time, frame = self.current
         return frame, time
+
+    def _advance_to(self, earliest: float, target: float) -> None:
+        while self.current is None or self.current[0] < earliest:
+            if not self._advance():
+                self._check_ended(target)
+                return
+
+    def _on_screen(self, target: float, earliest: float) -> tuple[av.VideoFrame, float]:
+        """The picture on screen at ``target`` where no frame starts within half a period of it: the last one
+        before, which counts as shown at ``target``. The decoder may have skipped it (unreferenced frames
+        before ``target - period`` are not decoded): then, where the container has a keyframe index, it
+        decodes again from the keyframe before ``target``, every frame; elsewhere it takes the last frame it
+        decoded, at that frame's own time. Either way it skips no frame for the rest of the video."""
+        self.may_skip, self.skip_before = False, -math.inf
+        if self.skipped_until > self.previous[0] and self.max_forward_s < math.inf:
+            self._seek(target)
+            self._advance_to(earliest, target)
+        if self.previous is None or self.current[0] <= target + self.period / 2:  # (an index that lied)
+            time, frame = self.current
+            return frame, time
+        time, frame = self.previous
+        return frame, (target if self.skipped_until <= time else time)
 
     def _keyframe_near(self, target: float, tolerance: float) -> float | None:
         """The time of a keyframe within ``tolerance`` of ``target`` and ahead of the decoder (the nearest),
@@ -122,6 +147,8 @@ class FrameReader:
         for packet in self.container.demux(self.stream):
             early = packet.pts is not None and self._seconds(packet.pts) < self.skip_before
             context.skip_frame = "NONREF" if early else "DEFAULT"
+            if early:  # its frame may not come out
+                self.skipped_until = max(self.skipped_until, self._seconds(packet.pts))
             yield from packet.decode()
 
     def _advance(self) -> bool:
@@ -133,7 +160,7 @@ class FrameReader:
         else:  # no timestamps: count frames, and never seek
             time = self.current[0] + self.period if self.current else 0.0
             self.max_forward_s = math.inf
-        self.current = time, frame
+        self.previous, self.current = self.current, (time, frame)
         return True
 
     def _check_ended(self, target: float) -> None:
@@ -164,7 +191,7 @@ class FrameReader:
         for pts in (self._pts(target), self.start):
             self.container.seek(pts, stream=self.stream, backward=True)
             self.frames = self._decode()
-            self.current = None
+            self.current, self.previous, self.skipped_until = None, None, -math.inf
             if self._advance() and self.current[0] <= target + self.period / 2:
                 return
             self.max_forward_s = math.inf
