@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -42,6 +43,7 @@ VERSIONS = "versions"
 # how long garbage collection spares what no kept version names: files a writer in flight wrote before naming
 # them, and the files of a version that stopped being current, which its readers may still be reading
 GRACE_S = 3600.0
+MANIFEST_READS = 16  # manifests read at once (``versions`` and ``gc`` read them all: one request each on S3)
 
 
 class LibraryError(Exception):
@@ -183,7 +185,9 @@ def all_versions(root: Store) -> tuple[Version, dict[int, dict[str, Any]], list[
     current = current_version(root)
     if current is None:
         raise NotALibraryError(f"{root.uri} is not a videosearch library (it has no {CURRENT})")
-    manifests = {n: read_manifest(root, n) for n in list_versions(root)}
+    numbers = list_versions(root)
+    with ThreadPoolExecutor(max(1, min(MANIFEST_READS, len(numbers)))) as pool:
+        manifests = dict(zip(numbers, pool.map(lambda n: read_manifest(root, n), numbers), strict=True))
     published, number = [], current.number
     while number is not None and number in manifests:
         published.append(number)
