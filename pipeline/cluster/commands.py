@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from typing import TextIO
 
 from .submit import JOBS, Jobs, describe, exit_code, job_spec, resolve_address, when
@@ -70,11 +71,16 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
 
 
-def run_submit(args: argparse.Namespace, out: TextIO) -> int:
-    """Submit the job; follow its log on stderr to its end unless ``--no-wait``."""
+def run_submit(
+    args: argparse.Namespace, out: TextIO, check: Callable[[str, list[str]], None] | None = None
+) -> int:
+    """Submit the job, once ``check(JOB, ARGS)`` (the CLI's own parsing of the job's arguments) passed; follow
+    its log on stderr to its end unless ``--no-wait``."""
     own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     _submit_flags(own)
     _, job_args = own.parse_known_args(args.job_args, namespace=args)  # submit's flags among the job's
+    if check is not None and args.job in JOBS:
+        check(args.job, job_args)
     spec = job_spec(args.job, job_args, args.installed)
     jobs = Jobs(resolve_address(args.address))
     job_id = jobs.submit(spec)

@@ -99,3 +99,23 @@ def test_a_template_that_cannot_make_a_prompt_is_refused_before_anything_runs(co
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert "argument --template: the template must have one '{}' where the label goes" in err
+
+
+@pytest.mark.parametrize(
+    ("job_args", "says"),
+    [
+        (["embed", "/data/videos", "s3://b/lib", "--frams", "3"], "unrecognized arguments: --frams 3"),
+        (["embed", "videos", "s3://b/lib"], "videos is a relative path, which the job would look for"),
+        (["train", "/data/t.csv", "s3://b/run", "--model", "."], ". is a relative path"),
+        (["eval", "s3://b/lib", "--captions", "t.csv"], "t.csv is a relative path"),
+    ],
+)
+def test_a_submitted_jobs_arguments_are_checked_before_the_cluster_is_asked(job_args, says, capsys) -> None:
+    """A typo or a relative path fails here at once (exit 2), not in a job on the cluster: the address
+    below answers nothing, and the error is not that it cannot be reached."""
+    try:
+        code = main(["submit", *job_args, "--address", "http://127.0.0.1:9"])
+    except SystemExit as exit_:  # argparse's own usage error
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and says in err and "cannot reach" not in err
