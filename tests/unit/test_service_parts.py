@@ -110,3 +110,27 @@ def test_the_follower_swaps_in_a_published_version_and_keeps_the_old_one(tmp_pat
     assert second.text_embedding("a red circle") is first.text_embedding("a red circle")
     with pytest.raises(VersionNotFoundError, match="no version 7; available versions: 1, 2, 3"):
         follower.searcher(7)
+
+
+def test_a_version_that_cannot_be_opened_is_reported_once_and_the_current_one_keeps_serving(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A published manifest that is damaged (or a store that stays down): the service answers from the
+    version it has, says so in one warning (not one per poll), and says when it follows again."""
+    shutil.copytree(FORMAT1, tmp_path / "library")
+    store = Store(str(tmp_path / "library"))
+    follower = VersionFollower(store, ServiceOptions())
+    first = follower.searcher()
+    (tmp_path / "library" / "versions" / "2.json").write_text("{")
+    (tmp_path / "library" / "_current").write_text("2")
+    with caplog.at_level("WARNING"):
+        for _ in range(3):
+            follower.follow_once()
+    assert follower.searcher() is first and first.search("a red circle", k=1)
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "is damaged: versions/2.json cannot be read" in warnings[0]
+    (tmp_path / "library" / "_current").write_text("1")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        follower.follow_once()
+    assert [r.getMessage() for r in caplog.records] == [f"videosearch serve: following {store.uri} again"]

@@ -52,6 +52,7 @@ class VersionFollower:
         self.current = self._searcher(Library.open(store))
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._failing: str | None = None  # the failure of the last check, if it failed
 
     def searcher(self, version: int | None = None) -> Searcher:
         """The searcher of ``version`` (default: the current one). Raises ``VersionNotFoundError`` for a
@@ -90,10 +91,23 @@ class VersionFollower:
 
     def _follow(self) -> None:
         while not self._stopping.wait(self.poll_s):
-            try:
-                self.check()
-            except Exception as err:  # whatever failed, keep serving the version at hand; try again later
+            self.follow_once()
+
+    def follow_once(self) -> None:
+        """One :meth:`check` of the following thread. Whatever fails, the version at hand keeps serving and
+        the next poll tries again; a failure is logged when it starts or changes, not at every poll (a
+        damaged version published, or a store down for an hour, would log one line every poll)."""
+        try:
+            self.check()
+        except Exception as err:  # noqa: BLE001 - any failure: keep serving, say so once
+            message = f"{type(err).__name__}: {err}"
+            if message != self._failing:
                 log.warning("videosearch serve: could not follow %s: %s", self.store.uri, err)
+            self._failing = message
+        else:
+            if self._failing is not None:
+                log.warning("videosearch serve: following %s again", self.store.uri)
+            self._failing = None
 
     def _searcher(self, library: Library) -> Searcher:
         identity = library.model
