@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import email.utils
 import hashlib
 import os
 import threading
@@ -655,7 +656,8 @@ def glob_root(path: str) -> str:
 
 
 def to_timestamp(value: Any) -> float | None:
-    """Seconds since the epoch from a datetime, a number or an ISO string; ``None`` if unknown."""
+    """Seconds since the epoch from a datetime, a number, an ISO string or an HTTP date (``Last-Modified``);
+    ``None`` if unknown."""
     if isinstance(value, datetime):
         return value.timestamp()
     if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -663,6 +665,8 @@ def to_timestamp(value: Any) -> float | None:
     if isinstance(value, str) and value:
         with contextlib.suppress(ValueError):
             return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+        with contextlib.suppress(TypeError, ValueError):
+            return email.utils.parsedate_to_datetime(value).timestamp()
     return None
 
 

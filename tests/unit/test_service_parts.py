@@ -18,8 +18,9 @@ from pipeline.search.service.auth import ApiKey
 from pipeline.search.service.errors import ApiError
 from pipeline.search.service.follow import VersionFollower
 from pipeline.search.service.lru import LRU
+from pipeline.search.service.media import MediaLinks
 from pipeline.search.service.query import checked, truncated
-from pipeline.storage import Store
+from pipeline.storage import StorageOptions, Store
 
 FORMAT1 = Path(__file__).parents[1] / "data" / "library-format1"
 
@@ -134,3 +135,12 @@ def test_a_version_that_cannot_be_opened_is_reported_once_and_the_current_one_ke
     with caplog.at_level("WARNING"):
         follower.follow_once()
     assert [r.getMessage() for r in caplog.records] == [f"videosearch serve: following {store.uri} again"]
+
+
+def test_a_video_on_a_web_server_plays_from_its_own_url() -> None:
+    links = MediaLinks(StorageOptions(), ttl_s=3600)
+    assert (
+        links.presigned("https://videos.example.org/a%20clip.mp4")
+        == "https://videos.example.org/a%20clip.mp4"
+    )
+    assert links.local_path("https://videos.example.org/a%20clip.mp4") is None

@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
+import functools
+import http.server
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import pytest
 import s3fs
+from helpers import write_video
 
+from pipeline.embed.stages.decode import DecodeSettings, decode_video
 from pipeline.embed.stages.list import list_objects
 from pipeline.storage import (
     MAX_ATTEMPTS,
@@ -25,6 +31,7 @@ from pipeline.storage import (
     join,
     translate_error,
 )
+from xclip_core.video_transforms import VideoPreprocessor
 
 if TYPE_CHECKING:
     from helpers import MotoS3
@@ -143,6 +150,39 @@ def test_a_source_named_with_glob_characters_lists_what_it_names(
         assert [r["uri"] for r in list_objects(f"{folder}/b[1].mp4", options)] == [f"{folder}/b[1].mp4"]
         assert [r["uri"] for r in list_objects(f"{root}/*/a.mp4", options)] == [f"{folder}/a.mp4"]
         assert list_objects(f"{root}/[2024] tri", options) == []  # neither a glob match nor a name
+
+
+@pytest.fixture
+def web(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """A web server on 127.0.0.1 serving a folder (Python's: index pages, no ranges); its URL and folder."""
+    folder = tmp_path / "site"
+    folder.mkdir()
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(folder))
+    handler.log_message = lambda *args: None  # quiet
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", folder
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_web_servers_videos_are_listed_by_url_with_sizes_and_dates_and_decode(web) -> None:
+    """An index page gives links only: each object's size and date come from a HEAD request (a size of 0
+    read as an empty object, and names got a second "http://"), and the videos decode from their URLs."""
+    url, folder = web
+    write_video(folder / "a clip.mp4", 12, 64, 48, seed=3)
+    (folder / "notes.txt").write_bytes(b"t" * 10)
+    os.utime(folder / "notes.txt", (1_700_000_000, 1_700_000_000))
+    rows = list_objects(f"{url}/")
+    assert [r["uri"] for r in rows] == [f"{url}/a%20clip.mp4", f"{url}/notes.txt"]
+    assert [r["size"] for r in rows] == [os.path.getsize(folder / "a clip.mp4"), 10]
+    assert rows[1]["mtime"] == 1_700_000_000  # from Last-Modified
+    assert list_objects(f"{url}/a%20clip.mp4") == rows[:1]
+    settings = DecodeSettings(4, VideoPreprocessor())
+    (remote,) = decode_video(rows[0]["uri"], settings)
+    (local,) = decode_video(str(folder / "a clip.mp4"), settings)
+    np.testing.assert_array_equal(remote["frames"], local["frames"])
 
 
 # --- errors at the edge ---

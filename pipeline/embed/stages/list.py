@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fsspec.core import split_protocol
 
 from ...storage import StorageOptions, Store, as_store, has_magic, to_timestamp
 
-_MTIME_KEYS = ("mtime", "LastModified", "last_modified", "updated", "modified")
+_MTIME_KEYS = ("mtime", "LastModified", "last_modified", "updated", "modified", "Last-Modified")
+INFO_THREADS = 16  # objects asked for their size at once, where a listing gives none (HTTP)
 
 
 def list_objects(source: str | Store, options: StorageOptions | None = None) -> list[dict[str, Any]]:
@@ -37,15 +39,19 @@ def list_objects(source: str | Store, options: StorageOptions | None = None) -> 
         store.check_container()  # tell "empty" apart from "no such bucket / directory"
         return []
     scheme = split_protocol(store.uri)[0]
+    objects = {name: info for name, info in entries.items() if _is_object(name, info)}
+    unsized = [name for name, info in objects.items() if info.get("size") is None]
+    if unsized:  # an HTTP server's index page gives links only: ask each object (a HEAD request)
+        with store.errors("listing"), ThreadPoolExecutor(min(INFO_THREADS, len(unsized))) as pool:
+            objects.update(zip(unsized, pool.map(fs.info, unsized), strict=True))
     rows = [
         {
-            "uri": f"{scheme}://{name}" if scheme else name,
+            "uri": name if "://" in name or not scheme else f"{scheme}://{name}",  # HTTP names are URLs
             "size": int(info.get("size") or 0),
             "etag": info.get("ETag") or info.get("etag") or None,
             "mtime": _mtime(info),
         }
-        for name, info in entries.items()
-        if _is_object(name, info)
+        for name, info in objects.items()
     ]
     return sorted(rows, key=lambda row: row["uri"])
 

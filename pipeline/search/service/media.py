@@ -3,7 +3,8 @@
 A video on an object store that signs URLs (S3 and S3-compatible stores, GCS...) plays from a presigned URL:
 the bytes go from the store to the browser, not through the service. A video on the local disk plays from
 the service's ``/videos/{id}/media``, a file response that answers HTTP range requests (browsers seek with
-them). A video on any other storage has no playable URL.
+them). A video on a web server (an ``http(s)://`` source) plays from its own URL. A video on any other
+storage has no playable URL.
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ class MediaLinks:
         return store.path() if store.is_local else None
 
     def presigned(self, uri: str) -> str | None:
-        """A presigned URL of ``uri``, or ``None`` when its storage signs no URLs, cannot sign it (no
-        credentials) or is the local disk."""
+        """A presigned URL of ``uri`` (an ``http(s)://`` one is its own), or ``None`` when its storage signs
+        no URLs, cannot sign it (no credentials) or is the local disk."""
+        if uri.startswith(("http://", "https://")):
+            return uri
         now = time.time()
         cached = self._presigned.get(uri)
         if cached is not None and cached[1] - now > self.ttl_s / 2:
