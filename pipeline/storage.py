@@ -25,7 +25,8 @@ import hashlib
 import os
 import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import IO, Any
@@ -668,6 +669,15 @@ def to_timestamp(value: Any) -> float | None:
         with contextlib.suppress(TypeError, ValueError):
             return email.utils.parsedate_to_datetime(value).timestamp()
     return None
+
+
+def each_at_once(work: Callable[[Any], Any], items: Sequence[Any], at_once: int) -> list[Any]:
+    """``work(item)`` of each of ``items``, in their order, up to ``at_once`` at a time: for work that waits
+    on storage requests (one each), which would otherwise add up their round trips."""
+    if len(items) <= 1:
+        return [work(item) for item in items]
+    with ThreadPoolExecutor(min(at_once, len(items))) as pool:
+        return list(pool.map(work, items))
 
 
 def as_store(location: str | os.PathLike | Store, options: StorageOptions | None = None) -> Store:

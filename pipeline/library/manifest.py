@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -35,7 +34,7 @@ import pyarrow as pa
 
 from xclip_core.identity import ModelIdentity
 
-from ..storage import ObjectNotFound, Store
+from ..storage import ObjectNotFound, Store, each_at_once
 
 FORMAT = 3  # manifest format written; readers refuse newer ones (3: re-rank records beside the parts)
 CURRENT = "_current"
@@ -186,8 +185,8 @@ def all_versions(root: Store) -> tuple[Version, dict[int, dict[str, Any]], list[
     if current is None:
         raise NotALibraryError(f"{root.uri} is not a videosearch library (it has no {CURRENT})")
     numbers = list_versions(root)
-    with ThreadPoolExecutor(max(1, min(MANIFEST_READS, len(numbers)))) as pool:
-        manifests = dict(zip(numbers, pool.map(lambda n: read_manifest(root, n), numbers), strict=True))
+    read = each_at_once(lambda number: read_manifest(root, number), numbers, MANIFEST_READS)
+    manifests = dict(zip(numbers, read, strict=True))
     published, number = [], current.number
     while number is not None and number in manifests:
         published.append(number)

@@ -5,7 +5,6 @@ See :mod:`pipeline.library.manifest` for the layout and the versioning rules.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import faiss
@@ -16,7 +15,7 @@ import pyarrow.dataset as ds
 
 from xclip_core.identity import ModelIdentity
 
-from ..storage import StorageOptions, Store, as_store
+from ..storage import StorageOptions, Store, as_store, each_at_once
 from .features import FeatureFile
 from .index import add, deserialize, remove
 from .manifest import (
@@ -85,10 +84,9 @@ def read_each(
     masked: bool = True,
 ) -> list[pa.Table]:
     """:func:`read_part` of each of ``parts`` (:data:`READ_THREADS` at once), in their order."""
-    if len(parts) <= 1:
-        return [read_part(root, part, schema, columns, filter, masked) for part in parts]
-    with ThreadPoolExecutor(min(READ_THREADS, len(parts))) as pool:
-        return list(pool.map(lambda part: read_part(root, part, schema, columns, filter, masked), parts))
+    return each_at_once(
+        lambda part: read_part(root, part, schema, columns, filter, masked), parts, READ_THREADS
+    )
 
 
 def read_parts(

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import logging
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..embed.stages.decode import DecodeSettings
 from ..models import VideoTextModel
-from ..storage import ObjectNotFound, StorageOptions, Store
+from ..storage import ObjectNotFound, StorageOptions, Store, each_at_once
 from ..video_table import DescribedVideo, read_video_table
 from .backbone_cache import check_mode, feature_bytes
 from .in_process import runs_in_process, train_in_process
@@ -61,8 +60,7 @@ def _listed(
         except ObjectNotFound:
             return None
 
-    with ThreadPoolExecutor(min(STAT_THREADS, len(uris))) as pool:
-        sizes = list(pool.map(size, uris))
+    sizes = each_at_once(size, uris, STAT_THREADS)
     listed = [
         {"uri": uri, "size": n, "etag": None, "mtime": None}
         for uri, n in zip(uris, sizes, strict=True)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fsspec.core import split_protocol
 
-from ...storage import StorageOptions, Store, as_store, has_magic, to_timestamp
+from ...storage import StorageOptions, Store, as_store, each_at_once, has_magic, to_timestamp
 
 _MTIME_KEYS = ("mtime", "LastModified", "last_modified", "updated", "modified", "Last-Modified")
 INFO_THREADS = 16  # objects asked for their size at once, where a listing gives none (HTTP)
@@ -42,8 +41,8 @@ def list_objects(source: str | Store, options: StorageOptions | None = None) -> 
     objects = {name: info for name, info in entries.items() if _is_object(name, info)}
     unsized = [name for name, info in objects.items() if info.get("size") is None]
     if unsized:  # an HTTP server's index page gives links only: ask each object (a HEAD request)
-        with store.errors("listing"), ThreadPoolExecutor(min(INFO_THREADS, len(unsized))) as pool:
-            objects.update(zip(unsized, pool.map(fs.info, unsized), strict=True))
+        with store.errors("listing"):
+            objects.update(zip(unsized, each_at_once(fs.info, unsized, INFO_THREADS), strict=True))
     rows = [
         {
             "uri": name if "://" in name or not scheme else f"{scheme}://{name}",  # HTTP names are URLs
