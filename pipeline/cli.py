@@ -543,11 +543,12 @@ def _check_job(job: str, job_args: list[str]) -> None:
     here at once (argparse's usage line, exit 2), not on the cluster. A relative local path is refused: the
     job would resolve it in its own working directory on the cluster."""
     parsed = _parser().parse_args([job, *job_args])
-    for name in ("source", "library", "table", "output", "model", "resume", "backbone", "config"):
+    paths = ("source", "library", "table", "output")  # always paths or URLs
+    for name in (*paths, "model", "resume", "backbone", "config"):
         value = getattr(parsed, name, None)
         relative = isinstance(value, str) and "://" not in value and not os.path.isabs(value)
         # a path argument, or a model source that names a file or folder here (not a bundled model's name)
-        if relative and (name in ("source", "library", "table", "output") or os.path.exists(value)):
+        if relative and (name in paths or os.path.exists(value)):
             raise ValueError(
                 f"{value} is a relative path, which the job would look for in its own working directory on "
                 "the cluster: give a URL (s3://...) or an absolute path that every node sees"
@@ -583,8 +584,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "train": _run_train,
         "eval": _run_eval,
         "demo": _run_demo,
-        **cluster_commands.RUNS,
         "submit": functools.partial(cluster_commands.run_submit, check=_check_job),
+        "jobs": cluster_commands.run_jobs,
     }[args.command]
     out, ray_was_running = sys.stdout, _ray_running()
     try:

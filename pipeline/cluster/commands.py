@@ -71,15 +71,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
 
 
-def run_submit(
-    args: argparse.Namespace, out: TextIO, check: Callable[[str, list[str]], None] | None = None
-) -> int:
+def run_submit(args: argparse.Namespace, out: TextIO, check: Callable[[str, list[str]], None]) -> int:
     """Submit the job, once ``check(JOB, ARGS)`` (the CLI's own parsing of the job's arguments) passed; follow
     its log on stderr to its end unless ``--no-wait``."""
     own = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     _submit_flags(own)
     _, job_args = own.parse_known_args(args.job_args, namespace=args)  # submit's flags among the job's
-    if check is not None and args.job in JOBS:
+    if args.job in JOBS:  # an unknown one is refused by job_spec, naming the jobs there are
         check(args.job, job_args)
     spec = job_spec(args.job, job_args, args.installed)
     jobs = Jobs(resolve_address(args.address))
@@ -131,6 +129,3 @@ def run_jobs(args: argparse.Namespace, out: TextIO) -> int:
     stopped = jobs.stop(args.id)
     print(f"{args.id}: {'stop requested' if stopped else 'not running'}", file=out)
     return 0
-
-
-RUNS = {"submit": run_submit, "jobs": run_jobs}  # the CLI's run function of each command
