@@ -30,6 +30,7 @@ from ..library.reader import embedded_rows, read_parts
 from ..library.refresh import (
     RefreshPlan,
     index_delta,
+    move_rows,
     plan_refresh,
     rewrite_parts,
     whole_videos,
@@ -104,7 +105,8 @@ def _run(source: str, library: str, options: EmbedOptions, refresh: bool) -> Emb
                 if to_embed
                 else ([], StagesRun())
             )
-        new_parts = resumed + whole_videos(writer, embedded)
+        moved = move_rows(writer, reused, plan) if reused is not None and plan.moves else []
+        new_parts = resumed + moved + whole_videos(writer, embedded)
         index, trained_on = _index(writer, plan, new_parts, reused)
         changes = replace(plan.changes, resumed_rows=sum(p.rows - len(p.deleted) for p in resumed)).to_dict()
         # the version's rows, read once before publishing: nothing is read after it (a store failing then

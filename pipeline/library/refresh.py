@@ -6,6 +6,11 @@ store gives one, else size and modification time. Then:
 * new (not in the version) and changed (another fingerprint) objects are decoded and encoded; so are objects
   that failed before (an error row), unless ``retry_failed`` is off;
 * deleted objects (no longer listed), and the old rows of changed and retried ones, leave the version;
+* moved objects (a deleted object's content listed under a new uri) are not embedded again: their rows are
+  written anew under the new uri (:func:`move_rows`; embeddings, re-rank features and thumbnails as they
+  were). An object has moved when a new object's fingerprint equals a deleted one's, neither another new
+  nor another deleted object shares it, and the fingerprint can tell contents apart: an ETag, or size and
+  modification time (``mv`` and ``aws s3 mv`` keep them; a copy that gets a new ETag or date is embedded);
 * every other row stays where it is: a part whose rows all stay is referenced by the new manifest as it is.
 
 Rows leave a part by a deletion mask (the part's ``deleted`` ids in the manifest), not by rewriting the part:
@@ -28,8 +33,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from ..storage import each_at_once
 from .manifest import PartInfo
-from .reader import Library, read_each, read_parts
+from .reader import READ_THREADS, Library, read_each, read_part, read_parts
+from .schema import LISTED, row_id
 from .writer import IndexDelta, LibraryWriter
 
 REWRITE_MASKED_FRACTION = 0.5
@@ -45,6 +52,7 @@ class Changes:
 
     new: int = 0
     changed: int = 0
+    moved: int = 0  # deleted objects whose content a new uri holds: rows moved, nothing embedded
     deleted: int = 0
     unchanged: int = 0
     retried: int = 0  # objects that failed before and are tried again
@@ -54,7 +62,7 @@ class Changes:
     @property
     def nothing(self) -> bool:
         """Nothing to embed and nothing to delete: the version stays as it is."""
-        return not (self.new or self.changed or self.deleted or self.retried)
+        return not (self.new or self.changed or self.moved or self.deleted or self.retried)
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -62,7 +70,8 @@ class Changes:
     def text(self) -> str:
         resumed = f", {self.resumed_rows} rows resumed from a stopped job" if self.resumed_rows else ""
         return (
-            f"{self.new} new, {self.changed} changed, {self.deleted} deleted, {self.retried} retried, "
+            f"{self.new} new, {self.changed} changed, {self.moved} moved, {self.deleted} deleted, "
+            f"{self.retried} retried, "
             f"{self.unchanged} unchanged ({self.reused_rows} rows reused{resumed})"
         )
 
@@ -70,9 +79,13 @@ class Changes:
 @dataclass
 class RefreshPlan:
     """The objects to embed, the base's parts that stay (masked where they lose rows), the parts to
-    rewrite, and the ids of the embedded rows that leave the index."""
+    rewrite, the objects that moved, and the ids of the embedded rows that leave the index."""
 
     to_embed: list[dict[str, Any]]
+    moves: dict[str, dict[str, Any]] = field(default_factory=dict)  # old uri -> the listed row it moved to
+    moved_from: list[PartInfo] = field(
+        default_factory=list
+    )  # the base's parts holding moved rows, as they were
     kept: list[PartInfo] = field(default_factory=list)
     rewrite: list[PartInfo] = field(default_factory=list)  # masked parts whose kept rows go into new parts
     gone_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -100,24 +113,37 @@ def plan_refresh(
             video["rows"].append((part.path, row["id"], row["error"] is None))
 
     listing = {row["uri"]: row for row in listed}
+    kinds = {uri: _compare(listing.get(uri), video, retry_failed) for uri, video in videos.items()}
+    added = [row for row in listed if row["uri"] not in videos]
+    gone = {uri: video for uri, video in videos.items() if kinds[uri] == "deleted" and not video["failed"]}
+    moves = _moves(gone, added)
+    kinds.update(dict.fromkeys(moves, "moved"))
     counts: dict[str, int] = defaultdict(int)
-    leaving: set[str] = set()
-    for uri, video in videos.items():
-        kind = _compare(listing.get(uri), video, retry_failed)
+    for kind in kinds.values():
         counts[kind] += 1
-        if kind != "unchanged":
-            leaving.add(uri)
-    to_embed = [row for row in listed if row["uri"] not in videos or row["uri"] in leaving]
-    counts["new"] = sum(row["uri"] not in videos for row in listed)
+    counts["new"] = len(added) - len(moves)
+    leaving = {uri for uri, kind in kinds.items() if kind != "unchanged"}
+    arrived = {row["uri"] for row in moves.values()}
+    to_embed = [
+        row
+        for row in listed
+        if (row["uri"] not in videos and row["uri"] not in arrived) or row["uri"] in leaving
+    ]
 
     masks: dict[str, set[int]] = defaultdict(set)
-    gone = []
+    gone_ids = []
     for uri in leaving:
-        for path, row_id, embedded in videos[uri]["rows"]:
-            masks[path].add(row_id)
+        for path, id_, embedded in videos[uri]["rows"]:
+            masks[path].add(id_)
             if embedded:
-                gone.append(row_id)
-    plan = RefreshPlan(to_embed, gone_ids=np.array(sorted(gone), np.int64))
+                gone_ids.append(id_)
+    moved_from = {path for uri in moves for path, _, _ in videos[uri]["rows"]}
+    plan = RefreshPlan(
+        to_embed,
+        moves=moves,
+        moved_from=[part for part in parts if part.path in moved_from],
+        gone_ids=np.array(sorted(gone_ids), np.int64),
+    )
     for part in parts:
         part = part.masked(masks[part.path]) if masks[part.path] else part
         if len(part.deleted) >= part.rows:
@@ -126,6 +152,24 @@ def plan_refresh(
     reused = sum(part.rows - len(part.deleted) for part in plan.kept + plan.rewrite)
     plan.changes = Changes(**counts, reused_rows=reused)
     return plan
+
+
+def _moves(gone: dict[str, dict[str, Any]], added: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Of the deleted objects ``gone`` (uri -> its fingerprint and rows, none an error row) and the ``added``
+    (listed rows of new uris), the pairs that hold the same content: old uri -> new listed row. A fingerprint
+    shared by two deleted or two new objects moves nothing (which went where cannot be told), nor does one
+    without an ETag or a modification time (size alone does not tell videos apart)."""
+    old: dict[tuple, list[str]] = defaultdict(list)
+    for uri, video in gone.items():
+        old[video["print"]].append(uri)
+    new: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for row in added:
+        new[fingerprint(row)].append(row)
+    return {
+        uris[0]: new[key][0]
+        for key, uris in old.items()
+        if len(uris) == 1 and len(new.get(key, ())) == 1 and (key[0] == "etag" or key[2] is not None)
+    }
 
 
 def _compare(listed: dict[str, Any] | None, video: dict[str, Any], retry_failed: bool) -> str:
@@ -174,3 +218,23 @@ def index_delta(
 def rewrite_parts(writer: LibraryWriter, parts: list[PartInfo]) -> list[PartInfo]:
     """Each mostly masked part's kept rows, written as a new part."""
     return [writer.write_part(read_parts(writer.store, [part], writer.schema)) for part in parts]
+
+
+def move_rows(writer: LibraryWriter, base: Library, plan: RefreshPlan) -> list[PartInfo]:
+    """The rows of the objects that moved (``plan.moves``) under their new uris, written as new parts, one per
+    base part that held some: ids, uri and listing columns of the new object; embeddings, re-rank features,
+    thumbnails and the rest as they were (the same content, decoded and encoded the same way)."""
+    wanted = pc.field("uri").isin(list(plan.moves))
+
+    def move(part: PartInfo) -> PartInfo:
+        table = read_part(base.store, part, base.schema, filter=wanted)
+        arrived = [plan.moves[uri] for uri in table["uri"].to_pylist()]
+        segments = table["segment"].to_pylist()
+        columns = {name: [row[name] for row in arrived] for name in LISTED}
+        columns["id"] = [row_id(row["uri"], s) for row, s in zip(arrived, segments, strict=True)]
+        for name, values in columns.items():
+            where = table.schema.get_field_index(name)
+            table = table.set_column(where, name, pa.array(values, table.schema.field(name).type))
+        return writer.write_part(table)
+
+    return each_at_once(move, plan.moved_from, READ_THREADS)

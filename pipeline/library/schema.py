@@ -11,6 +11,7 @@ Rows are plain dicts (Ray Data batches are dicts of columns); the keys below are
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -92,3 +93,15 @@ def part_schema(embedding_dim: int, prompt_shape: tuple[int, int] | None) -> pa.
         ("model_id", pa.string()),  # the model identity's tag: "<source>@<sha256[:16]>"
     ]
     return pa.schema([f for f in fields if f[0] != "prompt_features" or prompt_shape])
+
+
+_ID_MASK = (1 << 63) - 1
+
+
+def row_id(uri: str, segment: int) -> int:
+    """Stable, non-negative 63-bit id of a (video, segment): blake2b of ``f"{uri}#{segment}"``.
+
+    The same pair gets the same id in every run, so re-embedding a video replaces its rows in the index.
+    """
+    digest = hashlib.blake2b(f"{uri}#{int(segment)}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") & _ID_MASK

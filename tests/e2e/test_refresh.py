@@ -108,7 +108,7 @@ def test_refresh_embeds_only_what_changed_and_equals_a_fresh_embed(
     second = refresh()
     assert second["version"] == 2
     assert {k: v for k, v in second["changes"].items() if not k.endswith("_rows")} == {
-        "new": 1, "changed": 1, "deleted": 1, "unchanged": 2, "retried": 0,
+        "new": 1, "changed": 1, "moved": 0, "deleted": 1, "unchanged": 2, "retried": 0,
     }  # fmt: skip
     assert second["changes"]["reused_rows"] == 4  # a's and d's segments, not decoded again
     latest = Library.open(library, s3.options)
@@ -139,6 +139,48 @@ def test_refresh_embeds_only_what_changed_and_equals_a_fresh_embed(
         (h["uri"], h["segment"], h["id"]) for h in before
     ]
     np.testing.assert_allclose([h["score"] for h in hits], [h["score"] for h in before], atol=1e-6, rtol=0)
+
+
+def test_moved_and_renamed_videos_keep_their_embeddings_and_equal_a_fresh_embed(
+    s3: MotoS3, bucket: str, tiny_model: Path, clips: dict[str, Path]
+) -> None:
+    fs = s3fs.S3FileSystem(endpoint_url=s3.endpoint_url, skip_instance_cache=True)
+    source, library = f"s3://{bucket}/videos", f"s3://{bucket}/library"
+    flags = ["--model", tiny_model, "--segment", "1", "--endpoint-url", s3.endpoint_url, "--json"]
+    for name in "abcd":
+        fs.put_file(str(clips[name]), f"{bucket}/videos/{name}.mp4")
+    run("refresh", source, library, *flags, *CPU_ENCODERS).json()
+
+    fs.mv(f"{bucket}/videos/b.mp4", f"{bucket}/videos/2024/trip/b.mp4")  # a copy and a delete: same ETag
+    fs.mv(f"{bucket}/videos/c.mp4", f"{bucket}/videos/c renamed.mp4")
+    fs.rm(f"{bucket}/videos/d.mp4")
+    moved = run("refresh", source, library, *flags, *CPU_ENCODERS).json()
+    assert {k: v for k, v in moved["changes"].items() if not k.endswith("_rows")} == {
+        "new": 0, "changed": 0, "moved": 2, "deleted": 1, "unchanged": 1, "retried": 0,
+    }  # fmt: skip
+    assert moved["executor"] is None  # nothing decoded or encoded
+    latest = Library.open(library, s3.options)
+    assert sorted(set(latest.table(["uri"])["uri"].to_pylist())) == [
+        f"s3://{bucket}/videos/2024/trip/b.mp4", f"s3://{bucket}/videos/a.mp4",
+        f"s3://{bucket}/videos/c renamed.mp4",
+    ]  # fmt: skip
+    assert_same_library(latest, fresh(source, f"s3://{bucket}/fresh", [*flags, *CPU_ENCODERS], s3.options))
+    assert run("refresh", source, library, *flags).json()["published"] is False  # settled
+
+
+def test_a_local_folder_moved_with_mv_is_not_embedded_again(
+    tiny_model: Path, clips: dict[str, Path], tmp_path: Path
+) -> None:
+    source, library = tmp_path / "videos", tmp_path / "library"
+    (source / "inbox").mkdir(parents=True)
+    for name in "ab":
+        shutil.copy2(clips[name], source / "inbox" / f"{name}.mp4")
+    run("embed", source, library, "--model", tiny_model, "--json").json()
+    (source / "inbox").rename(source / "sorted")
+    moved = run("refresh", source, library, "--model", tiny_model, "--json").json()
+    assert (moved["changes"]["moved"], moved["changes"]["new"], moved["executor"]) == (2, 0, None)
+    hits = Searcher.open(str(library)).search(QUERIES[0], k=2)
+    assert sorted(h.uri for h in hits) == [str(source / "sorted" / f"{name}.mp4") for name in "ab"]
 
 
 def test_refresh_refuses_another_model_or_decoding(

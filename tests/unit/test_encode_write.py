@@ -19,10 +19,10 @@ from helpers import compiled_graphs_from_here, decoded_batch, reference_model
 from pipeline import bf16
 from pipeline.embed.options import EmbedOptions
 from pipeline.embed.stages.encode import EncodeFrames, ModelLoadError
-from pipeline.embed.stages.write import WritePart, row_id, rows_to_table, written_part
+from pipeline.embed.stages.write import WritePart, rows_to_table, written_part
 from pipeline.library import read_part
 from pipeline.library.features import features_path
-from pipeline.library.schema import DECODED, ENCODED, part_schema, stored_schema
+from pipeline.library.schema import DECODED, ENCODED, part_schema, row_id, stored_schema
 from pipeline.storage import Store
 from xclip_core import ModelIdentity, XCLIPModel
 from xclip_core.video_transforms import VideoPreprocessor

@@ -10,22 +10,25 @@ import pytest
 
 from pipeline.library import Library, LibraryWriter, Version
 from pipeline.library.index import build_index, needs_rebuild
+from pipeline.library.reader import read_parts
 from pipeline.library.refresh import (
     REWRITE_MASKED_FRACTION,
     index_delta,
+    move_rows,
     plan_refresh,
     rewrite_parts,
     whole_videos,
 )
-from pipeline.library.schema import part_schema
+from pipeline.library.schema import part_schema, row_id
 from xclip_core import ModelIdentity
 
 DIM = 4
 MODEL = ModelIdentity("test/model", "0" * 64)
 
 
-def listed(name: str, etag: str = "e1") -> dict:
-    return {"uri": f"s3://b/{name}.mp4", "size": 10, "etag": etag, "mtime": 1.0}
+def listed(name: str, etag: str | None = None) -> dict:
+    """A listed object; its ETag (a content hash) is its name's unless given."""
+    return {"uri": f"s3://b/{name}.mp4", "size": 10, "etag": etag or f"etag-{name}", "mtime": 1.0}
 
 
 def rows_of(video: dict, segments: int = 2, error: str | None = None) -> list[dict]:
@@ -78,7 +81,7 @@ def test_unchanged_new_changed_deleted_and_failed_objects(tmp_path: Path) -> Non
         r["uri"] for r in (listed("b", "e2"), broken, listed("f"))
     ]
     assert plan.changes.to_dict() == {
-        "new": 1, "changed": 1, "deleted": 1, "unchanged": 2, "retried": 1,
+        "new": 1, "changed": 1, "moved": 0, "deleted": 1, "unchanged": 2, "retried": 1,
         "reused_rows": 4, "resumed_rows": 0,
     }  # fmt: skip
     # the first part keeps a (b masked: half its rows, not more); the second loses c's 2 and e's row of 5
@@ -121,7 +124,10 @@ def test_a_reader_of_a_masked_part_sees_only_the_rows_the_version_holds(tmp_path
     got = latest.rows_by_id([r["id"] for r in changed], ["etag", "embedding"])
     assert got["etag"].to_pylist() == ["e2", "e2"]
     np.testing.assert_allclose(got["embedding"].to_pylist(), [r["embedding"] for r in changed], rtol=1e-6)
-    assert library.table().num_rows == 4 and set(library.table()["etag"].to_pylist()) == {"e1"}  # version 1
+    assert library.table().num_rows == 4 and set(library.table()["etag"].to_pylist()) == {
+        "etag-a",
+        "etag-b",
+    }  # version 1
 
 
 @pytest.mark.parametrize(
@@ -171,9 +177,68 @@ def test_a_small_change_publishes_an_index_delta_that_readers_apply(tmp_path: Pa
     expected = {r["id"]: r["embedding"] for video in videos[1:59] for r in rows_of(video)}
     expected |= {r["id"]: r["embedding"] for r in fresh}
     assert index.ntotal == len(expected) == latest.manifest["index"]["ntotal"]
-    for row_id, vector in expected.items():
-        np.testing.assert_allclose(index.reconstruct(row_id), vector, rtol=1e-6)
+    for id_, vector in expected.items():
+        np.testing.assert_allclose(index.reconstruct(id_), vector, rtol=1e-6)
     assert library.index().ntotal == 120  # the base version still reads its own index
 
     # a change larger than a tenth of the file's vectors asks for a new file
     assert index_delta(entry, np.arange(10), [new_part], parts, 120) is None
+
+
+def test_a_moved_object_keeps_its_rows_under_its_new_uri(tmp_path: Path) -> None:
+    a, b, c = listed("a"), listed("b"), listed("c")
+    library = publish(tmp_path, [rows_of(a) + rows_of(b), rows_of(c)])
+    first, _ = library.snapshot.parts
+    there = {**b, "uri": "s3://b/kept/b-2024.mp4", "mtime": 9.0}  # `aws s3 mv`: same ETag, a new date
+    plan = plan_refresh(library, [a, there])  # b moved, c deleted
+
+    assert plan.to_embed == [] and plan.moves == {b["uri"]: there}
+    assert plan.changes.to_dict() == {
+        "new": 0, "changed": 0, "moved": 1, "deleted": 1, "unchanged": 1, "retried": 0,
+        "reused_rows": 2, "resumed_rows": 0,
+    }  # fmt: skip
+    assert [p.path for p in plan.moved_from] == [first.path]  # the part that holds b's rows, as it was
+    assert set(plan.gone_ids) == {r["id"] for r in rows_of(b) + rows_of(c)}  # old ids leave the index
+
+    writer = LibraryWriter(str(tmp_path), embedding_dim=DIM, prompt_shape=None)
+    (moved,) = move_rows(writer, library, plan)
+    got = read_parts(library.store, [moved], writer.schema).to_pylist()
+    old = {r["segment"]: r for r in library.table().to_pylist() if r["uri"] == b["uri"]}
+    assert [(r["uri"], r["etag"], r["mtime"], r["segment"]) for r in got] == [
+        (there["uri"], b["etag"], 9.0, 0), (there["uri"], b["etag"], 9.0, 1),
+    ]  # fmt: skip
+    for row in got:  # the new uri's ids; embedding, thumbnail and decoding facts as they were
+        assert row["id"] == row_id(there["uri"], row["segment"])
+        same = {k: v for k, v in old[row["segment"]].items() if k not in ("id", "uri", "mtime")}
+        assert {k: row[k] for k in same} == same
+
+
+def test_a_move_needs_one_deleted_and_one_new_object_with_a_telling_fingerprint(tmp_path: Path) -> None:
+    b, c, failed = listed("b"), listed("c", etag="twin"), listed("f")
+    library = publish(
+        tmp_path, [rows_of(b) + rows_of(c) + rows_of(listed("d", etag="twin")) + rows_of(failed, error="x")]
+    )
+
+    def moved(*now: dict) -> int:
+        return plan_refresh(library, list(now)).changes.moved
+
+    def to(video: dict, name: str, **changes: object) -> dict:
+        return {**video, "uri": f"s3://b/new/{name}.mp4", **changes}
+
+    assert moved(to(b, "b")) == 1
+    assert moved(to(b, "b1"), to(b, "b2")) == 0  # two copies of b: which is b's cannot be told
+    assert moved(to(c, "c")) == 0  # c and d had the same content: which moved cannot be told
+    assert moved(to(failed, "f")) == 0  # a failed object is tried again at its new uri
+    assert moved(b, to(b, "copy")) == 0  # b is still there: a copy is a new object
+    assert moved(to(b, "b", etag="other")) == 0  # another content
+
+
+def test_without_etags_a_move_keeps_size_and_modification_time(tmp_path: Path) -> None:
+    local = {"uri": "/videos/a.mp4", "size": 10, "etag": None, "mtime": 1.5}
+    undated = {"uri": "/videos/b.mp4", "size": 10, "etag": None, "mtime": None}
+    library = publish(tmp_path, [rows_of(local) + rows_of(undated)])
+    assert plan_refresh(library, [{**local, "uri": "/archive/a.mp4"}]).changes.moved == 1  # `mv`
+    assert (
+        plan_refresh(library, [{**local, "uri": "/archive/a.mp4", "mtime": 2.0}]).changes.moved == 0
+    )  # `cp`
+    assert plan_refresh(library, [{**undated, "uri": "/archive/b.mp4"}]).changes.moved == 0  # size alone

@@ -6,7 +6,6 @@ only when a later publish step lists it in a manifest, so a part left behind by 
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -15,23 +14,12 @@ import numpy as np
 import pyarrow as pa
 
 from ...library import LibraryWriter, PartInfo
-from ...library.schema import part_schema
+from ...library.schema import part_schema, row_id
 from ...storage import Store
 
 PART_ROWS = 256  # rows per Parquet part file
 PART_COLUMNS = ("path", "features", "rows", "ok", "errors")  # a new part: PartInfo without a mask
 _TEXT = ("path", "features")
-
-_ID_MASK = (1 << 63) - 1
-
-
-def row_id(uri: str, segment: int) -> int:
-    """Stable, non-negative 63-bit id of a (video, segment): blake2b of ``f"{uri}#{segment}"``.
-
-    The same pair gets the same id in every run, so re-embedding a video replaces its rows in the index.
-    """
-    digest = hashlib.blake2b(f"{uri}#{int(segment)}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") & _ID_MASK
 
 
 def rows_to_table(
