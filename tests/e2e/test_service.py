@@ -340,6 +340,17 @@ def test_local_videos_stream_with_range_requests(local_service: Service, local_l
         assert part.headers["content-range"] == f"bytes 100-1099/{len(data)}"
         tail = client.get(hit["play_url"], headers={"Range": "bytes=-10"})
         assert tail.status_code == 206 and tail.content == data[-10:]
+        for unreadable in (
+            "bytes=abc",
+            "items=0-10",
+            "bytes=9-3",
+            "bytes=",
+            "0-10",
+        ):  # ignored: the whole file
+            answer = client.get(hit["play_url"], headers={"Range": unreadable})
+            assert (answer.status_code, answer.content) == (200, data), unreadable
+        beyond = client.get(hit["play_url"], headers={"Range": f"bytes={len(data)}-"})
+        assert beyond.status_code == 416 and beyond.headers["content-range"] == f"bytes */{len(data)}"
 
 
 def test_a_storage_failure_answers_503_and_the_service_recovers(local_service: Service, local_library: Path):

@@ -34,7 +34,7 @@ from . import errors
 from .auth import ApiKey
 from .errors import ApiError
 from .follow import VersionFollower
-from .media import MediaLinks
+from .media import MediaLinks, VideoFile
 from .options import MAX_K, ServiceOptions
 from .query import checked, truncated
 from .schemas import (
@@ -226,7 +226,7 @@ def create_app(
             return RedirectResponse(url, status_code=307)
         if not os.path.isfile(path):
             raise ApiError(404, f"the source video {uri} is not there any more")
-        return FileResponse(path, media_type=mimetypes.guess_type(path)[0] or "application/octet-stream")
+        return VideoFile(path, media_type=mimetypes.guess_type(path)[0] or "application/octet-stream")
 
     @app.get("/healthz", response_model=HealthOut, tags=["service"])
     async def healthz() -> HealthOut:

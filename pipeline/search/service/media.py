@@ -10,7 +10,11 @@ storage has no playable URL.
 from __future__ import annotations
 
 import logging
+import re
 import time
+
+from fastapi.responses import FileResponse
+from starlette.types import Receive, Scope, Send
 
 from ...storage import StorageError, StorageOptions, Store
 from .lru import LRU
@@ -18,6 +22,33 @@ from .lru import LRU
 log = logging.getLogger(__name__)
 
 PRESIGNED_KEPT = 4096  # presigned URLs kept for reuse, by source URI
+_RANGE_SPEC = re.compile(r"(\d+)-(\d*)|-(\d+)")  # RFC 9110 14.1.1: first-last, first-, -suffix
+
+
+def valid_range(header: str) -> bool:
+    """Whether ``header`` (a Range header's value) is a byte-ranges specifier as RFC 9110 writes it:
+    ``bytes=`` and comma-separated ranges, none whose last byte comes before its first."""
+    unit, equals, ranges = header.partition("=")
+    if not equals or unit.strip().lower() != "bytes":
+        return False
+    specs = [spec.strip() for spec in ranges.split(",")]
+    matches = [_RANGE_SPEC.fullmatch(spec) for spec in specs if spec]  # empty list elements are allowed
+    if not matches or not all(matches):
+        return False
+    return all(not m[1] or not m[2] or int(m[1]) <= int(m[2]) for m in matches)
+
+
+class VideoFile(FileResponse):
+    """A local video, answering range requests; a Range header it cannot read is ignored (the whole file, a
+    200, as RFC 9110 allows) where Starlette would answer a plain-text 400 that a player cannot use."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers = [
+            (name, value)
+            for name, value in scope["headers"]
+            if name != b"range" or valid_range(value.decode("latin-1"))
+        ]
+        await super().__call__({**scope, "headers": headers}, receive, send)
 
 
 class MediaLinks:
