@@ -199,6 +199,11 @@ def _parser() -> argparse.ArgumentParser:
     query.add_argument("text")
     query.add_argument("-k", type=int, default=10, help="results (default 10)")
     query.add_argument("--version", type=int, help="search this version (default: the current one)")
+    query.add_argument(
+        "--per-video",
+        action="store_true",
+        help="one result per video, its best segment, for the k best videos (default: the k best segments)",
+    )
     query.add_argument("--json", action="store_true", help="print results as JSON")
     _storage_flags(query)
 
@@ -450,7 +455,7 @@ def _run_query(args: argparse.Namespace, out: TextIO) -> int:
     if args.k < 1:
         raise ValueError(f"-k must be at least 1, got {args.k}")
     searcher = Searcher.open(args.library, _storage(args), args.version)
-    hits = searcher.search(args.text, k=args.k)
+    hits = searcher.search(args.text, k=args.k, per_video=args.per_video)
     if not hits:  # on stderr: stdout stays the (empty) result
         library = searcher.library
         print(f"no results: {library.uri} version {library.version} holds no embedded video", file=sys.stderr)

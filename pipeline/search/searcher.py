@@ -22,6 +22,7 @@ from ..library import index as faiss_index
 from ..library.lookup import RowLookup
 from ..models import VideoTextModel, load_library_model
 from ..storage import StorageOptions, Store
+from .per_video import best_of_each_video, video_candidates
 from .scorer import ExactScorer, StoredVideos
 
 DEFAULT_CANDIDATES = 200
@@ -75,21 +76,27 @@ class Searcher:
             raise ValueError("the query text is empty")
         return self.scorer.text_embeddings([text])
 
-    def search(self, text: str, k: int = 10, candidates: int = DEFAULT_CANDIDATES) -> list[Hit]:
-        """The ``k`` best rows for ``text``, best first, by the exact score."""
+    def search(
+        self, text: str, k: int = 10, candidates: int = DEFAULT_CANDIDATES, per_video: bool = False
+    ) -> list[Hit]:
+        """The ``k`` best rows for ``text``, best first, by the exact score. ``per_video``: the best segment
+        of each of the ``k`` best videos instead (a video ranks by its best segment; see
+        :func:`~pipeline.search.per_video.video_candidates` for the candidates then scored)."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         text_embeds = self.text_embedding(text)
         query = torch.nn.functional.normalize(text_embeds.float(), dim=-1).numpy().astype(np.float32)
-        wanted = max(k, candidates)
-        index = self.index if wanted <= faiss_index.GPU_MAX_K else self.library.index()  # (on the CPU)
-        _, ids = faiss_index.search(index, query, wanted)
-        ids = [int(i) for i in ids[0] if i >= 0]
+        if per_video:
+            ids = video_candidates(self.nearest, query, self.rows, max(k, candidates), k)
+        else:
+            ids = self.nearest(query, max(k, candidates))
         if not ids:
             return []
         rows = self.rows.hits(ids)
         scores = self.scorer(text_embeds, StoredVideos.from_records(self.rows.records(ids)))[:, 0].tolist()
-        order = sorted(range(len(ids)), key=lambda i: -scores[i])[:k]
+        order = sorted(range(len(ids)), key=lambda i: -scores[i])
+        if per_video:
+            order = best_of_each_video(order, rows["uri"].to_pylist())
         scored_by = "video-conditioned" if self.library.rerank_shape else "cosine"
         return [
             Hit(
@@ -101,5 +108,12 @@ class Searcher:
                 id=rows["id"][i].as_py(),
                 scored_by=scored_by,
             )
-            for i in order
+            for i in order[:k]
         ]
+
+    def nearest(self, query: np.ndarray, wanted: int) -> list[int]:
+        """The ids of the ``wanted`` rows nearest to ``query`` (1, P) in the index, nearest first (fewer when
+        the index holds fewer): stage 1."""
+        index = self.index if wanted <= faiss_index.GPU_MAX_K else self.library.index()  # (on the CPU)
+        _, ids = faiss_index.search(index, query, wanted)
+        return [int(i) for i in ids[0] if i >= 0]

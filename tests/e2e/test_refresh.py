@@ -140,6 +140,15 @@ def test_refresh_embeds_only_what_changed_and_equals_a_fresh_embed(
     ]
     np.testing.assert_allclose([h["score"] for h in hits], [h["score"] for h in before], atol=1e-6, rtol=0)
 
+    # --per-video: the best segment of each video, in the order of the full ranking's first of each
+    storage = ["--json", "--endpoint-url", s3.endpoint_url]
+    every = run("query", library, QUERIES[0], "-k", "20", *storage).json()
+    best = run("query", library, QUERIES[0], "-k", "20", "--per-video", *storage).json()
+    firsts: dict[str, int] = {}
+    for hit in every:
+        firsts.setdefault(hit["uri"], hit["id"])
+    assert len(every) == 10 and [hit["id"] for hit in best] == list(firsts.values()) and len(best) == 5
+
 
 def test_moved_and_renamed_videos_keep_their_embeddings_and_equal_a_fresh_embed(
     s3: MotoS3, bucket: str, tiny_model: Path, clips: dict[str, Path]

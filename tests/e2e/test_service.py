@@ -165,6 +165,18 @@ def ranked(hits: list[dict[str, Any]]) -> list[tuple[int, float]]:
     return [(hit["id"], hit["score"]) for hit in hits]
 
 
+def best_per_video(library: Library, ranking: list[tuple[int, float]], leave_out: int | None = None) -> list:
+    """The first row of each video in ``ranking``, without the video of row ``leave_out``."""
+    uri = dict(zip(*library.table(["id", "uri"]).to_pydict().values(), strict=True))
+    seen = {uri[leave_out]} if leave_out is not None else set()
+    best = []
+    for row_id, score in ranking:
+        if uri[row_id] not in seen:
+            seen.add(uri[row_id])
+            best.append((row_id, score))
+    return best
+
+
 def assert_same_ranking(got: list[tuple[int, float]], expected: list[tuple[int, float]]) -> None:
     assert [i for i, _ in got] == [i for i, _ in expected]
     np.testing.assert_allclose([s for _, s in got], [s for _, s in expected], atol=1e-5, rtol=0)
@@ -201,6 +213,22 @@ def test_search_and_more_like_this_equal_brute_force(s3_service: Service, s3_lib
             assert_same_ranking(ranked(similar["hits"]), nearest_rows(library, row_id))
             two = client.get(f"/videos/{row_id}/similar", params={"k": 2}).json()["hits"]
             assert ranked(two) == ranked(similar["hits"][:2])
+
+        # one hit per video: each video's best segment, the videos in the order of their best
+        per_video = client.get("/search", params={"q": QUERY, "k": rows, "per_video": True}).json()
+        assert per_video["per_video"] is True and len(per_video["hits"]) == 3  # 3 videos of 2 segments
+        assert_same_ranking(ranked(per_video["hits"]), best_per_video(library, exact_ranking(library, QUERY)))
+        batch = client.post("/search", json={"queries": texts, "k": 2, "per_video": True}).json()
+        for result in batch["results"]:
+            single = client.get("/search", params={"q": result["query"], "k": 2, "per_video": True}).json()
+            assert ranked(result["hits"]) == ranked(single["hits"]) and len(result["hits"]) == 2
+            assert len({hit["uri"] for hit in result["hits"]}) == 2
+        row_id = answer["hits"][0]["id"]
+        others = client.get(f"/videos/{row_id}/similar", params={"k": rows, "per_video": True}).json()
+        assert others["per_video"] is True and len(others["hits"]) == 2  # the row's own video left out
+        assert_same_ranking(
+            ranked(others["hits"]), best_per_video(library, nearest_rows(library, row_id), row_id)
+        )
 
 
 def test_rows_thumbnails_and_presigned_videos(s3_service: Service, s3_library: S3Library, s3: MotoS3):
@@ -457,6 +485,20 @@ def test_the_web_page_searches_plays_in_place_and_shows_more_like_this(
         assert hit["id"] not in [h["id"] for h in similar]
         wait.until(lambda d: d.execute_script(IMAGES_LOADED))
         screenshot(driver, tmp_path, "service-page-more-like-this")
+
+        # "one result per video" answers the results at hand again: the other videos' nearest segments
+        with local_service.client() as client:
+            params = {"k": 24, "per_video": True}
+            others = client.get(f"/videos/{hit['id']}/similar", params=params).json()["hits"]
+            best = client.get("/search", params={"q": QUERY, **params}).json()["hits"]
+        assert len(others) < len(similar) and hit["uri"] not in [h["uri"] for h in others]
+        driver.find_element(By.ID, "per-video").click()
+        shown = "return [...document.querySelectorAll('#results .card')].map(c => c.dataset.id)"
+        wait.until(lambda d: d.execute_script(shown) == [str(h["id"]) for h in others])
+        driver.find_element(By.ID, "q").send_keys(Keys.ENTER)  # a search keeps the choice
+        wait.until(lambda d: d.execute_script(shown) == [str(h["id"]) for h in best])
+        assert len({h["uri"] for h in best}) == len(best) == 3  # a, b and c (notes.mp4 is an error row)
+        screenshot(driver, tmp_path, "service-page-per-video")
     finally:
         driver.quit()
 

@@ -38,6 +38,7 @@ from .media import MediaLinks, VideoFile
 from .options import MAX_K, ServiceOptions
 from .query import checked, truncated
 from .schemas import (
+    PER_VIDEO,
     BatchIn,
     BatchOut,
     ErrorOut,
@@ -70,6 +71,7 @@ AT_VERSION = Query(None, ge=1, description="the library version to read (default
 API_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="the service's API key")
 BEARER = HTTPBearer(auto_error=False, description="the service's API key as a bearer token")
 ROW_ID = Path(alias="id", ge=0, le=MAX_ID, description="the row's id in the library")
+PER_VIDEO_QUERY = Query(False, description=PER_VIDEO)
 
 
 def create_app(
@@ -148,9 +150,9 @@ def create_app(
             play_url=play_url(found.id, found.uri, version),
         )
 
-    def answer(searcher: Searcher, text: str, k: int) -> QueryResult:
+    def answer(searcher: Searcher, text: str, k: int, per_video: bool) -> QueryResult:
         version = searcher.library.version
-        hits = [hit(found, version) for found in searcher.search(text, k)]
+        hits = [hit(found, version) for found in searcher.search(text, k, per_video=per_video)]
         return QueryResult(query=text, truncated=truncated(searcher.model, text), hits=hits)
 
     @api.get("/search", response_model=SearchOut, tags=["search"])
@@ -158,19 +160,23 @@ def create_app(
         q: str = Query(description="the text to search for"),
         k: int = Query(10, ge=1, le=MAX_K, description="results wanted"),
         version: int | None = AT_VERSION,
+        per_video: bool = PER_VIDEO_QUERY,
     ) -> SearchOut:
         """The ``k`` rows that match ``q`` best, best first (the exact score of the library's model)."""
         text = checked(q)
         searcher = follower.searcher(version)
-        return SearchOut(version=searcher.library.version, k=k, **answer(searcher, text, k).model_dump())
+        found = answer(searcher, text, k, per_video)
+        return SearchOut(version=searcher.library.version, k=k, per_video=per_video, **found.model_dump())
 
     @api.post("/search", response_model=BatchOut, tags=["search"])
     def search_batch(batch: BatchIn) -> BatchOut:
         """Several texts against one version; a result per text, in their order."""
         texts = [checked(text, f"queries[{i}]") for i, text in enumerate(batch.queries)]
         searcher = follower.searcher(batch.version)
-        results = [answer(searcher, text, batch.k) for text in texts]
-        return BatchOut(version=searcher.library.version, k=batch.k, results=results)
+        results = [answer(searcher, text, batch.k, batch.per_video) for text in texts]
+        return BatchOut(
+            version=searcher.library.version, k=batch.k, per_video=batch.per_video, results=results
+        )
 
     @api.get("/videos/{id}", response_model=VideoOut, tags=["videos"])
     def video(row_id: int = ROW_ID, version: int | None = AT_VERSION) -> VideoOut:
@@ -192,17 +198,19 @@ def create_app(
         row_id: int = ROW_ID,
         k: int = Query(10, ge=1, le=MAX_K, description="neighbours wanted"),
         version: int | None = AT_VERSION,
+        per_video: bool = Query(False, description=f"{PER_VIDEO}; the row's own video is left out"),
     ) -> SimilarOut:
         """The ``k`` rows nearest to this one by their stored embeddings, nearest first."""
         searcher = follower.searcher(version)
         read = searcher.library
         try:
-            hits = similar(searcher, row_id, k)
+            hits = similar(searcher, row_id, k, per_video=per_video)
         except KeyError:
             raise ApiError(404, f"version {read.version} of the library has no row {row_id}") from None
         except NoEmbedding as err:
             raise ApiError(422, str(err)) from None
-        return SimilarOut(id=row_id, version=read.version, k=k, hits=[hit(h, read.version) for h in hits])
+        hits_out = [hit(h, read.version) for h in hits]
+        return SimilarOut(id=row_id, version=read.version, k=k, per_video=per_video, hits=hits_out)
 
     @media.get("/videos/{id}/thumbnail", tags=["videos"], response_class=Response)
     def thumbnail(row_id: int = ROW_ID, version: int | None = AT_VERSION) -> Response:

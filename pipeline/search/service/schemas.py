@@ -6,6 +6,11 @@ from pydantic import BaseModel, Field
 
 from .options import MAX_K, MAX_QUERIES
 
+PER_VIDEO = (
+    "one hit per video, its best segment, for the k best videos (default: the k best segments, several of a "
+    "video possibly)"
+)
+
 
 class HitOut(BaseModel):
     """One result: a video, or a segment of one, with where to see it. URLs without a scheme are paths of
@@ -43,17 +48,20 @@ class QueryResult(BaseModel):
 class SearchOut(QueryResult):
     version: int = Field(description="the library version that answered")
     k: int
+    per_video: bool = Field(description="one hit per video: its best segment")
 
 
 class BatchIn(BaseModel):
     queries: list[str] = Field(min_length=1, max_length=MAX_QUERIES)
     k: int = Field(10, ge=1, le=MAX_K)
     version: int | None = Field(None, ge=1, description="default: the current version")
+    per_video: bool = Field(False, description=PER_VIDEO)
 
 
 class BatchOut(BaseModel):
     version: int
     k: int
+    per_video: bool
     results: list[QueryResult] = Field(description="one per query, in their order")
 
 
@@ -82,6 +90,7 @@ class SimilarOut(BaseModel):
     id: int
     version: int
     k: int
+    per_video: bool
     hits: list[HitOut] = Field(description="the nearest rows by stored embedding, nearest first, not the row")
 
 

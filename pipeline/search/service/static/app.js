@@ -7,6 +7,7 @@ const KEY = "videosearch-api-key";
 const $ = (id) => document.getElementById(id);
 let apiKey = localStorage.getItem(KEY) || "";
 let pending = null; // what to run again once an API key is given
+let last = null; // what the results on the page answer: run again when "one result per video" changes
 
 async function api(path) {
   const response = await fetch(path, { headers: apiKey ? { "X-API-Key": apiKey } : {} });
@@ -78,22 +79,27 @@ function show(heading, answer) {
   status(answer.hits.length ? "" : "Nothing found.");
 }
 
+// "one result per video": each video's best segment, for the best videos (and "More like this" leaves the
+// card's own video out)
+const perVideo = () => `&per_video=${$("per-video").checked}`;
+
 async function search(q) {
   status("Searching…");
-  const answer = await api(`/search?q=${encodeURIComponent(q)}&k=${K}`);
+  const answer = await api(`/search?q=${encodeURIComponent(q)}&k=${K}${perVideo()}`);
   const cut = answer.truncated ? " (cut to the model's context: the words past it were not searched)" : "";
   show(`Results for “${answer.query}” in version ${answer.version}${cut}`, answer);
 }
 
 async function moreLike(hit) {
   status("Looking for similar videos…");
-  const answer = await api(`${hit.similar_url}&k=${K}`);
+  const answer = await api(`${hit.similar_url}&k=${K}${perVideo()}`);
   show(`More like ${fileName(hit.uri)} at ${seconds(hit.start_s)} – ${seconds(hit.end_s)}`, answer);
   window.scrollTo(0, 0);
 }
 
 async function run(action) {
   pending = action;
+  last = action;
   try {
     await action();
     pending = null;
@@ -101,6 +107,10 @@ async function run(action) {
     status(err.message, true);
   }
 }
+
+$("per-video").addEventListener("change", () => {
+  if (last) run(last);
+});
 
 $("search").addEventListener("submit", (event) => {
   event.preventDefault();
