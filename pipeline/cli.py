@@ -204,6 +204,12 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="one result per video, its best segment, for the k best videos (default: the k best segments)",
     )
+    query.add_argument(
+        "--under",
+        metavar="FOLDER",
+        help="only the videos in this folder of the source (s3://bucket/videos/2024/, /data/videos/trip) or "
+        "this one video",
+    )
     query.add_argument("--json", action="store_true", help="print results as JSON")
     _storage_flags(query)
 
@@ -454,11 +460,16 @@ def _run_query(args: argparse.Namespace, out: TextIO) -> int:
 
     if args.k < 1:
         raise ValueError(f"-k must be at least 1, got {args.k}")
+    under = args.under if not args.under or "://" in args.under else os.path.abspath(args.under)
     searcher = Searcher.open(args.library, _storage(args), args.version)
-    hits = searcher.search(args.text, k=args.k, per_video=args.per_video)
+    hits = searcher.search(args.text, k=args.k, per_video=args.per_video, under=under)
     if not hits:  # on stderr: stdout stays the (empty) result
         library = searcher.library
-        print(f"no results: {library.uri} version {library.version} holds no embedded video", file=sys.stderr)
+        where = f" under {under}" if under else ""
+        print(
+            f"no results: {library.uri} version {library.version} holds no embedded video{where}",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps([hit.to_dict() for hit in hits], indent=2), file=out)
     else:

@@ -176,11 +176,16 @@ def remove(index: faiss.Index, ids: np.ndarray) -> faiss.Index:
     return build_index(all_ids[keep], vectors[keep], "hnsw")
 
 
-def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def search(
+    index: faiss.Index, queries: np.ndarray, k: int, among: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best ids per query and their inner products: ``(scores, ids)``, both (Q, k), best first.
 
     ``queries`` is (Q, D) or one (D,) vector (then Q = 1). Where fewer than ``k`` results exist (k larger
-    than the index, or too few in the probed lists) the ids are -1 and the scores ``-inf``.
+    than the index, or too few in the probed lists) the ids are -1 and the scores ``-inf``. ``among``: only
+    these ids are results (a search within a part of the library, on the CPU index); an IVF index then
+    probes as many times more lists (an HNSW index explores as many more nodes) as the part is smaller than
+    the index, so that a restricted search weighs about as many of the part's vectors as an open one.
     """
     queries = np.ascontiguousarray(queries, dtype=np.float32)
     queries = queries.reshape(1, -1) if queries.ndim == 1 else queries
@@ -188,7 +193,22 @@ def search(index: faiss.Index, queries: np.ndarray, k: int) -> tuple[np.ndarray,
         raise ValueError(f"need queries of shape (Q, {index.d}), got {queries.shape}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    scores, ids = index.search(queries, k)
+    if among is None:
+        scores, ids = index.search(queries, k)
+    else:
+        among = np.ascontiguousarray(among, dtype=np.int64)
+        selector = faiss.IDSelectorBatch(among)  # referenced here for as long as the search runs
+        widen = index.ntotal / max(len(among), 1)
+        inner = _inner(index)
+        if isinstance(inner, faiss.IndexIVF):
+            nprobe = min(inner.nlist, math.ceil(inner.nprobe * widen))
+            params = faiss.SearchParametersIVF(sel=selector, nprobe=nprobe)
+        elif isinstance(inner, faiss.IndexHNSW):
+            ef = min(max(index.ntotal, k), math.ceil(max(inner.hnsw.efSearch, k) * widen))
+            params = faiss.SearchParametersHNSW(sel=selector, efSearch=ef)
+        else:
+            params = faiss.SearchParameters(sel=selector)
+        scores, ids = index.search(queries, k, params=params)
     scores[ids < 0] = -np.inf
     return scores, ids
 

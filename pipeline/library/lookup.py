@@ -55,6 +55,13 @@ class RowLookup:
     def __len__(self) -> int:
         return len(self.ids)
 
+    def ids_under(self, folder: str) -> np.ndarray:
+        """The ids (sorted) of the embedded rows whose video is ``folder`` itself or lies under it (a
+        folder's uri, ``s3://bucket/2024/``, with or without its last ``/``; or one video's)."""
+        uris = self.hits_table["uri"]
+        inside = pc.or_(pc.equal(uris, folder), pc.starts_with(uris, folder.rstrip("/") + "/"))
+        return self.ids[inside.to_numpy(zero_copy_only=False)]
+
     def rows(self, ids: np.ndarray | list[int]) -> np.ndarray:
         """Where the rows with ``ids`` are in :attr:`hits_table` and the other arrays, in the order of
         ``ids``. Raises ``KeyError`` for ids that are not embedded rows of the version."""

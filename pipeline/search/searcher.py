@@ -11,6 +11,8 @@ One call: ``Searcher.open("s3://bucket/library").search("a dog catching a frisbe
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -26,6 +28,7 @@ from .per_video import best_of_each_video, video_candidates
 from .scorer import ExactScorer, StoredVideos
 
 DEFAULT_CANDIDATES = 200
+UNDER_KEPT = 64  # folders whose row ids a searcher keeps (a search within one reads every row's uri)
 
 
 @dataclass
@@ -62,6 +65,7 @@ class Searcher:
         self.scorer = ExactScorer(self.model)
         self.index = faiss_index.on_gpus(library.index())  # the library's own stays on the CPU
         self.rows = RowLookup(library.store, library.snapshot.parts, library.schema, library.rerank_shape)
+        self._ids_under = functools.lru_cache(UNDER_KEPT)(self.rows.ids_under)
 
     @classmethod
     def open(
@@ -77,19 +81,26 @@ class Searcher:
         return self.scorer.text_embeddings([text])
 
     def search(
-        self, text: str, k: int = 10, candidates: int = DEFAULT_CANDIDATES, per_video: bool = False
+        self,
+        text: str,
+        k: int = 10,
+        candidates: int = DEFAULT_CANDIDATES,
+        per_video: bool = False,
+        under: str | None = None,
     ) -> list[Hit]:
         """The ``k`` best rows for ``text``, best first, by the exact score. ``per_video``: the best segment
         of each of the ``k`` best videos instead (a video ranks by its best segment; see
-        :func:`~pipeline.search.per_video.video_candidates` for the candidates then scored)."""
+        :func:`~pipeline.search.per_video.video_candidates` for the candidates then scored). ``under``: only
+        the videos in that folder (a uri as the hits show them, ``s3://bucket/2024/``) or that one video."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
         text_embeds = self.text_embedding(text)
         query = torch.nn.functional.normalize(text_embeds.float(), dim=-1).numpy().astype(np.float32)
+        nearest = self.nearest_under(under)
         if per_video:
-            ids = video_candidates(self.nearest, query, self.rows, max(k, candidates), k)
+            ids = video_candidates(nearest, query, self.rows, max(k, candidates), k)
         else:
-            ids = self.nearest(query, max(k, candidates))
+            ids = nearest(query, max(k, candidates))
         if not ids:
             return []
         rows = self.rows.hits(ids)
@@ -111,9 +122,18 @@ class Searcher:
             for i in order[:k]
         ]
 
-    def nearest(self, query: np.ndarray, wanted: int) -> list[int]:
-        """The ids of the ``wanted`` rows nearest to ``query`` (1, P) in the index, nearest first (fewer when
-        the index holds fewer): stage 1."""
-        index = self.index if wanted <= faiss_index.GPU_MAX_K else self.library.index()  # (on the CPU)
-        _, ids = faiss_index.search(index, query, wanted)
-        return [int(i) for i in ids[0] if i >= 0]
+    def nearest_under(self, under: str | None) -> Callable[[np.ndarray, int], list[int]]:
+        """Stage 1, within ``under`` if given (see :meth:`search`): ``nearest(query, wanted)``, the ids of
+        the ``wanted`` rows nearest to ``query`` (1, P), nearest first (fewer where there are fewer)."""
+        if under is not None and not under.strip():
+            raise ValueError("the folder to search under is empty")
+        among = None if under is None else self._ids_under(under)
+        if among is not None and not len(among):
+            return lambda query, wanted: []
+
+        def nearest(query: np.ndarray, wanted: int) -> list[int]:
+            cpu = among is not None or wanted > faiss_index.GPU_MAX_K  # FAISS's GPU kernels do neither
+            _, ids = faiss_index.search(self.library.index() if cpu else self.index, query, wanted, among)
+            return [int(i) for i in ids[0] if i >= 0]
+
+        return nearest

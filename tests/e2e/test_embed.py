@@ -409,6 +409,14 @@ def test_query_from_another_directory_finds_segments(
         start, end, _ = segments[(hit["uri"], hit["segment"])]
         assert (hit["start_s"], hit["end_s"]) == (start, end)
 
+    # within one video, named relative to the working directory: its segments, ranked the same
+    args = ["-k", "10", "--under", "long.mp4", "--json"]
+    within = run("query", local_jobs.library, text, *args, cwd=local_jobs.videos).json()
+    assert_ranked(within, {key: score for key, score in expected.items() if key[0].endswith("/long.mp4")}, 10)
+    nowhere = run("query", local_jobs.library, text, "--under", "elsewhere", cwd=local_jobs.videos)
+    assert (nowhere.code, nowhere.stdout.strip()) == (0, "")
+    assert f"no embedded video under {local_jobs.videos / 'elsewhere'}" in nowhere.stderr
+
 
 # ------------------------------------------------------------------------------------------------ failures
 

@@ -99,6 +99,22 @@ def test_approximate_recall_at_10(data, kind: str) -> None:
     assert recall >= 0.9, (fx.describe(index), recall)
 
 
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+@pytest.mark.parametrize("share", [0.5, 0.02])
+def test_a_search_among_some_ids_finds_only_them_as_an_open_search_finds(
+    data, kind: str, share: float
+) -> None:
+    ids, vectors, queries = data
+    index = fx.build_index(ids, vectors, kind=kind)
+    some = np.random.default_rng(4).random(len(ids)) < share  # a folder's rows, scattered in the index
+    _, found = fx.search(index, queries, 10, among=ids[some])
+    assert np.isin(found[found >= 0], ids[some]).all() and (found >= 0).all()
+    exact = brute_force(ids[some], vectors[some], queries, 10)
+    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, exact, strict=True)])
+    assert recall >= (1.0 if kind == "flat" else 0.9), (fx.describe(index), recall)
+    assert (fx.search(index, queries, 5, among=np.zeros(0, np.int64))[1] == -1).all()  # an empty part
+
+
 def test_ivf_is_seeded_and_ivfpq_builds(data) -> None:
     ids, vectors, queries = data
     a, b = (fx.search(fx.build_index(ids, vectors, kind="ivf", seed=5), queries, 5) for _ in range(2))

@@ -35,10 +35,11 @@ from .auth import ApiKey
 from .errors import ApiError
 from .follow import VersionFollower
 from .media import MediaLinks, VideoFile
-from .options import MAX_K, ServiceOptions
-from .query import checked, truncated
+from .options import MAX_K, MAX_UNDER, ServiceOptions
+from .query import checked, checked_folder, truncated
 from .schemas import (
     PER_VIDEO,
+    UNDER,
     BatchIn,
     BatchOut,
     ErrorOut,
@@ -72,6 +73,7 @@ API_KEY_HEADER = APIKeyHeader(name="X-API-Key", auto_error=False, description="t
 BEARER = HTTPBearer(auto_error=False, description="the service's API key as a bearer token")
 ROW_ID = Path(alias="id", ge=0, le=MAX_ID, description="the row's id in the library")
 PER_VIDEO_QUERY = Query(False, description=PER_VIDEO)
+UNDER_QUERY = Query(None, min_length=1, max_length=MAX_UNDER, description=UNDER)
 
 
 def create_app(
@@ -150,9 +152,10 @@ def create_app(
             play_url=play_url(found.id, found.uri, version),
         )
 
-    def answer(searcher: Searcher, text: str, k: int, per_video: bool) -> QueryResult:
+    def answer(searcher: Searcher, text: str, k: int, per_video: bool, under: str | None) -> QueryResult:
         version = searcher.library.version
-        hits = [hit(found, version) for found in searcher.search(text, k, per_video=per_video)]
+        found = searcher.search(text, k, per_video=per_video, under=under)
+        hits = [hit(each, version) for each in found]
         return QueryResult(query=text, truncated=truncated(searcher.model, text), hits=hits)
 
     @api.get("/search", response_model=SearchOut, tags=["search"])
@@ -161,21 +164,29 @@ def create_app(
         k: int = Query(10, ge=1, le=MAX_K, description="results wanted"),
         version: int | None = AT_VERSION,
         per_video: bool = PER_VIDEO_QUERY,
+        under: str | None = UNDER_QUERY,
     ) -> SearchOut:
         """The ``k`` rows that match ``q`` best, best first (the exact score of the library's model)."""
-        text = checked(q)
+        text, folder = checked(q), checked_folder(under)
         searcher = follower.searcher(version)
-        found = answer(searcher, text, k, per_video)
-        return SearchOut(version=searcher.library.version, k=k, per_video=per_video, **found.model_dump())
+        found = answer(searcher, text, k, per_video, folder)
+        return SearchOut(
+            version=searcher.library.version, k=k, per_video=per_video, under=folder, **found.model_dump()
+        )
 
     @api.post("/search", response_model=BatchOut, tags=["search"])
     def search_batch(batch: BatchIn) -> BatchOut:
         """Several texts against one version; a result per text, in their order."""
         texts = [checked(text, f"queries[{i}]") for i, text in enumerate(batch.queries)]
+        folder = checked_folder(batch.under)
         searcher = follower.searcher(batch.version)
-        results = [answer(searcher, text, batch.k, batch.per_video) for text in texts]
+        results = [answer(searcher, text, batch.k, batch.per_video, folder) for text in texts]
         return BatchOut(
-            version=searcher.library.version, k=batch.k, per_video=batch.per_video, results=results
+            version=searcher.library.version,
+            k=batch.k,
+            per_video=batch.per_video,
+            under=folder,
+            results=results,
         )
 
     @api.get("/videos/{id}", response_model=VideoOut, tags=["videos"])
@@ -199,18 +210,22 @@ def create_app(
         k: int = Query(10, ge=1, le=MAX_K, description="neighbours wanted"),
         version: int | None = AT_VERSION,
         per_video: bool = Query(False, description=f"{PER_VIDEO}; the row's own video is left out"),
+        under: str | None = UNDER_QUERY,
     ) -> SimilarOut:
         """The ``k`` rows nearest to this one by their stored embeddings, nearest first."""
+        folder = checked_folder(under)
         searcher = follower.searcher(version)
         read = searcher.library
         try:
-            hits = similar(searcher, row_id, k, per_video=per_video)
+            hits = similar(searcher, row_id, k, per_video=per_video, under=folder)
         except KeyError:
             raise ApiError(404, f"version {read.version} of the library has no row {row_id}") from None
         except NoEmbedding as err:
             raise ApiError(422, str(err)) from None
         hits_out = [hit(h, read.version) for h in hits]
-        return SimilarOut(id=row_id, version=read.version, k=k, per_video=per_video, hits=hits_out)
+        return SimilarOut(
+            id=row_id, version=read.version, k=k, per_video=per_video, under=folder, hits=hits_out
+        )
 
     @media.get("/videos/{id}/thumbnail", tags=["videos"], response_class=Response)
     def thumbnail(row_id: int = ROW_ID, version: int | None = AT_VERSION) -> Response:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 MAX_K = 100  # results per query (k), and neighbours per "more like this"
 MAX_QUERIES = 32  # texts in one POST /search
 MAX_QUERY_CHARS = 4096  # longer texts are refused; a text past the model's context is truncated and says so
+MAX_UNDER = 4096  # characters of the folder a search is restricted to
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""The text of a query: refused when empty or too long, flagged when the model will cut it."""
+"""The text of a query: refused when empty or too long, flagged when the model will cut it; its folder."""
 
 from __future__ import annotations
 
@@ -16,6 +16,13 @@ def checked(text: str, name: str = "q") -> str:
             422, f"{name}: the query has {len(text)} characters, at most {MAX_QUERY_CHARS} are taken"
         )
     return text
+
+
+def checked_folder(under: str | None, name: str = "under") -> str | None:
+    """``under`` as it is (``None``: the whole library), or a 422 :class:`ApiError` when it is blank."""
+    if under is not None and not under.strip():
+        raise ApiError(422, f"{name}: the folder is empty")
+    return under
 
 
 def truncated(model: VideoTextModel, text: str) -> bool:

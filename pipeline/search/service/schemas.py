@@ -4,11 +4,15 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
-from .options import MAX_K, MAX_QUERIES
+from .options import MAX_K, MAX_QUERIES, MAX_UNDER
 
 PER_VIDEO = (
     "one hit per video, its best segment, for the k best videos (default: the k best segments, several of a "
     "video possibly)"
+)
+UNDER = (
+    "only the videos in this folder (a uri as hits show them: s3://bucket/videos/2024/) or this one video "
+    "(default: the whole library)"
 )
 
 
@@ -49,6 +53,7 @@ class SearchOut(QueryResult):
     version: int = Field(description="the library version that answered")
     k: int
     per_video: bool = Field(description="one hit per video: its best segment")
+    under: str | None = Field(description="the folder searched (null: the whole library)")
 
 
 class BatchIn(BaseModel):
@@ -56,12 +61,14 @@ class BatchIn(BaseModel):
     k: int = Field(10, ge=1, le=MAX_K)
     version: int | None = Field(None, ge=1, description="default: the current version")
     per_video: bool = Field(False, description=PER_VIDEO)
+    under: str | None = Field(None, min_length=1, max_length=MAX_UNDER, description=UNDER)
 
 
 class BatchOut(BaseModel):
     version: int
     k: int
     per_video: bool
+    under: str | None
     results: list[QueryResult] = Field(description="one per query, in their order")
 
 
@@ -91,6 +98,7 @@ class SimilarOut(BaseModel):
     version: int
     k: int
     per_video: bool
+    under: str | None
     hits: list[HitOut] = Field(description="the nearest rows by stored embedding, nearest first, not the row")
 
 

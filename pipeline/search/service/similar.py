@@ -20,10 +20,16 @@ class NoEmbedding(ValueError):
 
 
 def similar(
-    searcher: Searcher, row_id: int, k: int, candidates: int = DEFAULT_CANDIDATES, per_video: bool = False
+    searcher: Searcher,
+    row_id: int,
+    k: int,
+    candidates: int = DEFAULT_CANDIDATES,
+    per_video: bool = False,
+    under: str | None = None,
 ) -> list[Hit]:
     """The ``k`` rows nearest to row ``row_id`` by inner product, nearest first, without the row itself;
-    ``per_video``: the nearest row of each of the ``k`` nearest other videos (the row's own video left out).
+    ``per_video``: the nearest row of each of the ``k`` nearest other videos (the row's own video left out);
+    ``under``: only rows of the videos in that folder (see :meth:`Searcher.search`).
 
     The rows come from the searcher's in-memory lookup (:class:`~pipeline.library.lookup.RowLookup`): the
     query row's and the candidates' embeddings are read in O(their own bytes), whatever the library's size.
@@ -35,12 +41,12 @@ def similar(
     except KeyError:  # no such row, or the error row of a video (the lookup holds embedded rows only)
         error = searcher.library.rows_by_id([row_id], ["error"])["error"][0]
         raise NoEmbedding(f"row {row_id} has no embedding: its video failed ({error.as_py()})") from None
-    wanted = max(k + 1, candidates)
+    wanted, nearest = max(k + 1, candidates), searcher.nearest_under(under)
     if per_video:
         own = rows.hits([row_id])["uri"][0].as_py()
-        ids = video_candidates(searcher.nearest, query, rows, wanted, k, leave_out=own)
+        ids = video_candidates(nearest, query, rows, wanted, k, leave_out=own)
     else:
-        ids = [i for i in searcher.nearest(query, wanted) if i != row_id]
+        ids = [i for i in nearest(query, wanted) if i != row_id]
     if not ids:
         return []
     scores = rows.records(ids)["embedding"] @ query[0]

@@ -1,4 +1,4 @@
-"""Per-video search: the candidate rows that stage 2 scores, and the best row of each video."""
+"""Narrowed searches: per video (the candidates stage 2 scores, each video's best row), and in a folder."""
 
 from __future__ import annotations
 
@@ -67,3 +67,15 @@ def test_fewer_videos_than_asked_stops_when_the_index_has_no_more(tmp_path: Path
 def test_each_video_is_represented_by_its_best_position() -> None:
     uris = ["a", "b", "a", "c", "b"]
     assert best_of_each_video([2, 0, 1, 4, 3], uris) == [2, 1, 3]  # a at 2, b at 1, c at 3
+
+
+def test_a_folder_holds_the_videos_under_it_and_not_its_namesakes(tmp_path: Path) -> None:
+    segments = {"s3://b/2024/a.mp4": 2, "s3://b/2024/trip/b.mp4": 1, "s3://b/2024-old/c.mp4": 1}
+    rows = lookup(tmp_path, segments)
+    a, b, c = ({row_id(uri, s) for s in range(n)} for uri, n in segments.items())
+    for folder in ("s3://b/2024", "s3://b/2024/"):
+        assert set(rows.ids_under(folder).tolist()) == a | b  # not 2024-old
+    assert set(rows.ids_under("s3://b/2024/a.mp4").tolist()) == a  # one video
+    assert set(rows.ids_under("s3://b/").tolist()) == a | b | c
+    assert len(rows.ids_under("s3://b/2024/a")) == 0  # a name's beginning is no folder
+    assert list(rows.ids_under("s3://b")) == sorted(rows.ids_under("s3://b"))
