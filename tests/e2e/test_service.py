@@ -499,6 +499,23 @@ def test_the_web_page_searches_plays_in_place_and_shows_more_like_this(
         wait.until(lambda d: d.execute_script(shown) == [str(h["id"]) for h in best])
         assert len({h["uri"] for h in best}) == len(best) == 3  # a, b and c (notes.mp4 is an error row)
         screenshot(driver, tmp_path, "service-page-per-video")
+
+        # "Moments in this video": the search within that video, until "whole library"
+        driver.find_element(By.ID, "per-video").click()
+        wait.until(lambda d: d.execute_script(shown) == [str(h["id"]) for h in expected])
+        last = expected[-1]  # a card of a video that is not the best
+        card = driver.find_elements(By.CSS_SELECTOR, "#results .card")[-1]
+        card.find_element(By.CSS_SELECTOR, ".within").click()
+        with local_service.client() as client:
+            within = client.get("/search", params={"q": QUERY, "k": 24, "under": last["uri"]}).json()["hits"]
+        assert {h["uri"] for h in within} == {last["uri"]} and len(within) == 2
+        wait.until(lambda d: d.execute_script(shown) == [str(h["id"]) for h in within])
+        heading = driver.find_element(By.ID, "heading").text
+        assert f"within {Path(last['uri']).name}" in heading
+        screenshot(driver, tmp_path, "service-page-within-a-video")
+        driver.find_element(By.ID, "unscope").click()
+        wait.until(lambda d: d.execute_script(shown) == [str(h["id"]) for h in expected])
+        assert not driver.find_element(By.ID, "scope").is_displayed()
     finally:
         driver.quit()
 

@@ -69,6 +69,7 @@ function card(hit) {
     thumb.title = "this video's storage cannot be played from here";
   }
   node.querySelector(".similar").addEventListener("click", () => run(() => moreLike(hit)));
+  node.querySelector(".within").addEventListener("click", () => narrow(hit.uri));
   return node;
 }
 
@@ -80,19 +81,31 @@ function show(heading, answer) {
 }
 
 // "one result per video": each video's best segment, for the best videos (and "More like this" leaves the
-// card's own video out)
-const perVideo = () => `&per_video=${$("per-video").checked}`;
+// card's own video out); "Moments in this video": searches within that video until "whole library"
+let under = null;
+const narrowed = () =>
+  `&per_video=${$("per-video").checked}` + (under ? `&under=${encodeURIComponent(under)}` : "");
+
+function narrow(uri) {
+  under = uri;
+  $("scope").hidden = !uri;
+  $("scope-name").textContent = uri ? fileName(uri) : "";
+  $("scope-name").title = uri || "";
+  window.scrollTo(0, 0);
+  if (last) run(last);
+}
 
 async function search(q) {
   status("Searching…");
-  const answer = await api(`/search?q=${encodeURIComponent(q)}&k=${K}${perVideo()}`);
+  const answer = await api(`/search?q=${encodeURIComponent(q)}&k=${K}${narrowed()}`);
   const cut = answer.truncated ? " (cut to the model's context: the words past it were not searched)" : "";
-  show(`Results for “${answer.query}” in version ${answer.version}${cut}`, answer);
+  const within = under ? ` within ${fileName(under)}` : "";
+  show(`Results for “${answer.query}”${within} in version ${answer.version}${cut}`, answer);
 }
 
 async function moreLike(hit) {
   status("Looking for similar videos…");
-  const answer = await api(`${hit.similar_url}&k=${K}${perVideo()}`);
+  const answer = await api(`${hit.similar_url}&k=${K}${narrowed()}`);
   show(`More like ${fileName(hit.uri)} at ${seconds(hit.start_s)} – ${seconds(hit.end_s)}`, answer);
   window.scrollTo(0, 0);
 }
@@ -111,6 +124,8 @@ async function run(action) {
 $("per-video").addEventListener("change", () => {
   if (last) run(last);
 });
+
+$("unscope").addEventListener("click", () => narrow(null));
 
 $("search").addEventListener("submit", (event) => {
   event.preventDefault();
