@@ -9,10 +9,11 @@ random re-rank features, at the bundled model's geometry (``--geometry base-patc
 on a searcher opened once (its open time printed too):
 
 * p50 / p99 latency of ``Searcher.search`` with the bundled model: text encoding, stage 1 (FAISS) and stage 2
-  (the exact X-CLIP score of 200 candidates, read by id from their re-rank records);
+  (the exact X-CLIP score of 200 candidates, read by id from their re-rank records); the same one result per
+  video (``per_video``), and within one of the library's 100 folders (``under``: 1% of its rows);
 * recall@10 of stage 1: of the 10 rows nearest to a query by exact inner product (numpy over every
   embedding), the share among stage 1's candidates (200) and among its own top 10; queries are held-out
-  samples of the concepts, so that each has true neighbours;
+  samples of the concepts, so that each has true neighbours; the same within a folder (its rows only);
 * the bytes stage 2 reads per candidate, against the Parquet layout's (a whole row group per candidate);
 * queries/s of ``videosearch serve`` (its own process) on 127.0.0.1 with 1 and 8 concurrent clients
   (``--clients``), distinct texts, for ``--seconds`` each.
@@ -36,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the package, not bench/pipeline.py
 
@@ -50,6 +52,7 @@ from pipeline.search.searcher import DEFAULT_CANDIDATES  # noqa: E402
 
 PART_ROWS = 8192
 CONCEPTS = 4096
+FOLDERS = 100  # videos of 4 segments each, in folders by video number modulo this
 NOISE = 0.35  # per-dimension noise around a concept, relative to the concept's unit norm / sqrt(D)
 GEOMETRIES = {"bundled": None, "base-patch32": (512, (49, 512))}
 CAPTIONS = [
@@ -72,6 +75,14 @@ def samples(centers: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray
     return noisy / np.linalg.norm(noisy, axis=1, keepdims=True)
 
 
+def video_uri(video: int) -> str:
+    return f"{folder_uri(video % FOLDERS)}/clip-{video}.mp4"
+
+
+def folder_uri(folder: int) -> str:
+    return f"s3://videos/folder-{folder:02d}"
+
+
 def part_table(
     start: int, n: int, dim: int, shape: tuple[int, int], centers: np.ndarray, tag: str
 ) -> pa.Table:
@@ -81,7 +92,7 @@ def part_table(
     schema = part_schema(dim, shape)
     columns = {
         "id": pa.array(np.arange(start, start + n, dtype=np.int64)),
-        "uri": pa.array([f"s3://videos/clip-{i // 4}.mp4" for i in range(start, start + n)]),
+        "uri": pa.array([video_uri(i // 4) for i in range(start, start + n)]),
         "segment": pa.array(np.arange(start, start + n) % 4, pa.int32()),
         "start_s": pa.array((np.arange(start, start + n) % 4) * 10.0),
         "end_s": pa.array((np.arange(start, start + n) % 4) * 10.0 + 10.0),
@@ -114,14 +125,17 @@ def build_library(root: Path, rows: int, dim: int, shape: tuple[int, int], ident
     return library
 
 
-def recall(library: Library, dim: int, queries: int) -> tuple[float, float]:
-    """Stage 1's recall@10 within its candidates and within its own top 10, against exact search."""
-    everything = library.table(["id", "embedding"])
+def recall(library: Library, dim: int, queries: int, folder: str | None = None) -> tuple[float, float]:
+    """Stage 1's recall@10 within its candidates and within its own top 10, against exact search (among the
+    rows of ``folder`` if given)."""
+    everything = library.table(["id", "uri", "embedding"])
+    if folder is not None:
+        everything = everything.filter(pc.starts_with(everything["uri"], folder + "/"))
     ids = everything["id"].to_numpy()
     vectors = everything["embedding"].combine_chunks().flatten().to_numpy().reshape(-1, dim)
     held_out = samples(concepts(dim), queries, np.random.default_rng(12345))
     exact = ids[np.argsort(-(held_out @ vectors.T), axis=1)[:, :10]]
-    _, found = search(library.index(), held_out, DEFAULT_CANDIDATES)
+    _, found = search(library.index(), held_out, DEFAULT_CANDIDATES, None if folder is None else ids)
     within = np.mean([len(set(e) & set(f)) / 10 for e, f in zip(exact, found, strict=True)])
     top = np.mean([len(set(e) & set(f[:10])) / 10 for e, f in zip(exact, found, strict=True)])
     return float(within), float(top)
@@ -195,16 +209,26 @@ def main() -> None:
         else:
             print(f"  searcher opened in {time.perf_counter() - started:.2f} s")
             searcher.search(CAPTIONS[0])  # warm
-            times = []
-            for i in range(args.queries):
-                text = f"{CAPTIONS[i % len(CAPTIONS)]} #{i}"  # distinct texts: no cached text embedding
-                started = time.perf_counter()
-                searcher.search(text, k=10)
-                times.append(time.perf_counter() - started)
-            p50, p99 = np.percentile(np.array(times) * 1000, [50, 99])
-            print(f"  one query end to end: p50 {p50:.1f} ms, p99 {p99:.1f} ms ({n} candidates)")
+            for name, narrowed in (
+                ("", {}),
+                (", one result per video", {"per_video": True}),
+                (", within a folder of 1% of the rows", {"under": folder_uri(7)}),
+            ):
+                times = []
+                for i in range(args.queries):
+                    text = f"{CAPTIONS[i % len(CAPTIONS)]} #{i}"  # distinct texts: no cached text embedding
+                    started = time.perf_counter()
+                    searcher.search(text, k=10, **narrowed)
+                    times.append(time.perf_counter() - started)
+                p50, p99 = np.percentile(np.array(times) * 1000, [50, 99])
+                print(f"  one query end to end{name}: p50 {p50:.1f} ms, p99 {p99:.1f} ms")
         within, top = recall(library, dim, args.queries)
         print(f"  stage 1 recall@10: {within:.3f} within its {n} candidates, {top:.3f} in its top 10")
+        within, top = recall(library, dim, args.queries, folder_uri(7))
+        print(
+            f"  stage 1 recall@10 within a folder: {within:.3f} within its {n} candidates, "
+            f"{top:.3f} in its top 10"
+        )
         parquet = ROW_GROUP_ROWS * record
         if searcher is not None and not args.no_service:
             one = served_queries_per_s(library.store.path(), 1, args.seconds)
