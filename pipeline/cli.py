@@ -194,9 +194,15 @@ def _parser() -> argparse.ArgumentParser:
     versions.add_argument("--json", action="store_true", help="print the versions as JSON")
     _storage_flags(versions)
 
-    query = commands.add_parser("query", help="rank a library's videos by a text")
+    query = commands.add_parser("query", help="rank a library's videos by a text, or by an example video")
     query.add_argument("library")
-    query.add_argument("text")
+    query.add_argument("text", nargs="?", help="what to look for, in words")
+    query.add_argument(
+        "--like",
+        metavar="VIDEO",
+        help="instead of a text: videos like this one (a file or URL, embedded whole as one clip, as the "
+        "library's videos were)",
+    )
     query.add_argument("-k", type=int, default=10, help="results (default 10)")
     query.add_argument("--version", type=int, help="search this version (default: the current one)")
     query.add_argument(
@@ -460,9 +466,14 @@ def _run_query(args: argparse.Namespace, out: TextIO) -> int:
 
     if args.k < 1:
         raise ValueError(f"-k must be at least 1, got {args.k}")
-    under = args.under if not args.under or "://" in args.under else os.path.abspath(args.under)
+    if (args.text is None) == (args.like is None):
+        raise ValueError("give either a TEXT to look for or --like VIDEO, not both or neither")
+    under, like = (
+        path if not path or "://" in path else os.path.abspath(path) for path in (args.under, args.like)
+    )
     searcher = Searcher.open(args.library, _storage(args), args.version)
-    hits = searcher.search(args.text, k=args.k, per_video=args.per_video, under=under)
+    narrowed = {"k": args.k, "per_video": args.per_video, "under": under}
+    hits = searcher.like(like, **narrowed) if like else searcher.search(args.text, **narrowed)
     if not hits:  # on stderr: stdout stays the (empty) result
         library = searcher.library
         where = f" under {under}" if under else ""
@@ -474,7 +485,8 @@ def _run_query(args: argparse.Namespace, out: TextIO) -> int:
         print(json.dumps([hit.to_dict() for hit in hits], indent=2), file=out)
     else:
         if hits and hits[0].scored_by == "cosine":
-            print("scores: the embeddings' cosine (this model has no re-rank stage)", file=out)
+            why = "a video is the query" if like else "this model has no re-rank stage"
+            print(f"scores: the embeddings' cosine ({why})", file=out)
         for rank, hit in enumerate(hits, 1):
             print(f"{rank:3d}. {hit.score:.4f}  {hit.uri}  [{hit.start_s:.1f}s-{hit.end_s:.1f}s]", file=out)
     return 0

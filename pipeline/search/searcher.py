@@ -6,17 +6,20 @@ conditions the text on each video through the video-specific prompt generator, f
 row; no video is decoded again). When the library has no more rows than ``candidates``, the result is the
 exact ranking of the whole library.
 
-One call: ``Searcher.open("s3://bucket/library").search("a dog catching a frisbee", k=10)``.
+One call: ``Searcher.open("s3://bucket/library").search("a dog catching a frisbee", k=10)``. More like a row
+of the library (:meth:`Searcher.similar`) or like a video from outside it (:meth:`Searcher.like`): its
+stored or freshly computed embedding is the query, and the stored embeddings' cosine the score.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
 from ..library import Library
@@ -24,6 +27,7 @@ from ..library import index as faiss_index
 from ..library.lookup import RowLookup
 from ..models import VideoTextModel, load_library_model
 from ..storage import StorageOptions, Store
+from .example import example_embedding
 from .per_video import best_of_each_video, video_candidates
 from .scorer import ExactScorer, StoredVideos
 
@@ -47,6 +51,10 @@ class Hit:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+class NoEmbedding(ValueError):
+    """The row is the error row of a video that could not be embedded."""
 
 
 class Searcher:
@@ -109,18 +117,75 @@ class Searcher:
         if per_video:
             order = best_of_each_video(order, rows["uri"].to_pylist())
         scored_by = "video-conditioned" if self.library.rerank_shape else "cosine"
-        return [
-            Hit(
-                uri=rows["uri"][i].as_py(),
-                score=scores[i],
-                start_s=rows["start_s"][i].as_py(),
-                end_s=rows["end_s"][i].as_py(),
-                segment=rows["segment"][i].as_py(),
-                id=rows["id"][i].as_py(),
-                scored_by=scored_by,
-            )
-            for i in order[:k]
-        ]
+        return [_hit(rows, i, scores[i], scored_by) for i in order[:k]]
+
+    def similar(
+        self,
+        row_id: int,
+        k: int = 10,
+        candidates: int = DEFAULT_CANDIDATES,
+        per_video: bool = False,
+        under: str | None = None,
+    ) -> list[Hit]:
+        """More like row ``row_id``: the ``k`` rows nearest to it by the cosine of their stored embeddings,
+        without it (``per_video``: without its video); ``under`` as in :meth:`search`.
+
+        A flat index (libraries under 20,000 rows) proposes the true nearest rows, so the answer is the
+        brute-force one; over an approximate index the true neighbours may be missed, never misordered.
+        Raises ``KeyError`` when the version has no such row, :class:`NoEmbedding` for an error row."""
+        try:
+            vector = np.ascontiguousarray(self.rows.records([row_id])["embedding"])
+        except KeyError:  # no such row, or the error row of a video (the lookup holds embedded rows only)
+            error = self.library.rows_by_id([row_id], ["error"])["error"][0]
+            raise NoEmbedding(f"row {row_id} has no embedding: its video failed ({error.as_py()})") from None
+        own = self.rows.hits([row_id])["uri"][0].as_py() if per_video else None
+        return self.nearest_to(vector, k, candidates, per_video, under, {row_id}, own)
+
+    def like(
+        self,
+        video: str,
+        k: int = 10,
+        candidates: int = DEFAULT_CANDIDATES,
+        per_video: bool = False,
+        under: str | None = None,
+    ) -> list[Hit]:
+        """Videos like ``video``, one from outside the library (a URI read with the library's storage
+        options): the ``k`` rows nearest to its embedding by cosine, the video embedded as the library's
+        were (:func:`~pipeline.search.example.example_embedding`). Raises
+        :class:`~pipeline.search.example.BadExample` when it cannot be decoded."""
+        vector = example_embedding(
+            self.model, self.library.manifest.get("decode"), video, self.library.options
+        )
+        return self.nearest_to(vector, k, candidates, per_video, under)
+
+    def nearest_to(
+        self,
+        vector: np.ndarray,
+        k: int,
+        candidates: int = DEFAULT_CANDIDATES,
+        per_video: bool = False,
+        under: str | None = None,
+        leave_out: Collection[int] = (),
+        leave_out_video: str | None = None,
+    ) -> list[Hit]:
+        """The ``k`` rows nearest to the unit ``vector`` (1, P), nearest first, by the exact inner product of
+        their stored embeddings (FAISS proposes ``candidates``); rows ``leave_out`` and the video
+        ``leave_out_video`` are no results. ``per_video`` and ``under`` as in :meth:`search`."""
+        if k < 1:
+            raise ValueError(f"k must be at least 1, got {k}")
+        nearest, wanted = self.nearest_under(under), max(k + len(leave_out), candidates)
+        if per_video:
+            ids = video_candidates(nearest, vector, self.rows, wanted, k, leave_out=leave_out_video)
+        else:
+            ids = [i for i in nearest(vector, wanted) if i not in leave_out]
+        if not ids:
+            return []
+        scores = self.rows.records(ids)["embedding"] @ vector[0]
+        rows = self.rows.hits(ids)
+        order = np.argsort(-scores, kind="stable").tolist()
+        if per_video:
+            order = best_of_each_video(order, rows["uri"].to_pylist())
+        return [_hit(rows, i, float(scores[i]), "cosine") for i in order[:k]]
 
     def nearest_under(self, under: str | None) -> Callable[[np.ndarray, int], list[int]]:
         """Stage 1, within ``under`` if given (see :meth:`search`): ``nearest(query, wanted)``, the ids of
@@ -137,3 +202,16 @@ class Searcher:
             return [int(i) for i in ids[0] if i >= 0]
 
         return nearest
+
+
+def _hit(rows: pa.Table, i: int, score: float, scored_by: str) -> Hit:
+    """Row ``i`` of ``rows`` (the lookup's hit columns) as a hit."""
+    return Hit(
+        uri=rows["uri"][i].as_py(),
+        score=score,
+        start_s=rows["start_s"][i].as_py(),
+        end_s=rows["end_s"][i].as_py(),
+        segment=rows["segment"][i].as_py(),
+        id=rows["id"][i].as_py(),
+        scored_by=scored_by,
+    )

@@ -191,6 +191,21 @@ def test_a_local_folder_moved_with_mv_is_not_embedded_again(
     hits = Searcher.open(str(library)).search(QUERIES[0], k=2)
     assert sorted(h.uri for h in hits) == [str(source / "sorted" / f"{name}.mp4") for name in "ab"]
 
+    # videos like one from outside the library: a copy of b, embedded as the library's were, is b
+    (tmp_path / "b copy.mp4").write_bytes(clips["b"].read_bytes())
+    like = run("query", library, "--like", "b copy.mp4", "-k", "2", "--json", cwd=tmp_path).json()
+    assert [h["uri"] for h in like] == [str(source / "sorted" / f"{name}.mp4") for name in "ba"]
+    assert like[0]["score"] == pytest.approx(1.0, abs=1e-5) and like[1]["score"] < 0.999
+    assert like[0]["scored_by"] == "cosine"
+    (tmp_path / "notes.mp4").write_text("not a video")
+    for args, words in (
+        (["--like", "notes.mp4"], "notes.mp4 cannot be used as an example"),
+        (["a text", "--like", "notes.mp4"], "not both or neither"),
+        ([], "not both or neither"),
+    ):
+        refused = run("query", library, *args, cwd=tmp_path)
+        assert refused.code == 2 and words in refused.stderr, refused.stderr
+
 
 def test_refresh_refuses_another_model_or_decoding(
     s3: MotoS3, bucket: str, tiny_model: Path, clips: dict[str, Path], tmp_path: Path

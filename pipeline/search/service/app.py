@@ -6,7 +6,7 @@ Endpoints (JSON; errors are ``{"error": "..."}``, see :mod:`.errors`):
 - ``POST /search`` ``{"queries": [...], "k": 10, "version": N}``: several texts against one version.
 - ``GET /videos/{id}``: a row's metadata; ``/videos/{id}/thumbnail``: its JPEG thumbnail;
   ``/videos/{id}/media``: the source video (a local file, with range requests; a redirect to a presigned
-  URL on an object store); ``/videos/{id}/similar?k=10``: more like this (:mod:`.similar`).
+  URL on an object store); ``/videos/{id}/similar?k=10``: more like this (:meth:`Searcher.similar`).
 - ``GET /healthz``: ok, the current version and its counts. ``GET /``: the web page (``static/``).
 
 Handlers are plain functions, which FastAPI runs in its thread pool: searches run side by side (torch and
@@ -29,7 +29,7 @@ from fastapi.staticfiles import StaticFiles
 
 from ...library import Library
 from ...storage import StorageOptions, Store, as_store
-from ..searcher import Hit, Searcher
+from ..searcher import Hit, NoEmbedding, Searcher
 from . import errors
 from .auth import ApiKey
 from .errors import ApiError
@@ -50,7 +50,6 @@ from .schemas import (
     SimilarOut,
     VideoOut,
 )
-from .similar import NoEmbedding, similar
 
 STATIC = FilePath(__file__).parent / "static"
 MAX_ID = 2**63 - 1
@@ -217,7 +216,7 @@ def create_app(
         searcher = follower.searcher(version)
         read = searcher.library
         try:
-            hits = similar(searcher, row_id, k, per_video=per_video, under=folder)
+            hits = searcher.similar(row_id, k, per_video=per_video, under=folder)
         except KeyError:
             raise ApiError(404, f"version {read.version} of the library has no row {row_id}") from None
         except NoEmbedding as err:
