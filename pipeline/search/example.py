@@ -7,7 +7,7 @@ look for. Its embedding is compared with the stored ones by cosine (an embedding
 
 from __future__ import annotations
 
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import torch
@@ -24,20 +24,23 @@ class BadExample(ValueError):
 
 @torch.inference_mode()
 def example_embedding(
-    model: VideoTextModel, decode: dict[str, Any] | None, video: str, options: StorageOptions | None = None
+    model: VideoTextModel,
+    decode: dict[str, Any] | None,
+    video: str | IO[bytes],
+    options: StorageOptions | None = None,
 ) -> np.ndarray:
-    """The L2-normalized float32 embedding (1, P) of the video at ``video`` (a URI read with ``options``),
-    decoded as a library's manifest ``decode`` records (``None``: the model's frames, exact sampling).
-    Raises :class:`BadExample` naming the reason when it cannot be read or decoded."""
+    """The L2-normalized float32 embedding (1, P) of ``video`` (a URI read with ``options``, or a seekable
+    binary file: an upload), decoded as a library's manifest ``decode`` records (``None``: the model's frames,
+    exact sampling). Raises :class:`BadExample` naming the reason when it cannot be read or decoded."""
     decode = decode or {}
     frames = decode.get("frames") or model.num_frames
     settings = DecodeSettings(frames, model.preprocessor, sampling=decode.get("sampling", "exact"))
+    uri = video if isinstance(video, str) else ""
     try:
-        (row,) = decode_video(Store(video, options), settings)
+        (row,) = decode_video(Store(uri, options) if uri else video, settings)
     except Exception as err:  # noqa: BLE001 - every reason a video fails is the user's to read
-        raise BadExample(
-            f"{video} cannot be used as an example: {error_reason(err, video, options)}"
-        ) from err
+        reason = error_reason(err, uri, options)
+        raise BadExample(f"{uri or 'the video'} cannot be used as an example: {reason}") from err
     pixels = model.preprocessor.normalize(row["frames"]).unsqueeze(0)
     dtype = next(iter(model.parameters())).dtype
     embedding, _ = model.encode_videos(pixels.to(dtype))

@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 import pyarrow as pa
@@ -143,15 +143,15 @@ class Searcher:
 
     def like(
         self,
-        video: str,
+        video: str | IO[bytes],
         k: int = 10,
         candidates: int = DEFAULT_CANDIDATES,
         per_video: bool = False,
         under: str | None = None,
     ) -> list[Hit]:
         """Videos like ``video``, one from outside the library (a URI read with the library's storage
-        options): the ``k`` rows nearest to its embedding by cosine, the video embedded as the library's
-        were (:func:`~pipeline.search.example.example_embedding`). Raises
+        options, or a seekable binary file): the ``k`` rows nearest to its embedding by cosine, the video
+        embedded as the library's were (:func:`~pipeline.search.example.example_embedding`). Raises
         :class:`~pipeline.search.example.BadExample` when it cannot be decoded."""
         vector = example_embedding(
             self.model, self.library.manifest.get("decode"), video, self.library.options

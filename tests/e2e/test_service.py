@@ -28,6 +28,7 @@ import s3fs
 from helpers import MotoS3, cli_env, free_port, run, stop, videosearch, write_video
 
 from pipeline import Library, Searcher
+from pipeline.search.example import example_embedding
 from pipeline.search.scorer import ExactScorer, StoredVideos
 from pipeline.search.service import MAX_K, MAX_QUERIES
 
@@ -401,6 +402,26 @@ def test_a_storage_failure_answers_503_and_the_service_recovers(local_service: S
         assert client.get(f"/videos/{row_id}").json()["id"] == row_id
 
 
+def test_videos_like_a_sent_video_equal_brute_force(
+    local_service: Service, local_library: Path, clips: dict[str, Path]
+):
+    library = Library.open(str(local_library))
+    vector = example_embedding(Searcher(library).model, library.manifest["decode"], str(clips["b"]))[0]
+    rows = embedded(library, ["id", "embedding"])
+    scores = np.stack(rows["table"]["embedding"].to_numpy(zero_copy_only=False)) @ vector
+    brute = sorted(zip(rows["ids"], scores.tolist(), strict=True), key=lambda pair: -pair[1])
+    sent = clips["b"].read_bytes()
+    with local_service.client() as client:
+        answer = client.post(
+            "/search/like", params={"k": 24}, content=sent, headers={"content-type": "video/mp4"}
+        )
+        assert answer.status_code == 200, answer.text
+        assert_same_ranking(ranked(answer.json()["hits"]), brute)
+        assert answer.json()["hits"][0]["uri"].endswith("/b.mp4")  # the library's own copy of it
+        one = client.post("/search/like", params={"k": 24, "per_video": True}, content=sent).json()["hits"]
+        assert ranked(one) == best_per_video(library, ranked(answer.json()["hits"]))
+
+
 def test_serve_refuses_a_location_without_a_library(tmp_path: Path):
     refused = run("serve", tmp_path / "nothing", "--port", str(free_port()), timeout=120)
     assert refused.code == 2 and "is not a videosearch library" in refused.stderr
@@ -440,7 +461,7 @@ def screenshot(driver: Any, tmp_path: Path, name: str) -> None:
 
 
 def test_the_web_page_searches_plays_in_place_and_shows_more_like_this(
-    local_service: Service, tmp_path: Path
+    local_service: Service, clips: dict[str, Path], tmp_path: Path
 ):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -516,6 +537,15 @@ def test_the_web_page_searches_plays_in_place_and_shows_more_like_this(
         driver.find_element(By.ID, "unscope").click()
         wait.until(lambda d: d.execute_script(shown) == [str(h["id"]) for h in expected])
         assert not driver.find_element(By.ID, "scope").is_displayed()
+
+        # "videos like this one": a file sent from the page
+        with local_service.client() as client:
+            sent = clips["c"].read_bytes()
+            like = client.post("/search/like", params={"k": 24}, content=sent).json()["hits"]
+        driver.find_element(By.ID, "example").send_keys(str(clips["c"]))
+        wait.until(lambda d: d.execute_script(shown) == [str(h["id"]) for h in like])
+        assert driver.find_element(By.ID, "heading").text.startswith(f"Videos like {clips['c'].name}")
+        screenshot(driver, tmp_path, "service-page-like-a-video")
     finally:
         driver.quit()
 

@@ -84,6 +84,7 @@ def test_settings_refuse_impossible_values() -> None:
         {"cached_versions": 0},
         {"cached_texts": 0},
         {"url_ttl_s": 0},
+        {"max_upload_mb": 0},
     ):
         with pytest.raises(ValueError):
             ServiceOptions(**wrong)
@@ -144,3 +145,20 @@ def test_a_video_on_a_web_server_plays_from_its_own_url() -> None:
         == "https://videos.example.org/a%20clip.mp4"
     )
     assert links.local_path("https://videos.example.org/a%20clip.mp4") is None
+
+
+def test_an_example_video_larger_than_the_service_takes_is_refused(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from pipeline.search.service import create_app
+
+    shutil.copytree(FORMAT1, tmp_path / "library")
+    app = create_app(str(tmp_path / "library"), options=ServiceOptions(max_upload_mb=1))
+    with TestClient(app) as client:
+        refused = client.post("/search/like", content=b"\0" * (2**20 + 1))
+        assert refused.status_code == 413 and "larger than 1 MiB" in refused.json()["error"]
+        assert client.post("/search/like", content=b"\0" * 2**20).status_code == 422  # 1 MiB: read, no video
+        empty = client.post("/search/like", content=b"")
+        assert empty.status_code == 422 and "holds no video" in empty.json()["error"]
+        noise = client.post("/search/like", content=b"\0" * 1000)
+        assert noise.status_code == 422 and "the video cannot be used as an example" in noise.json()["error"]

@@ -4,6 +4,7 @@ Endpoints (JSON; errors are ``{"error": "..."}``, see :mod:`.errors`):
 
 - ``GET /search?q=TEXT&k=10&version=N``: the ``k`` best rows for a text, as ``Searcher.search`` ranks them.
 - ``POST /search`` ``{"queries": [...], "k": 10, "version": N}``: several texts against one version.
+- ``POST /search/like?k=10`` with a video as the body: the rows nearest to it (:meth:`Searcher.like`).
 - ``GET /videos/{id}``: a row's metadata; ``/videos/{id}/thumbnail``: its JPEG thumbnail;
   ``/videos/{id}/media``: the source video (a local file, with range requests; a redirect to a presigned
   URL on an object store); ``/videos/{id}/similar?k=10``: more like this (:meth:`Searcher.similar`).
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import mimetypes
 import os
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path as FilePath
 from typing import Annotated, Any
@@ -26,9 +28,11 @@ from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Security
 from fastapi.responses import FileResponse, RedirectResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
 
 from ...library import Library
 from ...storage import StorageOptions, Store, as_store
+from ..example import BadExample
 from ..searcher import Hit, NoEmbedding, Searcher
 from . import errors
 from .auth import ApiKey
@@ -45,6 +49,7 @@ from .schemas import (
     ErrorOut,
     HealthOut,
     HitOut,
+    LikeOut,
     QueryResult,
     SearchOut,
     SimilarOut,
@@ -186,6 +191,44 @@ def create_app(
             per_video=batch.per_video,
             under=folder,
             results=results,
+        )
+
+    @api.post(
+        "/search/like",
+        response_model=LikeOut,
+        tags=["search"],
+        openapi_extra={"requestBody": {"content": {"video/*": {}}, "required": True}},
+    )
+    async def search_like(
+        request: Request,
+        k: int = Query(10, ge=1, le=MAX_K, description="results wanted"),
+        version: int | None = AT_VERSION,
+        per_video: bool = PER_VIDEO_QUERY,
+        under: str | None = UNDER_QUERY,
+    ) -> LikeOut:
+        """Videos like the one the body holds (its bytes; 256 MiB at most unless the service says
+        otherwise), embedded as the library's videos were: the ``k`` rows nearest to it, by the cosine of
+        embeddings."""
+        folder = checked_folder(under)
+        largest = options.max_upload_mb
+        with tempfile.TemporaryFile() as video:
+            size = 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > largest * 2**20:
+                    raise ApiError(413, f"the video is larger than {largest} MiB: send a shorter clip")
+                await run_in_threadpool(video.write, chunk)
+            if not size:
+                raise ApiError(422, "the request body holds no video")
+            video.seek(0)
+            searcher = await run_in_threadpool(follower.searcher, version)
+            try:
+                hits = await run_in_threadpool(searcher.like, video, k, per_video=per_video, under=folder)
+            except BadExample as err:
+                raise ApiError(422, str(err)) from None
+        read = searcher.library.version
+        return LikeOut(
+            version=read, k=k, per_video=per_video, under=folder, hits=[hit(h, read) for h in hits]
         )
 
     @api.get("/videos/{id}", response_model=VideoOut, tags=["videos"])

@@ -18,7 +18,8 @@ class ServiceOptions:
     (``X-API-Key`` or ``Authorization: Bearer``). ``poll_s``: how often the library's ``_current`` is read to
     follow new versions. ``cached_versions``: searchers of other versions than the current one kept open
     (``?version=N``). ``cached_texts``: text embeddings of recent queries kept. ``url_ttl_s``: lifetime of
-    the presigned and signed URLs that answers carry.
+    the presigned and signed URLs that answers carry. ``max_upload_mb``: the largest example video that
+    ``POST /search/like`` takes.
     """
 
     api_key: str | None = None
@@ -26,6 +27,7 @@ class ServiceOptions:
     cached_versions: int = 4
     cached_texts: int = 1024
     url_ttl_s: int = 3600
+    max_upload_mb: int = 256
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key.strip():
@@ -34,5 +36,7 @@ class ServiceOptions:
             raise ValueError(f"the poll interval must be positive, got {self.poll_s}")
         if self.cached_versions < 1 or self.cached_texts < 1:
             raise ValueError("the caches need room for at least one entry")
+        if self.max_upload_mb < 1:
+            raise ValueError(f"the largest upload must be at least 1 MiB, got {self.max_upload_mb}")
         if self.url_ttl_s < 1:
             raise ValueError(f"the URL lifetime must be at least 1 s, got {self.url_ttl_s}")

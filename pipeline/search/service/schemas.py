@@ -93,6 +93,14 @@ class VideoOut(BaseModel):
     play_url: str | None
 
 
+class LikeOut(BaseModel):
+    version: int
+    k: int
+    per_video: bool
+    under: str | None
+    hits: list[HitOut] = Field(description="the rows nearest to the video sent, by the cosine of embeddings")
+
+
 class SimilarOut(BaseModel):
     id: int
     version: int

@@ -9,8 +9,9 @@ let apiKey = localStorage.getItem(KEY) || "";
 let pending = null; // what to run again once an API key is given
 let last = null; // what the results on the page answer: run again when "one result per video" changes
 
-async function api(path) {
-  const response = await fetch(path, { headers: apiKey ? { "X-API-Key": apiKey } : {} });
+async function api(path, init = {}) {
+  const headers = { ...(init.headers || {}), ...(apiKey ? { "X-API-Key": apiKey } : {}) };
+  const response = await fetch(path, { ...init, headers });
   const body = await response.json().catch(() => ({ error: `${response.status} ${response.statusText}` }));
   if (response.status === 401) {
     $("key").hidden = false;
@@ -103,6 +104,17 @@ async function search(q) {
   show(`Results for “${answer.query}”${within} in version ${answer.version}${cut}`, answer);
 }
 
+async function like(file) {
+  status(`Looking for videos like ${file.name}…`);
+  const answer = await api(`/search/like?k=${K}${narrowed()}`, {
+    method: "POST",
+    headers: { "Content-Type": file.type || "application/octet-stream" },
+    body: file,
+  });
+  const within = under ? ` within ${fileName(under)}` : "";
+  show(`Videos like ${file.name}${within} in version ${answer.version}`, answer);
+}
+
 async function moreLike(hit) {
   status("Looking for similar videos…");
   const answer = await api(`${hit.similar_url}&k=${K}${narrowed()}`);
@@ -126,6 +138,11 @@ $("per-video").addEventListener("change", () => {
 });
 
 $("unscope").addEventListener("click", () => narrow(null));
+
+$("example").addEventListener("change", () => {
+  const file = $("example").files[0];
+  if (file) run(() => like(file));
+});
 
 $("search").addEventListener("submit", (event) => {
   event.preventDefault();
