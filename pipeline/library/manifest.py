@@ -67,9 +67,16 @@ def parsing(root: Store, name: str, remedy: str = REMEDY) -> Iterator[None]:
     becomes a :class:`DamagedLibraryError` that names the file and says what to do (``remedy``)."""
     try:
         yield
-    except UNPARSABLE as e:
+    except (*UNPARSABLE, OSError) as e:
+        if isinstance(e, OSError) and not _checksum_failed(e):
+            raise  # reading failed: the storage's error, not the content's
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise DamagedLibraryError(f"{root.uri} is damaged: {name} cannot be read ({reason}); {remedy}") from e
+
+
+def _checksum_failed(error: OSError) -> bool:
+    """Whether ``error`` is Arrow's report of a Parquet page whose CRC does not match its bytes."""
+    return "checksum verification failed" in str(error).lower()
 
 
 class NotALibraryError(LibraryError):

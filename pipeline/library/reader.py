@@ -31,6 +31,11 @@ from .manifest import (
 from .schema import PROMPT, part_schema, stored_schema
 
 READ_THREADS = 8  # part files read at once
+# part files are written with a CRC of each page (LibraryWriter.write_part): a page whose bytes changed since
+# (bit rot, an overwrite) is a damaged file, not wrong rows; parts written before checksums read unchecked
+CHECKED_PARQUET = ds.ParquetFileFormat(
+    default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True)
+)
 
 
 def read_part(
@@ -58,7 +63,7 @@ def read_part(
         parsing(root, part.path),
         root.open(part.path, "rb", **kwargs) as f,
     ):
-        fragment = ds.ParquetFileFormat().make_fragment(pa.PythonFile(f, mode="r"))
+        fragment = CHECKED_PARQUET.make_fragment(pa.PythonFile(f, mode="r"))
         physical = stored_schema(schema) if part.features else schema
         table = fragment.to_table(schema=physical, columns=read, filter=condition)
         everyone = fragment.to_table(schema=physical, columns=["id"])["id"] if beside else None

@@ -123,7 +123,7 @@ class LibraryWriter:
         write_features(self.store, features, records)  # first: a part file is complete once it exists
         stored = table.drop_columns([PROMPT]) if self.prompt_shape else table
         with self.store.errors("writing", path), self.store.open(path, "wb") as f:  # S3 uploads at close
-            pq.write_table(stored, f, row_group_size=ROW_GROUP_ROWS)
+            pq.write_table(stored, f, row_group_size=ROW_GROUP_ROWS, write_page_checksum=True)
         errors = table.num_rows - table["error"].null_count
         return PartInfo(path, table.num_rows, table.num_rows - errors, errors, features=features)
 

@@ -9,6 +9,7 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.library import (
@@ -274,6 +275,22 @@ def test_a_damaged_file_is_named_with_what_to_do(where, damaged: str) -> None:
         assert Library.open(*where).index().ntotal == 4
     else:
         assert "cannot be read (" in message and "rollback --to N" in message
+
+
+def test_a_part_whose_bytes_changed_is_damaged_not_silently_wrong(tmp_path) -> None:
+    """A flipped byte inside a page (bit rot, a bad copy) of a part: Parquet would decode other values (other
+    uris, other embeddings) without complaint; the page's checksum makes it a damaged file instead."""
+    where = (str(tmp_path / "lib"), None)
+    (part,) = publish(where, None, rows(range(0, 4))).parts
+    path = tmp_path / "lib" / part.path
+    chunk = pq.ParquetFile(path).metadata.row_group(0).column(1)  # uri
+    start = chunk.dictionary_page_offset or chunk.data_page_offset
+    data = bytearray(path.read_bytes())
+    data[start + chunk.total_compressed_size - 3] ^= 0x01  # in the uri column's last page's values
+    path.write_bytes(bytes(data))
+    failed = f"{part.path} cannot be read .*checksum verification failed"
+    with pytest.raises(DamagedLibraryError, match=failed):
+        Library.open(*where).table(["id", "uri"])
 
 
 def test_write_part_validates_and_casts(tmp_path) -> None:
