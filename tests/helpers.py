@@ -400,11 +400,13 @@ def compiled_graphs_from_here() -> collections.Counter:
 
 class DecoderKiller(threading.Thread):
     """Kills (SIGKILL, as a crash in native decoder code ends a process) every decoder process (one whose
-    command line holds ``title``) that has ``poison`` open, whenever one does; ``killed`` holds their pids."""
+    command line holds ``title``) that has ``poison`` open (a path, or a string that the name of a file it
+    has open starts with), whenever one does; ``killed`` holds their pids."""
 
-    def __init__(self, poison: Path, title: bytes):
+    def __init__(self, poison: Path | str, title: bytes):
         super().__init__(daemon=True)
-        self.poison = str(poison.resolve())
+        self.poison = str(poison.resolve()) if isinstance(poison, Path) else None
+        self.prefix = poison if isinstance(poison, str) else None
         self.title = title
         self.killed: set[int] = set()
         self.done = threading.Event()
@@ -425,9 +427,13 @@ class DecoderKiller(threading.Thread):
                     pids.add(int(entry.name))
         return pids
 
+    def _prefixed(self, name: str) -> bool:
+        return self.prefix is not None and os.path.basename(name).startswith(self.prefix)
+
     def _has_poison_open(self, pid: int) -> bool:
         with contextlib.suppress(OSError):
-            return any(os.readlink(fd) == self.poison for fd in Path(f"/proc/{pid}/fd").iterdir())
+            names = [os.readlink(fd) for fd in Path(f"/proc/{pid}/fd").iterdir()]
+            return any(name == self.poison or self._prefixed(name) for name in names)
         return False
 
 

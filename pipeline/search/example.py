@@ -7,7 +7,7 @@ look for. Its embedding is compared with the stored ones by cosine (an embedding
 
 from __future__ import annotations
 
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,26 +22,29 @@ class BadExample(ValueError):
     """The example video cannot be read or decoded."""
 
 
-@torch.inference_mode()
-def example_embedding(
-    model: VideoTextModel,
-    decode: dict[str, Any] | None,
-    video: str | IO[bytes],
-    options: StorageOptions | None = None,
-) -> np.ndarray:
-    """The L2-normalized float32 embedding (1, P) of ``video`` (a URI read with ``options``, or a seekable
-    binary file: an upload), decoded as a library's manifest ``decode`` records (``None``: the model's frames,
-    exact sampling). Raises :class:`BadExample` naming the reason when it cannot be read or decoded."""
+def example_settings(model: VideoTextModel, decode: dict[str, Any] | None) -> DecodeSettings:
+    """How an example is decoded for a library whose manifest records ``decode`` (``None``: the model's
+    frames, exact sampling): as one clip, whatever the library's segments."""
     decode = decode or {}
     frames = decode.get("frames") or model.num_frames
-    settings = DecodeSettings(frames, model.preprocessor, sampling=decode.get("sampling", "exact"))
-    uri = video if isinstance(video, str) else ""
+    return DecodeSettings(frames, model.preprocessor, sampling=decode.get("sampling", "exact"))
+
+
+def decode_example(video: str, settings: DecodeSettings, options: StorageOptions | None = None) -> np.ndarray:
+    """The model-ready frames (uint8, ``settings.frames_shape``) of the video at ``video`` (a URI read with
+    ``options``), decoded in this process. Raises :class:`BadExample` naming the reason it cannot be."""
     try:
-        (row,) = decode_video(Store(uri, options) if uri else video, settings)
+        (row,) = decode_video(Store(video, options), settings)
     except Exception as err:  # noqa: BLE001 - every reason a video fails is the user's to read
-        reason = error_reason(err, uri, options)
-        raise BadExample(f"{uri or 'the video'} cannot be used as an example: {reason}") from err
-    pixels = model.preprocessor.normalize(row["frames"]).unsqueeze(0)
+        reason = error_reason(err, video, options)
+        raise BadExample(f"{video} cannot be used as an example: {reason}") from err
+    return row["frames"]
+
+
+@torch.inference_mode()
+def example_embedding(model: VideoTextModel, frames: np.ndarray) -> np.ndarray:
+    """The L2-normalized float32 embedding (1, P) of one clip's model-ready ``frames``."""
+    pixels = model.preprocessor.normalize(frames).unsqueeze(0)
     dtype = next(iter(model.parameters())).dtype
     embedding, _ = model.encode_videos(pixels.to(dtype))
     return F.normalize(embedding.float(), dim=-1).numpy()

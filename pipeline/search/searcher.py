@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Collection
 from dataclasses import asdict, dataclass
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -27,7 +27,7 @@ from ..library import index as faiss_index
 from ..library.lookup import RowLookup
 from ..models import VideoTextModel, load_library_model
 from ..storage import StorageOptions, Store
-from .example import example_embedding
+from .example import decode_example, example_embedding, example_settings
 from .per_video import best_of_each_video, video_candidates
 from .scorer import ExactScorer, StoredVideos
 
@@ -143,20 +143,19 @@ class Searcher:
 
     def like(
         self,
-        video: str | IO[bytes],
+        video: str,
         k: int = 10,
         candidates: int = DEFAULT_CANDIDATES,
         per_video: bool = False,
         under: str | None = None,
     ) -> list[Hit]:
         """Videos like ``video``, one from outside the library (a URI read with the library's storage
-        options, or a seekable binary file): the ``k`` rows nearest to its embedding by cosine, the video
-        embedded as the library's were (:func:`~pipeline.search.example.example_embedding`). Raises
+        options): the ``k`` rows nearest to its embedding by cosine, the video decoded in this process and
+        embedded as the library's were (:mod:`~pipeline.search.example`). Raises
         :class:`~pipeline.search.example.BadExample` when it cannot be decoded."""
-        vector = example_embedding(
-            self.model, self.library.manifest.get("decode"), video, self.library.options
-        )
-        return self.nearest_to(vector, k, candidates, per_video, under)
+        settings = example_settings(self.model, self.library.manifest.get("decode"))
+        frames = decode_example(video, settings, self.library.options)
+        return self.nearest_to(example_embedding(self.model, frames), k, candidates, per_video, under)
 
     def nearest_to(
         self,

@@ -28,7 +28,7 @@ import s3fs
 from helpers import MotoS3, cli_env, free_port, run, stop, videosearch, write_video
 
 from pipeline import Library, Searcher
-from pipeline.search.example import example_embedding
+from pipeline.search.example import decode_example, example_embedding, example_settings
 from pipeline.search.scorer import ExactScorer, StoredVideos
 from pipeline.search.service import MAX_K, MAX_QUERIES
 
@@ -406,7 +406,9 @@ def test_videos_like_a_sent_video_equal_brute_force(
     local_service: Service, local_library: Path, clips: dict[str, Path]
 ):
     library = Library.open(str(local_library))
-    vector = example_embedding(Searcher(library).model, library.manifest["decode"], str(clips["b"]))[0]
+    model = Searcher(library).model
+    frames = decode_example(str(clips["b"]), example_settings(model, library.manifest["decode"]))
+    vector = example_embedding(model, frames)[0]
     rows = embedded(library, ["id", "embedding"])
     scores = np.stack(rows["table"]["embedding"].to_numpy(zero_copy_only=False)) @ vector
     brute = sorted(zip(rows["ids"], scores.tolist(), strict=True), key=lambda pair: -pair[1])

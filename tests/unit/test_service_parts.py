@@ -4,11 +4,13 @@ it follows a library's versions (``rollback`` publishes one without Ray)."""
 from __future__ import annotations
 
 import shutil
+import tempfile
 from pathlib import Path
 from urllib.parse import parse_qsl
 
 import pytest
 import torch
+from helpers import DecoderKiller, write_video
 
 from pipeline.library import VersionNotFoundError
 from pipeline.library.history import rollback
@@ -147,18 +149,35 @@ def test_a_video_on_a_web_server_plays_from_its_own_url() -> None:
     assert links.local_path("https://videos.example.org/a%20clip.mp4") is None
 
 
-def test_an_example_video_larger_than_the_service_takes_is_refused(tmp_path: Path) -> None:
+def test_an_example_video_is_decoded_apart_from_the_service(tmp_path: Path) -> None:
+    """An upload that kills its decoder (as a crafted file crashing FFmpeg would) is refused with a 422; the
+    service stays up and decodes the next upload. One larger than the service takes is refused unread."""
     from fastapi.testclient import TestClient
 
     from pipeline.search.service import create_app
+    from pipeline.search.service.uploads import MAX_TRIES, PREFIX
 
     shutil.copytree(FORMAT1, tmp_path / "library")
+    video = Path(write_video(tmp_path / "clip.mp4", 24, 64, 48, fps=12, seed=3)).read_bytes()
     app = create_app(str(tmp_path / "library"), options=ServiceOptions(max_upload_mb=1))
     with TestClient(app) as client:
+        killer = DecoderKiller(PREFIX, b"pipeline.embed.decode_worker")
+        killer.start()
+        try:
+            crashed = client.post("/search/like", content=video)
+        finally:
+            killer.done.set()
+            killer.join()
+        assert crashed.status_code == 422, crashed.text
+        assert f"the decoder crashed on this video {MAX_TRIES} times" in crashed.json()["error"]
+        assert len(killer.killed) == 1 + MAX_TRIES and client.get("/healthz").status_code == 200
+        fine = client.post("/search/like", params={"k": 3}, content=video)
+        assert fine.status_code == 200 and len(fine.json()["hits"]) == 3, fine.text
+
         refused = client.post("/search/like", content=b"\0" * (2**20 + 1))
         assert refused.status_code == 413 and "larger than 1 MiB" in refused.json()["error"]
-        assert client.post("/search/like", content=b"\0" * 2**20).status_code == 422  # 1 MiB: read, no video
         empty = client.post("/search/like", content=b"")
         assert empty.status_code == 422 and "holds no video" in empty.json()["error"]
         noise = client.post("/search/like", content=b"\0" * 1000)
         assert noise.status_code == 422 and "the video cannot be used as an example" in noise.json()["error"]
+    assert not list(Path(tempfile.gettempdir()).glob(f"{PREFIX}*"))  # no upload left behind

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import mimetypes
 import os
-import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path as FilePath
 from typing import Annotated, Any
@@ -32,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ...library import Library
 from ...storage import StorageOptions, Store, as_store
-from ..example import BadExample
+from ..example import BadExample, example_embedding, example_settings
 from ..searcher import Hit, NoEmbedding, Searcher
 from . import errors
 from .auth import ApiKey
@@ -55,6 +54,7 @@ from .schemas import (
     SimilarOut,
     VideoOut,
 )
+from .uploads import UploadDecoders, received
 
 STATIC = FilePath(__file__).parent / "static"
 MAX_ID = 2**63 - 1
@@ -89,6 +89,7 @@ def create_app(
     store = as_store(location, storage)
     follower = VersionFollower(store, options)
     links = MediaLinks(store.options, options.url_ttl_s)
+    uploads = UploadDecoders()
     key = ApiKey(options.api_key, options.url_ttl_s)
 
     @contextlib.asynccontextmanager
@@ -98,6 +99,7 @@ def create_app(
             yield
         finally:
             follower.stop()
+            await run_in_threadpool(uploads.close)
 
     app = FastAPI(
         title="videosearch",
@@ -210,25 +212,18 @@ def create_app(
         otherwise), embedded as the library's videos were: the ``k`` rows nearest to it, by the cosine of
         embeddings."""
         folder = checked_folder(under)
-        largest = options.max_upload_mb
-        with tempfile.TemporaryFile() as video:
-            size = 0
-            async for chunk in request.stream():
-                size += len(chunk)
-                if size > largest * 2**20:
-                    raise ApiError(413, f"the video is larger than {largest} MiB: send a shorter clip")
-                await run_in_threadpool(video.write, chunk)
-            if not size:
-                raise ApiError(422, "the request body holds no video")
-            video.seek(0)
+        async with received(request.stream(), options.max_upload_mb) as (path, size):
             searcher = await run_in_threadpool(follower.searcher, version)
+            settings = example_settings(searcher.model, searcher.library.manifest.get("decode"))
             try:
-                hits = await run_in_threadpool(searcher.like, video, k, per_video=per_video, under=folder)
+                frames = await run_in_threadpool(uploads.frames, path, size, settings)
             except BadExample as err:
                 raise ApiError(422, str(err)) from None
+        vector = await run_in_threadpool(example_embedding, searcher.model, frames)
+        found = await run_in_threadpool(searcher.nearest_to, vector, k, per_video=per_video, under=folder)
         read = searcher.library.version
         return LikeOut(
-            version=read, k=k, per_video=per_video, under=folder, hits=[hit(h, read) for h in hits]
+            version=read, k=k, per_video=per_video, under=folder, hits=[hit(h, read) for h in found]
         )
 
     @api.get("/videos/{id}", response_model=VideoOut, tags=["videos"])
