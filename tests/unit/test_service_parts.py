@@ -10,7 +10,7 @@ from urllib.parse import parse_qsl
 
 import pytest
 import torch
-from helpers import DecoderKiller, write_video
+from helpers import DecoderKiller, pattern_frames, write_frames
 
 from pipeline.library import VersionNotFoundError
 from pipeline.library.history import rollback
@@ -158,7 +158,9 @@ def test_an_example_video_is_decoded_apart_from_the_service(tmp_path: Path) -> N
     from pipeline.search.service.uploads import MAX_TRIES, PREFIX
 
     shutil.copytree(FORMAT1, tmp_path / "library")
-    video = Path(write_video(tmp_path / "clip.mp4", 24, 64, 48, fps=12, seed=3)).read_bytes()
+    # one keyframe in 300 frames: its decoder keeps it open (~0.3 s) long enough to be seen and killed
+    frames = pattern_frames(300, 160, 120, "noise", 22)
+    video = Path(write_frames(tmp_path / "clip.mp4", frames, 6, gop=300)).read_bytes()
     app = create_app(str(tmp_path / "library"), options=ServiceOptions(max_upload_mb=1))
     with TestClient(app) as client:
         killer = DecoderKiller(PREFIX, b"pipeline.embed.decode_worker")
