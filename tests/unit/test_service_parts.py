@@ -161,7 +161,8 @@ def test_an_example_video_is_decoded_apart_from_the_service(tmp_path: Path) -> N
     # one keyframe in 300 frames: its decoder keeps it open (~0.3 s) long enough to be seen and killed
     frames = pattern_frames(300, 160, 120, "noise", 22)
     video = Path(write_frames(tmp_path / "clip.mp4", frames, 6, gop=300)).read_bytes()
-    app = create_app(str(tmp_path / "library"), options=ServiceOptions(max_upload_mb=1))
+    assert len(video) < 4 * 2**20
+    app = create_app(str(tmp_path / "library"), options=ServiceOptions(max_upload_mb=4))
     with TestClient(app) as client:
         killer = DecoderKiller(PREFIX, b"pipeline.embed.decode_worker")
         killer.start()
@@ -176,8 +177,8 @@ def test_an_example_video_is_decoded_apart_from_the_service(tmp_path: Path) -> N
         fine = client.post("/search/like", params={"k": 3}, content=video)
         assert fine.status_code == 200 and len(fine.json()["hits"]) == 3, fine.text
 
-        refused = client.post("/search/like", content=b"\0" * (2**20 + 1))
-        assert refused.status_code == 413 and "larger than 1 MiB" in refused.json()["error"]
+        refused = client.post("/search/like", content=b"\0" * (4 * 2**20 + 1))
+        assert refused.status_code == 413 and "larger than 4 MiB" in refused.json()["error"]
         empty = client.post("/search/like", content=b"")
         assert empty.status_code == 422 and "holds no video" in empty.json()["error"]
         noise = client.post("/search/like", content=b"\0" * 1000)
