@@ -462,12 +462,12 @@ def _run_embed(args: argparse.Namespace, out: TextIO) -> int:
 
 
 def _run_query(args: argparse.Namespace, out: TextIO) -> int:
-    from .search import Searcher
-
     if args.k < 1:
         raise ValueError(f"-k must be at least 1, got {args.k}")
     if (args.text is None) == (args.like is None):
         raise ValueError("give either a TEXT to look for or --like VIDEO, not both or neither")
+    from .search import Searcher  # torch: after the arguments' checks
+
     under, like = (
         path if not path or "://" in path else os.path.abspath(path) for path in (args.under, args.like)
     )

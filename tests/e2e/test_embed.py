@@ -13,6 +13,7 @@ and run concurrently.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from helpers import (
 from PIL import Image
 
 from pipeline import Library, Searcher
+from pipeline.cli import main
 from pipeline.embed.on_ray import DECODE_TRIES
 from xclip_core import XCLIPModel
 from xclip_core.sampling import segment_frame_indices
@@ -395,7 +397,11 @@ def test_second_embed_publishes_version_2_and_version_1_stays_readable(local_job
 
 
 def test_query_from_another_directory_finds_segments(
-    local_jobs: LocalJobs, reference: Reference, tmp_path: Path
+    local_jobs: LocalJobs,
+    reference: Reference,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """The library records its model; ``query`` finds it from any working directory."""
     local_jobs.second.json()
@@ -409,13 +415,17 @@ def test_query_from_another_directory_finds_segments(
         start, end, _ = segments[(hit["uri"], hit["segment"])]
         assert (hit["start_s"], hit["end_s"]) == (start, end)
 
-    # within one video, named relative to the working directory: its segments, ranked the same
-    args = ["-k", "10", "--under", "long.mp4", "--json"]
-    within = run("query", local_jobs.library, text, *args, cwd=local_jobs.videos).json()
+    # within one video, named relative to the working directory: its segments, ranked the same (the CLI in
+    # this process: its model is loaded already)
+    monkeypatch.chdir(local_jobs.videos)
+    capsys.readouterr()
+    assert main(["query", str(local_jobs.library), text, "-k", "10", "--under", "long.mp4", "--json"]) == 0
+    within = json.loads(capsys.readouterr().out)
     assert_ranked(within, {key: score for key, score in expected.items() if key[0].endswith("/long.mp4")}, 10)
-    nowhere = run("query", local_jobs.library, text, "--under", "elsewhere", cwd=local_jobs.videos)
-    assert (nowhere.code, nowhere.stdout.strip()) == (0, "")
-    assert f"no embedded video under {local_jobs.videos / 'elsewhere'}" in nowhere.stderr
+    assert main(["query", str(local_jobs.library), text, "--under", "elsewhere"]) == 0
+    nowhere = capsys.readouterr()
+    assert nowhere.out.strip() == ""
+    assert f"no embedded video under {local_jobs.videos / 'elsewhere'}" in nowhere.err
 
 
 # ------------------------------------------------------------------------------------------------ failures
