@@ -104,20 +104,12 @@ class Searcher:
             raise ValueError(f"k must be at least 1, got {k}")
         text_embeds = self.text_embedding(text)
         query = torch.nn.functional.normalize(text_embeds.float(), dim=-1).numpy().astype(np.float32)
-        nearest = self.nearest_under(under)
-        if per_video:
-            ids = video_candidates(nearest, query, self.rows, max(k, candidates), k)
-        else:
-            ids = nearest(query, max(k, candidates))
+        ids = self._candidates(query, k, candidates, per_video, under)
         if not ids:
             return []
-        rows = self.rows.hits(ids)
-        scores = self.scorer(text_embeds, StoredVideos.from_records(self.rows.records(ids)))[:, 0].tolist()
-        order = sorted(range(len(ids)), key=lambda i: -scores[i])
-        if per_video:
-            order = best_of_each_video(order, rows["uri"].to_pylist())
+        scores = self.scorer(text_embeds, StoredVideos.from_records(self.rows.records(ids)))[:, 0].numpy()
         scored_by = "video-conditioned" if self.library.rerank_shape else "cosine"
-        return [_hit(rows, i, scores[i], scored_by) for i in order[:k]]
+        return self._ranked(ids, scores, k, per_video, scored_by)
 
     def similar(
         self,
@@ -172,19 +164,38 @@ class Searcher:
         ``leave_out_video`` are no results. ``per_video`` and ``under`` as in :meth:`search`."""
         if k < 1:
             raise ValueError(f"k must be at least 1, got {k}")
-        nearest, wanted = self.nearest_under(under), max(k + len(leave_out), candidates)
-        if per_video:
-            ids = video_candidates(nearest, vector, self.rows, wanted, k, leave_out=leave_out_video)
-        else:
-            ids = [i for i in nearest(vector, wanted) if i not in leave_out]
+        ids = self._candidates(vector, k, candidates, per_video, under, leave_out, leave_out_video)
         if not ids:
             return []
         scores = self.rows.records(ids)["embedding"] @ vector[0]
+        return self._ranked(ids, scores, k, per_video, "cosine")
+
+    def _candidates(
+        self,
+        query: np.ndarray,
+        k: int,
+        candidates: int,
+        per_video: bool,
+        under: str | None,
+        leave_out: Collection[int] = (),
+        leave_out_video: str | None = None,
+    ) -> list[int]:
+        """Stage 1's ids for ``query``: ``candidates`` rows (at least ``k`` beyond ``leave_out``), or, per
+        video, those of :func:`~pipeline.search.per_video.video_candidates` (without ``leave_out_video``)."""
+        nearest, wanted = self.nearest_under(under), max(k + len(leave_out), candidates)
+        if per_video:
+            return video_candidates(nearest, query, self.rows, wanted, k, leave_out=leave_out_video)
+        return [i for i in nearest(query, wanted) if i not in leave_out]
+
+    def _ranked(
+        self, ids: list[int], scores: np.ndarray, k: int, per_video: bool, scored_by: str
+    ) -> list[Hit]:
+        """The ``k`` best of the rows ``ids`` by ``scores``, best first (per video: each video's best)."""
         rows = self.rows.hits(ids)
         order = np.argsort(-scores, kind="stable").tolist()
         if per_video:
             order = best_of_each_video(order, rows["uri"].to_pylist())
-        return [_hit(rows, i, float(scores[i]), "cosine") for i in order[:k]]
+        return [_hit(rows, i, float(scores[i]), scored_by) for i in order[:k]]
 
     def nearest_under(self, under: str | None) -> Callable[[np.ndarray, int], list[int]]:
         """Stage 1, within ``under`` if given (see :meth:`search`): ``nearest(query, wanted)``, the ids of
