@@ -83,9 +83,8 @@ class RefreshPlan:
 
     to_embed: list[dict[str, Any]]
     moves: dict[str, dict[str, Any]] = field(default_factory=dict)  # old uri -> the listed row it moved to
-    moved_from: list[PartInfo] = field(
-        default_factory=list
-    )  # the base's parts holding moved rows, as they were
+    # the base's parts that hold moved rows, as the base has them
+    moved_from: list[PartInfo] = field(default_factory=list)
     kept: list[PartInfo] = field(default_factory=list)
     rewrite: list[PartInfo] = field(default_factory=list)  # masked parts whose kept rows go into new parts
     gone_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -168,8 +167,14 @@ def _moves(gone: dict[str, dict[str, Any]], added: list[dict[str, Any]]) -> dict
     return {
         uris[0]: new[key][0]
         for key, uris in old.items()
-        if len(uris) == 1 and len(new.get(key, ())) == 1 and (key[0] == "etag" or key[2] is not None)
+        if len(uris) == 1 and len(new.get(key, ())) == 1 and _tells_contents_apart(key)
     }
+
+
+def _tells_contents_apart(print_: tuple) -> bool:
+    """Whether a :func:`fingerprint` can stand for an object's content: an ETag, or a size with a
+    modification time (a size alone cannot)."""
+    return print_[0] == "etag" or print_[2] is not None
 
 
 def _compare(listed: dict[str, Any] | None, video: dict[str, Any], retry_failed: bool) -> str:
