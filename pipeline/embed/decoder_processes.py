@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from ..storage import StorageOptions
+from .ctrl_c import NEVER, CtrlC
 from .parallel import in_parallel
 from .stages.decode import DecodeSettings
 
@@ -150,13 +151,13 @@ class DecoderProcesses:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def decoded(self, batches: Iterable[Batch], depth: int) -> Iterator[list[Batch]]:
+    def decoded(self, batches: Iterable[Batch], depth: int, ctrl_c: CtrlC = NEVER) -> Iterator[list[Batch]]:
         """Each of ``batches`` decoded (:class:`~pipeline.embed.stages.decode.DecodeVideos`' output
         batches), in order, at most ``processes + depth`` batches ahead of the consumer. An error a worker
-        raises (the store down) is raised here in its batch's place; a worker's death is not (see the
-        module)."""
+        raises (the store down) is raised here in its batch's place, and ``KeyboardInterrupt`` once
+        ``ctrl_c`` is pressed; a worker's death is not (see the module)."""
         calls = ((lambda batch=batch: self.decode(batch)) for batch in batches)
-        results = in_parallel(calls, self.processes, depth)
+        results = in_parallel(calls, self.processes, depth, ctrl_c)
         finished = False
         try:
             # not "yield from": closing this generator would close `results` first, which waits for the

@@ -46,6 +46,7 @@ from ..library import LibraryWriter, PartInfo
 from ..library.journal import Journal
 from ..models import VideoTextModel
 from .compiling import compiles
+from .ctrl_c import CtrlC, deferred
 from .decoder_processes import DecoderProcesses
 from .options import (
     IN_PROCESS_MAX_BYTES,
@@ -199,6 +200,7 @@ def embed_in_process(
     marker = InFlightMarker(writer.store.uri)
     processes = decoding_processes(listed)
     with contextlib.ExitStack() as stack:
+        ctrl_c = stack.enter_context(deferred())  # Ctrl-C stops the job where it waits, not in lock code
         stack.callback(marker.clear)  # however the job ends (Ctrl-C, the store down), unless it crashes
         # started first: the worker processes import while this process times the stages
         workers = (
@@ -206,12 +208,14 @@ def embed_in_process(
         )
         on_gpu = options.gpus_per_encoder != 0 and torch.cuda.is_available()
         threads = encoder_threads(listed, settings, options, functools.partial(encode_cpu_s, model), on_gpu)
+        ctrl_c.check()
         groups = (listed[i : i + options.batch_size] for i in range(0, len(listed), options.batch_size))
         batches = (as_batch(group) for group in groups)  # one encoder call's videos each
         if workers is not None:
-            decoded = workers.decoded(batches, DECODED_AHEAD)
+            decoded = workers.decoded(batches, DECODED_AHEAD, ctrl_c)
         else:
-            decoded = _on_threads(batches, DecodeVideos(settings, options.storage, crash_ledger=marker))
+            decode = DecodeVideos(settings, options.storage, crash_ledger=marker)
+            decoded = _on_threads(batches, decode, ctrl_c)
         stack.enter_context(contextlib.closing(decoded))  # its decoding stops before the workers do
         callers_threads = torch.get_num_threads()
         stack.callback(torch.set_num_threads, callers_threads)  # the caller's, whatever the encoder was given
@@ -262,12 +266,13 @@ def as_batch(group: list[dict[str, Any]]) -> dict[str, np.ndarray]:
 
 
 def _on_threads(
-    batches: Iterable[dict[str, np.ndarray]], decode: DecodeVideos
+    batches: Iterable[dict[str, np.ndarray]], decode: DecodeVideos, ctrl_c: CtrlC
 ) -> Iterator[list[dict[str, np.ndarray]]]:
     """Each of ``batches`` decoded by ``decode`` (a list of batches of rows: several for a long video's
-    segments), in order, a few ahead, on a thread per CPU (threads waiting on the window cost nothing)."""
+    segments), in order, a few ahead, on a thread per CPU (threads waiting on the window cost nothing);
+    ``KeyboardInterrupt`` in place of the next batch once ``ctrl_c`` is pressed."""
     calls = ((lambda batch=batch: list(decode(batch))) for batch in batches)
-    return in_parallel(calls, usable_cpus(), DECODED_AHEAD)
+    return in_parallel(calls, usable_cpus(), DECODED_AHEAD, ctrl_c)
 
 
 def encoder_threads(

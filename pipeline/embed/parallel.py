@@ -7,23 +7,28 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TypeVar
 
+from .ctrl_c import NEVER, CtrlC
+
 T = TypeVar("T")
 
 
-def in_parallel(calls: Iterable[Callable[[], T]], threads: int, depth: int) -> Iterator[T]:
+def in_parallel(
+    calls: Iterable[Callable[[], T]], threads: int, depth: int, ctrl_c: CtrlC = NEVER
+) -> Iterator[T]:
     """The results of ``calls``, in order, computed by ``threads`` threads at most ``threads + depth`` calls
     ahead of the consumer (decoding releases the GIL in PyAV and Pillow, so the threads decode side by side
-    while the consumer encodes). An exception in a call is raised here, in its place; a consumer that stops
-    early stops the submissions (the calls already running finish)."""
+    while the consumer encodes). An exception in a call is raised here, in its place, and so is
+    ``KeyboardInterrupt`` once ``ctrl_c`` is pressed; a consumer that stops early stops the submissions (the
+    calls already running finish)."""
     with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="videosearch-decode") as pool:
         window: collections.deque[Future[T]] = collections.deque()
         try:
             for call in calls:
                 window.append(pool.submit(call))
                 if len(window) >= threads + depth:
-                    yield window.popleft().result()
+                    yield ctrl_c.result(window.popleft())
             while window:
-                yield window.popleft().result()
+                yield ctrl_c.result(window.popleft())
         finally:
             for future in window:
                 future.cancel()

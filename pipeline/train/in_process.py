@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..embed.ctrl_c import deferred
 from ..embed.decoder_processes import DecoderProcesses
 from ..embed.in_process import DECODED_AHEAD, as_batch, cluster_to_join, usable_cpus
 from ..embed.resources import torch_threads
@@ -135,8 +136,8 @@ class _Progress:
 def _decoded(listed: list[dict[str, Any]], settings: DecodeSettings, options: TrainOptions) -> _Clips:
     """The videos of ``listed`` that decode, in table order (one video per decoder call)."""
     clips = _Clips([], "frames", [])
-    with DecoderProcesses(settings, options.storage, usable_cpus()) as decoders:
-        for decoded in decoders.decoded((as_batch([row]) for row in listed), DECODED_AHEAD):
+    with deferred() as ctrl_c, DecoderProcesses(settings, options.storage, usable_cpus()) as decoders:
+        for decoded in decoders.decoded((as_batch([row]) for row in listed), DECODED_AHEAD, ctrl_c):
             for batch in decoded:
                 for uri, frames, error in zip(batch["uri"], batch["frames"], batch["error"], strict=True):
                     if error is None:

@@ -167,9 +167,9 @@ def test_in_process_jobs_write_parts_of_part_rows_holding_every_video_once(
     monkeypatch.setattr(in_process, "usable_cpus", lambda: 3)
     threads: list[int] = []
 
-    def recorded(calls, count, depth):  # the real pool, its thread count noted
+    def recorded(calls, count, depth, ctrl_c):  # the real pool, its thread count noted
         threads.append(count)
-        return in_parallel(calls, count, depth)
+        return in_parallel(calls, count, depth, ctrl_c)
 
     monkeypatch.setattr(in_process, "in_parallel", recorded)
     summary = embed(str(videos), library, EmbedOptions())
