@@ -10,7 +10,9 @@ It imports the decode stage only (no torch: ~0.5 s), while the job loads its mod
 A worker that dies (a crash in native decoder code, the kernel's OOM killer) costs that worker's batch, not
 the job: its videos are decoded again one at a time by a new worker, and one that kills its worker
 ``max_tries`` times becomes an error row ("the decoder crashed on this video N times; not retried"), as on
-Ray.
+Ray. A pool given a ``time_limit_s`` (the search service's, for uploaded videos) also kills a worker that
+decodes one batch for longer (a crafted file can keep FFmpeg busy forever): a new worker takes its place and
+the batch raises :class:`DecodeTimedOut`.
 """
 
 from __future__ import annotations
@@ -43,6 +45,10 @@ class WorkerDied(Exception):
     """A decoder process died (a signal, an error exit) while it decoded."""
 
 
+class DecodeTimedOut(Exception):
+    """A batch took longer than the pool's time limit to decode; its worker was replaced."""
+
+
 class DecoderProcess:
     """One decoder process (:mod:`~pipeline.embed.decode_worker`), started at once; :meth:`decode` waits for
     it to be ready."""
@@ -71,9 +77,10 @@ class DecoderProcess:
         with contextlib.suppress(OSError):
             self.send.send(self.setup)  # a worker that died at once is found at its first answer
 
-    def decode(self, batch: Batch, crashes: dict[str, int]) -> list[Batch]:
-        """``batch`` decoded by this process; :class:`WorkerDied` when it died meanwhile, and whatever the
-        worker raised (the store down, a setting it cannot honour) raised here."""
+    def decode(self, batch: Batch, crashes: dict[str, int], time_limit_s: float | None = None) -> list[Batch]:
+        """``batch`` decoded by this process; :class:`WorkerDied` when it died meanwhile,
+        :class:`DecodeTimedOut` (this process replaced) when it took longer than ``time_limit_s``, and
+        whatever the worker raised (the store down, a setting it cannot honour) raised here."""
         if not self.ready:
             self._answer()
             self.ready = True
@@ -81,6 +88,10 @@ class DecoderProcess:
             self.send.send((batch, crashes))
         except OSError as e:
             raise WorkerDied from e
+        if time_limit_s is not None and not self.receive.poll(time_limit_s):
+            self.process.kill()
+            self.restart()
+            raise DecodeTimedOut(f"decoding took longer than {time_limit_s:g} s")
         return self._answer()
 
     def _answer(self) -> Any:
@@ -123,9 +134,11 @@ class DecoderProcesses:
         storage_options: StorageOptions | None,
         processes: int,
         max_tries: int = 3,
+        time_limit_s: float | None = None,
     ) -> None:
         self.setup = (settings, storage_options, max_tries)
         self.processes = processes
+        self.time_limit_s = time_limit_s
         self.crashes: dict[str, int] = {}  # uri -> decoder processes it killed
         self._lock = threading.Lock()
         self._closed = False
@@ -174,7 +187,7 @@ class DecoderProcesses:
         """``batch`` decoded by an idle worker (waiting for one)."""
         worker = self._idle.get()
         try:
-            return worker.decode(batch, self._crashes(batch))
+            return worker.decode(batch, self._crashes(batch), self.time_limit_s)
         except WorkerDied:
             if self._closed:
                 raise
@@ -189,7 +202,7 @@ class DecoderProcesses:
         video = {name: column[i : i + 1] for name, column in batch.items()}
         while True:
             try:
-                return worker.decode(video, self._crashes(video))
+                return worker.decode(video, self._crashes(video), self.time_limit_s)
             except WorkerDied:
                 uri = str(video["uri"][0])
                 with self._lock:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from helpers import DecoderKiller, nvdec_available, pattern_frames, write_frames, write_video
 
-from pipeline.embed.decoder_processes import DecoderProcesses
+from pipeline.embed.decoder_processes import DecoderProcesses, DecodeTimedOut
 from pipeline.embed.stages.decode import DecodeSettings, DecodeVideos
 from xclip_core.video_transforms import VideoPreprocessor
 
@@ -67,6 +67,25 @@ def test_a_job_that_stops_early_stops_its_workers_mid_batch(clips: list[Path], t
         decoded.close()
         assert worker.poll() == -signal.SIGKILL  # stopped, not left to finish its batch
         assert workers._all[0].process is worker  # and not restarted
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="a named pipe is the hanging input")
+def test_a_batch_past_the_time_limit_raises_and_its_worker_is_replaced(
+    clips: list[Path], tmp_path: Path
+) -> None:
+    """A pool with a time limit (the service's, for uploads) kills a worker stuck on a video: here one that
+    waits forever for a writer to open its named pipe; a new worker decodes the next batch."""
+    os.mkfifo(stuck := tmp_path / "stuck.mp4")
+    hanging = listed([clips[0]]) | {"uri": np.array([str(stuck)], dtype=object)}
+    with DecoderProcesses(SETTINGS, None, processes=1, time_limit_s=1.0) as workers:
+        [fine] = workers.decode(listed(clips[:1]))  # started and warm: the limit counts the decode alone
+        stuck_on = workers._all[0].process
+        with pytest.raises(DecodeTimedOut, match="decoding took longer than 1 s"):
+            workers.decode(hanging)
+        assert stuck_on.poll() == -signal.SIGKILL
+        [again] = workers.decode(listed(clips[:1]))
+    assert workers._all[0].process is not stuck_on
+    np.testing.assert_array_equal(again["frames"], fine["frames"])
 
 
 def test_a_setting_a_worker_cannot_honour_is_raised_in_the_job() -> None:

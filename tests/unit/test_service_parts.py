@@ -87,6 +87,7 @@ def test_settings_refuse_impossible_values() -> None:
         {"cached_texts": 0},
         {"url_ttl_s": 0},
         {"max_upload_mb": 0},
+        {"max_decode_s": 0},
     ):
         with pytest.raises(ValueError):
             ServiceOptions(**wrong)
@@ -184,3 +185,19 @@ def test_an_example_video_is_decoded_apart_from_the_service(tmp_path: Path) -> N
         noise = client.post("/search/like", content=b"\0" * 1000)
         assert noise.status_code == 422 and "the video cannot be used as an example" in noise.json()["error"]
     assert not list(Path(tempfile.gettempdir()).glob(f"{PREFIX}*"))  # no upload left behind
+
+
+def test_an_example_video_that_decodes_past_the_time_limit_is_refused(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from pipeline.search.service import create_app
+
+    shutil.copytree(FORMAT1, tmp_path / "library")
+    # one keyframe in 300 frames: ~0.3 s to decode, well past the limit
+    video = Path(write_frames(tmp_path / "clip.mp4", pattern_frames(300, 160, 120, "noise", 22), 6, gop=300))
+    app = create_app(str(tmp_path / "library"), options=ServiceOptions(max_decode_s=0.05))
+    with TestClient(app) as client:
+        for _ in range(2):  # and the next upload finds a decoder again
+            slow = client.post("/search/like", content=video.read_bytes())
+            assert slow.status_code == 422, slow.text
+            assert "the video took longer than 0.05 s to decode" in slow.json()["error"]

@@ -89,7 +89,7 @@ def create_app(
     store = as_store(location, storage)
     follower = VersionFollower(store, options)
     links = MediaLinks(store.options, options.url_ttl_s)
-    uploads = UploadDecoders()
+    uploads = UploadDecoders(options.max_decode_s)
     key = ApiKey(options.api_key, options.url_ttl_s)
 
     @contextlib.asynccontextmanager

@@ -19,7 +19,7 @@ class ServiceOptions:
     follow new versions. ``cached_versions``: searchers of other versions than the current one kept open
     (``?version=N``). ``cached_texts``: text embeddings of recent queries kept. ``url_ttl_s``: lifetime of
     the presigned and signed URLs that answers carry. ``max_upload_mb``: the largest example video that
-    ``POST /search/like`` takes.
+    ``POST /search/like`` takes; ``max_decode_s``: how long its decoding may take (past it, a 422).
     """
 
     api_key: str | None = None
@@ -28,6 +28,7 @@ class ServiceOptions:
     cached_texts: int = 1024
     url_ttl_s: int = 3600
     max_upload_mb: int = 256
+    max_decode_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key.strip():
@@ -38,5 +39,7 @@ class ServiceOptions:
             raise ValueError("the caches need room for at least one entry")
         if self.max_upload_mb < 1:
             raise ValueError(f"the largest upload must be at least 1 MiB, got {self.max_upload_mb}")
+        if not self.max_decode_s > 0:
+            raise ValueError(f"the decoding time limit must be positive, got {self.max_decode_s}")
         if self.url_ttl_s < 1:
             raise ValueError(f"the URL lifetime must be at least 1 s, got {self.url_ttl_s}")

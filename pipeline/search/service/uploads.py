@@ -5,7 +5,8 @@ A video from the network is untrusted input to FFmpeg's native decoders: one tha
 decoder process, not the service. So uploads are decoded by the embed job's decoder processes
 (:mod:`~pipeline.embed.decoder_processes`: fresh interpreters running the decode stage, no torch), started on
 the first upload for each way of decoding (a library's frames and sampling) and kept; a process that dies is
-replaced, and a video that kills :data:`MAX_TRIES` of them is refused with a 422.
+replaced, and a video that kills :data:`MAX_TRIES` of them is refused with a 422. So is one that keeps a
+decoder busy past the service's time limit (``ServiceOptions.max_decode_s``): its process is replaced.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import AsyncIterator
 
 import numpy as np
 
-from ...embed.decoder_processes import DecoderProcesses
+from ...embed.decoder_processes import DecoderProcesses, DecodeTimedOut
 from ...embed.stages.decode import DecodeSettings
 from ..example import BadExample
 from .errors import ApiError
@@ -51,9 +52,11 @@ async def received(chunks: AsyncIterator[bytes], largest_mb: int) -> AsyncIterat
 
 
 class UploadDecoders:
-    """Decoder processes for uploaded examples, one pool per :class:`DecodeSettings`; thread-safe."""
+    """Decoder processes for uploaded examples, one pool per :class:`DecodeSettings`, each video given at most
+    ``time_limit_s`` seconds; thread-safe."""
 
-    def __init__(self) -> None:
+    def __init__(self, time_limit_s: float) -> None:
+        self.time_limit_s = time_limit_s
         self._pools: dict[str, DecoderProcesses] = {}  # by the settings' repr (a preprocessor is unhashable)
         self._lock = threading.Lock()
 
@@ -66,7 +69,12 @@ class UploadDecoders:
             "etag": np.array([None], dtype=object),
             "mtime": np.array([None], dtype=object),
         }
-        (decoded,) = self._pool(settings).decode(row)
+        try:
+            (decoded,) = self._pool(settings).decode(row)
+        except DecodeTimedOut:
+            raise BadExample(
+                f"the video took longer than {self.time_limit_s:g} s to decode: send a shorter clip"
+            ) from None
         if decoded["error"][0] is not None:
             raise BadExample(f"the video cannot be used as an example: {decoded['error'][0]}")
         return decoded["frames"][0]
@@ -75,7 +83,9 @@ class UploadDecoders:
         with self._lock:
             key = repr(settings)
             if key not in self._pools:
-                self._pools[key] = DecoderProcesses(settings, None, PROCESSES, max_tries=MAX_TRIES)
+                self._pools[key] = DecoderProcesses(
+                    settings, None, PROCESSES, max_tries=MAX_TRIES, time_limit_s=self.time_limit_s
+                )
             return self._pools[key]
 
     def close(self) -> None:
