@@ -18,7 +18,6 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from xclip_core.identity import ModelIdentity
 
@@ -36,13 +35,12 @@ from ..library.refresh import (
     whole_videos,
 )
 from ..library.writer import IndexDelta, count_videos
-from ..models import VideoTextModel, absolute_source, load_model
+from ..models import VideoTextModel, absolute_source
 from ..storage import StorageError, Store
 from ..worker_errors import worker_errors
-from .in_process import InFlightMarker, embed_in_process, runs_in_process
+from .in_flight import InFlightMarker
+from .job_model import JobModel
 from .options import EmbedOptions, EmbedSummary, StagesRun
-from .stages.decode import DecodeSettings
-from .stages.encode import compute_dtype
 from .stages.list import list_objects
 
 log = logging.getLogger(__name__)
@@ -68,18 +66,16 @@ def _run(source: str, library: str, options: EmbedOptions, refresh: bool) -> Emb
     started = time.perf_counter()
     # the manifest records the model for `query`, which may run from another directory
     options = replace(options, model=absolute_source(options.model))
-    model = load_model(options.model, options.storage)  # a bad checkpoint fails here, before any video
+    store = Store(library, options.storage)
+    # loaded here unless the library recorded these files (then only if something is to be embedded)
+    model = JobModel(options.model, options.storage, Library.current_version(store))
     frames = options.frames or model.num_frames
     if frames != model.num_frames:
         raise ValueError(f"the model takes {model.num_frames} frames per video, not {frames}")
-    settings = DecodeSettings(
-        frames, model.preprocessor, options.segment_s, options.sampling, options.decode_device
-    )
     listed = list_objects(source, options.storage)
     if not listed:
         raise ValueError(f"nothing to embed: {source} lists no objects")
 
-    store = Store(library, options.storage)
     # what the rows depend on besides the model (exact sampling is not named: libraries from before it)
     decode = {"frames": frames, "segment_s": options.segment_s}
     if options.sampling != "exact":
@@ -98,13 +94,13 @@ def _run(source: str, library: str, options: EmbedOptions, refresh: bool) -> Emb
         writer = LibraryWriter(store, embedding_dim=model.embedding_dim, prompt_shape=model.rerank_shape)
         resumed, covered = resumable(journal, plan.to_embed, model.embedding_dim, model.rerank_shape)
         to_embed = [row for row in plan.to_embed if row["uri"] not in covered]
-        in_process = runs_in_process(to_embed, options, store.uri)
-        with worker_errors(WORKER_ERRORS):  # out of Ray's wrapping: exit 2 and one line, not a trace
-            embedded, ran = (
-                _embed_objects(to_embed, settings, options, writer, model, journal, in_process)
-                if to_embed
-                else ([], StagesRun())
-            )
+        embedded: list[PartInfo] = []
+        ran, executor = StagesRun(), None
+        if to_embed:
+            with worker_errors(WORKER_ERRORS):  # out of Ray's wrapping: exit 2 and one line, not a trace
+                embedded, ran, executor = _embed_objects(
+                    to_embed, frames, options, writer, model.loaded(), journal
+                )
         moved = move_rows(writer, reused, plan) if reused is not None and plan.moves else []
         new_parts = resumed + moved + whole_videos(writer, embedded)
         index, trained_on = _index(writer, plan, new_parts, reused)
@@ -122,10 +118,10 @@ def _run(source: str, library: str, options: EmbedOptions, refresh: bool) -> Emb
             decode=decode,
             changes=changes,
             trained_on=trained_on,
+            model_files=model.files,
         )
         _finish(journal)
     InFlightMarker(store.uri).clear()  # whichever way this job ran, nothing of the library is in flight
-    executor = "in-process" if to_embed and in_process else "ray" if to_embed else None
     return _summary(store.uri, version.number, rows, listed, started, changes, ran=ran, executor=executor)
 
 
@@ -180,23 +176,32 @@ def _reusable(base: Version | None, identity: ModelIdentity, decode: dict[str, A
 
 def _embed_objects(
     listed: list[dict[str, Any]],
-    settings: DecodeSettings,
+    frames: int,
     options: EmbedOptions,
     writer: LibraryWriter,
     model: VideoTextModel,
     journal: Journal,
-    in_process: bool,
-) -> tuple[list[PartInfo], StagesRun]:
-    """Decode, encode and write ``listed`` in this process or on Ray: the new parts, and how the stages
-    ran."""
+) -> tuple[list[PartInfo], StagesRun, str]:
+    """Decode, encode and write ``listed`` in this process or on Ray: the new parts, how the stages ran, and
+    the executor (``"in-process"`` or ``"ray"``)."""
+    # torch, the decoders and Ray only for a job that embeds something
+    import torch
+
+    from .in_process import embed_in_process, runs_in_process
+    from .stages.decode import DecodeSettings
+    from .stages.encode import compute_dtype
+
+    settings = DecodeSettings(
+        frames, model.preprocessor, options.segment_s, options.sampling, options.decode_device
+    )
     # in the dtype a CPU encoder runs it in: both executors time a clip of it to share the CPUs
     model.to(dtype=compute_dtype(torch.device("cpu"), options.precision))
-    if in_process:
+    if runs_in_process(listed, options, writer.store.uri):
         log.info("embedding %d objects in this process (no Ray)", len(listed))
-        return embed_in_process(listed, settings, options, writer, model, journal)
-    from .on_ray import embed_on_ray  # Ray is imported only by a job that uses it
+        return (*embed_in_process(listed, settings, options, writer, model, journal), "in-process")
+    from .on_ray import embed_on_ray
 
-    return embed_on_ray(listed, settings, options, writer, model, journal)
+    return (*embed_on_ray(listed, settings, options, writer, model, journal), "ray")
 
 
 def _index(

@@ -37,4 +37,5 @@ def reindex(location: str | Store, kind: str = "auto", options: StorageOptions |
         extra={"reindexed": describe(index)},
         decode=current.manifest.get("decode"),
         trained_on=index.ntotal,
+        model_files=current.manifest.get("model_files"),
     )

@@ -157,6 +157,7 @@ class LibraryWriter:
         decode: dict[str, Any] | None = None,
         changes: dict[str, int] | None = None,
         trained_on: int | None = None,
+        model_files: str | None = None,
     ) -> dict[str, Any]:
         """Check the parts and the index, write the index file, and return the new version's manifest
         (its ``"version"`` still ``None``). An example manifest::
@@ -164,6 +165,7 @@ class LibraryWriter:
             {"format": 3, "version": 2, "parent": 1, "created": "2025-05-01T12:00:00+00:00",
              "writer": "host:4242:1a2b3c4d",
              "model": {"source": "/models/xclip-base-patch32", "sha256": "...", "family": "xclip"},
+             "model_files": "<sha256 of the checkpoint's listing>",
              "embedding_dim": 512, "prompt_shape": [49, 512],
              "index": {"path": "index/<uuid>.faiss", "kind": "flat", "ntotal": 9, "trained_on": 9},
              "parts": [{"path": "parts/part-<uuid>.parquet", "rows": 10, "ok": 9, "errors": 1,
@@ -179,7 +181,9 @@ class LibraryWriter:
         that no version up to this one has used. ``prompt_shape``: the re-rank features' shape, ``null`` for a
         model family without them. ``decode``: how the videos were decoded (a refresh reuses rows only when it
         decodes the same way). ``changes``: what changed since the parent. ``trained_on``: the vectors an IVF
-        index was trained on (the index's own size when not given).
+        index was trained on (the index's own size when not given). ``model_files``: the digest of the
+        listing the model was loaded from (:func:`pipeline.embed.job_model.files_digest`; ``null`` when
+        unknown): a job that finds the same files needs not load the model to know it.
         """
         if base is not None and base.token is None:
             raise ValueError(
@@ -215,6 +219,7 @@ class LibraryWriter:
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "writer": self.writer_id,
             "model": model.to_dict(),
+            "model_files": model_files,
             "embedding_dim": self.embedding_dim,
             "prompt_shape": list(self.prompt_shape) if self.prompt_shape else None,
             "index": index_entry,

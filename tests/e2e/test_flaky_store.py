@@ -16,9 +16,9 @@ from fault_proxy import FaultProxy, Faults
 from helpers import MotoS3, Run, run, write_video
 
 from pipeline import Library
-from pipeline.embed import in_process
+from pipeline.embed import in_flight
 from pipeline.embed.decoder_processes import DecoderProcesses
-from pipeline.embed.in_process import InFlightMarker
+from pipeline.embed.in_flight import InFlightMarker
 from pipeline.embed.job import embed as embed_job
 from pipeline.embed.options import EmbedOptions
 from pipeline.embed.stages.decode import DecodeSettings, DecodeVideos
@@ -134,7 +134,7 @@ def test_a_store_down_while_an_in_process_job_decodes_leaves_no_crash_marker(
     s3: MotoS3, bucket: str, source: str, proxy: FaultProxy, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The store failing is not a decoder crash: the next job of the library is not sent to Ray for it."""
-    monkeypatch.setattr(in_process.tempfile, "gettempdir", lambda: str(tmp_path))
+    monkeypatch.setattr(in_flight.tempfile, "gettempdir", lambda: str(tmp_path))
     library = f"s3://{bucket}/lib"
     options = EmbedOptions(
         storage=StorageOptions(endpoint_url=proxy.url, max_attempts=2), executor="in-process", batch_size=2

@@ -19,13 +19,9 @@ import pytest
 import torch
 from helpers import cli_env, compiled_graphs_from_here, pattern_frames, videosearch, write_frames, write_video
 
-from pipeline.embed import in_process
-from pipeline.embed.in_process import (
-    TIMED_FROM,
-    InFlightMarker,
-    encoder_threads,
-    runs_in_process,
-)
+from pipeline.embed import in_flight, in_process
+from pipeline.embed.in_flight import InFlightMarker
+from pipeline.embed.in_process import TIMED_FROM, encoder_threads, runs_in_process
 from pipeline.embed.job import embed, refresh
 from pipeline.embed.options import (
     IN_PROCESS_MAX_BYTES,
@@ -62,7 +58,7 @@ def dead_pid() -> int:
 @pytest.fixture
 def library(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    monkeypatch.setattr(in_process.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
+    monkeypatch.setattr(in_flight.tempfile, "gettempdir", lambda: str(tmp_path / "tmp"))
     return str(tmp_path / "library")
 
 
