@@ -28,8 +28,8 @@ from ..library.journal import Journal, resumable
 from ..library.reader import embedded_rows, read_parts
 from ..library.refresh import (
     RefreshPlan,
+    copy_rows,
     index_delta,
-    move_rows,
     plan_refresh,
     rewrite_parts,
     whole_videos,
@@ -101,8 +101,8 @@ def _run(source: str, library: str, options: EmbedOptions, refresh: bool) -> Emb
                 embedded, ran, executor = _embed_objects(
                     to_embed, frames, options, writer, model.loaded(), journal
                 )
-        moved = move_rows(writer, reused, plan) if reused is not None and plan.moves else []
-        new_parts = resumed + moved + whole_videos(writer, embedded)
+        copied = copy_rows(writer, reused, plan) if reused is not None and plan.copies else []
+        new_parts = resumed + copied + whole_videos(writer, embedded)
         index, trained_on = _index(writer, plan, new_parts, reused)
         changes = replace(plan.changes, resumed_rows=sum(p.rows - len(p.deleted) for p in resumed)).to_dict()
         # the version's rows, read once before publishing: nothing is read after it (a store failing then

@@ -7,10 +7,16 @@ store gives one, else size and modification time. Then:
   that failed before (an error row), unless ``retry_failed`` is off;
 * deleted objects (no longer listed), and the old rows of changed and retried ones, leave the version;
 * moved objects (a deleted object's content listed under a new uri) are not embedded again: their rows are
-  written anew under the new uri (:func:`move_rows`; embeddings, re-rank features and thumbnails as they
+  written anew under the new uri (:func:`copy_rows`; embeddings, re-rank features and thumbnails as they
   were). An object has moved when a new object's fingerprint equals a deleted one's, neither another new
   nor another deleted object shares it, and the fingerprint can tell contents apart: an ETag, or size and
   modification time (``mv`` and ``aws s3 mv`` keep them; a copy that gets a new ETag or date is embedded);
+* copied objects (a new uri whose ETag is a content hash, :func:`content_hash`, that a whole video of the
+  version was embedded under) take a copy of that video's rows the same way, whether or not the original
+  stays: ``aws s3 cp`` within a bucket, or the same file uploaded twice. Only an MD5 ETag (S3 and its
+  peers for objects uploaded whole or in parts) says the contents are equal; other ETags (an HTTP server's
+  date and size, SSE-KMS, GCS generations) and local files' size and date do not, so there a copy is
+  embedded as any new object;
 * every other row stays where it is: a part whose rows all stay is referenced by the new manifest as it is.
 
 Rows leave a part by a deletion mask (the part's ``deleted`` ids in the manifest), not by rewriting the part:
@@ -25,6 +31,7 @@ Once the delta outgrows :data:`DELTA_MAX_FRACTION` of the file, a new index file
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -44,6 +51,7 @@ DELTA_MAX_FRACTION = (
     0.1  # an index delta grows up to this fraction of its file's vectors, then a file is written
 )
 _COLUMNS = ["id", "uri", "etag", "size", "mtime", "error"]
+_MD5_ETAG = re.compile(r'"?[0-9a-fA-F]{32}(-[0-9]+)?"?')
 
 
 @dataclass(frozen=True)
@@ -53,6 +61,7 @@ class Changes:
     new: int = 0
     changed: int = 0
     moved: int = 0  # deleted objects whose content a new uri holds: rows moved, nothing embedded
+    copied: int = 0  # new objects with the content of a video of the version (an MD5 ETag): rows copied
     deleted: int = 0
     unchanged: int = 0
     retried: int = 0  # objects that failed before and are tried again
@@ -62,7 +71,7 @@ class Changes:
     @property
     def nothing(self) -> bool:
         """Nothing to embed and nothing to delete: the version stays as it is."""
-        return not (self.new or self.changed or self.moved or self.deleted or self.retried)
+        return not (self.new or self.changed or self.moved or self.copied or self.deleted or self.retried)
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
@@ -70,7 +79,8 @@ class Changes:
     def text(self) -> str:
         resumed = f", {self.resumed_rows} rows resumed from a stopped job" if self.resumed_rows else ""
         return (
-            f"{self.new} new, {self.changed} changed, {self.moved} moved, {self.deleted} deleted, "
+            f"{self.new} new, {self.changed} changed, {self.moved} moved, {self.copied} copied, "
+            f"{self.deleted} deleted, "
             f"{self.retried} retried, "
             f"{self.unchanged} unchanged ({self.reused_rows} rows reused{resumed})"
         )
@@ -79,12 +89,13 @@ class Changes:
 @dataclass
 class RefreshPlan:
     """The objects to embed, the base's parts that stay (masked where they lose rows), the parts to
-    rewrite, the objects that moved, and the ids of the embedded rows that leave the index."""
+    rewrite, the objects that moved or were copied, and the ids of the embedded rows that leave the index."""
 
     to_embed: list[dict[str, Any]]
-    moves: dict[str, dict[str, Any]] = field(default_factory=dict)  # old uri -> the listed row it moved to
-    # the base's parts that hold moved rows, as the base has them
-    moved_from: list[PartInfo] = field(default_factory=list)
+    # a base video's uri -> the listed rows that take a copy of its rows (it moved or was copied there)
+    copies: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    # the base's parts that hold those rows, as the base has them
+    copied_from: list[PartInfo] = field(default_factory=list)
     kept: list[PartInfo] = field(default_factory=list)
     rewrite: list[PartInfo] = field(default_factory=list)  # masked parts whose kept rows go into new parts
     gone_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -117,12 +128,17 @@ def plan_refresh(
     gone = {uri: video for uri, video in videos.items() if kinds[uri] == "deleted" and not video["failed"]}
     moves = _moves(gone, added)
     kinds.update(dict.fromkeys(moves, "moved"))
+    moved_to = {row["uri"] for row in moves.values()}
+    copies = _copies(videos, [row for row in added if row["uri"] not in moved_to])
     counts: dict[str, int] = defaultdict(int)
     for kind in kinds.values():
         counts[kind] += 1
-    counts["new"] = len(added) - len(moves)
+    counts["copied"] = sum(len(rows) for rows in copies.values())
+    counts["new"] = len(added) - len(moves) - counts["copied"]
+    for uri, row in moves.items():
+        copies.setdefault(uri, []).append(row)
     leaving = {uri for uri, kind in kinds.items() if kind != "unchanged"}
-    arrived = {row["uri"] for row in moves.values()}
+    arrived = {row["uri"] for rows in copies.values() for row in rows}
     to_embed = [
         row
         for row in listed
@@ -136,11 +152,11 @@ def plan_refresh(
             masks[path].add(id_)
             if embedded:
                 gone_ids.append(id_)
-    moved_from = {path for uri in moves for path, _, _ in videos[uri]["rows"]}
+    copied_from = {path for uri in copies for path, _, _ in videos[uri]["rows"]}
     plan = RefreshPlan(
         to_embed,
-        moves=moves,
-        moved_from=[part for part in parts if part.path in moved_from],
+        copies=copies,
+        copied_from=[part for part in parts if part.path in copied_from],
         gone_ids=np.array(sorted(gone_ids), np.int64),
     )
     for part in parts:
@@ -169,6 +185,27 @@ def _moves(gone: dict[str, dict[str, Any]], added: list[dict[str, Any]]) -> dict
         for key, uris in old.items()
         if len(uris) == 1 and len(new.get(key, ())) == 1 and _tells_contents_apart(key)
     }
+
+
+def _copies(
+    videos: dict[str, dict[str, Any]], added: list[dict[str, Any]]
+) -> dict[str, list[dict[str, Any]]]:
+    """Of the ``added`` listed rows, those whose ETag is a :func:`content_hash` that a whole video of
+    ``videos`` (the base's: uri -> fingerprint, failed, rows) has: that video's uri -> them."""
+    whole = {video["print"]: uri for uri, video in sorted(videos.items()) if not video["failed"]}
+    copies: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for row in added:
+        original = whole.get(fingerprint(row))
+        if original is not None and content_hash(row["etag"]):
+            copies[original].append(row)
+    return dict(copies)
+
+
+def content_hash(etag: str | None) -> bool:
+    """Whether ``etag`` is an MD5 of the object's content: S3's for an object uploaded whole (32 hex digits),
+    or for one uploaded in parts (an MD5 of the parts' MD5s, then ``-`` and the part count), quoted or not.
+    Two objects with such an ETag hold the same bytes; other ETags may name a date and size, or nothing."""
+    return etag is not None and _MD5_ETAG.fullmatch(etag) is not None
 
 
 def _tells_contents_apart(print_: tuple) -> bool:
@@ -225,21 +262,23 @@ def rewrite_parts(writer: LibraryWriter, parts: list[PartInfo]) -> list[PartInfo
     return [writer.write_part(read_parts(writer.store, [part], writer.schema)) for part in parts]
 
 
-def move_rows(writer: LibraryWriter, base: Library, plan: RefreshPlan) -> list[PartInfo]:
-    """The rows of the objects that moved (``plan.moves``) under their new uris, written as new parts, one per
-    base part that held some: ids, uri and listing columns of the new object; embeddings, re-rank features,
-    thumbnails and the rest as they were (the same content, decoded and encoded the same way)."""
-    wanted = pc.field("uri").isin(list(plan.moves))
+def copy_rows(writer: LibraryWriter, base: Library, plan: RefreshPlan) -> list[PartInfo]:
+    """The rows of the videos that moved or were copied (``plan.copies``) under their new uris, written as new
+    parts, one per base part that held some: ids, uri and listing columns of the new object; embeddings,
+    re-rank features, thumbnails and the rest as they were (the same content, decoded and encoded the same
+    way)."""
+    wanted = pc.field("uri").isin(list(plan.copies))
 
-    def move(part: PartInfo) -> PartInfo:
+    def copy(part: PartInfo) -> PartInfo:
         table = read_part(base.store, part, base.schema, filter=wanted)
-        arrived = [plan.moves[uri] for uri in table["uri"].to_pylist()]
+        taken = [(i, row) for i, uri in enumerate(table["uri"].to_pylist()) for row in plan.copies[uri]]
+        table = table.take([i for i, _ in taken])
         segments = table["segment"].to_pylist()
-        columns = {name: [row[name] for row in arrived] for name in LISTED}
-        columns["id"] = [row_id(row["uri"], s) for row, s in zip(arrived, segments, strict=True)]
+        columns = {name: [row[name] for _, row in taken] for name in LISTED}
+        columns["id"] = [row_id(row["uri"], s) for (_, row), s in zip(taken, segments, strict=True)]
         for name, values in columns.items():
             where = table.schema.get_field_index(name)
             table = table.set_column(where, name, pa.array(values, table.schema.field(name).type))
         return writer.write_part(table)
 
-    return each_at_once(move, plan.moved_from, READ_THREADS)
+    return each_at_once(copy, plan.copied_from, READ_THREADS)

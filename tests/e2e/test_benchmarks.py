@@ -62,8 +62,10 @@ def test_refresh_benchmark_reports_its_ratios(tmp_path: Path) -> None:
     )  # fmt: skip
     assert re.search(r"ratio refresh / full embed: \d+\.\d+", out), out
     assert re.search(r"ratio bytes written / library size: \d+\.\d+", out), out
-    assert "'new': 1, 'changed': 1, 'moved': 0, 'deleted': 1" in out, out
-    assert "'new': 0, 'changed': 0, 'moved': 12, 'deleted': 0" in out, out  # every clip into a folder
+    assert "'new': 1, 'changed': 1, 'moved': 0, 'copied': 0, 'deleted': 1" in out, out
+    assert "'new': 0, 'changed': 0, 'moved': 12, 'copied': 0, 'deleted': 0" in out, (
+        out
+    )  # every clip into a folder
     assert re.search(r"ratio reorganized refresh / full embed: \d+\.\d+", out), out
     assert re.search(r"ratio peak RSS 1 min / 0.5 min: \d+\.\d+ in batches", out), out
 

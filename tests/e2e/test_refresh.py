@@ -109,7 +109,7 @@ def test_refresh_embeds_only_what_changed_and_equals_a_fresh_embed(
     second = refresh()
     assert second["version"] == 2
     assert {k: v for k, v in second["changes"].items() if not k.endswith("_rows")} == {
-        "new": 1, "changed": 1, "moved": 0, "deleted": 1, "unchanged": 2, "retried": 0,
+        "new": 1, "changed": 1, "moved": 0, "copied": 0, "deleted": 1, "unchanged": 2, "retried": 0,
     }  # fmt: skip
     assert second["changes"]["reused_rows"] == 4  # a's and d's segments, not decoded again
     latest = Library.open(library, s3.options)
@@ -151,7 +151,7 @@ def test_refresh_embeds_only_what_changed_and_equals_a_fresh_embed(
     assert len(every) == 10 and [hit["id"] for hit in best] == list(firsts.values()) and len(best) == 5
 
 
-def test_moved_and_renamed_videos_keep_their_embeddings_and_equal_a_fresh_embed(
+def test_moved_renamed_and_copied_videos_keep_their_embeddings_and_equal_a_fresh_embed(
     s3: MotoS3, bucket: str, tiny_model: Path, clips: dict[str, Path]
 ) -> None:
     fs = s3fs.S3FileSystem(endpoint_url=s3.endpoint_url, skip_instance_cache=True)
@@ -164,15 +164,16 @@ def test_moved_and_renamed_videos_keep_their_embeddings_and_equal_a_fresh_embed(
     fs.mv(f"{bucket}/videos/b.mp4", f"{bucket}/videos/2024/trip/b.mp4")  # a copy and a delete: same ETag
     fs.mv(f"{bucket}/videos/c.mp4", f"{bucket}/videos/c renamed.mp4")
     fs.rm(f"{bucket}/videos/d.mp4")
+    fs.copy(f"{bucket}/videos/a.mp4", f"{bucket}/videos/best of/a.mp4")  # `aws s3 cp`: the same MD5 ETag
     moved = run("refresh", source, library, *flags, *CPU_ENCODERS).json()
     assert {k: v for k, v in moved["changes"].items() if not k.endswith("_rows")} == {
-        "new": 0, "changed": 0, "moved": 2, "deleted": 1, "unchanged": 1, "retried": 0,
+        "new": 0, "changed": 0, "moved": 2, "copied": 1, "deleted": 1, "unchanged": 1, "retried": 0,
     }  # fmt: skip
     assert moved["executor"] is None  # nothing decoded or encoded
     latest = Library.open(library, s3.options)
     assert sorted(set(latest.table(["uri"])["uri"].to_pylist())) == [
         f"s3://{bucket}/videos/2024/trip/b.mp4", f"s3://{bucket}/videos/a.mp4",
-        f"s3://{bucket}/videos/c renamed.mp4",
+        f"s3://{bucket}/videos/best of/a.mp4", f"s3://{bucket}/videos/c renamed.mp4",
     ]  # fmt: skip
     assert_same_library(latest, fresh(source, f"s3://{bucket}/fresh", [*flags, *CPU_ENCODERS], s3.options))
 

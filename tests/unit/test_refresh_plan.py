@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,9 @@ from pipeline.library.index import build_index, needs_rebuild
 from pipeline.library.reader import read_parts
 from pipeline.library.refresh import (
     REWRITE_MASKED_FRACTION,
+    content_hash,
+    copy_rows,
     index_delta,
-    move_rows,
     plan_refresh,
     rewrite_parts,
     whole_videos,
@@ -81,7 +83,7 @@ def test_unchanged_new_changed_deleted_and_failed_objects(tmp_path: Path) -> Non
         r["uri"] for r in (listed("b", "e2"), broken, listed("f"))
     ]
     assert plan.changes.to_dict() == {
-        "new": 1, "changed": 1, "moved": 0, "deleted": 1, "unchanged": 2, "retried": 1,
+        "new": 1, "changed": 1, "moved": 0, "copied": 0, "deleted": 1, "unchanged": 2, "retried": 1,
         "reused_rows": 4, "resumed_rows": 0,
     }  # fmt: skip
     # the first part keeps a (b masked: half its rows, not more); the second loses c's 2 and e's row of 5
@@ -192,16 +194,16 @@ def test_a_moved_object_keeps_its_rows_under_its_new_uri(tmp_path: Path) -> None
     there = {**b, "uri": "s3://b/kept/b-2024.mp4", "mtime": 9.0}  # `aws s3 mv`: same ETag, a new date
     plan = plan_refresh(library, [a, there])  # b moved, c deleted
 
-    assert plan.to_embed == [] and plan.moves == {b["uri"]: there}
+    assert plan.to_embed == [] and plan.copies == {b["uri"]: [there]}
     assert plan.changes.to_dict() == {
-        "new": 0, "changed": 0, "moved": 1, "deleted": 1, "unchanged": 1, "retried": 0,
+        "new": 0, "changed": 0, "moved": 1, "copied": 0, "deleted": 1, "unchanged": 1, "retried": 0,
         "reused_rows": 2, "resumed_rows": 0,
     }  # fmt: skip
-    assert [p.path for p in plan.moved_from] == [first.path]  # the part that holds b's rows, as it was
+    assert [p.path for p in plan.copied_from] == [first.path]  # the part that holds b's rows, as it was
     assert set(plan.gone_ids) == {r["id"] for r in rows_of(b) + rows_of(c)}  # old ids leave the index
 
     writer = LibraryWriter(str(tmp_path), embedding_dim=DIM, prompt_shape=None)
-    (moved,) = move_rows(writer, library, plan)
+    (moved,) = copy_rows(writer, library, plan)
     got = read_parts(library.store, [moved], writer.schema).to_pylist()
     old = {r["segment"]: r for r in library.table().to_pylist() if r["uri"] == b["uri"]}
     assert [(r["uri"], r["etag"], r["mtime"], r["segment"]) for r in got] == [
@@ -242,3 +244,60 @@ def test_without_etags_a_move_keeps_size_and_modification_time(tmp_path: Path) -
         plan_refresh(library, [{**local, "uri": "/archive/a.mp4", "mtime": 2.0}]).changes.moved == 0
     )  # `cp`
     assert plan_refresh(library, [{**undated, "uri": "/archive/b.mp4"}]).changes.moved == 0  # size alone
+
+
+def md5_etag(content: str) -> str:
+    """S3's ETag of an object uploaded whole: the MD5 of its bytes, quoted."""
+    return f'"{hashlib.md5(content.encode()).hexdigest()}"'
+
+
+def test_a_copy_under_an_md5_etag_takes_a_copy_of_the_rows_wherever_the_original_is(tmp_path: Path) -> None:
+    a, b, c = (listed(name, etag=md5_etag(name)) for name in "abc")
+    failed = listed("f", etag=md5_etag("f"))
+    library = publish(tmp_path, [rows_of(a) + rows_of(b), rows_of(c) + rows_of(failed, error="x")])
+    best = {**b, "uri": "s3://b/best/b.mp4", "mtime": 5.0}  # `aws s3 cp`: the same ETag, a new date
+    also = {**b, "uri": "s3://b/also/b.mp4"}
+    c1, c2 = ({**c, "uri": f"s3://b/c{i}.mp4"} for i in (1, 2))  # c deleted, two copies: no move, two copies
+    again = {**failed, "uri": "s3://b/f-again.mp4"}  # a copy of a failed video: embedded
+    plan = plan_refresh(library, [a, b, best, also, c1, c2, failed, again])
+
+    assert {k: v for k, v in plan.changes.to_dict().items() if not k.endswith("_rows")} == {
+        "new": 1, "changed": 0, "moved": 0, "copied": 4, "deleted": 1, "unchanged": 2, "retried": 1,
+    }  # fmt: skip
+    assert [row["uri"] for row in plan.to_embed] == [failed["uri"], again["uri"]]
+    assert plan.copies == {b["uri"]: [best, also], c["uri"]: [c1, c2]}
+    assert set(plan.gone_ids) == {r["id"] for r in rows_of(c)}  # b's rows stay, c's leave
+
+    writer = LibraryWriter(str(tmp_path), embedding_dim=DIM, prompt_shape=None)
+    got = read_parts(library.store, copy_rows(writer, library, plan), writer.schema).to_pylist()
+    old = {(r["uri"], r["segment"]): r for r in library.table().to_pylist()}
+    assert sorted((r["uri"], r["segment"]) for r in got) == sorted(
+        (copy["uri"], s) for copy in (best, also, c1, c2) for s in (0, 1)
+    )
+    copies = {copy["uri"]: copy for copy in (best, also, c1, c2)}
+    for row in got:
+        copy = copies[row["uri"]]
+        original = old[(b["uri"] if copy["etag"] == b["etag"] else c["uri"], row["segment"])]
+        assert row["id"] == row_id(row["uri"], row["segment"])
+        assert (row["etag"], row["mtime"]) == (copy["etag"], copy["mtime"])  # the listing's
+        assert row["embedding"] == original["embedding"] and row["duration_s"] == original["duration_s"]
+
+
+def test_only_an_md5_etag_stands_for_the_content() -> None:
+    assert content_hash('"d41d8cd98f00b204e9800998ecf8427e"')  # S3, uploaded whole
+    assert content_hash('"a2b9c3d41d8cd98f00b204e9800998ec-12"')  # S3, uploaded in 12 parts
+    assert content_hash("d41d8cd98f00b204e9800998ecf8427e")
+    assert not content_hash('"5f8a1b2c-1a2b3"')  # nginx: the date and size
+    assert not content_hash('W/"d41d8cd98f00b204e9800998ecf8427e"')  # weak: "equivalent", not equal bytes
+    assert not content_hash("CKih16GjycICEAE=")  # a GCS generation
+    assert not content_hash(None)
+
+
+def test_without_an_md5_etag_a_copy_is_embedded(tmp_path: Path) -> None:
+    a = listed("a")  # an opaque ETag
+    local = {"uri": "/videos/v.mp4", "size": 10, "etag": None, "mtime": 1.5}
+    library = publish(tmp_path, [rows_of(a) + rows_of(local)])
+    plan = plan_refresh(
+        library, [a, {**a, "uri": "s3://b/copy.mp4"}, local, {**local, "uri": "/videos/w.mp4"}]
+    )
+    assert (plan.changes.copied, plan.changes.new, plan.copies) == (0, 2, {})  # `cp -p`: size and date alone
