@@ -5,6 +5,7 @@ See :mod:`pipeline.library.manifest` for the layout and the versioning rules.
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import faiss
@@ -218,6 +219,8 @@ class Library:
         entry = self.manifest["index"]
         data = self.store.read_bytes(entry["path"])
         with parsing(self.store, entry["path"], f"`videosearch reindex {self.uri}` builds it again"):
+            if "crc32" in entry and zlib.crc32(data) != entry["crc32"]:  # older versions: unchecked
+                raise ValueError(f"its CRC-32 is {zlib.crc32(data)}, the manifest recorded {entry['crc32']}")
             index = deserialize(data)
         if entry.get("removed"):
             index = remove(index, np.array(entry["removed"], np.int64))

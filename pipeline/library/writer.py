@@ -14,6 +14,7 @@ import json
 import os
 import socket
 import uuid
+import zlib
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -167,7 +168,8 @@ class LibraryWriter:
              "model": {"source": "/models/xclip-base-patch32", "sha256": "...", "family": "xclip"},
              "model_files": "<sha256 of the checkpoint's listing>",
              "embedding_dim": 512, "prompt_shape": [49, 512],
-             "index": {"path": "index/<uuid>.faiss", "kind": "flat", "ntotal": 9, "trained_on": 9},
+             "index": {"path": "index/<uuid>.faiss", "kind": "flat", "ntotal": 9, "trained_on": 9,
+                       "crc32": 3735928559},
              "parts": [{"path": "parts/part-<uuid>.parquet", "rows": 10, "ok": 9, "errors": 1,
                         "features": "features/part-<uuid>.npy", "deleted": [7]}],
              "counts": {"videos": 4, "segments": 8, "ok": 3, "failed": 1}, "next_id": 10,
@@ -181,8 +183,9 @@ class LibraryWriter:
         that no version up to this one has used. ``prompt_shape``: the re-rank features' shape, ``null`` for a
         model family without them. ``decode``: how the videos were decoded (a refresh reuses rows only when it
         decodes the same way). ``changes``: what changed since the parent. ``trained_on``: the vectors an IVF
-        index was trained on (the index's own size when not given). ``model_files``: the digest of the
-        listing the model was loaded from (:func:`pipeline.embed.job_model.files_digest`; ``null`` when
+        index was trained on (the index's own size when not given); ``crc32``: the index file's CRC-32,
+        checked as it is read (its bytes can change without FAISS noticing). ``model_files``: the digest of
+        the listing the model was loaded from (:func:`pipeline.embed.job_model.files_digest`; ``null`` when
         unknown): a job that finds the same files needs not load the model to know it.
         """
         if base is not None and base.token is None:
@@ -205,13 +208,15 @@ class LibraryWriter:
         if isinstance(index, IndexDelta):
             index_entry = index.entry()
         else:
+            data = serialize(index)
             index_entry = {
                 "path": f"index/{uuid.uuid4().hex}.faiss",
                 "kind": kind_of(index),
                 "ntotal": index.ntotal,
                 "trained_on": index.ntotal if trained_on is None else trained_on,
+                "crc32": zlib.crc32(data),
             }
-            self.store.write_bytes(index_entry["path"], serialize(index))
+            self.store.write_bytes(index_entry["path"], data)
         return {
             "format": FORMAT,
             "version": None,

@@ -24,7 +24,7 @@ from pipeline.library import (
     VersionNotFoundError,
 )
 from pipeline.library.features import features_path
-from pipeline.library.index import build_index
+from pipeline.library.index import build_index, deserialize
 from pipeline.library.journal import RUNS, Journal, LibraryBusyError
 from pipeline.library.reindex import reindex
 from pipeline.library.schema import part_schema
@@ -291,6 +291,24 @@ def test_a_part_whose_bytes_changed_is_damaged_not_silently_wrong(tmp_path) -> N
     failed = f"{part.path} cannot be read .*checksum verification failed"
     with pytest.raises(DamagedLibraryError, match=failed):
         Library.open(*where).table(["id", "uri"])
+
+
+def test_an_index_whose_bytes_changed_is_damaged_not_silently_wrong(tmp_path) -> None:
+    """A flipped byte among an index file's vectors: FAISS would load it and search other vectors; the
+    manifest's CRC-32 of the file makes it a damaged file that `reindex` repairs."""
+    where = (str(tmp_path / "lib"), None)
+    version = publish(where, None, rows(range(0, 4)))
+    path = tmp_path / "lib" / version.manifest["index"]["path"]
+    data = bytearray(path.read_bytes())
+    data[-8] ^= 0x40  # a bit of the last row's id (the id map follows the vectors)
+    path.write_bytes(bytes(data))
+    assert deserialize(bytes(data)).ntotal == 4  # FAISS itself does not notice
+    with pytest.raises(
+        DamagedLibraryError, match=r"cannot be read \(its CRC-32 is \d+, the manifest recorded"
+    ):
+        Library.open(*where).index()
+    reindex(where[0], options=where[1])
+    assert Library.open(*where).index().ntotal == 4
 
 
 def test_write_part_validates_and_casts(tmp_path) -> None:
