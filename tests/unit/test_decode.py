@@ -238,6 +238,33 @@ def test_a_recording_that_stays_still_is_sampled_as_it_is_seen(tmp_path: Path, n
         assert np.array_equal(row["frames"][:2], expected[:2]) or row["sample_error_s"] > 2  # said so
 
 
+@pytest.mark.parametrize("sampling", ["exact", "fast"])
+def test_recordings_joined_end_to_end_are_sampled_over_their_whole_length(
+    tmp_path: Path, sampling: str
+) -> None:
+    """MPEG-TS files joined with ``cat`` (a recorder's chunks, a camera's clips): the timestamps start over
+    where the second begins. Taken at their word, the video lasted as long as its first part and its second
+    was never sampled; a player shows both, one after the other, and so does the decoder."""
+    parts = [
+        Path(write_frames(tmp_path / f"{i}.ts", pattern_frames(20, 64, 48, "shapes", seed), 10, gop=10))
+        for i, seed in enumerate((3, 4))
+    ]
+    joined = tmp_path / "joined.ts"
+    joined.write_bytes(b"".join(part.read_bytes() for part in parts))
+    settings = DecodeSettings(4, PRE, segment_s=1, sampling=sampling)
+    rows = decode_video(joined, settings)
+    assert [(r["segment"], r["duration_s"], r["frame_count"]) for r in rows] == [
+        (i, 4.0, 40) for i in range(4)
+    ]
+    if sampling == "fast":  # its own picks, within their bound
+        assert all(r["sample_error_s"] <= 1 / 4 / 2 for r in rows)
+        return
+    alone = [row for part in parts for row in decode_video(part, settings)]  # each part decoded by itself
+    assert all(r["sample_error_s"] < 1e-9 for r in rows)
+    for row, expected in zip(rows, alone, strict=True):  # the same bitstreams: the same pictures
+        np.testing.assert_array_equal(row["frames"], expected["frames"])
+
+
 def test_thumbnails_are_jpegs_of_the_middle_frame(videos: dict[str, str]) -> None:
     path = videos["h264_10s"]
     out = DecodeVideos(DecodeSettings(8, PRE, segment_s=4, thumbnail_size=48)).decode(listed(path))

@@ -43,7 +43,14 @@ from ...flags import NodeSettingError, check_choice
 from ...library.schema import DECODED, LISTED
 from ...storage import StorageOptions, StorageUnavailable, Store, translate_error
 from ..options import DECODE_DEVICES, SAMPLINGS
-from .frame_reader import DecodeError, FrameReader, RGBConverter, check_size, display_size
+from .frame_reader import (
+    RESTARTING_FORMATS,
+    DecodeError,
+    FrameReader,
+    RGBConverter,
+    check_size,
+    display_size,
+)
 
 S3_BLOCK_SIZE = 1 << 20  # bytes fetched per ranged read of a remote object
 MAX_PIXELS = 8192 * 4320  # frames larger than 8K are refused, not decoded
@@ -174,11 +181,12 @@ def iter_segments(
     video.seek(0)
     with _open_container(video, settings.device) as container:
         stream = _video_stream(container, settings.max_pixels)
-        timing = _header_timing(container, stream)
+        restarting = container.format.name in RESTARTING_FORMATS  # its header cannot know: read every packet
+        timing = None if restarting else _header_timing(container, stream)
         if timing is not None:
             yield from _decode_segments(container, stream, timing, settings)
             return
-        timing = _scan_timing(container, stream)  # the header lacks duration or rate: read every packet
+        timing = _scan_timing(container, stream, restarting)  # the header lacks duration or rate
     video.seek(0)  # and start over (raw streams cannot seek back)
     with _open_container(video, settings.device) as container:
         yield from _decode_segments(
@@ -400,18 +408,34 @@ def _header_timing(container: InputContainer, stream: VideoStream) -> tuple[floa
     return max(duration, count / fps), fps, count
 
 
-def _scan_timing(container: InputContainer, stream: VideoStream) -> tuple[float, float, int]:
-    """``(duration_s, fps, frame_count)`` by demuxing all of the stream's packets (reads the whole file)."""
-    start, end, count = stream.start_time or 0, None, 0
+def _scan_timing(
+    container: InputContainer, stream: VideoStream, restarting: bool = False
+) -> tuple[float, float, int]:
+    """``(duration_s, fps, frame_count)`` by demuxing all of the stream's packets (reads the whole file).
+    ``restarting``: the timestamps may start over (:data:`~.frame_reader.RESTARTING_FORMATS`); where the
+    decoding times go back, a new piece of the timeline begins, and the pieces' durations add up."""
+    pieces: list[list[int]] = []  # [first pts, end pts] of each piece, the first from the stream's start
+    count, last_dts = 0, None
     for packet in container.demux(stream):
-        if packet.size:
-            count += 1
-            if packet.pts is not None:
-                end = max(end or 0, packet.pts + (packet.duration or 0))
+        if not packet.size:
+            continue
+        count += 1
+        if packet.pts is None:
+            continue
+        went_back = restarting and None not in (packet.dts, last_dts) and packet.dts < last_dts
+        if not pieces:
+            pieces.append([stream.start_time or 0, stream.start_time or 0])
+        elif went_back:
+            pieces.append([packet.pts, packet.pts])
+        elif len(pieces) > 1:  # a later piece starts at its earliest picture (B-frames come after it)
+            pieces[-1][0] = min(pieces[-1][0], packet.pts)
+        pieces[-1][1] = max(pieces[-1][1], packet.pts + (packet.duration or 0))
+        last_dts = packet.dts if packet.dts is not None else last_dts
     if count == 0:
         raise DecodeError("no decodable frames")
-    if end is not None and end > start:
-        duration = float((end - start) * stream.time_base)
+    span = sum(end - first for first, end in pieces)
+    if span > 0:
+        duration = float(span * stream.time_base)
         return duration, count / duration, count
     rate = stream.average_rate or stream.guessed_rate  # no timestamps at all (raw streams)
     if not rate:

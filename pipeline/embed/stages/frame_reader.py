@@ -5,7 +5,10 @@ Frames are chosen by time: the frame shown at time ``t`` is the first decoded fr
 that frame starts more than half a period after ``t`` (a gap in a variable-frame-rate video: a screen
 recording that stays still, dropped frames), the frame on screen at ``t``, the one before it. For a
 constant-frame-rate video this is exactly frame ``round(t * fps)``; for a variable-frame-rate one it samples
-uniformly in time. (AVI has no presentation timestamps: its frames are counted.)
+uniformly in time. (AVI has no presentation timestamps: its frames are counted.) In MPEG transport and program
+streams (:data:`RESTARTING_FORMATS`) the timestamps may start over (recordings joined end to end with ``cat``,
+a DVD's VOB files, a clock that wraps): a frame timed before the one shown before it continues the timeline
+one period after it, as a player shows it.
 
 Seeking: the decoder runs forward and seeks (to the keyframe at or before the next frame wanted) only where
 that skips decoding: in containers with a keyframe index (MP4/MOV, Matroska/WebM), when the next frame wanted
@@ -35,6 +38,7 @@ from xclip_core.video_transforms import resize_output_size
 
 INDEXED_FORMATS = {"mov,mp4,m4a,3gp,3g2,mj2", "matroska,webm"}  # FFmpeg demuxers with keyframe indexes
 UNTIMED_FORMATS = {"avi"}  # no presentation timestamps (with B-frames FFmpeg's guesses are out of order)
+RESTARTING_FORMATS = {"mpegts", "mpeg"}  # FFmpeg demuxers whose timestamps may start over mid-file
 # FFmpeg decoders that read ``skip_frame`` for each packet, so that unreferenced frames before a wanted one
 # can be left undecoded without changing any other; libdav1d (AV1) reads it once, when it opens, and would
 # then drop every unreferenced frame of the video: elsewhere every frame is decoded
@@ -67,6 +71,9 @@ class FrameReader:
         # seek only where the container has a keyframe index; elsewhere (MPEG-TS, raw streams) FFmpeg
         # seeks by bisecting on timestamps and may land past keyframes, even when seeking to the start
         self.max_forward_s = max_forward_s if container.format.name in INDEXED_FORMATS else math.inf
+        self.restarts = container.format.name in RESTARTING_FORMATS
+        self.shift = 0.0  # seconds added to the timestamps since they last started over
+        self.last_dts: int | None = None
         self.skip_before = -math.inf  # frames shown before this time are never picked: skip if unreferenced
         self.frames = self._decode()
         self.current: tuple[float, av.VideoFrame] | None = None  # the last decoded frame and its time
@@ -145,6 +152,10 @@ class FrameReader:
         where :attr:`may_skip`.)"""
         context = self.stream.codec_context
         for packet in self.container.demux(self.stream):
+            if self.restarts and packet.dts is not None:
+                if self.last_dts is not None and packet.dts < self.last_dts:  # the timestamps start over:
+                    self.may_skip, self.skip_before = False, -math.inf  # packets' times no longer compare
+                self.last_dts = packet.dts
             early = packet.pts is not None and self._seconds(packet.pts) < self.skip_before
             context.skip_frame = "NONREF" if early else "DEFAULT"
             if early:  # its frame may not come out
@@ -156,7 +167,10 @@ class FrameReader:
         if frame is None:
             return False
         if frame.pts is not None and not self.counted:
-            time = self._seconds(frame.pts)
+            time = self._seconds(frame.pts) + self.shift
+            if self.restarts and self.current is not None and time < self.current[0]:  # started over
+                self.shift += self.current[0] + self.period - time
+                time = self.current[0] + self.period
         else:  # no timestamps: count frames, and never seek
             time = self.current[0] + self.period if self.current else 0.0
             self.max_forward_s = math.inf
