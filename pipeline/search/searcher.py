@@ -22,6 +22,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from ..embed.stages.decode import DecodeSettings
 from ..library import Library
 from ..library import index as faiss_index
 from ..library.lookup import RowLookup
@@ -140,13 +141,19 @@ class Searcher:
         candidates: int = DEFAULT_CANDIDATES,
         per_video: bool = False,
         under: str | None = None,
+        decode: Callable[[str, DecodeSettings], np.ndarray] | None = None,
     ) -> list[Hit]:
-        """Videos like ``video``, one from outside the library (a URI read with the library's storage
-        options): the ``k`` rows nearest to its embedding by cosine, the video decoded in this process and
-        embedded as the library's were (:mod:`~pipeline.search.example`). Raises
-        :class:`~pipeline.search.example.BadExample` when it cannot be decoded."""
+        """Videos like ``video``, one from outside the library: the ``k`` rows nearest to its embedding by
+        cosine, the video decoded as the library's videos were and embedded by its model
+        (:mod:`~pipeline.search.example`). ``decode(video, settings)`` gives its frames; by default it is read
+        with the library's storage options and decoded in this process (the service decodes uploads in
+        processes of their own). Raises :class:`~pipeline.search.example.BadExample` when it cannot be
+        decoded."""
         settings = example_settings(self.model, self.library.manifest.get("decode"))
-        frames = decode_example(video, settings, self.library.options)
+        if decode is None:
+            frames = decode_example(video, settings, self.library.options)
+        else:
+            frames = decode(video, settings)
         return self.nearest_to(example_embedding(self.model, frames), k, candidates, per_video, under)
 
     def nearest_to(

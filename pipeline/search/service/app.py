@@ -17,6 +17,7 @@ FAISS release the GIL in their kernels), each on the searcher it took when it st
 from __future__ import annotations
 
 import contextlib
+import functools
 import mimetypes
 import os
 from collections.abc import AsyncIterator
@@ -31,7 +32,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ...library import Library
 from ...storage import StorageOptions, Store, as_store
-from ..example import BadExample, example_embedding, example_settings
+from ..example import BadExample
 from ..searcher import Hit, NoEmbedding, Searcher
 from . import errors
 from .auth import ApiKey
@@ -214,13 +215,17 @@ def create_app(
         folder = checked_folder(under)
         async with received(request.stream(), options.max_upload_mb) as (path, size):
             searcher = await run_in_threadpool(follower.searcher, version)
-            settings = example_settings(searcher.model, searcher.library.manifest.get("decode"))
             try:
-                frames = await run_in_threadpool(uploads.frames, path, size, settings)
+                found = await run_in_threadpool(
+                    searcher.like,
+                    path,
+                    k,
+                    per_video=per_video,
+                    under=folder,
+                    decode=functools.partial(uploads.frames, size=size),  # in a decoder process
+                )
             except BadExample as err:
                 raise ApiError(422, str(err)) from None
-        vector = await run_in_threadpool(example_embedding, searcher.model, frames)
-        found = await run_in_threadpool(searcher.nearest_to, vector, k, per_video=per_video, under=folder)
         read = searcher.library.version
         return LikeOut(
             version=read, k=k, per_video=per_video, under=folder, hits=[hit(h, read) for h in found]

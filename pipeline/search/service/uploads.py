@@ -60,7 +60,7 @@ class UploadDecoders:
         self._pools: dict[str, DecoderProcesses] = {}  # by the settings' repr (a preprocessor is unhashable)
         self._lock = threading.Lock()
 
-    def frames(self, path: str, size: int, settings: DecodeSettings) -> np.ndarray:
+    def frames(self, path: str, settings: DecodeSettings, size: int) -> np.ndarray:
         """The model-ready frames of the video file at ``path`` (``size`` bytes), decoded by a decoder
         process as ``settings`` say. Raises :class:`BadExample` with the reason it cannot be."""
         row = {
