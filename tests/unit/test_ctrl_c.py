@@ -6,12 +6,22 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 
 import pytest
 
 from pipeline.embed.ctrl_c import POLL_S, deferred
 from pipeline.embed.parallel import in_parallel
+
+
+@pytest.fixture(autouse=True)
+def python_takes_ctrl_c() -> Iterator[None]:
+    """SIGINT as a fresh interpreter has it: earlier tests of the session (Ray's drivers) install their own
+    handlers, and :func:`deferred` leaves a caller's handler alone."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
 
 
 def _ctrl_c() -> None:
@@ -33,6 +43,7 @@ def test_the_first_ctrl_c_is_kept_for_the_next_check_and_a_second_stops_at_once(
 
 def test_a_wait_for_a_result_that_never_comes_ends_soon_after_ctrl_c() -> None:
     never: Future[int] = Future()
+    threading.Timer(10, never.set_result, (0,)).start()  # should the wait miss the Ctrl-C: a failure, no hang
     with deferred() as ctrl_c:
         threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGINT)).start()
         started = time.monotonic()
@@ -62,6 +73,15 @@ def test_decoding_in_parallel_stops_in_place_of_the_next_result_and_the_calls_ru
         results.close()  # waits for the call running
     assert seen == [0]
     assert 1 in finished and len(finished) < 100  # the submissions stopped
+
+
+def test_a_handler_of_the_callers_is_left_alone() -> None:
+    taken = []
+    signal.signal(signal.SIGINT, lambda signum, frame: taken.append(signum))
+    with deferred() as ctrl_c:
+        _ctrl_c()
+        ctrl_c.check()  # not pressed: the caller's handler took it
+    assert taken == [signal.SIGINT]
 
 
 def test_off_the_main_thread_nothing_changes() -> None:
