@@ -23,6 +23,7 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -79,20 +80,28 @@ class DecoderProcess:
 
     def decode(self, batch: Batch, crashes: dict[str, int], time_limit_s: float | None = None) -> list[Batch]:
         """``batch`` decoded by this process; :class:`WorkerDied` when it died meanwhile,
-        :class:`DecodeTimedOut` (this process replaced) when it took longer than ``time_limit_s``, and
-        whatever the worker raised (the store down, a setting it cannot honour) raised here."""
+        :class:`DecodeTimedOut` when its answer came later than ``time_limit_s`` (this process, if still
+        decoding, replaced), and whatever the worker raised (the store down, a setting it cannot honour)
+        raised here."""
         if not self.ready:
             self._answer()
             self.ready = True
+        sent = time.monotonic()  # before sending: the answer cannot come sooner than the decoding takes
         try:
             self.send.send((batch, crashes))
         except OSError as e:
             raise WorkerDied from e
-        if time_limit_s is not None and not self.receive.poll(time_limit_s):
+        if time_limit_s is None:
+            return self._answer()
+        if not self.receive.poll(time_limit_s):  # still decoding: stopped
             self.process.kill()
             self.restart()
             raise DecodeTimedOut(f"decoding took longer than {time_limit_s:g} s")
-        return self._answer()
+        late = time.monotonic() - sent > time_limit_s  # answered after the limit, as this thread saw it
+        answer = self._answer()
+        if late:
+            raise DecodeTimedOut(f"decoding took longer than {time_limit_s:g} s")
+        return answer
 
     def _answer(self) -> Any:
         try:
