@@ -32,8 +32,7 @@ class CtrlC:
 
     def press(self) -> None:
         """Take a Ctrl-C: the first is kept for :meth:`check`, a second raises ``KeyboardInterrupt`` here."""
-        if self._pressed.is_set():
-            raise KeyboardInterrupt
+        self.check()
         self._pressed.set()
 
     def check(self) -> None:

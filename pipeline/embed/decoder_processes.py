@@ -93,15 +93,15 @@ class DecoderProcess:
             raise WorkerDied from e
         if time_limit_s is None:
             return self._answer()
-        if not self.receive.poll(time_limit_s):  # still decoding: stopped
+        if self.receive.poll(time_limit_s):
+            late = time.monotonic() - sent > time_limit_s  # answered after the limit, as this thread saw it
+            answer = self._answer()
+            if not late:
+                return answer
+        else:  # still decoding: stopped
             self.process.kill()
             self.restart()
-            raise DecodeTimedOut(f"decoding took longer than {time_limit_s:g} s")
-        late = time.monotonic() - sent > time_limit_s  # answered after the limit, as this thread saw it
-        answer = self._answer()
-        if late:
-            raise DecodeTimedOut(f"decoding took longer than {time_limit_s:g} s")
-        return answer
+        raise DecodeTimedOut(f"decoding took longer than {time_limit_s:g} s")
 
     def _answer(self) -> Any:
         try:

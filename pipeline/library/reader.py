@@ -219,8 +219,9 @@ class Library:
         entry = self.manifest["index"]
         data = self.store.read_bytes(entry["path"])
         with parsing(self.store, entry["path"], f"`videosearch reindex {self.uri}` builds it again"):
-            if "crc32" in entry and zlib.crc32(data) != entry["crc32"]:  # older versions: unchecked
-                raise ValueError(f"its CRC-32 is {zlib.crc32(data)}, the manifest recorded {entry['crc32']}")
+            crc = zlib.crc32(data) if "crc32" in entry else None  # older versions: unchecked
+            if crc != entry.get("crc32"):
+                raise ValueError(f"its CRC-32 is {crc}, the manifest recorded {entry['crc32']}")
             index = deserialize(data)
         if entry.get("removed"):
             index = remove(index, np.array(entry["removed"], np.int64))

@@ -80,8 +80,7 @@ class Changes:
         resumed = f", {self.resumed_rows} rows resumed from a stopped job" if self.resumed_rows else ""
         return (
             f"{self.new} new, {self.changed} changed, {self.moved} moved, {self.copied} copied, "
-            f"{self.deleted} deleted, "
-            f"{self.retried} retried, "
+            f"{self.deleted} deleted, {self.retried} retried, "
             f"{self.unchanged} unchanged ({self.reused_rows} rows reused{resumed})"
         )
 
