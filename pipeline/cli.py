@@ -183,6 +183,20 @@ def _parser() -> argparse.ArgumentParser:
     )
     reindex.add_argument("--json", action="store_true", help="print the new version as JSON")
     _storage_flags(reindex)
+    check = commands.add_parser(
+        "check", help="read every file of a library version, held against its manifest (exit 1: problems)"
+    )
+    check.add_argument("library")
+    which = check.add_mutually_exclusive_group()
+    which.add_argument("--version", type=int, metavar="N", help="the version to check (default: the current)")
+    which.add_argument(
+        "--repair",
+        action="store_true",
+        help="publish the current version without the parts with problems (a refresh embeds their videos "
+        "again) and with its index built anew",
+    )
+    check.add_argument("--json", action="store_true", help="print the result as JSON")
+    _storage_flags(check)
     rollback = commands.add_parser("rollback", help="publish an earlier version again as the current one")
     rollback.add_argument("library")
     rollback.add_argument("--to", type=int, required=True, metavar="N", help="the version to publish again")
@@ -533,6 +547,20 @@ def _run_reindex(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def _run_check(args: argparse.Namespace, out: TextIO) -> int:
+    from .library.check import check
+    from .library.repair import repair
+
+    checked = check(args.library, args.version, _storage(args))
+    repaired = repair(args.library, checked, _storage(args)) if args.repair else None
+    if args.json:
+        result = {**checked.to_dict(), "repaired": repaired and repaired.to_dict()}
+        print(json.dumps(result, indent=2), file=out)
+    else:
+        print(checked.text() + (f"\nrepaired: {repaired.text()}" if repaired else ""), file=out)
+    return 0 if checked.ok else 1
+
+
 def _run_gc(args: argparse.Namespace, out: TextIO) -> int:
     from .library.gc import collect
     from .storage import Store
@@ -604,6 +632,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "refresh": _run_embed,
         "versions": _run_versions,
         "gc": _run_gc,
+        "check": _run_check,
         "rollback": _run_rollback,
         "reindex": _run_reindex,
         "query": _run_query,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import io
 import math
+import zlib
 
 import numpy as np
 
@@ -41,11 +42,15 @@ def features_path(part_path: str) -> str:
     return f"{FEATURES}/{stem}.npy"
 
 
-def write_features(store: Store, path: str, records: np.ndarray) -> None:
-    """Write ``records`` (a structured array of :func:`record_dtype`) as ``path`` under ``store``."""
+def write_features(store: Store, path: str, records: np.ndarray) -> int:
+    """Write ``records`` (a structured array of :func:`record_dtype`) as ``path`` under ``store``; returns
+    the file's CRC-32 (searches read a few records of a file and do not check it; ``videosearch check``
+    does)."""
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(records), allow_pickle=False)
-    store.write_bytes(path, buffer.getvalue())
+    data = buffer.getvalue()
+    store.write_bytes(path, data)
+    return zlib.crc32(data)
 
 
 def to_records(

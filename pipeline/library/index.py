@@ -176,6 +176,20 @@ def remove(index: faiss.Index, ids: np.ndarray) -> faiss.Index:
     return build_index(all_ids[keep], vectors[keep], "hnsw")
 
 
+def ids_of(index: faiss.Index) -> np.ndarray:
+    """The ids an index holds (int64, in storage order)."""
+    if isinstance(index, faiss.IndexIDMap2):
+        return faiss.vector_to_array(index.id_map).astype(np.int64)
+    lists = faiss.extract_index_ivf(index).invlists
+    return np.concatenate(
+        [np.empty(0, np.int64)]
+        + [
+            faiss.rev_swig_ptr(lists.get_ids(i), lists.list_size(i)).astype(np.int64)
+            for i in range(lists.nlist)
+        ]
+    )
+
+
 def search(
     index: faiss.Index, queries: np.ndarray, k: int, among: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:

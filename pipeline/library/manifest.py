@@ -106,17 +106,20 @@ class PartInfo:
     ok: int
     errors: int
     deleted: tuple[int, ...] = ()
+    crc32: int | None = None  # the file's CRC-32, checked by ``videosearch check``; None: not recorded
     features: str | None = None  # its re-rank records (library.features); None: inside the part (format < 3)
+    features_crc32: int | None = None  # the records file's CRC-32, as ``crc32``
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PartInfo:
         return cls(**{**data, "deleted": tuple(data.get("deleted", ()))})
 
     def to_dict(self) -> dict[str, Any]:
-        """The manifest's entry (``deleted`` only where there is a mask, ``features`` where there are)."""
+        """The manifest's entry (``deleted`` only where there is a mask, ``features`` and the checksums where
+        there are)."""
         entry: dict[str, Any] = {"path": self.path, "rows": self.rows, "ok": self.ok, "errors": self.errors}
-        if self.features:
-            entry["features"] = self.features
+        optional = {"crc32": self.crc32, "features": self.features, "features_crc32": self.features_crc32}
+        entry.update({name: value for name, value in optional.items() if value is not None})
         return {**entry, "deleted": list(self.deleted)} if self.deleted else entry
 
     def masked(self, ids: set[int] | frozenset[int]) -> PartInfo:

@@ -115,6 +115,17 @@ def embedded_rows(root: Store, parts: list[PartInfo], schema: pa.Schema) -> tupl
     return table["id"].to_numpy(), vectors
 
 
+def read_index_file(root: Store, entry: dict[str, Any]) -> faiss.Index:
+    """The index file of a manifest's index ``entry``, as written (a delta's base; the delta not applied);
+    its bytes checked against the CRC-32 the entry records (versions written before it: unchecked)."""
+    data = root.read_bytes(entry["path"])
+    with parsing(root, entry["path"], f"`videosearch reindex {root.uri}` builds it again"):
+        crc = zlib.crc32(data) if "crc32" in entry else None
+        if crc != entry.get("crc32"):
+            raise ValueError(f"its CRC-32 is {crc}, the manifest recorded {entry['crc32']}")
+        return deserialize(data)
+
+
 class Library:
     """One version of a library, for reading.
 
@@ -217,12 +228,7 @@ class Library:
         """A fresh copy of the version's index: its index file, with the manifest's delta applied (the ids it
         removes out, the embedded rows of the parts it adds in)."""
         entry = self.manifest["index"]
-        data = self.store.read_bytes(entry["path"])
-        with parsing(self.store, entry["path"], f"`videosearch reindex {self.uri}` builds it again"):
-            crc = zlib.crc32(data) if "crc32" in entry else None  # older versions: unchecked
-            if crc != entry.get("crc32"):
-                raise ValueError(f"its CRC-32 is {crc}, the manifest recorded {entry['crc32']}")
-            index = deserialize(data)
+        index = read_index_file(self.store, entry)
         if entry.get("removed"):
             index = remove(index, np.array(entry["removed"], np.int64))
         added = [part for part in self.snapshot.parts if part.path in set(entry.get("added", ()))]

@@ -7,9 +7,11 @@ Nothing is re-embedded: the new version names the same parts and a new index fil
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..storage import StorageOptions, Store, as_store
 from .index import KINDS, build_index, describe
-from .manifest import NotALibraryError, Version, current_version
+from .manifest import NotALibraryError, PartInfo, Version, current_version
 from .reader import Library, embedded_rows
 from .writer import LibraryWriter
 
@@ -24,18 +26,33 @@ def reindex(location: str | Store, kind: str = "auto", options: StorageOptions |
     current = current_version(root)
     if current is None:
         raise NotALibraryError(f"{root.uri} is not a videosearch library (it has no _current)")
+    return publish_reindexed(root, current, current.parts, kind)
+
+
+def publish_reindexed(
+    root: Store,
+    current: Version,
+    parts: list[PartInfo],
+    kind: str,
+    extra: dict[str, Any] | None = None,
+    changes: dict[str, int] | None = None,
+) -> Version:
+    """Publish ``parts`` on top of ``current`` (its model, decoding and checkpoint record) with an index of
+    ``kind`` built from their embedded rows; the manifest's ``extra`` gets ``reindexed``: the index, in words.
+    """
     library = Library(root, current)
-    index = build_index(*embedded_rows(root, current.parts, library.schema), kind=kind)
+    index = build_index(*embedded_rows(root, parts, library.schema), kind=kind)
     writer = LibraryWriter(
         root, embedding_dim=library.manifest["embedding_dim"], prompt_shape=library.rerank_shape
     )
     return writer.publish(
-        current.parts,
+        parts,
         index,
         library.model,
         current,
-        extra={"reindexed": describe(index)},
+        extra={**(extra or {}), "reindexed": describe(index)},
         decode=current.manifest.get("decode"),
+        changes=changes,
         trained_on=index.ntotal,
         model_files=current.manifest.get("model_files"),
     )

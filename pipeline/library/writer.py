@@ -121,12 +121,24 @@ class LibraryWriter:
         features = features_path(path)
         prompts = dense_rows(table[PROMPT], np.float16) if self.prompt_shape else None
         records = to_records(dense_rows(table["embedding"], np.float32), prompts, self.prompt_shape)
-        write_features(self.store, features, records)  # first: a part file is complete once it exists
+        features_crc = write_features(
+            self.store, features, records
+        )  # first: a part is complete once it exists
         stored = table.drop_columns([PROMPT]) if self.prompt_shape else table
-        with self.store.errors("writing", path), self.store.open(path, "wb") as f:  # S3 uploads at close
-            pq.write_table(stored, f, row_group_size=ROW_GROUP_ROWS, write_page_checksum=True)
+        buffer = pa.BufferOutputStream()
+        pq.write_table(stored, buffer, row_group_size=ROW_GROUP_ROWS, write_page_checksum=True)
+        data = buffer.getvalue().to_pybytes()
+        self.store.write_bytes(path, data)
         errors = table.num_rows - table["error"].null_count
-        return PartInfo(path, table.num_rows, table.num_rows - errors, errors, features=features)
+        return PartInfo(
+            path,
+            table.num_rows,
+            table.num_rows - errors,
+            errors,
+            crc32=zlib.crc32(data),
+            features=features,
+            features_crc32=features_crc,
+        )
 
     def publish(
         self,
@@ -171,7 +183,8 @@ class LibraryWriter:
              "index": {"path": "index/<uuid>.faiss", "kind": "flat", "ntotal": 9, "trained_on": 9,
                        "crc32": 3735928559},
              "parts": [{"path": "parts/part-<uuid>.parquet", "rows": 10, "ok": 9, "errors": 1,
-                        "features": "features/part-<uuid>.npy", "deleted": [7]}],
+                        "crc32": 1165375254, "features": "features/part-<uuid>.npy",
+                        "features_crc32": 2343432205, "deleted": [7]}],
              "counts": {"videos": 4, "segments": 8, "ok": 3, "failed": 1}, "next_id": 10,
              "decode": {"frames": 8, "segment_s": null},
              "changes": {"new": 1, "changed": 0, "deleted": 1, "unchanged": 3, "retried": 0,

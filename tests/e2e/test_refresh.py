@@ -8,6 +8,7 @@ the very files the earlier version wrote.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -132,6 +133,8 @@ def test_refresh_embeds_only_what_changed_and_equals_a_fresh_embed(
         (1, False, 4), (2, False, 4), (3, True, 5),
     ]  # fmt: skip
     assert versions[1]["changes"]["deleted"] == 1 and all(v["published"] for v in versions)
+    checked = run("check", library, "--endpoint-url", s3.endpoint_url, "--json")  # masks, an index delta
+    assert (checked.code, checked.json()["problems"]) == (0, [])
     old = run(
         "query", library, QUERIES[0], "-k", "8", "--version", "1", "--json", "--endpoint-url", s3.endpoint_url
     )
@@ -204,6 +207,34 @@ def test_a_local_folder_moved_with_mv_is_not_embedded_again(
     for args in (["a text", "--like", "notes.mp4"], []):
         refused = run("query", library, *args, cwd=tmp_path)
         assert refused.code == 2 and "not both or neither" in refused.stderr, refused.stderr
+
+
+def test_a_part_found_damaged_is_repaired_and_the_refresh_embeds_its_videos_again(
+    tiny_model: Path, clips: dict[str, Path], tmp_path: Path
+) -> None:
+    """A re-rank record changed on disk (which a search would read without noticing): `check` names the file,
+    `check --repair` publishes a version without its part, and the next refresh embeds those videos again:
+    the library equals a fresh embed."""
+    source, library = tmp_path / "videos", tmp_path / "library"
+    source.mkdir()
+    for name in "abc":
+        shutil.copy2(clips[name], source / f"{name}.mp4")
+    flags = ["--model", tiny_model, "--segment", "1", "--json", *CPU_ENCODERS]
+    run("embed", source, library, *flags).json()
+    (part,) = Library.open(str(library)).snapshot.parts
+    records = library / str(part.features)
+    data = bytearray(records.read_bytes())
+    data[-3] ^= 0x10  # in the last row's re-rank features
+    records.write_bytes(bytes(data))
+
+    found = run("check", library)
+    assert found.code == 1 and f"{part.features}: damaged: its CRC-32 is" in found.stdout, found.stdout
+    repaired = run("check", library, "--repair", "--json")
+    assert repaired.code == 1 and json.loads(repaired.stdout)["repaired"]["dropped_videos"] == 3
+    assert run("check", library).code == 0
+    again = run("refresh", source, library, *flags).json()
+    assert (again["changes"]["new"], again["changes"]["unchanged"], again["version"]) == (3, 0, 3)
+    assert_same_library(Library.open(str(library)), fresh(source, tmp_path / "fresh", flags))
 
 
 def test_refresh_refuses_another_model_or_decoding(

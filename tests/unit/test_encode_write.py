@@ -8,6 +8,7 @@ here with plain numpy, so the embeddings are checked against code that shares no
 from __future__ import annotations
 
 import shutil
+import zlib
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -231,11 +232,13 @@ def test_write_part_round_trip(tmp_path, checkpoint):
     library = str(tmp_path / "library")
     described = WritePart(library, DIM, (PATCHES, DIM))(encoded)
 
-    counts = {k: v.tolist() for k, v in described.items() if k not in ("path", "features")}
+    counts = {k: v.tolist() for k, v in described.items() if k in ("rows", "ok", "errors")}
     assert counts == {"rows": [2], "ok": [1], "errors": [1]}
     part = written_part({name: column[0] for name, column in described.items()})
     assert part.path.startswith("parts/part-") and part.path.endswith(".parquet")
     assert part.features == features_path(part.path)
+    for name, crc in ((part.path, part.crc32), (part.features, part.features_crc32)):  # check reads them
+        assert crc == zlib.crc32((tmp_path / "library" / name).read_bytes())
     schema = part_schema(DIM, (PATCHES, DIM))
     # the part file holds all but the re-rank features; read back, the part has them all
     assert pq.read_table(f"{library}/{part.path}").schema.equals(stored_schema(schema))

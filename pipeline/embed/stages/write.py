@@ -18,7 +18,7 @@ from ...library.schema import part_schema, row_id
 from ...storage import Store
 
 PART_ROWS = 256  # rows per Parquet part file
-PART_COLUMNS = ("path", "features", "rows", "ok", "errors")  # a new part: PartInfo without a mask
+PART_COLUMNS = ("path", "features", "rows", "ok", "errors", "crc32", "features_crc32")  # PartInfo, no mask
 _TEXT = ("path", "features")
 
 
@@ -61,8 +61,8 @@ def _fixed_size_list(name: str, values: Any, dtype: type, width: int, rows: int)
 class WritePart:
     """Ray Data callable: each batch of encoded rows -> one part file of the library (through
     :class:`pipeline.library.LibraryWriter`), described by a one-row batch with the :class:`PartInfo`
-    columns ``path`` (relative to the library), ``rows``, ``ok`` and ``errors``. An empty batch writes
-    nothing and returns an empty batch."""
+    columns ``path`` (relative to the library), ``features``, ``rows``, ``ok``, ``errors``, ``crc32`` and
+    ``features_crc32``. An empty batch writes nothing and returns an empty batch."""
 
     def __init__(self, library: str | Store, embedding_dim: int, prompt_shape: tuple[int, int] | None):
         self.writer = LibraryWriter(library, embedding_dim=embedding_dim, prompt_shape=prompt_shape)
@@ -79,5 +79,11 @@ class WritePart:
 def written_part(row: Mapping[str, Any]) -> PartInfo:
     """The :class:`PartInfo` of one row of :class:`WritePart`'s output."""
     return PartInfo(
-        str(row["path"]), int(row["rows"]), int(row["ok"]), int(row["errors"]), features=str(row["features"])
+        str(row["path"]),
+        int(row["rows"]),
+        int(row["ok"]),
+        int(row["errors"]),
+        crc32=int(row["crc32"]),
+        features=str(row["features"]),
+        features_crc32=int(row["features_crc32"]),
     )
