@@ -36,7 +36,8 @@ from typing import TYPE_CHECKING, Any, TextIO
 if TYPE_CHECKING:
     from ray.job_submission import JobDetails
 
-JOBS = ("embed", "refresh", "reindex", "train", "eval")  # jobs/<kind>.py: the CLI's commands of those names
+# jobs/<kind>.py: the CLI's commands of those names
+JOBS = ("embed", "refresh", "reindex", "check", "train", "eval")
 UPLOADED = ("pipeline", "xclip_core", "jobs")  # the project's folders that a job's working_dir carries
 FORWARDED_ENV = (
     "AWS_ACCESS_KEY_ID",

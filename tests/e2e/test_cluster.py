@@ -199,7 +199,7 @@ def test_a_job_carries_the_project_and_the_credentials_off_its_command_line(monk
 
 
 def test_submit_runs_the_job_on_the_cluster_and_exits_as_it(
-    cluster: LocalCluster, submitted: tuple[Run, str], s3: MotoS3
+    cluster: LocalCluster, submitted: tuple[Run, str], s3: MotoS3, submitter: dict[str, str]
 ) -> None:
     done, library = submitted
     assert done.code == 0, done.stderr[-4000:]
@@ -208,6 +208,8 @@ def test_submit_runs_the_job_on_the_cluster_and_exits_as_it(
     assert f"{CLIPS} objects, {CLIPS} embedded" in done.stderr and "SUCCEEDED" in done.stderr
     assert_every_object_once(library, s3)
     assert_placement(cluster, job_id, done.stderr, by_label=True)
+    checked = cli("submit", "check", library, "--address", cluster.dashboard, env=submitter)
+    assert checked.code == 0 and "no problems" in checked.stderr, checked.stderr[-4000:]
 
 
 def test_the_jobs_encoders_ran_in_the_precision_it_was_given(
