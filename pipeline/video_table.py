@@ -42,10 +42,10 @@ def read_video_table(
     """The rows of a ``uri,caption`` or ``uri,label`` table (``.parquet``, else CSV with a header)."""
     check_template(template)
     data = Store(table_uri, storage).read_bytes()
-    table = (
-        pq.read_table(io.BytesIO(data))
+    table = (  # in this thread, as a library's parts are read (pipeline.library.reader.read_part)
+        pq.read_table(io.BytesIO(data), use_threads=False)
         if table_uri.endswith(".parquet")
-        else pa_csv.read_csv(io.BytesIO(data))
+        else pa_csv.read_csv(io.BytesIO(data), pa_csv.ReadOptions(use_threads=False))
     )
     columns = set(table.column_names)
     if "uri" not in columns or not columns & {"caption", "label"}:

@@ -66,8 +66,13 @@ def read_part(
     ):
         fragment = CHECKED_PARQUET.make_fragment(pa.PythonFile(f, mode="r"))
         physical = stored_schema(schema) if part.features else schema
-        table = fragment.to_table(schema=physical, columns=read, filter=condition)
-        everyone = fragment.to_table(schema=physical, columns=["id"])["id"] if beside else None
+        # decoded in this thread: a decode on Arrow's pool can drop the last reference to the Python file's
+        # buffers there after this returns, and a process exiting then aborts ("terminate called without an
+        # active exception"); parts are read several at once (read_each) instead
+        table = fragment.to_table(schema=physical, columns=read, filter=condition, use_threads=False)
+        everyone = (
+            fragment.to_table(schema=physical, columns=["id"], use_threads=False)["id"] if beside else None
+        )
     if not beside:
         return table
     positions = pc.index_in(table["id"], value_set=everyone).to_numpy()
