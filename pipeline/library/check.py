@@ -123,7 +123,7 @@ def _whole(store: Store, path: str, crc: int | None) -> tuple[bytes, Problem | N
 
 
 def _unreadable(path: str, error: Exception) -> Problem:
-    if isinstance(error, ObjectNotFound):
+    if isinstance(error, ObjectNotFound) or isinstance(error.__cause__, ObjectNotFound):
         return Problem(path, MISSING, "the manifest names it, storage has no such object")
     cause = error.__cause__ or error
     return Problem(path, DAMAGED, (str(cause).strip().splitlines() or [type(cause).__name__])[0])

@@ -55,18 +55,26 @@ class DamagedLibraryError(LibraryError):
 
 # what JSON, Parquet (pyarrow), NumPy and FAISS raise for content they cannot parse
 UNPARSABLE = (ValueError, EOFError, RuntimeError, pa.ArrowException)
-REMEDY = (
+MANIFEST_REMEDY = (
     "restore it from a copy, roll back to a version without it (`videosearch versions`, `videosearch "
     "rollback --to N`), or embed the videos into a new library"
+)
+REMEDY = (  # for a part or its re-rank records
+    "restore it from a copy, roll back to a version without it (`videosearch versions`, `videosearch "
+    "rollback --to N`), or publish a version without it (`videosearch check --repair`), whose videos the "
+    "next refresh embeds again"
 )
 
 
 @contextlib.contextmanager
 def parsing(root: Store, name: str, remedy: str = REMEDY) -> Iterator[None]:
-    """Parsing the library's file ``name`` in the block: content that cannot be parsed (:data:`UNPARSABLE`)
-    becomes a :class:`DamagedLibraryError` that names the file and says what to do (``remedy``)."""
+    """Reading the library's file ``name`` in the block: content that cannot be parsed (:data:`UNPARSABLE`),
+    or no such file where the manifest names one, becomes a :class:`DamagedLibraryError` that names the file
+    and says what to do (``remedy``)."""
     try:
         yield
+    except ObjectNotFound as e:
+        raise DamagedLibraryError(f"{root.uri} is damaged: {name} is missing; {remedy}") from e
     except (*UNPARSABLE, OSError) as e:
         if isinstance(e, OSError) and not _checksum_failed(e):
             raise  # reading failed: the storage's error, not the content's
@@ -221,7 +229,7 @@ def read_manifest(root: Store, number: int, named_by_current: bool = False) -> d
         raise VersionNotFoundError(
             f"{root.uri} has no version {number}; available versions: {', '.join(map(str, available))}"
         ) from None
-    with parsing(root, manifest_name(number)):
+    with parsing(root, manifest_name(number), MANIFEST_REMEDY):
         manifest = json.loads(data)
     if manifest.get("format", 0) > FORMAT:
         raise LibraryError(

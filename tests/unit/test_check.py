@@ -4,6 +4,7 @@ a version without what is wrong, whose videos a refresh embeds again."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import pyarrow.compute as pc
 import pytest
 
 from pipeline.cli import main
-from pipeline.library import Library, LibraryWriter, Version
+from pipeline.library import DamagedLibraryError, Library, LibraryWriter, Version
 from pipeline.library.check import DAMAGED, INCONSISTENT, MISSING, check
 from pipeline.library.index import build_index
 from pipeline.library.repair import repair
@@ -138,6 +139,12 @@ def test_each_damaged_or_missing_file_is_named(where, file: str, damage: str) ->
     if damage == "flipped" and file == "features":  # what a search cannot see: it reads records unchecked
         found = Library.open(*where).rows_by_id([row_id("s3://videos/b.mp4", 2)], ["prompt_features"])
         assert found.num_rows == 1
+    if damage == "removed":  # a search or a refresh that reads it says so, and what to do
+        remedy = "`videosearch reindex" if file == "index" else "(`videosearch check --repair`)"
+        with pytest.raises(DamagedLibraryError, match=rf"{name} is missing; .*{re.escape(remedy)}"):
+            latest = Library.open(*where)
+            latest.rows_by_id([row_id("s3://videos/b.mp4", 2)], ["uri", "prompt_features"])
+            latest.index()
     assert main(["check", where[0], *endpoint(where)]) == 1
 
 
