@@ -32,11 +32,12 @@ from ..library.refresh import (
     index_delta,
     plan_refresh,
     rewrite_parts,
+    same_local_bytes,
     whole_videos,
 )
 from ..library.writer import IndexDelta, count_videos
 from ..models import VideoTextModel, absolute_source
-from ..storage import StorageError, Store
+from ..storage import StorageError, Store, as_store
 from ..worker_errors import worker_errors
 from .in_flight import InFlightMarker
 from .job_model import JobModel
@@ -83,7 +84,8 @@ def _run(source: str, library: str, options: EmbedOptions, refresh: bool) -> Emb
     with Journal(store, model.identity.sha256, decode) as journal:  # the lease: one writer at a time
         base = Library.current_version(store)
         reused = Library(store, base) if _reusable(base, model.identity, decode, refresh) else None
-        plan = plan_refresh(reused, listed, options.retry_failed)
+        local = as_store(source, options.storage).is_local  # a new file without an ETag: compare its bytes
+        plan = plan_refresh(reused, listed, options.retry_failed, same_local_bytes if local else None)
         if refresh and base is not None and plan.changes.nothing:
             journal.finish()
             rows = Library(store, base).table(["uri", "error"])

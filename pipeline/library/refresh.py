@@ -15,8 +15,10 @@ store gives one, else size and modification time. Then:
   version was embedded under) take a copy of that video's rows the same way, whether or not the original
   stays: ``aws s3 cp`` within a bucket, or the same file uploaded twice. Only an MD5 ETag (S3 and its
   peers for objects uploaded whole or in parts) says the contents are equal; other ETags (an HTTP server's
-  date and size, SSE-KMS, GCS generations) and local files' size and date do not, so there a copy is
-  embedded as any new object;
+  date and size, SSE-KMS, GCS generations) do not, so there a copy is embedded as any new object. A new local
+  file (``cp``, ``cp -p``: no ETag) is compared byte for byte (:func:`same_local_bytes`) with the library's
+  videos of its size whose files are still there unchanged, at most :data:`LOCAL_COMPARED` of them (those
+  of its name and date first): equal bytes make it a copy;
 * every other row stays where it is: a part whose rows all stay is referenced by the new manifest as it is.
 
 Rows leave a part by a deletion mask (the part's ``deleted`` ids in the manifest), not by rewriting the part:
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -51,6 +54,8 @@ DELTA_MAX_FRACTION = (
     0.1  # an index delta grows up to this fraction of its file's vectors, then a file is written
 )
 _COLUMNS = ["id", "uri", "etag", "size", "mtime", "error"]
+LOCAL_COMPARED = 4  # library videos of a new local file's size that its bytes are compared with, at most
+COMPARED_CHUNK = 1 << 20
 _MD5_ETAG = re.compile(r'"?[0-9a-fA-F]{32}(-[0-9]+)?"?')
 
 
@@ -107,9 +112,14 @@ def fingerprint(row: dict[str, Any]) -> tuple:
 
 
 def plan_refresh(
-    base: Library | None, listed: list[dict[str, Any]], retry_failed: bool = True
+    base: Library | None,
+    listed: list[dict[str, Any]],
+    retry_failed: bool = True,
+    same_bytes: Callable[[str, str], bool] | None = None,
 ) -> RefreshPlan:
-    """Compare ``listed`` (the source's listing, sorted by uri) with the ``base`` version's rows."""
+    """Compare ``listed`` (the source's listing, sorted by uri) with the ``base`` version's rows.
+    ``same_bytes(new, old)`` tells whether a new object without an ETag holds the bytes of an unchanged one
+    (:func:`same_local_bytes` for a local source; ``None``: such objects are never copies)."""
     if base is None:
         return RefreshPlan(list(listed), changes=Changes(new=len(listed)))
     parts = base.snapshot.parts
@@ -128,7 +138,8 @@ def plan_refresh(
     moves = _moves(gone, added)
     kinds.update(dict.fromkeys(moves, "moved"))
     moved_to = {row["uri"] for row in moves.values()}
-    copies = _copies(videos, [row for row in added if row["uri"] not in moved_to])
+    unchanged = {uri for uri, kind in kinds.items() if kind == "unchanged"}
+    copies = _copies(videos, [row for row in added if row["uri"] not in moved_to], unchanged, same_bytes)
     counts: dict[str, int] = defaultdict(int)
     for kind in kinds.values():
         counts[kind] += 1
@@ -187,17 +198,65 @@ def _moves(gone: dict[str, dict[str, Any]], added: list[dict[str, Any]]) -> dict
 
 
 def _copies(
-    videos: dict[str, dict[str, Any]], added: list[dict[str, Any]]
+    videos: dict[str, dict[str, Any]],
+    added: list[dict[str, Any]],
+    unchanged: set[str],
+    same_bytes: Callable[[str, str], bool] | None,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Of the ``added`` listed rows, those whose ETag is a :func:`content_hash` that a whole video of
-    ``videos`` (the base's: uri -> fingerprint, failed, rows) has: that video's uri -> them."""
+    """Of the ``added`` listed rows, those that hold the bytes of a whole video of ``videos`` (the base's:
+    uri -> fingerprint, failed, rows): an MD5 ETag (:func:`content_hash`) that the video was embedded under,
+    or, without an ETag, ``same_bytes`` with one of the ``unchanged`` videos of its size. That video's uri ->
+    them."""
     whole = {video["print"]: uri for uri, video in sorted(videos.items()) if not video["failed"]}
+    sized: dict[int, list[str]] = defaultdict(list)  # ETag-less unchanged videos by size
+    for uri in sorted(unchanged):
+        if same_bytes and not videos[uri]["failed"] and videos[uri]["print"][0] == "size":
+            sized[videos[uri]["print"][1]].append(uri)
     copies: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in added:
         original = whole.get(fingerprint(row))
-        if original is not None and content_hash(row["etag"]):
+        if original is None or not content_hash(row["etag"]):
+            original = _same_file(row, sized, videos, same_bytes) if same_bytes and not row["etag"] else None
+        if original is not None:
             copies[original].append(row)
     return dict(copies)
+
+
+def _same_file(
+    row: dict[str, Any],
+    sized: dict[int, list[str]],
+    videos: dict[str, dict[str, Any]],
+    same_bytes: Callable[[str, str], bool],
+) -> str | None:
+    """The first of at most :data:`LOCAL_COMPARED` videos of ``row``'s size (those of its name, then of its
+    modification time, first) whose bytes ``row``'s object holds."""
+    name = row["uri"].rsplit("/", 1)[-1]
+
+    def likeness(uri: str) -> tuple[bool, bool]:
+        return uri.rsplit("/", 1)[-1] != name, videos[uri]["print"][2] != row["mtime"]
+
+    candidates = sorted(sized.get(row["size"], ()), key=likeness)[:LOCAL_COMPARED]
+    return next((uri for uri in candidates if same_bytes(row["uri"], uri)), None)
+
+
+def same_local_bytes(new: str, old: str) -> bool:
+    """Whether two local files (paths or ``file://`` URIs) hold the same bytes: read side by side, a MiB at a
+    time, stopping at the first difference (two different videos differ within the first MiBs). A file that
+    cannot be read is not a copy (it is embedded, and its error said there)."""
+    try:
+        with open(_local_path(new), "rb") as a, open(_local_path(old), "rb") as b:
+            while True:
+                chunk = a.read(COMPARED_CHUNK)
+                if chunk != b.read(COMPARED_CHUNK):
+                    return False
+                if not chunk:
+                    return True
+    except OSError:
+        return False
+
+
+def _local_path(uri: str) -> str:
+    return uri.removeprefix("file://")
 
 
 def content_hash(etag: str | None) -> bool:

@@ -208,6 +208,14 @@ def test_a_local_folder_moved_with_mv_is_not_embedded_again(
         refused = run("query", library, *args, cwd=tmp_path)
         assert refused.code == 2 and "not both or neither" in refused.stderr, refused.stderr
 
+    # a copy of the folder (`cp -r`: new dates, no ETags) is found by its bytes: nothing decoded
+    shutil.copytree(source / "sorted", source / "backup", copy_function=shutil.copy)
+    copied = run("refresh", source, library, "--model", tiny_model, "--json").json()
+    assert (copied["changes"]["copied"], copied["changes"]["new"], copied["executor"]) == (2, 0, None)
+    rows = Library.open(str(library)).table(["uri", "embedding"]).to_pylist()
+    embeddings = {Path(row["uri"]).relative_to(source).as_posix(): row["embedding"] for row in rows}
+    assert embeddings["backup/a.mp4"] == embeddings["sorted/a.mp4"] != embeddings["backup/b.mp4"]
+
 
 def test_a_part_found_damaged_is_repaired_and_the_refresh_embeds_its_videos_again(
     tiny_model: Path, clips: dict[str, Path], tmp_path: Path

@@ -19,6 +19,7 @@ from pipeline.library.refresh import (
     index_delta,
     plan_refresh,
     rewrite_parts,
+    same_local_bytes,
     whole_videos,
 )
 from pipeline.library.schema import part_schema, row_id
@@ -301,3 +302,50 @@ def test_without_an_md5_etag_a_copy_is_embedded(tmp_path: Path) -> None:
         library, [a, {**a, "uri": "s3://b/copy.mp4"}, local, {**local, "uri": "/videos/w.mp4"}]
     )
     assert (plan.changes.copied, plan.changes.new, plan.copies) == (0, 2, {})  # `cp -p`: size and date alone
+
+
+def test_a_local_copy_is_found_by_its_bytes(tmp_path: Path) -> None:
+    """Local files have no ETag: a new file is compared byte for byte with the library's unchanged videos of
+    its size (`cp` gives the copy a new date, `cp -p` keeps it); equal bytes make a copy of the rows."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    content = {"v": bytes(range(256)) * 8192, "f": b"\x01" * 2_097_152}  # 2 MiB each, past one compared chunk
+    for name, data in content.items():
+        (videos / f"{name}.mp4").write_bytes(data)
+
+    def local(path: Path, mtime: float = 1.5) -> dict:
+        return {"uri": str(path), "size": path.stat().st_size, "etag": None, "mtime": mtime}
+
+    v, f = local(videos / "v.mp4"), local(videos / "f.mp4")
+    library = publish(tmp_path / "lib", [rows_of(v) + rows_of(f, error="x")])
+    (videos / "backup").mkdir()
+    copies = {}
+    for name, data in {
+        "v.mp4": content["v"],  # `cp`: the same bytes, a new date
+        "v renamed.mp4": content["v"],
+        "v last byte.mp4": content["v"][:-1] + b"\x00",  # the same size, one byte differs at the end
+        "f.mp4": content["f"],  # a copy of a failed video: embedded
+    }.items():
+        (videos / "backup" / name).write_bytes(data)
+        copies[name] = local(videos / "backup" / name, mtime=9.0)
+    listing = [v, f, *copies.values()]
+    plan = plan_refresh(library, listing, same_bytes=same_local_bytes)
+    assert plan.copies == {v["uri"]: [copies["v.mp4"], copies["v renamed.mp4"]]}
+    embedded = {row["uri"] for row in plan.to_embed}
+    assert embedded == {f["uri"], copies["v last byte.mp4"]["uri"], copies["f.mp4"]["uri"]}  # f: retried
+    assert (plan.changes.copied, plan.changes.new) == (2, 2)
+    assert plan_refresh(library, listing).changes.copied == 0  # no comparer (a remote store): embedded
+
+    (videos / "v.mp4").unlink()  # the original gone: nothing to compare with (and no move: other dates)
+    plan = plan_refresh(library, [f, *copies.values()], same_bytes=same_local_bytes)
+    assert (plan.changes.copied, plan.changes.new, plan.changes.deleted) == (0, 4, 1)
+
+
+def test_same_local_bytes(tmp_path: Path) -> None:
+    a, b, c = (tmp_path / name for name in "abc")
+    a.write_bytes(b"x" * 3_000_000)
+    b.write_bytes(b"x" * 3_000_000)
+    c.write_bytes(b"x" * 2_999_999 + b"y")
+    assert same_local_bytes(str(a), f"file://{b}")
+    assert not same_local_bytes(str(a), str(c))
+    assert not same_local_bytes(str(a), str(tmp_path / "gone"))  # unreadable: not a copy
