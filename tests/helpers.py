@@ -446,3 +446,42 @@ def nvdec_available() -> bool:
     except ValueError:
         return False
     return True
+
+
+def part_row(
+    id_: int,
+    uri: str,
+    segment: int,
+    ok: bool,
+    rng: np.random.Generator,
+    shapes: tuple[int, int | None],
+    model_tag: str,
+    duration_s: float,
+) -> dict[str, Any]:
+    """One row of a library part as a job writes it: segment ``segment`` (1 s) of a 320x240 25-fps video, a
+    random unit embedding of ``shapes[0]`` values and ``shapes[1]`` random re-rank values (None: the family
+    has none); an error row, without them, where not ``ok``."""
+    dim, prompt_width = shapes
+    embedding = rng.standard_normal(dim)
+    row = {
+        "id": id_,
+        "uri": uri,
+        "size": 100,
+        "etag": "e",
+        "mtime": 1.0,
+        "segment": segment,
+        "start_s": float(segment),
+        "end_s": segment + 1.0,
+        "duration_s": duration_s,
+        "fps": 25.0,
+        "frame_count": int(25 * duration_s),
+        "width": 320,
+        "height": 240,
+        "thumbnail": b"jpg" if ok else None,
+        "error": None if ok else "broken",
+        "embedding": (embedding / np.linalg.norm(embedding)).tolist() if ok else None,
+        "model_id": model_tag if ok else None,
+    }
+    if prompt_width:
+        row["prompt_features"] = rng.standard_normal(prompt_width).tolist() if ok else None
+    return row

@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from helpers import part_row
 
 from pipeline.cli import main
 from pipeline.library import DamagedLibraryError, Library, LibraryWriter, Version
@@ -30,34 +31,21 @@ def rows(videos: dict[str, range], failed: tuple[str, ...] = ()) -> pa.Table:
     """Part rows: each video's segments in ``videos`` (a range of segment numbers), ids as a job gives them;
     a video in ``failed`` is one error row."""
     rng = np.random.default_rng(len(videos) + sum(len(s) for s in videos.values()))
-    out = []
-    for name, segments in videos.items():
-        uri = f"s3://videos/{name}.mp4"
-        ok = name not in failed
-        for segment in segments if ok else range(1):
-            emb = rng.standard_normal(DIM)
-            out.append(
-                {
-                    "id": row_id(uri, segment),
-                    "uri": uri,
-                    "size": 100,
-                    "etag": "e",
-                    "mtime": 1.0,
-                    "segment": segment,
-                    "start_s": float(segment),
-                    "end_s": segment + 1.0,
-                    "duration_s": 9.0,
-                    "fps": 25.0,
-                    "frame_count": 225,
-                    "width": 320,
-                    "height": 240,
-                    "thumbnail": b"jpg" if ok else None,
-                    "error": None if ok else "broken",
-                    "embedding": (emb / np.linalg.norm(emb)).tolist() if ok else None,
-                    "prompt_features": rng.standard_normal(SHAPE[0] * SHAPE[1]).tolist() if ok else None,
-                    "model_id": MODEL.tag if ok else None,
-                }
-            )
+    shapes = (DIM, SHAPE[0] * SHAPE[1])
+    out = [
+        part_row(
+            row_id(f"s3://videos/{name}.mp4", segment),
+            f"s3://videos/{name}.mp4",
+            segment,
+            name not in failed,
+            rng,
+            shapes,
+            MODEL.tag,
+            9.0,
+        )
+        for name, segments in videos.items()
+        for segment in (segments if name not in failed else range(1))
+    ]
     return pa.Table.from_pylist(out, schema=part_schema(DIM, SHAPE))
 
 

@@ -12,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from helpers import part_row
 
 from pipeline.library import (
     CURRENT,
@@ -42,32 +43,11 @@ MODEL = ModelIdentity("test/xclip-tiny", "0" * 64)
 def rows(ids: range, failed: tuple[int, ...] = ()) -> pa.Table:
     """Part rows for ``ids``: two segments per video; the ids in ``failed`` are error rows."""
     rng = np.random.default_rng(ids.start)
-    out = []
-    for i in ids:
-        ok = i not in failed
-        emb = rng.standard_normal(DIM)
-        out.append(
-            {
-                "id": i,
-                "uri": f"s3://videos/v{i // 2}.mp4",
-                "size": 100,
-                "etag": "e",
-                "mtime": 1.0,
-                "segment": i % 2,
-                "start_s": 0.0,
-                "end_s": 1.0,
-                "duration_s": 2.0,
-                "fps": 25.0,
-                "frame_count": 50,
-                "width": 320,
-                "height": 240,
-                "thumbnail": b"jpg" if ok else None,
-                "error": None if ok else "broken",
-                "embedding": (emb / np.linalg.norm(emb)).tolist() if ok else None,
-                "prompt_features": rng.standard_normal(SHAPE[0] * SHAPE[1]).tolist() if ok else None,
-                "model_id": MODEL.tag if ok else None,
-            }
-        )
+    shapes = (DIM, SHAPE[0] * SHAPE[1])
+    out = [
+        part_row(i, f"s3://videos/v{i // 2}.mp4", i % 2, i not in failed, rng, shapes, MODEL.tag, 2.0)
+        for i in ids
+    ]
     return pa.Table.from_pylist(out, schema=part_schema(DIM, SHAPE))
 
 
