@@ -69,7 +69,12 @@ class Checked:
         if self.ok:
             return f"{head}, no problems"
         lines = [f"  {problem.text()}" for problem in self.problems]
-        return "\n".join([f"{head}, {len(self.problems)} problems:", *lines])
+        return "\n".join([f"{head}, {counted(len(self.problems), 'problem')}:", *lines])
+
+
+def counted(n: int, noun: str) -> str:
+    """``1 problem``, ``2 problems``."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 @dataclass
@@ -143,8 +148,9 @@ def _against_manifest(part: PartInfo, table: pa.Table) -> list[Problem]:
             )
         )
     ids = table["id"].to_numpy()
-    if len(np.unique(ids)) != len(ids):
-        problems.append(Problem(part.path, INCONSISTENT, f"{len(ids) - len(np.unique(ids))} ids repeated"))
+    repeated = len(ids) - len(np.unique(ids))
+    if repeated:
+        problems.append(Problem(part.path, INCONSISTENT, f"{repeated} ids repeated"))
     strangers = np.setdiff1d(np.array(part.deleted, np.int64), ids)
     if strangers.size:
         problems.append(

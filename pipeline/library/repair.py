@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..storage import ObjectNotFound, StorageOptions, Store, as_store
-from .check import Checked
+from .check import Checked, counted
 from .index import ids_of
 from .manifest import DamagedLibraryError, NotALibraryError, PartInfo, current_version
 from .reader import Library, read_each, read_index_file, read_part
@@ -50,9 +50,9 @@ class Repaired:
         if not self.dropped_parts:
             return f"version {self.version}: the index built anew ({self.index}), now current"
         return (
-            f"version {self.version}: without {len(self.dropped_parts)} parts and their "
-            f"{self.dropped_videos} videos, {self.index}, now current; `videosearch refresh` of the source "
-            "embeds them again"
+            f"version {self.version}: without {counted(len(self.dropped_parts), 'part')} and their "
+            f"{counted(self.dropped_videos, 'video')}, {self.index}, now current; `videosearch refresh` of "
+            "the source embeds them again"
         )
 
 
