@@ -33,9 +33,14 @@ from .schema import PROMPT, part_schema, stored_schema
 
 READ_THREADS = 8  # part files read at once
 # part files are written with a CRC of each page (LibraryWriter.write_part): a page whose bytes changed since
-# (bit rot, an overwrite) is a damaged file, not wrong rows; parts written before checksums read unchecked
+# (bit rot, an overwrite) is a damaged file, not wrong rows; parts written before checksums read unchecked.
+# Read without pre-buffering and decoded in the reading thread (read_part): Arrow's own threads reading a
+# Python file can drop the last reference to its buffers after the read returned, and a process exiting then
+# aborts ("terminate called without an active exception", exit 134)
 CHECKED_PARQUET = ds.ParquetFileFormat(
-    default_fragment_scan_options=ds.ParquetFragmentScanOptions(page_checksum_verification=True)
+    default_fragment_scan_options=ds.ParquetFragmentScanOptions(
+        page_checksum_verification=True, pre_buffer=False
+    )
 )
 
 
@@ -66,9 +71,7 @@ def read_part(
     ):
         fragment = CHECKED_PARQUET.make_fragment(pa.PythonFile(f, mode="r"))
         physical = stored_schema(schema) if part.features else schema
-        # decoded in this thread: a decode on Arrow's pool can drop the last reference to the Python file's
-        # buffers there after this returns, and a process exiting then aborts ("terminate called without an
-        # active exception"); parts are read several at once (read_each) instead
+        # in this thread (see CHECKED_PARQUET); parts are read several at once by read_each instead
         table = fragment.to_table(schema=physical, columns=read, filter=condition, use_threads=False)
         everyone = (
             fragment.to_table(schema=physical, columns=["id"], use_threads=False)["id"] if beside else None
