@@ -29,7 +29,7 @@ import pyarrow as pa
 from ..storage import ObjectNotFound, StorageOptions, Store, each_at_once
 from .features import record_dtype
 from .index import ids_of
-from .manifest import DamagedLibraryError, PartInfo
+from .manifest import DamagedLibraryError, PartInfo, parsing
 from .reader import READ_THREADS, Library, read_index_file, read_part
 from .schema import PROMPT, dense_rows
 
@@ -105,7 +105,7 @@ def _check_part(library: Library, part: PartInfo) -> _Part:
     columns = [name for name in library.schema.names if name != PROMPT or part.features is None]
     try:  # read as a search reads it (its pages' CRCs where it has them; parts from before whole-file CRCs)
         table = read_part(library.store, part, library.schema, columns, masked=False)
-    except (ObjectNotFound, DamagedLibraryError) as e:
+    except DamagedLibraryError as e:
         return _Part([_unreadable(part.path, e)], None)
     problems = _against_manifest(part, table)
     if part.features is not None:
@@ -118,8 +118,9 @@ def _check_part(library: Library, part: PartInfo) -> _Part:
 def _whole(store: Store, path: str, crc: int | None) -> tuple[bytes, Problem | None]:
     """The file's bytes, or the problem: missing, or a CRC-32 other than ``crc`` (where one was recorded)."""
     try:
-        data = store.read_bytes(path)
-    except ObjectNotFound as e:
+        with parsing(store, path):
+            data = store.read_bytes(path)
+    except DamagedLibraryError as e:
         return b"", _unreadable(path, e)
     found = zlib.crc32(data)
     if crc is not None and found != crc:
@@ -127,10 +128,11 @@ def _whole(store: Store, path: str, crc: int | None) -> tuple[bytes, Problem | N
     return data, None
 
 
-def _unreadable(path: str, error: Exception) -> Problem:
-    if isinstance(error, ObjectNotFound) or isinstance(error.__cause__, ObjectNotFound):
-        return Problem(path, MISSING, "the manifest names it, storage has no such object")
+def _unreadable(path: str, error: DamagedLibraryError) -> Problem:
+    """The problem of a file that :func:`~pipeline.library.manifest.parsing` found missing or unparsable."""
     cause = error.__cause__ or error
+    if isinstance(cause, ObjectNotFound):
+        return Problem(path, MISSING, "the manifest names it, storage has no such object")
     return Problem(path, DAMAGED, (str(cause).strip().splitlines() or [type(cause).__name__])[0])
 
 
@@ -165,8 +167,9 @@ def _check_features(library: Library, part: PartInfo, table: pa.Table) -> list[P
     if problem:
         return [problem]
     try:
-        records = np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, EOFError) as e:
+        with parsing(library.store, path):
+            records = np.load(io.BytesIO(data), allow_pickle=False)
+    except DamagedLibraryError as e:
         return [_unreadable(path, e)]
     expected = record_dtype(library.manifest["embedding_dim"], library.rerank_shape)
     if records.dtype != expected or records.shape != (part.rows,):
@@ -188,7 +191,7 @@ def _check_index(library: Library, embedded: dict[str, np.ndarray | None]) -> li
     entry = library.manifest["index"]
     try:
         index = read_index_file(library.store, entry)
-    except (ObjectNotFound, DamagedLibraryError) as e:
+    except DamagedLibraryError as e:
         return [_unreadable(entry["path"], e)]
     if any(ids is None for ids in embedded.values()):
         return []  # a part could not be read: its rows are unknown, the index's ids not to be held to them

@@ -25,7 +25,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..storage import ObjectNotFound, StorageOptions, Store, as_store
+from ..storage import StorageOptions, Store, as_store
 from .check import Checked, counted
 from .index import ids_of
 from .manifest import DamagedLibraryError, NotALibraryError, PartInfo, current_version
@@ -100,12 +100,12 @@ def _lost_ids(library: Library, dropped: list[PartInfo], staying: set[int]) -> s
     that no row in ``staying`` has (where the index can be read)."""
     lost: set[int] = set()
     for part in dropped:
-        with contextlib.suppress(ObjectNotFound, DamagedLibraryError):  # else the index may know them
+        with contextlib.suppress(DamagedLibraryError):  # missing or unreadable: the index may know them
             lost.update(read_part(library.store, part, library.schema, ["id"])["id"].to_pylist())
     entry = library.manifest["index"]
     try:
         held = set(ids_of(read_index_file(library.store, entry)).tolist())
-    except (ObjectNotFound, DamagedLibraryError):
+    except DamagedLibraryError:
         return lost
     return lost | (held - set(entry.get("removed", ())) - staying)
 
