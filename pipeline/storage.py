@@ -224,6 +224,15 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         current = current.__cause__ or current.__context__
 
 
+def _raised_from_storage_error(exc: BaseException) -> bool:
+    cause = exc.__cause__
+    while cause is not None:
+        if isinstance(cause, StorageError):
+            return True
+        cause = cause.__cause__
+    return False
+
+
 def _error_code(exc: BaseException) -> str | None:
     """The S3 error code (``NoSuchBucket``, ``PreconditionFailed``, ...) of a botocore error in the chain."""
     for e in _chain(exc):
@@ -255,9 +264,11 @@ def translate_error(
 ) -> BaseException:
     """The :class:`StorageError` to raise for ``exc`` from ``action`` ("reading", "listing") on ``uri``.
 
-    Exceptions that are not storage failures (programming errors) are returned unchanged.
+    Exceptions that are not storage failures (programming errors) are returned unchanged, as are those raised
+    from a :class:`StorageError` (``raise ... from``): a failure already translated and told as what it
+    means to its reader (a library's missing file is a damaged library).
     """
-    if isinstance(exc, StorageError):
+    if isinstance(exc, StorageError) or _raised_from_storage_error(exc):
         return exc
     code = _error_code(exc)
     names = _class_names(exc)

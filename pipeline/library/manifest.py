@@ -115,6 +115,7 @@ class PartInfo:
     errors: int
     deleted: tuple[int, ...] = ()
     crc32: int | None = None  # the file's CRC-32, checked by ``videosearch check``; None: not recorded
+    file_bytes: int | None = None  # the file's size (a remote read then need not ask); None: not recorded
     features: str | None = None  # its re-rank records (library.features); None: inside the part (format < 3)
     features_crc32: int | None = None  # the records file's CRC-32, as ``crc32``
 
@@ -126,7 +127,12 @@ class PartInfo:
         """The manifest's entry (``deleted`` only where there is a mask, ``features`` and the checksums where
         there are)."""
         entry: dict[str, Any] = {"path": self.path, "rows": self.rows, "ok": self.ok, "errors": self.errors}
-        optional = {"crc32": self.crc32, "features": self.features, "features_crc32": self.features_crc32}
+        optional = {
+            "crc32": self.crc32,
+            "file_bytes": self.file_bytes,
+            "features": self.features,
+            "features_crc32": self.features_crc32,
+        }
         entry.update({name: value for name, value in optional.items() if value is not None})
         return {**entry, "deleted": list(self.deleted)} if self.deleted else entry
 

@@ -5,7 +5,9 @@ See :mod:`pipeline.library.manifest` for the layout and the versioning rules.
 
 from __future__ import annotations
 
+import contextlib
 import zlib
+from collections.abc import Iterator
 from typing import Any
 
 import faiss
@@ -29,6 +31,7 @@ from .manifest import (
     parsing,
     read_manifest,
 )
+from .ranged import open_columns
 from .schema import PROMPT, part_schema, stored_schema
 
 READ_THREADS = 8  # part files read at once
@@ -36,7 +39,8 @@ READ_THREADS = 8  # part files read at once
 # (bit rot, an overwrite) is a damaged file, not wrong rows; parts written before checksums read unchecked.
 # Read without pre-buffering and decoded in the reading thread (read_part): Arrow's own threads reading a
 # Python file can drop the last reference to its buffers after the read returned, and a process exiting then
-# aborts ("terminate called without an active exception", exit 134)
+# aborts ("terminate called without an active exception", exit 134). On remote storage the ranges a read
+# needs are fetched together beforehand instead (.ranged).
 CHECKED_PARQUET = ds.ParquetFileFormat(
     default_fragment_scan_options=ds.ParquetFragmentScanOptions(
         page_checksum_verification=True, pre_buffer=False
@@ -51,11 +55,14 @@ def read_part(
     columns: list[str] | None = None,
     filter: pc.Expression | None = None,
     masked: bool = True,
+    data: bytes | None = None,
 ) -> pa.Table:
     """The rows of one part file: only ``columns`` and the rows matching ``filter`` if given, its ``deleted``
-    ids left out unless ``masked`` is False. Only the column chunks asked for are read (ranged reads), and
-    re-rank features come from the part's records file where it has one. A storage failure raises
-    ``StorageError`` naming the file, never "no such file"."""
+    ids left out unless ``masked`` is False. Only the column chunks asked for are read (ranged reads: on
+    remote storage a request for the file's size, one for its footer and one for the chunks, see
+    :mod:`.ranged`), or parsed from ``data``, the file's bytes where a caller has them; re-rank features
+    come from the part's records file where it has one. A storage failure raises ``StorageError`` naming
+    the file, never "no such file"."""
     names = schema.names if columns is None else list(columns)
     condition = filter
     if masked and part.deleted:
@@ -63,14 +70,17 @@ def read_part(
         condition = visible if condition is None else condition & visible
     beside = part.features is not None and PROMPT in names  # the re-rank features are not in the file
     read = [n for n in names if n != PROMPT or not beside] + (["id"] if beside and "id" not in names else [])
-    kwargs = {} if root.is_local else {"cache_type": "none"}  # pyarrow asks for exactly the bytes it needs
+    physical = stored_schema(schema) if part.features else schema
+    # on remote storage, the chunks of these columns are fetched up front; a filter may name any column, so
+    # with one the narrow columns (all but the vectors) are fetched too
+    narrow = {field.name for field in physical if not pa.types.is_fixed_size_list(field.type)}
+    fetched = set(read) | (narrow if condition is not None else set())
     with (
         root.errors("reading", part.path),
         parsing(root, part.path),
-        root.open(part.path, "rb", **kwargs) as f,
+        _opened(root, part, fetched, data) as f,
     ):
-        fragment = CHECKED_PARQUET.make_fragment(pa.PythonFile(f, mode="r"))
-        physical = stored_schema(schema) if part.features else schema
+        fragment = CHECKED_PARQUET.make_fragment(f)
         # in this thread (see CHECKED_PARQUET); parts are read several at once by read_each instead
         table = fragment.to_table(schema=physical, columns=read, filter=condition, use_threads=False)
         everyone = (
@@ -87,6 +97,19 @@ def read_part(
         {n: prompt if n == PROMPT else table[n] for n in names},
         schema=pa.schema([schema.field(n) for n in names]),
     )
+
+
+@contextlib.contextmanager
+def _opened(root: Store, part: PartInfo, columns: set[str], data: bytes | None) -> Iterator[pa.NativeFile]:
+    """The file of ``part`` for one read: ``data`` (its bytes, at hand) where given, else the local file,
+    else the remote file with its footer and the chunks of ``columns`` fetched (:func:`open_columns`)."""
+    if data is not None:
+        yield pa.BufferReader(data)
+    elif root.is_local:
+        with root.open(part.path, "rb") as f:
+            yield pa.PythonFile(f, mode="r")
+    else:
+        yield open_columns(root, part.path, columns, part.file_bytes)
 
 
 def read_each(

@@ -136,6 +136,7 @@ class LibraryWriter:
             table.num_rows - errors,
             errors,
             crc32=zlib.crc32(data),
+            file_bytes=len(data),
             features=features,
             features_crc32=features_crc,
         )

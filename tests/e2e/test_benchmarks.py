@@ -105,3 +105,11 @@ def test_precision_benchmark_reports_both_rates_and_what_bf16_changes(tmp_path: 
         assert re.search(rf"{precision}\s+best\s+\S+ videos/s", out), out
     assert re.search(r"ratio bf16 / fp32: best \d+\.\d+x", out), out
     assert re.search(r"mean Spearman correlation of the rankings -?\d\.\d+; recall@1 fp32", out), out
+
+
+def test_remote_reads_benchmark_counts_two_requests_a_part() -> None:
+    out = bench("remote_reads.py", "--parts", "3", "--latency-ms", "1")
+    requests = dict(re.findall(r"(\w+)\s+\S+ s\s+(\S+) requests a part", out))
+    assert requests["ranged"] == "2.0" and requests["unsized"] == "3.0", out
+    assert float(requests["chunked"]) > 3, out
+    assert re.search(r"chunked / ranged: \d+\.\d+", out), out

@@ -239,6 +239,7 @@ def test_write_part_round_trip(tmp_path, checkpoint):
     assert part.features == features_path(part.path)
     for name, crc in ((part.path, part.crc32), (part.features, part.features_crc32)):  # check reads them
         assert crc == zlib.crc32((tmp_path / "library" / name).read_bytes())
+    assert part.file_bytes == (tmp_path / "library" / part.path).stat().st_size  # remote reads skip asking
     schema = part_schema(DIM, (PATCHES, DIM))
     # the part file holds all but the re-rank features; read back, the part has them all
     assert pq.read_table(f"{library}/{part.path}").schema.equals(stored_schema(schema))

@@ -260,6 +260,18 @@ def test_access_denied_message() -> None:
             assert expected in str(err)
 
 
+def test_an_error_raised_from_a_translated_one_keeps_its_meaning() -> None:
+    from botocore.exceptions import ClientError
+
+    missing = ClientError({"Error": {"Code": "NoSuchKey", "Message": "no such key"}}, "GetObject")
+    found = translate_error(missing, "s3://b/lib/parts/p.parquet", "reading")
+    assert isinstance(found, ObjectNotFound)
+    found.__cause__ = missing
+    damaged = RuntimeError("the library is damaged: parts/p.parquet is missing")  # what a reader makes of it
+    damaged.__cause__ = found
+    assert translate_error(damaged, "s3://b/lib/parts/p.parquet", "reading") is damaged
+
+
 def test_local_permission_error(tmp_path: Path) -> None:
     locked = tmp_path / "locked"
     locked.mkdir(mode=0o500)

@@ -18,7 +18,8 @@ from ...library.schema import part_schema, row_id
 from ...storage import Store
 
 PART_ROWS = 256  # rows per Parquet part file
-PART_COLUMNS = ("path", "features", "rows", "ok", "errors", "crc32", "features_crc32")  # PartInfo, no mask
+# PartInfo's fields but its mask
+PART_COLUMNS = ("path", "features", "rows", "ok", "errors", "crc32", "file_bytes", "features_crc32")
 _TEXT = ("path", "features")
 
 
@@ -61,8 +62,8 @@ def _fixed_size_list(name: str, values: Any, dtype: type, width: int, rows: int)
 class WritePart:
     """Ray Data callable: each batch of encoded rows -> one part file of the library (through
     :class:`pipeline.library.LibraryWriter`), described by a one-row batch with the :class:`PartInfo`
-    columns ``path`` (relative to the library), ``features``, ``rows``, ``ok``, ``errors``, ``crc32`` and
-    ``features_crc32``. An empty batch writes nothing and returns an empty batch."""
+    columns ``path`` (relative to the library), ``features``, ``rows``, ``ok``, ``errors``, ``crc32``,
+    ``file_bytes`` and ``features_crc32``. An empty batch writes nothing and returns an empty batch."""
 
     def __init__(self, library: str | Store, embedding_dim: int, prompt_shape: tuple[int, int] | None):
         self.writer = LibraryWriter(library, embedding_dim=embedding_dim, prompt_shape=prompt_shape)
@@ -84,6 +85,7 @@ def written_part(row: Mapping[str, Any]) -> PartInfo:
         int(row["ok"]),
         int(row["errors"]),
         crc32=int(row["crc32"]),
+        file_bytes=int(row["file_bytes"]),
         features=str(row["features"]),
         features_crc32=int(row["features_crc32"]),
     )
