@@ -81,7 +81,8 @@ def _run(source: str, library: str, options: EmbedOptions, refresh: bool) -> Emb
     decode = {"frames": frames, "segment_s": options.segment_s}
     if options.sampling != "exact":
         decode["sampling"] = options.sampling
-    with Journal(store, model.identity.sha256, decode) as journal:  # the lease: one writer at a time
+    command = "refresh" if refresh else "embed"
+    with Journal(store, model.identity.sha256, decode, command) as journal:  # the lease: one writer at a time
         base = Library.current_version(store)
         reused = Library(store, base) if _reusable(base, model.identity, decode, refresh) else None
         local = as_store(source, options.storage).is_local  # a new file without an ETag: compare its bytes

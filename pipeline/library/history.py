@@ -14,6 +14,7 @@ from typing import Any
 from xclip_core.identity import ModelIdentity
 
 from ..storage import StorageOptions, Store, as_store
+from .journal import maintenance
 from .manifest import NotALibraryError, Version, all_versions, current_version, read_manifest
 from .writer import LibraryWriter
 
@@ -68,24 +69,26 @@ def history(location: str | Store, options: StorageOptions | None = None) -> lis
 
 def rollback(location: str | Store, to: int, options: StorageOptions | None = None) -> Version:
     """Publish version ``to`` again, as a new version on top of the current one (its parts, index, model and
-    counts: nothing is re-embedded). A version whose files ``gc`` deleted cannot come back."""
+    counts: nothing is re-embedded). A version whose files ``gc`` deleted cannot come back. Raises
+    :class:`~pipeline.library.journal.LibraryBusyError` while a job writes the library."""
     root = as_store(location, options)
-    current = current_version(root)
-    if current is None:
-        raise NotALibraryError(f"{root.uri} is not a videosearch library (it has no _current)")
-    if to == current.number:
-        raise ValueError(f"version {to} of {root.uri} is already the current version")
-    manifest = read_manifest(root, to)
-    writer = LibraryWriter(
-        root, embedding_dim=manifest["embedding_dim"], prompt_shape=manifest["prompt_shape"]
-    )
-    copy = {
-        **manifest,
-        "parent": current.number,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "writer": writer.writer_id,
-        "next_id": max(manifest.get("next_id", 0), current.manifest.get("next_id", 0)),
-        "changes": None,
-        "extra": {**(manifest.get("extra") or {}), "rollback_of": to},
-    }
-    return writer.set_current(writer.claim(copy, current), current)
+    with maintenance(root, "rollback"):
+        current = current_version(root)
+        if current is None:
+            raise NotALibraryError(f"{root.uri} is not a videosearch library (it has no _current)")
+        if to == current.number:
+            raise ValueError(f"version {to} of {root.uri} is already the current version")
+        manifest = read_manifest(root, to)
+        writer = LibraryWriter(
+            root, embedding_dim=manifest["embedding_dim"], prompt_shape=manifest["prompt_shape"]
+        )
+        copy = {
+            **manifest,
+            "parent": current.number,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "writer": writer.writer_id,
+            "next_id": max(manifest.get("next_id", 0), current.manifest.get("next_id", 0)),
+            "changes": None,
+            "extra": {**(manifest.get("extra") or {}), "rollback_of": to},
+        }
+        return writer.set_current(writer.claim(copy, current), current)

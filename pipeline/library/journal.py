@@ -2,8 +2,9 @@
 
 ``runs/<run-id>.json`` is written when a job starts and rewritten each time one of its parts is written::
 
-    {"run": "<run-id>", "host": "...", "pid": 4242, "started": "...", "expires": 1764600000.0,
-     "model": "<weights sha256>", "decode": {"frames": 8, "segment_s": null}, "parts": [<PartInfo>...]}
+    {"run": "<run-id>", "command": "refresh", "host": "...", "pid": 4242, "started": "...",
+     "expires": 1764600000.0, "model": "<weights sha256>", "decode": {"frames": 8, "segment_s": null},
+     "parts": [<PartInfo>...]}
 
 * **Resume.** A job killed at any moment leaves its journal behind. The next job on the library (same model,
   same decoding) takes the journal over: the finished parts' rows of objects that are still to be embedded,
@@ -15,7 +16,9 @@
   on the same host, until its process is gone: the rerun of a killed job does not wait for the expiry.
   Writers that start together could all find no live journal; so each then writes its own and claims
   :data:`LEASE` (the run holding the lease) by compare-and-swap, unless the run it names is alive: exactly one
-  of them gets it, and the others remove their journals and fail as above.
+  of them gets it, and the others remove their journals and fail as above. The commands that publish without
+  embedding (``reindex``, ``rollback``, ``check --repair``) hold the lease too (:func:`maintenance`): a job
+  and such a command never run into each other's compare-and-swap after doing their work.
 
 Nothing of a journal is ever part of a version: a part becomes one only when a manifest lists it.
 """
@@ -30,6 +33,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from typing import Any
 
@@ -87,10 +91,14 @@ def read_journals(root: Store) -> dict[str, dict[str, Any]]:
 
 class Journal:
     """This job's journal and lease on the library at ``root``, and the finished parts of dead writers that
-    it may reuse. Use as a context manager: the lease is renewed while the block runs."""
+    it may reuse (none unless ``resume``: their journals are then left for a job that can). ``command`` (the
+    CLI's word, "embed", "refresh", "reindex"...) names the writer to those it keeps out. Use as a context
+    manager: the lease is renewed while the block runs."""
 
-    def __init__(self, root: Store, model_sha256: str, decode: dict[str, Any]):
-        self.root = root
+    def __init__(
+        self, root: Store, model_sha256: str, decode: dict[str, Any], command: str, resume: bool = True
+    ) -> None:
+        self.root, self.command, self.resume = root, command, resume
         self.run = f"{datetime.now(timezone.utc):%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:8]}"
         self.name = f"{RUNS}/{self.run}.json"
         self.model, self.decode = model_sha256, decode
@@ -108,6 +116,8 @@ class Journal:
         for name, journal in read_journals(self.root).items():
             if alive(journal, now):
                 raise self._busy(journal)
+            if not self.resume:
+                continue
             self.taken_over.append(name)
             if journal["model"] == self.model and journal["decode"] == self.decode:
                 self.left += [PartInfo.from_dict(part) for part in journal["parts"]]
@@ -155,9 +165,11 @@ class Journal:
                 f"{self.root.uri} is being written by another job, which took its lease as this one started"
             )
         expires = datetime.fromtimestamp(journal["expires"], timezone.utc).isoformat(timespec="seconds")
+        command = f"`videosearch {journal['command']}`, " if "command" in journal else ""  # older journals
+        writer = f"{command}run {journal['run']}, {journal['host']} pid {journal['pid']}"
         return LibraryBusyError(
-            f"{self.root.uri} is being written by another job (run {journal['run']}, {journal['host']} pid "
-            f"{journal['pid']}, since {journal['started']}); wait for it, or, if it is gone, until its lease "
+            f"{self.root.uri} is being written by another job ({writer}, since {journal['started']}); "
+            f"wait for it, or, if it is gone, until its lease "
             f"expires at {expires}"
         )
 
@@ -197,6 +209,7 @@ class Journal:
                 return
             journal = {
                 "run": self.run,
+                "command": self.command,
                 "host": socket.gethostname(),
                 "pid": os.getpid(),
                 "started": self.started,
@@ -206,6 +219,21 @@ class Journal:
                 "parts": [part.to_dict() for part in self.parts],
             }
             self.root.write_bytes(self.name, json.dumps(journal, indent=1).encode())
+
+
+@contextlib.contextmanager
+def maintenance(root: Store, command: str) -> Iterator[None]:
+    """The lease on the library at ``root`` for ``command``, one that publishes without embedding: refused
+    (:class:`LibraryBusyError`) while a job or another such command holds it; released when the block ends.
+    Dead writers' journals stay for the next job, which resumes from them."""
+    with Journal(root, "", {}, command, resume=False) as journal:
+        try:
+            yield
+        finally:
+            try:
+                journal.finish()
+            except StorageError as e:  # the command's outcome stands; the lease expires by itself
+                log.warning("could not release the lease of %s (it expires by itself): %s", root.uri, e)
 
 
 def resumable(

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..storage import StorageOptions, Store, as_store
 from .index import KINDS, build_index, describe
+from .journal import maintenance
 from .manifest import NotALibraryError, PartInfo, Version, current_version
 from .reader import Library, embedded_rows
 from .writer import LibraryWriter
@@ -19,14 +20,15 @@ from .writer import LibraryWriter
 def reindex(location: str | Store, kind: str = "auto", options: StorageOptions | None = None) -> Version:
     """Publish the current version of the library at ``location`` again with an index of ``kind`` (one of
     :data:`~pipeline.library.index.KINDS` or ``"auto"``) built from its embedded rows. Raises
-    :class:`~pipeline.library.manifest.ConcurrentWriteError` if another writer published meanwhile."""
+    :class:`~pipeline.library.journal.LibraryBusyError` while a job writes the library."""
     if kind != "auto" and kind not in KINDS:
         raise ValueError(f"--kind must be auto or one of {', '.join(KINDS)}, got {kind!r}")
     root = as_store(location, options)
-    current = current_version(root)
-    if current is None:
-        raise NotALibraryError(f"{root.uri} is not a videosearch library (it has no _current)")
-    return publish_reindexed(root, current, current.parts, kind)
+    with maintenance(root, "reindex"):
+        current = current_version(root)
+        if current is None:
+            raise NotALibraryError(f"{root.uri} is not a videosearch library (it has no _current)")
+        return publish_reindexed(root, current, current.parts, kind)
 
 
 def publish_reindexed(

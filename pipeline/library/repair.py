@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 from ..storage import StorageOptions, Store, as_store
 from .check import Checked, counted
 from .index import ids_of
+from .journal import maintenance
 from .manifest import DamagedLibraryError, NotALibraryError, PartInfo, current_version
 from .reader import Library, read_each, read_index_file, read_part
 from .reindex import publish_reindexed
@@ -59,8 +60,14 @@ class Repaired:
 def repair(location: str | Store, checked: Checked, options: StorageOptions | None = None) -> Repaired | None:
     """Publish the current version without what ``checked`` (a :func:`check` of the current version) found
     wrong; ``None`` when it found nothing. Raises :class:`~pipeline.library.manifest.ConcurrentWriteError` if
-    another writer published since, and ``ValueError`` when ``checked`` is of another version."""
+    another writer published since, :class:`~pipeline.library.journal.LibraryBusyError` while a job writes
+    the library, and ``ValueError`` when ``checked`` is of another version."""
     root = as_store(location, options)
+    with maintenance(root, "check --repair"):
+        return _repair(root, checked)
+
+
+def _repair(root: Store, checked: Checked) -> Repaired | None:
     current = current_version(root)
     if current is None:
         raise NotALibraryError(f"{root.uri} is not a videosearch library (it has no _current)")

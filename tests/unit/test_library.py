@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import threading
 from typing import TYPE_CHECKING
 
@@ -25,10 +26,13 @@ from pipeline.library import (
     Version,
     VersionNotFoundError,
 )
+from pipeline.library.check import check
 from pipeline.library.features import features_path
+from pipeline.library.history import rollback
 from pipeline.library.index import build_index, deserialize
-from pipeline.library.journal import RUNS, Journal, LibraryBusyError
+from pipeline.library.journal import RUNS, Journal, LibraryBusyError, maintenance
 from pipeline.library.reindex import reindex
+from pipeline.library.repair import repair
 from pipeline.library.schema import part_schema
 from pipeline.storage import StorageOptions, Store
 from xclip_core import ModelIdentity
@@ -177,7 +181,7 @@ def test_writers_starting_together_get_the_lease_one_at_a_time(where) -> None:
     barrier, done, results = threading.Barrier(racers), threading.Event(), []
 
     def start() -> None:
-        journal = Journal(store, MODEL.sha256, {"frames": 8, "segment_s": None})
+        journal = Journal(store, MODEL.sha256, {"frames": 8, "segment_s": None}, "embed")
         barrier.wait()
         try:
             with journal:
@@ -197,6 +201,43 @@ def test_writers_starting_together_get_the_lease_one_at_a_time(where) -> None:
     refused = [r for r in results if "being written by another job" in r]
     assert len(results) == racers and len(refused) == racers - 1, results
     assert store.names(RUNS) == []  # the refused left no journal; the winner's went when it finished
+
+
+def test_reindex_rollback_and_repair_hold_the_lease_as_jobs_do(where) -> None:
+    """A job and a command that publishes without embedding refuse each other at once, by name, instead of
+    one losing its compare-and-swap after doing its work; a dead job's journal stays for its rerun."""
+    publish(where, None, rows(range(0, 4)))
+    store, decode = Store(*where), {"frames": 8, "segment_s": None}
+    maintenance_commands = {
+        "reindex": lambda: reindex(where[0], "flat", where[1]),
+        "rollback": lambda: rollback(where[0], 1, where[1]),
+        "check --repair": lambda: repair(where[0], check(where[0], options=where[1]), where[1]),
+    }
+    with Journal(store, MODEL.sha256, decode, "refresh") as job:
+        for command in maintenance_commands.values():
+            with pytest.raises(
+                LibraryBusyError, match=r"being written by another job \(`videosearch refresh`, run"
+            ):
+                command()
+        job.finish()
+    for name in maintenance_commands:
+        refused = pytest.raises(LibraryBusyError, match=rf"another job \(`videosearch {name}`, run")
+        with maintenance(store, name), refused, Journal(store, MODEL.sha256, decode, "embed"):
+            pass
+    assert Library.open(*where).version == 1  # nothing was published
+
+    dead = {
+        "run": "dead",
+        "host": "elsewhere",
+        "pid": 1,
+        "started": "",
+        "expires": 0.0,
+        "model": MODEL.sha256,
+    }
+    store.write_bytes(f"{RUNS}/dead.json", json.dumps({**dead, "decode": decode, "parts": []}).encode())
+    assert reindex(where[0], "flat", where[1]).number == 2
+    assert rollback(where[0], 1, where[1]).number == 3
+    assert store.names(RUNS) == ["dead.json"]  # theirs went as they finished; the dead job's stays
 
 
 def test_crash_before_current_leaves_the_previous_version(where) -> None:
