@@ -46,7 +46,7 @@ class Collected:
         verb = "would delete" if self.dry_run else "deleted"
         return (
             f"kept versions {', '.join(map(str, self.kept_versions))}; {verb} versions "
-            f"{', '.join(map(str, self.deleted_versions)) or 'none'} and {len(self.deleted_files)} files "
+            f"{', '.join(map(str, self.deleted_versions)) or 'none'}: {len(self.deleted_files)} files in all "
             f"({self.deleted_bytes / 2**20:.1f} MiB)"
         )
 

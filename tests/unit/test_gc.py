@@ -73,6 +73,7 @@ def test_only_what_no_kept_version_names_goes(root: Store) -> None:
     v1_only = {p.path for p in v1.parts} - {p.path for p in v2.parts}  # nothing: v2 names v1's part
     assert dry.kept_versions == [2, 3] and dry.deleted_versions == [1] and not v1_only
     assert set(dry.deleted_files) == {"versions/1.json", v1.manifest["index"]["path"]}
+    assert dry.text().startswith("kept versions 2, 3; would delete versions 1: 2 files in all (")
     assert files(root) == before - set(orphaned)  # a dry run deletes nothing
 
     done = collect(root, keep=1, grace_s=0)
