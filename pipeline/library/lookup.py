@@ -23,15 +23,38 @@ from .schema import PROMPT, dense_rows
 HIT_COLUMNS = ["id", "uri", "segment", "start_s", "end_s"]
 
 
+class PartTables:
+    """The columns a lookup reads of each part file, by path, kept for the next version's lookup: a part file
+    never changes and a version shares most of its parts with the one before, so the lookup of the next
+    version a reader opens (the service following a library) reads its new parts only. Holds the parts of
+    the last version read; for one thread at a time."""
+
+    def __init__(self) -> None:
+        self._tables: dict[str, pa.Table] = {}
+
+    def read(self, store: Store, parts: list[PartInfo], schema: pa.Schema) -> list[pa.Table]:
+        """Each of ``parts``' tables, unmasked (row i at position i): those not held, read."""
+        new = [part for part in parts if part.path not in self._tables]
+        read = read_each(store, new, schema, [*HIT_COLUMNS, "error"], masked=False)
+        held = {**self._tables, **{part.path: table for part, table in zip(new, read, strict=True)}}
+        self._tables = {part.path: held[part.path] for part in parts}
+        return [held[part.path] for part in parts]
+
+
 class RowLookup:
     """The embedded rows of one version (``parts`` under ``store``, rows of ``schema``, re-rank features of
-    ``prompt_shape``), by id."""
+    ``prompt_shape``), by id; ``tables``: the part tables of the lookup before it (:class:`PartTables`)."""
 
     def __init__(
-        self, store: Store, parts: list[PartInfo], schema: pa.Schema, prompt_shape: tuple[int, ...] | None
+        self,
+        store: Store,
+        parts: list[PartInfo],
+        schema: pa.Schema,
+        prompt_shape: tuple[int, ...] | None,
+        tables: PartTables | None = None,
     ) -> None:
         self.store, self.parts, self.schema, self.prompt_shape = store, parts, schema, prompt_shape
-        tables = read_each(store, parts, schema, [*HIT_COLUMNS, "error"], masked=False)  # row i at position i
+        tables = (tables or PartTables()).read(store, parts, schema)
         ids, where, positions, hits = [], [], [], []
         for number, (part, table) in enumerate(zip(parts, tables, strict=True)):
             keep = pc.is_null(table["error"])

@@ -25,7 +25,7 @@ import torch
 from ..embed.stages.decode import DecodeSettings
 from ..library import Library
 from ..library import index as faiss_index
-from ..library.lookup import RowLookup
+from ..library.lookup import PartTables, RowLookup
 from ..models import VideoTextModel, load_library_model
 from ..storage import StorageOptions, Store
 from .example import decode_example, example_embedding, example_settings
@@ -60,9 +60,12 @@ class NoEmbedding(ValueError):
 
 class Searcher:
     """Loads the library's model once (``model`` if given: it must have the same weights); answers text
-    queries against one library version."""
+    queries against one library version. ``tables``: the part tables of the searcher of the version before,
+    for one that follows a library (:class:`~pipeline.library.lookup.PartTables`)."""
 
-    def __init__(self, library: Library, model: VideoTextModel | None = None):
+    def __init__(
+        self, library: Library, model: VideoTextModel | None = None, tables: PartTables | None = None
+    ):
         self.library = library
         recorded = library.model
         self.model = model or load_library_model(recorded, library.options)
@@ -73,7 +76,8 @@ class Searcher:
             )
         self.scorer = ExactScorer(self.model)
         self.index = faiss_index.on_gpus(library.index())  # the library's own stays on the CPU
-        self.rows = RowLookup(library.store, library.snapshot.parts, library.schema, library.rerank_shape)
+        snapshot = library.snapshot
+        self.rows = RowLookup(library.store, snapshot.parts, library.schema, library.rerank_shape, tables)
         self._ids_under = functools.lru_cache(UNDER_KEPT)(self.rows.ids_under)
 
     @classmethod

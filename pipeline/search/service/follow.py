@@ -2,8 +2,9 @@
 
 The service answers from the version that ``_current`` names, and keeps following it: a thread reads
 ``_current`` every ``poll_s`` seconds and, when a writer (``embed``, ``refresh``, ``rollback``) has
-published another version, opens it (manifest, index; the model is shared while its weights are the same)
-and then swaps it in with one assignment. A request takes the searcher it uses once, when it starts, so a
+published another version, opens it (manifest, index, the row lookup of its new parts: those it shares with
+the version before are not read again; the model is shared while its weights are the same) and then swaps
+it in with one assignment. A request takes the searcher it uses once, when it starts, so a
 request in flight finishes on the version it started with, and none waits for the swap. The replaced
 searcher joins the few older versions kept open for ``?version=N``.
 """
@@ -16,6 +17,7 @@ import threading
 import torch
 
 from ...library import Library
+from ...library.lookup import PartTables
 from ...models import VideoTextModel, load_library_model
 from ...storage import Store
 from ..searcher import Searcher
@@ -30,8 +32,14 @@ class CachingSearcher(Searcher):
     """A :class:`Searcher` that keeps the text embeddings of recent queries (shared by the searchers of all
     versions made with the same weights)."""
 
-    def __init__(self, library: Library, model: VideoTextModel, texts: LRU[torch.Tensor]) -> None:
-        super().__init__(library, model)
+    def __init__(
+        self,
+        library: Library,
+        model: VideoTextModel,
+        texts: LRU[torch.Tensor],
+        tables: PartTables | None = None,
+    ) -> None:
+        super().__init__(library, model, tables)
         self.texts = texts
 
     def text_embedding(self, text: str) -> torch.Tensor:
@@ -49,7 +57,10 @@ class VersionFollower:
         self._texts: LRU[torch.Tensor] = LRU(options.cached_texts)
         self._models: LRU[VideoTextModel] = LRU(MODELS_KEPT)
         self._others: LRU[Searcher] = LRU(options.cached_versions)
-        self.current = self._searcher(Library.open(store))
+        self._tables = (
+            PartTables()
+        )  # the current version's part tables: the next one reads its new parts only
+        self.current = self._searcher(Library.open(store), self._tables)
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing: str | None = None  # the failure of the last check, if it failed
@@ -71,7 +82,9 @@ class VersionFollower:
         current = self.current
         if published is None or published.number == current.library.version:
             return False
-        searcher = self._others.get(published.number) or self._searcher(Library(self.store, published))
+        searcher = self._others.get(published.number) or self._searcher(
+            Library(self.store, published), self._tables
+        )
         self._others.put(current.library.version, current)
         self.current = searcher  # one assignment: requests take either the old searcher or the new one
         log.info("videosearch serve: %s version %d is now current", self.store.uri, published.number)
@@ -109,9 +122,9 @@ class VersionFollower:
                 log.warning("videosearch serve: following %s again", self.store.uri)
             self._failing = None
 
-    def _searcher(self, library: Library) -> Searcher:
+    def _searcher(self, library: Library, tables: PartTables | None = None) -> Searcher:
         identity = library.model
         model = self._models.get_or_make(
             identity.sha256 or identity.source, lambda: load_library_model(identity, library.options)
         )
-        return CachingSearcher(library, model, self._texts)
+        return CachingSearcher(library, model, self._texts, tables)
