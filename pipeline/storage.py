@@ -48,7 +48,13 @@ S3_PROTOCOLS = ("s3", "s3a")
 # for what botocore cannot see (a body cut off while it is read, SlowDown): 10 attempts at most, ~30 s at
 # worst, before an operation fails.
 MAX_ATTEMPTS = 5
-S3_CLIENT_CONFIG = {"connect_timeout": 10, "read_timeout": 60, "retries": {"mode": "standard"}}
+# connections: a library's part reads send a request per part at once (botocore's default is 10)
+S3_CLIENT_CONFIG = {
+    "connect_timeout": 10,
+    "read_timeout": 60,
+    "retries": {"mode": "standard"},
+    "max_pool_connections": 64,
+}
 S3FS_RETRIES = 2
 
 _PRECONDITION_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict"}
@@ -444,6 +450,21 @@ class Store:
         path = self.path(name)
         with self.errors("reading", name):
             return self.fs.cat_ranges([path] * len(starts), starts, ends, on_error="raise")
+
+    def read_ranges_of(self, names: list[str], starts: list[int], ends: list[int]) -> list[bytes | Exception]:
+        """The bytes ``[start, end)`` of object ``name`` for each triple, all fetched concurrently where the
+        store allows (fewer where the object ends first); a range that failed is its error instead (a
+        storage failure's :class:`StorageError`, naming its object)."""
+        if not names:
+            return []
+        with self.errors("reading"):
+            found = self.fs.cat_ranges([self.path(n) for n in names], starts, ends, on_error="return")
+        return [
+            translate_error(data, self.url(name), "reading", self.options)
+            if isinstance(data, BaseException)
+            else data
+            for name, data in zip(names, found, strict=True)
+        ]
 
     def size(self, name: str = "") -> int:
         """The object's size in bytes."""

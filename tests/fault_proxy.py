@@ -44,6 +44,8 @@ class Faults:
     requests: int = 0  # the requests that could be faulted
     seen: list[tuple[str, str, str | None]] = field(default_factory=list)  # method, path, Range of each
     faulted: dict[str, int] = field(default_factory=dict)
+    in_flight: int = 0  # requests being answered now
+    most_in_flight: int = 0  # the most answered at once
     _random: random.Random = field(init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -66,6 +68,11 @@ class Faults:
             return kind
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128  # a client opening many connections at once (socketserver's default: 5)
+
+
 class FaultProxy:
     """``FaultProxy(upstream_url)``: serves on 127.0.0.1 (``url``) until :meth:`close`."""
 
@@ -81,6 +88,17 @@ class FaultProxy:
                 pass
 
             def _handle(self) -> None:
+                faults = proxy.faults
+                with faults._lock:
+                    faults.in_flight += 1
+                    faults.most_in_flight = max(faults.most_in_flight, faults.in_flight)
+                try:
+                    self._answer()
+                finally:
+                    with faults._lock:
+                        faults.in_flight -= 1
+
+            def _answer(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 proxy.faults.seen.append((self.command, self.path, self.headers.get("Range")))
                 fault = proxy.faults.pick(self.command, self.path)
@@ -124,8 +142,7 @@ class FaultProxy:
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
+        self.server = _Server(("127.0.0.1", 0), Handler)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self._thread.start()

@@ -104,7 +104,7 @@ def _check_part(library: Library, part: PartInfo) -> _Part:
         return _Part([problem], None)
     columns = [name for name in library.schema.names if name != PROMPT or part.features is None]
     try:  # parsed as a search reads it (its pages' CRCs where it has them; parts from before whole-file CRCs)
-        table = read_part(library.store, part, library.schema, columns, masked=False, data=data)
+        table = read_part(library.store, part, library.schema, columns, masked=False, source=data)
     except DamagedLibraryError as e:
         return _Part([_unreadable(part.path, e)], None)
     problems = _against_manifest(part, table)

@@ -31,10 +31,11 @@ from .manifest import (
     parsing,
     read_manifest,
 )
-from .ranged import open_columns
+from .ranged import open_many
 from .schema import PROMPT, part_schema, stored_schema
 
 READ_THREADS = 8  # part files read at once
+PARTS_AT_ONCE = 256  # remote part files whose requests are sent together (their needed chunks in memory)
 # part files are written with a CRC of each page (LibraryWriter.write_part): a page whose bytes changed since
 # (bit rot, an overwrite) is a damaged file, not wrong rows; parts written before checksums read unchecked.
 # Read without pre-buffering and decoded in the reading thread (read_part): Arrow's own threads reading a
@@ -55,38 +56,31 @@ def read_part(
     columns: list[str] | None = None,
     filter: pc.Expression | None = None,
     masked: bool = True,
-    data: bytes | None = None,
+    source: bytes | pa.NativeFile | None = None,
 ) -> pa.Table:
     """The rows of one part file: only ``columns`` and the rows matching ``filter`` if given, its ``deleted``
     ids left out unless ``masked`` is False. Only the column chunks asked for are read (ranged reads: on
-    remote storage a request for the file's size, one for its footer and one for the chunks, see
-    :mod:`.ranged`), or parsed from ``data``, the file's bytes where a caller has them; re-rank features
-    come from the part's records file where it has one. A storage failure raises ``StorageError`` naming
-    the file, never "no such file"."""
-    names = schema.names if columns is None else list(columns)
-    condition = filter
-    if masked and part.deleted:
-        visible = ~pc.field("id").isin(pa.array(part.deleted, pa.int64()))
-        condition = visible if condition is None else condition & visible
-    beside = part.features is not None and PROMPT in names  # the re-rank features are not in the file
-    read = [n for n in names if n != PROMPT or not beside] + (["id"] if beside and "id" not in names else [])
-    physical = stored_schema(schema) if part.features else schema
-    # on remote storage, the chunks of these columns are fetched up front; a filter may name any column, so
-    # with one the narrow columns (all but the vectors) are fetched too
-    narrow = {field.name for field in physical if not pa.types.is_fixed_size_list(field.type)}
-    fetched = set(read) | (narrow if condition is not None else set())
+    remote storage one request for its footer and one for the chunks, see :mod:`.ranged`), or parsed from
+    ``source``, the file's bytes or the file opened, where a caller has them; re-rank features come from the
+    part's records file where it has one. A storage failure raises ``StorageError`` naming the file, never
+    "no such file"."""
+    asked = _Read(part, schema, columns, filter, masked)
     with (
         root.errors("reading", part.path),
         parsing(root, part.path),
-        _opened(root, part, fetched, data) as f,
+        _opened(root, part, asked.fetched, source) as f,
     ):
         fragment = CHECKED_PARQUET.make_fragment(f)
         # in this thread (see CHECKED_PARQUET); parts are read several at once by read_each instead
-        table = fragment.to_table(schema=physical, columns=read, filter=condition, use_threads=False)
-        everyone = (
-            fragment.to_table(schema=physical, columns=["id"], use_threads=False)["id"] if beside else None
+        table = fragment.to_table(
+            schema=asked.physical, columns=asked.read, filter=asked.condition, use_threads=False
         )
-    if not beside:
+        everyone = (
+            fragment.to_table(schema=asked.physical, columns=["id"], use_threads=False)["id"]
+            if asked.beside
+            else None
+        )
+    if not asked.beside:
         return table
     positions = pc.index_in(table["id"], value_set=everyone).to_numpy()
     prompts = FeatureFile(root, part.features).rows(positions)["prompt"]
@@ -94,22 +88,54 @@ def read_part(
         pa.array(prompts.reshape(-1)), schema.field(PROMPT).type.list_size
     )
     return pa.table(
-        {n: prompt if n == PROMPT else table[n] for n in names},
-        schema=pa.schema([schema.field(n) for n in names]),
+        {n: prompt if n == PROMPT else table[n] for n in asked.names},
+        schema=pa.schema([schema.field(n) for n in asked.names]),
     )
 
 
+class _Read:
+    """What one read of ``part`` asks of its file: the columns it returns (``names``), those read from the
+    file (``read``: re-rank features live beside it since format 3), the row ``condition`` (``filter`` and
+    the part's mask), the file's ``physical`` schema, and the columns whose chunks are ``fetched`` up front
+    on remote storage (a filter may name any column: with one, the narrow ones, all but the vectors)."""
+
+    def __init__(
+        self,
+        part: PartInfo,
+        schema: pa.Schema,
+        columns: list[str] | None,
+        filter: pc.Expression | None,
+        masked: bool,
+    ) -> None:
+        self.names = schema.names if columns is None else list(columns)
+        self.condition = filter
+        if masked and part.deleted:
+            visible = ~pc.field("id").isin(pa.array(part.deleted, pa.int64()))
+            self.condition = visible if filter is None else filter & visible
+        self.beside = part.features is not None and PROMPT in self.names
+        self.read = [n for n in self.names if n != PROMPT or not self.beside]
+        if self.beside and "id" not in self.names:
+            self.read.append("id")
+        self.physical = stored_schema(schema) if part.features else schema
+        narrow = {field.name for field in self.physical if not pa.types.is_fixed_size_list(field.type)}
+        self.fetched = set(self.read) | (narrow if self.condition is not None else set())
+
+
 @contextlib.contextmanager
-def _opened(root: Store, part: PartInfo, columns: set[str], data: bytes | None) -> Iterator[pa.NativeFile]:
-    """The file of ``part`` for one read: ``data`` (its bytes, at hand) where given, else the local file,
-    else the remote file with its footer and the chunks of ``columns`` fetched (:func:`open_columns`)."""
-    if data is not None:
-        yield pa.BufferReader(data)
+def _opened(
+    root: Store, part: PartInfo, columns: set[str], source: bytes | pa.NativeFile | None
+) -> Iterator[pa.NativeFile]:
+    """The file of ``part`` for one read: ``source`` where given (its bytes, or the file opened), else the
+    local file, else the remote file with its footer and the chunks of ``columns`` fetched."""
+    if isinstance(source, pa.NativeFile):
+        yield source
+    elif source is not None:
+        yield pa.BufferReader(source)
     elif root.is_local:
         with root.open(part.path, "rb") as f:
             yield pa.PythonFile(f, mode="r")
     else:
-        yield open_columns(root, part.path, columns, part.file_bytes)
+        yield open_many(root, [(part.path, part.file_bytes, columns)])[0]
 
 
 def read_each(
@@ -120,10 +146,22 @@ def read_each(
     filter: pc.Expression | None = None,
     masked: bool = True,
 ) -> list[pa.Table]:
-    """:func:`read_part` of each of ``parts`` (:data:`READ_THREADS` at once), in their order."""
-    return each_at_once(
-        lambda part: read_part(root, part, schema, columns, filter, masked), parts, READ_THREADS
-    )
+    """:func:`read_part` of each of ``parts`` (:data:`READ_THREADS` at once), in their order. On remote
+    storage the requests of :data:`PARTS_AT_ONCE` parts are sent together (:func:`~.ranged.open_many`): a
+    round trip for their footers, one for their chunks, instead of two per part."""
+
+    def read(part: PartInfo, source: pa.NativeFile | None = None) -> pa.Table:
+        return read_part(root, part, schema, columns, filter, masked, source)
+
+    if root.is_local:
+        return each_at_once(read, parts, READ_THREADS)
+    tables = []
+    for start in range(0, len(parts), PARTS_AT_ONCE):
+        group = parts[start : start + PARTS_AT_ONCE]
+        asked = [(p.path, p.file_bytes, _Read(p, schema, columns, filter, masked).fetched) for p in group]
+        files = open_many(root, asked)
+        tables += each_at_once(lambda pair: read(*pair), list(zip(group, files, strict=True)), READ_THREADS)
+    return tables
 
 
 def read_parts(

@@ -16,7 +16,7 @@ from helpers import MotoS3, part_row
 
 from pipeline.library import DamagedLibraryError, LibraryWriter
 from pipeline.library.ranged import KnownBytes, column_ranges
-from pipeline.library.reader import CHECKED_PARQUET, read_part
+from pipeline.library.reader import CHECKED_PARQUET, READ_THREADS, read_each, read_part
 from pipeline.storage import StorageOptions, Store
 
 DIM = 256  # wide enough that the vectors are most of a part's bytes
@@ -116,7 +116,7 @@ def test_a_remote_part_is_read_in_two_requests_without_the_columns_not_asked_for
     for info, filter in itertools.product((part, older), (None, pc.field("error").is_null())):
         proxy.faults.seen.clear()
         table = read_part(store, info, schema, ["id", "uri", "segment"], filter)
-        assert table.equals(read_part(store, info, schema, ["id", "uri", "segment"], filter, data=whole))
+        assert table.equals(read_part(store, info, schema, ["id", "uri", "segment"], filter, source=whole))
         assert table.num_rows == (300 if filter is None else 270)  # a filter's columns came with the rest
         heads, gets, fetched = gets_and_bytes(proxy)
         assert (heads, gets) == (info.file_bytes is None, 2)  # (its size), its footer, its chunks
@@ -135,3 +135,32 @@ def test_a_remote_part_shorter_than_its_recorded_size_is_damaged(remote_part) ->
         store.write_bytes(part.path, whole[:kept])
         with pytest.raises(DamagedLibraryError, match=f"{part.path} cannot be read .*the file ends before"):
             read_part(store, part, schema, ["id"])
+
+
+def test_the_requests_of_many_remote_parts_are_sent_together(remote_part) -> None:
+    store, schema, part, proxy = remote_part
+    writer = LibraryWriter(store, embedding_dim=DIM, prompt_shape=None)
+    rng = np.random.default_rng(1)
+    parts = [part] + [
+        writer.write_part(
+            pa.Table.from_pylist([part_row(1000 * n, "w.mp4", 0, True, rng, (DIM, None), "m", 3.0)], schema)
+        )
+        for n in range(1, 2 * READ_THREADS)
+    ]
+    proxy.faults.seen.clear()
+    proxy.faults.delay_s, proxy.faults.kinds, proxy.faults.rate = 0.5, ("delay",), 1.0  # each held a while
+    tables = read_each(store, parts, schema, ["id", "uri"])
+    assert [t["id"].to_pylist() for t in tables] == [list(range(300))] + [[1000 * n] for n in range(1, 16)]
+    # two requests for the first part, one for each other: a tail holds all of a part that small
+    assert gets_and_bytes(proxy)[:2] == (0, len(parts) + 1)
+    assert proxy.faults.most_in_flight >= len(parts) > READ_THREADS  # not one part per reading thread
+
+    proxy.faults.rate = 0.0
+    missing, truncated = parts[3], parts[5]
+    store.delete(missing.path)
+    store.write_bytes(truncated.path, store.read_bytes(truncated.path)[:100])
+    with pytest.raises(DamagedLibraryError, match=f"{missing.path} is missing"):
+        read_each(store, parts, schema, ["id"])
+    with pytest.raises(DamagedLibraryError, match=f"{truncated.path} cannot be read"):
+        read_each(store, parts[4:], schema, ["id"])
+    assert read_each(store, parts[6:], schema, ["id"])[0]["id"].to_pylist() == [6000]
