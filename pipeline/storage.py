@@ -231,6 +231,7 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 
 
 def _raised_from_storage_error(exc: BaseException) -> bool:
+    """Whether ``exc`` was raised ``from`` a :class:`StorageError` (explicit causes only, not the context)."""
     cause = exc.__cause__
     while cause is not None:
         if isinstance(cause, StorageError):

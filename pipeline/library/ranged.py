@@ -114,22 +114,27 @@ def column_ranges(metadata: pq.FileMetaData, columns: set[str]) -> list[tuple[in
     return merged
 
 
-def fetch_together(root: Store, files: list[KnownBytes], names: list[str], ranges: list[list]) -> None:
+def _fetch_together(root: Store, files: list[KnownBytes], names: list[str], ranges: list[list]) -> None:
     """Fetch, for each file (``names[i]`` of ``root``), its ``ranges[i]`` not held yet, all in one call
     (concurrent requests); a file whose request failed keeps the failure for its next read."""
-    wanted = [(i, start, end) for i, file in enumerate(files) if file.failure is None for start, end in
-              file.wanted(ranges[i])]  # fmt: skip
+    wanted = [
+        (i, start, end)
+        for i, file in enumerate(files)
+        if file.failure is None
+        for start, end in file.wanted(ranges[i])
+    ]
     found = root.read_ranges_of(
         [names[i] for i, _, _ in wanted], [s for _, s, _ in wanted], [e for *_, e in wanted]
     )
     for (i, start, end), data in zip(wanted, found, strict=True):
         if isinstance(data, RangeNotSatisfiable):  # the file ends before the range starts
             data = b""
+        if isinstance(data, BaseException):
+            files[i].fail(data)  # raised again at the file's first read, which names it
+            continue
         try:
-            if isinstance(data, BaseException):
-                raise data
             files[i].hold(start, end, data)
-        except Exception as e:  # noqa: BLE001 - raised again at the file's first read, which names it
+        except EOFError as e:
             files[i].fail(e)
 
 
@@ -154,7 +159,7 @@ def open_many(root: Store, files: Sequence[tuple[str, int | None, set[str]]]) ->
         if isinstance(size, BaseException):
             file.fail(size)
         opened.append(file)
-    fetch_together(root, opened, names, [[(max(0, f.size() - TAIL_BYTES), f.size())] for f in opened])
+    _fetch_together(root, opened, names, [[(max(0, f.size() - TAIL_BYTES), f.size())] for f in opened])
     plans: list[list[tuple[int, int]]] = []
     for file, (_, _, columns) in zip(opened, files, strict=True):
         try:
@@ -163,7 +168,7 @@ def open_many(root: Store, files: Sequence[tuple[str, int | None, set[str]]]) ->
             file.fail(e)
             footer = None
         plans.append(column_ranges(footer, columns) if footer is not None else [])
-    fetch_together(root, opened, names, plans)
+    _fetch_together(root, opened, names, plans)
     return [pa.PythonFile(file, mode="r") for file in opened]
 
 

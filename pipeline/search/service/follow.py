@@ -57,9 +57,8 @@ class VersionFollower:
         self._texts: LRU[torch.Tensor] = LRU(options.cached_texts)
         self._models: LRU[VideoTextModel] = LRU(MODELS_KEPT)
         self._others: LRU[Searcher] = LRU(options.cached_versions)
-        self._tables = (
-            PartTables()
-        )  # the current version's part tables: the next one reads its new parts only
+        # the current version's part tables: the next version's lookup reads its new parts only
+        self._tables = PartTables()
         self.current = self._searcher(Library.open(store), self._tables)
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
