@@ -85,6 +85,17 @@ class RowLookup:
         inside = pc.or_(pc.equal(uris, folder), pc.starts_with(uris, folder.rstrip("/") + "/"))
         return self.ids[inside.to_numpy(zero_copy_only=False)]
 
+    def ids_of_parts(self, paths: set[str]) -> dict[str, np.ndarray]:
+        """The ids (sorted) of the embedded rows of each part of the version whose path is in ``paths``."""
+        numbers = np.array([n for n, part in enumerate(self.parts) if part.path in paths], np.int32)
+        if not numbers.size:
+            return {}
+        inside = np.flatnonzero(np.isin(self.part_of, numbers))
+        grouped = inside[np.argsort(self.part_of[inside], kind="stable")]  # by part, each part's ids sorted
+        bounds = np.searchsorted(self.part_of[grouped], numbers, side="right")
+        ids = np.split(self.ids[grouped], bounds[:-1])
+        return {self.parts[n].path: part_ids for n, part_ids in zip(numbers, ids, strict=True)}
+
     def rows(self, ids: np.ndarray | list[int]) -> np.ndarray:
         """Where the rows with ``ids`` are in :attr:`hits_table` and the other arrays, in the order of
         ``ids``. Raises ``KeyError`` for ids that are not embedded rows of the version."""

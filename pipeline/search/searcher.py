@@ -26,6 +26,7 @@ from ..embed.stages.decode import DecodeSettings
 from ..library import Library
 from ..library import index as faiss_index
 from ..library.lookup import PartTables, RowLookup
+from ..library.next_index import index_after
 from ..models import VideoTextModel, load_library_model
 from ..storage import StorageOptions, Store
 from .example import decode_example, example_embedding, example_settings
@@ -60,11 +61,17 @@ class NoEmbedding(ValueError):
 
 class Searcher:
     """Loads the library's model once (``model`` if given: it must have the same weights); answers text
-    queries against one library version. ``tables``: the part tables of the searcher of the version before,
-    for one that follows a library (:class:`~pipeline.library.lookup.PartTables`)."""
+    queries against one library version. For one that follows a library: ``tables``, the part tables of the
+    searchers before (:class:`~pipeline.library.lookup.PartTables`), and ``before``, the searcher of the
+    version before, whose index the new version's is made from where both name the same index file
+    (:func:`~pipeline.library.next_index.index_after`)."""
 
     def __init__(
-        self, library: Library, model: VideoTextModel | None = None, tables: PartTables | None = None
+        self,
+        library: Library,
+        model: VideoTextModel | None = None,
+        tables: PartTables | None = None,
+        before: Searcher | None = None,
     ):
         self.library = library
         recorded = library.model
@@ -75,9 +82,13 @@ class Searcher:
                 f"(sha256 {recorded.sha256[:16]}...): query with the library's own model ({recorded.source})"
             )
         self.scorer = ExactScorer(self.model)
-        self.index = faiss_index.on_gpus(library.index())  # the library's own stays on the CPU
         snapshot = library.snapshot
         self.rows = RowLookup(library.store, snapshot.parts, library.schema, library.rerank_shape, tables)
+        made = (
+            index_after(before.library, before.cpu_index, before.rows, library, self.rows) if before else None
+        )
+        self.cpu_index = library.index() if made is None else made
+        self.index = faiss_index.on_gpus(self.cpu_index)  # the CPU one stays, for searches within folders
         self._ids_under = functools.lru_cache(UNDER_KEPT)(self.rows.ids_under)
 
     @classmethod
@@ -219,7 +230,7 @@ class Searcher:
 
         def nearest(query: np.ndarray, wanted: int) -> list[int]:
             cpu = among is not None or wanted > faiss_index.GPU_MAX_K  # FAISS's GPU kernels do neither
-            _, ids = faiss_index.search(self.library.index() if cpu else self.index, query, wanted, among)
+            _, ids = faiss_index.search(self.cpu_index if cpu else self.index, query, wanted, among)
             return [int(i) for i in ids[0] if i >= 0]
 
         return nearest

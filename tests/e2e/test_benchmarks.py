@@ -107,6 +107,13 @@ def test_precision_benchmark_reports_both_rates_and_what_bf16_changes(tmp_path: 
     assert re.search(r"mean Spearman correlation of the rankings -?\d\.\d+; recall@1 fp32", out), out
 
 
+def test_follow_benchmark_makes_the_index_without_reading_its_file() -> None:
+    out = bench("follow.py", "--parts", "8", "--change", "0.05", "--latency-ms", "1")
+    requests = dict(re.findall(r"(read|made)\s+\S+ s\s+(\d+) requests", out))
+    assert int(requests["made"]) == 2 < int(requests["read"]), out  # the new part only: footer, chunks
+    assert re.search(r"read / made: \d+\.\dx", out), out
+
+
 def test_remote_reads_benchmark_counts_two_requests_a_part() -> None:
     out = bench("remote_reads.py", "--parts", "3", "--latency-ms", "1")
     requests = dict(re.findall(r"(\w+(?: part)?)\s+\S+ s\s+(\S+) requests a part", out))

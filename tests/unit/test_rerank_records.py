@@ -12,7 +12,7 @@ import pytest
 from fault_proxy import FaultProxy
 from helpers import MotoS3
 
-from pipeline.library import DamagedLibraryError, Library, LibraryWriter, PartInfo
+from pipeline.library import Library, LibraryWriter, PartInfo
 from pipeline.library.features import FeatureFile, record_dtype, to_records, write_features
 from pipeline.library.index import build_index
 from pipeline.library.lookup import RowLookup
@@ -21,8 +21,6 @@ from pipeline.library.schema import part_schema
 from pipeline.models import VideoTextModel, load_model
 from pipeline.search import Searcher
 from pipeline.search.scorer import ExactScorer, StoredVideos
-from pipeline.search.service import ServiceOptions
-from pipeline.search.service.follow import VersionFollower
 from pipeline.storage import StorageOptions, Store
 
 DATA = Path(__file__).parents[1] / "data"
@@ -145,19 +143,3 @@ def test_a_remote_record_costs_its_own_bytes(s3: MotoS3, bucket: str) -> None:
         assert sizes[:-1] == sorted([itemsize, itemsize, 2 * itemsize]) and sizes[-1] == 4096
     finally:
         proxy.close()
-
-
-def test_a_followed_library_reads_only_the_parts_a_new_version_adds(tmp_path, model) -> None:
-    """The service's next version shares most of its parts with the one it serves: their files are not read
-    again (proof: a part file of the first version deleted from storage); the new version's masks apply."""
-    location = str(tmp_path / "lib")
-    first = publish(location, model, [part_rows(model, range(0, 6))])
-    follower = VersionFollower(Store(location), ServiceOptions())
-    publish(location, model, [part_rows(model, range(6, 10))], masked=frozenset({1003}))
-    (tmp_path / "lib" / first.snapshot.parts[0].path).unlink()  # its Parquet file; its re-rank records stay
-    with pytest.raises(DamagedLibraryError, match="is missing"):
-        Searcher(Library.open(location), model)  # a cold open reads it
-    assert follower.check()
-    hits = follower.searcher().search(QUERIES[0], k=20, candidates=20)
-    assert sorted(h.id for h in hits) == sorted(set(range(1000, 1010)) - {1003})
-    assert sorted(h.id for h in follower.searcher(1).search(QUERIES[0], k=20)) == list(range(1000, 1006))

@@ -3,8 +3,9 @@
 The service answers from the version that ``_current`` names, and keeps following it: a thread reads
 ``_current`` every ``poll_s`` seconds and, when a writer (``embed``, ``refresh``, ``rollback``) has
 published another version, opens it (manifest, index, the row lookup of its new parts: those it shares with
-the version before are not read again; the model is shared while its weights are the same) and then swaps
-it in with one assignment. A request takes the searcher it uses once, when it starts, so a
+the version before are not read again, nor is the index file they share, whose new version is made from the
+one in memory; the model is shared while its weights are the same) and then swaps it in with one
+assignment. A request takes the searcher it uses once, when it starts, so a
 request in flight finishes on the version it started with, and none waits for the swap. The replaced
 searcher joins the few older versions kept open for ``?version=N``.
 """
@@ -38,8 +39,9 @@ class CachingSearcher(Searcher):
         model: VideoTextModel,
         texts: LRU[torch.Tensor],
         tables: PartTables | None = None,
+        before: Searcher | None = None,
     ) -> None:
-        super().__init__(library, model, tables)
+        super().__init__(library, model, tables, before)
         self.texts = texts
 
     def text_embedding(self, text: str) -> torch.Tensor:
@@ -82,7 +84,7 @@ class VersionFollower:
         if published is None or published.number == current.library.version:
             return False
         searcher = self._others.get(published.number) or self._searcher(
-            Library(self.store, published), self._tables
+            Library(self.store, published), self._tables, current
         )
         self._others.put(current.library.version, current)
         self.current = searcher  # one assignment: requests take either the old searcher or the new one
@@ -121,9 +123,11 @@ class VersionFollower:
                 log.warning("videosearch serve: following %s again", self.store.uri)
             self._failing = None
 
-    def _searcher(self, library: Library, tables: PartTables | None = None) -> Searcher:
+    def _searcher(
+        self, library: Library, tables: PartTables | None = None, before: Searcher | None = None
+    ) -> Searcher:
         identity = library.model
         model = self._models.get_or_make(
             identity.sha256 or identity.source, lambda: load_library_model(identity, library.options)
         )
-        return CachingSearcher(library, model, self._texts, tables)
+        return CachingSearcher(library, model, self._texts, tables, before)
