@@ -13,6 +13,8 @@ connected in this process) and its decoded clips fit
 - the clips stay in this process's memory (a model with a frozen backbone may have its features computed
   once per clip instead, :mod:`~pipeline.train.backbone_cache`, when they fill at most half of
   :data:`MEMORY_SHARE` of the machine's memory, as a local Ray's object store would hold them);
+- the model the job loaded to check it is the one trained (a checkpoint is read once: on S3, downloaded
+  once), the backbone features computed by it;
 - the epochs run the same loop as a Ray Train worker (:func:`~pipeline.train.worker.run_epochs`), each epoch
   a fresh permutation of the clips by the same per-epoch seed.
 
@@ -105,11 +107,10 @@ def train_in_process(run: PreparedRun) -> tuple[int, bool]:
         stack.callback(torch.set_num_threads, torch.get_num_threads())
         if options.cpus_per_worker:
             torch.set_num_threads(torch_threads(options.cpus_per_worker))
+        start = starting_model(options, labels) if run.start is None else run.start
         if cached:  # the frozen backbone once per clip, before the first step
-            clips = _backbone_features(
-                clips, functools.partial(starting_model, options, labels), device, options
-            )
-        trainer = start_trainer(options, labels, lambda model: model.to(device))
+            clips = _backbone_features(clips, lambda: start, device, options)
+        trainer = start_trainer(options, labels, lambda model: model.to(device), start)
         batches = functools.partial(clips.batches, options.batch_size)
         run_epochs(trainer, options, run.texts, batches, device, report=_Progress(options.epochs))
     return count, cached

@@ -15,6 +15,8 @@ import logging
 import time
 from typing import Any
 
+import torch
+
 from ..embed.stages.decode import DecodeSettings
 from ..models import VideoTextModel
 from ..storage import ObjectNotFound, StorageOptions, Store, each_at_once
@@ -89,22 +91,24 @@ def train(table_uri: str, options: TrainOptions) -> TrainSummary:
     in this process (``options.executor``)."""
     started = time.perf_counter()
     rows = read_video_table(table_uri, options.storage, options.template)
-    # loaded once here: a bad checkpoint fails before Ray starts
     labeled = all(row.label is not None for row in rows)
     labels = sorted({row.label for row in rows}) if labeled and options.family == "evl" else None
-    start = starting_model(options, labels)
+    # loaded here: a bad checkpoint fails before Ray starts (the caller's random generator left as it was)
+    with torch.random.fork_rng(devices=[]):
+        start = starting_model(options, labels)
     settings = DecodeSettings(start.num_frames, start.preprocessor)
     texts = _targets(rows, start, table_uri)
     per_clip = feature_bytes(start)
     check_mode(options.backbone_cache, per_clip)  # before Ray starts
-    del start
     listed, missing = _listed(list(texts), options.storage, table_uri)
     here = runs_in_process(options, len(listed), settings)
     if here:
-        execute = train_in_process
+        execute = train_in_process  # trains the model loaded here
     else:
         from .on_ray import train_on_ray as execute  # Ray is imported for a run on Ray only
-    clips, cached = execute(PreparedRun(listed, settings, options, texts, labels, per_clip, table_uri))
+
+        start = None  # each worker loads its own
+    clips, cached = execute(PreparedRun(listed, settings, options, texts, labels, per_clip, table_uri, start))
     last = last_checkpoint(Store(options.output, options.storage))
     return TrainSummary(
         last.uri,

@@ -139,11 +139,13 @@ class Trainer:
         tokenizer: CLIPTokenizer | None = None,
         options: StorageOptions | None = None,
         wrap: Callable[[torch.nn.Module], torch.nn.Module] | None = None,
+        model: torch.nn.Module | None = None,
     ) -> Trainer:
         """A trainer exactly as it was when ``checkpoint`` was saved. ``wrap`` prepares the (frozen) model for
-        data-parallel training before the optimizer is built, as in a Ray Train worker."""
+        data-parallel training before the optimizer is built, as in a Ray Train worker; ``model``: the
+        checkpoint's model, loaded already."""
         store = Store(checkpoint, options)
-        model = load_model(checkpoint, options)
+        model = load_model(checkpoint, options) if model is None else model
         state: dict[str, Any] = torch.load(
             io.BytesIO(store.read_bytes("trainer_state.pt")), weights_only=True
         )

@@ -42,6 +42,9 @@ class PreparedRun:
     labels: list[str] | None  # the classes of a new EVL classifier
     per_clip_features: int | None  # bytes of one clip's cached backbone features; None: no frozen backbone
     table_uri: str  # for messages
+    # the model as the run starts (:func:`starting_model`), loaded by the job to check it: a run in the job's
+    # process trains this one; None for a run on Ray, whose workers load their own
+    start: VideoTextModel | None = None
 
 
 def start_model(options: TrainOptions, labels: list[str] | None) -> VideoTextModel:
@@ -50,10 +53,10 @@ def start_model(options: TrainOptions, labels: list[str] | None) -> VideoTextMod
     worker (seeded)."""
     if options.model:
         return load_model(options.model, options.storage)
+    torch.manual_seed(options.seed)
     if options.family == "evl":
         from xclip_core.evl.build import evl_over_clip
 
-        torch.manual_seed(options.seed)
         backbone = options.backbone or default_model_source()
         return evl_over_clip(
             backbone, labels, storage_options=Store(backbone, options.storage).fsspec_options()
@@ -70,17 +73,19 @@ def start_trainer(
     options: TrainOptions,
     labels: list[str] | None,
     wrap: Callable[[torch.nn.Module], torch.nn.Module],
+    start: VideoTextModel | None = None,
 ) -> Trainer:
-    """The worker's trainer as the run starts or resumes, its model prepared by ``wrap`` (moved to the
-    worker's device, wrapped for data-parallel training) before the optimizer is built."""
-    torch.manual_seed(options.seed)
+    """The worker's trainer as the run starts or resumes, its model (``start``, the run's
+    :func:`starting_model` when at hand; else loaded) prepared by ``wrap`` (moved to the worker's device,
+    wrapped for data-parallel training) before the optimizer is built."""
     if options.resume:
-        trainer = Trainer.resume(options.resume, options=options.storage, wrap=wrap)
+        trainer = Trainer.resume(options.resume, options=options.storage, wrap=wrap, model=start)
         # the run's own settings, its cosine stretched if it now runs to more epochs
         trainer.config = replace(trainer.config, total_steps=options.train.total_steps)
         return trainer
-    model = start_model(options, labels)
+    model = start_model(options, labels) if start is None else start
     freeze(model, options.train.freeze)
+    torch.manual_seed(options.seed)  # the steps' random draws: the same wherever the model was made
     return Trainer(wrap(model), config=options.train)
 
 

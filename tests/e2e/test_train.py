@@ -9,11 +9,13 @@ from dataclasses import replace
 
 import pytest
 import torch
+from fault_proxy import FaultProxy
 
 from pipeline.cli import main
 from pipeline.library import Library
 from pipeline.models import load_model
 from pipeline.samples.synthetic import render, sample_scenes, write_dataset
+from pipeline.storage import Store
 from pipeline.train.config import TrainConfig, trainable
 from pipeline.train.job import train
 from pipeline.train.options import TrainOptions
@@ -142,6 +144,44 @@ def test_one_full_batch_step_is_the_same_on_both_executors(
         embeddings = [load_model(run.checkpoint).encode_videos(batch[0])[0] for run in (on_ray, here)]
     torch.testing.assert_close(*embeddings, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(embeddings[0], load_model(str(tmp_path / "evl")).encode_videos(batch[0])[0])
+
+
+def test_an_in_process_run_downloads_its_start_checkpoint_once(
+    tiny_model, table_with_a_bad_video, tmp_path, s3, bucket
+) -> None:
+    """The job checks, caches the frozen backbone's features of, and trains one model, loaded once: a
+    checkpoint on S3 costs the requests of one load."""
+    evl = evl_over_clip(tiny_model)
+    evl.save_pretrained(tmp_path / "evl")
+    evl.processor.save_pretrained(str(tmp_path / "evl"))
+    proxy = FaultProxy(s3.endpoint_url)
+    try:
+        storage = replace(s3.options, endpoint_url=proxy.url)
+        start = Store(f"s3://{bucket}/evl", storage)
+        for file in (tmp_path / "evl").iterdir():
+            start.write_bytes(file.name, file.read_bytes())
+
+        def weight_requests() -> int:
+            seen = [path for method, path, _ in proxy.faults.seen if method == "GET"]
+            proxy.faults.seen.clear()
+            return sum(path.split("?")[0].endswith("/model.safetensors") for path in seen)
+
+        load_model(start.uri, storage)
+        one_load = weight_requests()
+        options = TrainOptions(
+            output=str(tmp_path / "run"),
+            model=start.uri,
+            epochs=2,
+            batch_size=3,
+            backbone_cache="on",
+            executor="in-process",
+            storage=storage,
+        )
+        summary = train(table_with_a_bad_video, options)
+    finally:
+        proxy.close()
+    assert summary.backbone_cached and [e["steps"] for e in summary.epochs] == [2, 4]
+    assert weight_requests() == one_load > 0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (CI has none)")
