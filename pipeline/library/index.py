@@ -176,6 +176,17 @@ def remove(index: faiss.Index, ids: np.ndarray) -> faiss.Index:
     return build_index(all_ids[keep], vectors[keep], "hnsw")
 
 
+def memory_bytes(index: faiss.Index) -> int:
+    """About the memory ``index`` holds: its vectors' codes, links (HNSW) and ids; not the IVF centroids (a
+    few percent) nor the allocator's slack."""
+    inner = _inner(index)
+    if kind_of(index) == "hnsw":
+        per_vector = inner.d * 4 + 2 * HNSW_M * 4  # the vector, and its links on the bottom layer
+    else:
+        per_vector = inner.sa_code_size()
+    return index.ntotal * (per_vector + 16)  # an id, and its reverse map entry (IndexIDMap2)
+
+
 def ids_of(index: faiss.Index) -> np.ndarray:
     """The ids an index holds (int64, in storage order)."""
     if isinstance(index, faiss.IndexIDMap2):

@@ -78,6 +78,11 @@ class RowLookup:
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def nbytes(self) -> int:
+        """The memory the lookup holds (its part tables, kept for the next version, aside)."""
+        return self.ids.nbytes + self.part_of.nbytes + self.position.nbytes + self.hits_table.nbytes
+
     def ids_under(self, folder: str) -> np.ndarray:
         """The ids (sorted) of the embedded rows whose video is ``folder`` itself or lies under it (a
         folder's uri, ``s3://bucket/2024/``, with or without its last ``/``; or one video's)."""

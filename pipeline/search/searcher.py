@@ -98,6 +98,10 @@ class Searcher:
         """A searcher of the library at ``location`` (its current version, or ``version``)."""
         return cls(Library.open(location, options, version))
 
+    def memory_bytes(self) -> int:
+        """About the memory the version takes here: its index (on the CPU) and row lookup; the model aside."""
+        return faiss_index.memory_bytes(self.cpu_index) + self.rows.nbytes
+
     def text_embedding(self, text: str) -> torch.Tensor:
         """The unnormalized text embedding (1, P) of a query."""
         if not isinstance(text, str) or not text.strip():

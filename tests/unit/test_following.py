@@ -130,3 +130,18 @@ def test_a_followed_version_reads_neither_the_index_file_nor_the_parts_it_shares
     hits = follower.searcher().search(QUERY, k=50, candidates=50)
     assert sorted(h.id for h in hits) == sorted(set(range(1000, 1043)) - {1002})  # the new version's masks
     assert sorted(h.id for h in follower.searcher(1).search(QUERY, k=50)) == list(range(1000, 1040))
+
+
+def test_the_versions_a_service_keeps_open_stay_within_their_memory(tmp_path, model) -> None:
+    lib = tmp_path / "lib"
+    first = publish(lib, model, [rows(model, range(0, 40), 0)], "flat")
+    held = Searcher(first, model).memory_bytes()
+    assert held >= 40 * model.embedding_dim * 4  # the embeddings in the index at least
+    kept = VersionFollower(Store(str(lib)), ServiceOptions())  # 1 GiB for the others
+    dropped = VersionFollower(Store(str(lib)), ServiceOptions(cached_versions_mb=0))
+    publish_delta(lib, model, [rows(model, range(40, 43), 1)])
+    assert kept.check() and dropped.check()
+    (lib / first.snapshot.parts[0].path).unlink()
+    assert len(kept.searcher(1).search(QUERY, k=50)) == 40  # held since it was current
+    with pytest.raises(DamagedLibraryError, match="missing"):
+        dropped.searcher(1)  # let go when replaced: opened again

@@ -39,6 +39,16 @@ def test_the_cache_drops_the_least_recently_used_entry() -> None:
     assert cache.get_or_make("d", lambda: made.append("again") or "X") == "D" and made == ["d"]
 
 
+def test_a_weighed_cache_keeps_entries_within_its_budget() -> None:
+    cache: LRU[str] = LRU(4, weigh=len, budget=5)
+    cache.put("a", "xx")
+    cache.put("b", "yyy")
+    cache.put("c", "zz")  # 7 > 5: the least recently used goes
+    assert (cache.get("a"), cache.get("b"), cache.get("c")) == (None, "yyy", "zz")
+    assert cache.get_or_make("d", lambda: "too heavy") == "too heavy"  # made, answered, not kept
+    assert (cache.get("b"), cache.get("c"), cache.get("d")) == (None, None, None)
+
+
 def test_a_signed_url_opens_its_own_path_until_it_expires() -> None:
     key = ApiKey("the key", ttl_s=60)
     path, _, query = key.sign("/videos/5/thumbnail?version=2").partition("?")
@@ -84,6 +94,7 @@ def test_settings_refuse_impossible_values() -> None:
         {"poll_s": 0},
         {"api_key": " "},
         {"cached_versions": 0},
+        {"cached_versions_mb": -1},
         {"cached_texts": 0},
         {"url_ttl_s": 0},
         {"max_upload_mb": 0},

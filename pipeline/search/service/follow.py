@@ -7,7 +7,8 @@ the version before are not read again, nor is the index file they share, whose n
 one in memory; the model is shared while its weights are the same) and then swaps it in with one
 assignment. A request takes the searcher it uses once, when it starts, so a
 request in flight finishes on the version it started with, and none waits for the swap. The replaced
-searcher joins the few older versions kept open for ``?version=N``.
+searcher joins the few older versions kept open for ``?version=N``, within their memory budget
+(``ServiceOptions.cached_versions_mb``): a large library's service holds its current version, not five.
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ class VersionFollower:
         self.poll_s = options.poll_s
         self._texts: LRU[torch.Tensor] = LRU(options.cached_texts)
         self._models: LRU[VideoTextModel] = LRU(MODELS_KEPT)
-        self._others: LRU[Searcher] = LRU(options.cached_versions)
+        self._others: LRU[Searcher] = LRU(
+            options.cached_versions, Searcher.memory_bytes, options.cached_versions_mb << 20
+        )
         # the current version's part tables: the next version's lookup reads its new parts only
         self._tables = PartTables()
         self.current = self._searcher(Library.open(store), self._tables)

@@ -17,14 +17,18 @@ class ServiceOptions:
     ``api_key``: when set, every endpoint but ``/healthz``, the page and the API's schema wants it
     (``X-API-Key`` or ``Authorization: Bearer``). ``poll_s``: how often the library's ``_current`` is read to
     follow new versions. ``cached_versions``: searchers of other versions than the current one kept open
-    (``?version=N``). ``cached_texts``: text embeddings of recent queries kept. ``url_ttl_s``: lifetime of
-    the presigned and signed URLs that answers carry. ``max_upload_mb``: the largest example video that
-    ``POST /search/like`` takes; ``max_decode_s``: how long its decoding may take (past it, a 422).
+    (``?version=N``; the version a new one replaced among them), at most ``cached_versions_mb`` MiB of
+    memory together (their indexes and row lookups: a large library's versions are opened again when asked
+    for rather than held). ``cached_texts``: text embeddings of recent queries kept. ``url_ttl_s``: the
+    lifetime of the presigned and signed URLs that answers carry. ``max_upload_mb``: the largest example
+    video that ``POST /search/like`` takes; ``max_decode_s``: how long its decoding may take (past it, a
+    422).
     """
 
     api_key: str | None = None
     poll_s: float = 2.0
     cached_versions: int = 4
+    cached_versions_mb: int = 1024
     cached_texts: int = 1024
     url_ttl_s: int = 3600
     max_upload_mb: int = 256
@@ -37,6 +41,10 @@ class ServiceOptions:
             raise ValueError(f"the poll interval must be positive, got {self.poll_s}")
         if self.cached_versions < 1 or self.cached_texts < 1:
             raise ValueError("the caches need room for at least one entry")
+        if self.cached_versions_mb < 0:
+            raise ValueError(
+                f"the other versions' memory must be at least 0 MiB, got {self.cached_versions_mb}"
+            )
         if self.max_upload_mb < 1:
             raise ValueError(f"the largest upload must be at least 1 MiB, got {self.max_upload_mb}")
         if not self.max_decode_s > 0:
