@@ -2,7 +2,8 @@
 
 Requests pass through to the upstream server; a seeded fraction of them (or all of them, during an outage)
 are answered with a fault instead: 503 ``SlowDown``, 500 ``InternalError``, a reset connection or a delay
-before passing through. The clients (botocore, through s3fs) use the proxy's URL as their endpoint.
+before passing through. Answers can be sent at a stream's pace (``Faults.bytes_per_s``).
+The clients (botocore, through s3fs) use the proxy's URL as their endpoint.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ _ERRORS = {
     "slowdown": (503, "SlowDown", "Please reduce your request rate."),
     "internal": (500, "InternalError", "We encountered an internal error. Please try again."),
 }
+PIECE = 1 << 16  # bytes written at a time of an answer sent at a stream's pace
 HOP_HEADERS = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"}
 
 
@@ -40,6 +42,7 @@ class Faults:
     methods: tuple[str, ...] = ("GET", "HEAD", "PUT", "POST", "DELETE")
     kinds: tuple[str, ...] = FAULTS
     delay_s: float = 2.0
+    bytes_per_s: float = 0.0  # each answer's body sent at most this fast (0: at once), as S3 sends a stream
     seed: int = 0
     requests: int = 0  # the requests that could be faulted
     seen: list[tuple[str, str, str | None]] = field(default_factory=list)  # method, path, Range of each
@@ -138,7 +141,17 @@ class FaultProxy:
                 self.send_header("Content-Length", length or str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
+                    self._send(data)
+
+            def _send(self, data: bytes) -> None:
+                rate = proxy.faults.bytes_per_s
+                if not rate:
                     self.wfile.write(data)
+                    return
+                started = time.perf_counter()
+                for at in range(0, len(data), PIECE):
+                    self.wfile.write(data[at : at + PIECE])
+                    time.sleep(max(0.0, (at + PIECE) / rate - (time.perf_counter() - started)))
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
 

@@ -114,6 +114,12 @@ def test_follow_benchmark_makes_the_index_without_reading_its_file() -> None:
     assert re.search(r"read / made: \d+\.\dx", out), out
 
 
+def test_index_download_benchmark_reads_one_object_both_ways() -> None:
+    out = bench("index_download.py", "--mb", "40", "--stream-mbps", "400", "--latency-ms", "1")
+    assert re.search(r"one stream\s+\d+\.\d+ s.*\n\s+ranges\s+\d+\.\d+ s", out), out
+    assert re.search(r"one stream / ranges: \d+\.\d+", out), out
+
+
 def test_remote_reads_benchmark_counts_two_requests_a_part() -> None:
     out = bench("remote_reads.py", "--parts", "3", "--latency-ms", "1")
     requests = dict(re.findall(r"(\w+(?: part)?)\s+\S+ s\s+(\S+) requests a part", out))
