@@ -56,10 +56,6 @@ S3_CLIENT_CONFIG = {
     "max_pool_connections": 64,
 }
 S3FS_RETRIES = 2
-# a large object on remote storage is read in ranges of this size, this many at once: one stream from S3 runs
-# at ~100 MB/s, concurrent ones add up (a 2 GB index: ~20 s in one stream)
-LARGE_CHUNK = 16 << 20
-LARGE_CHUNKS_AT_ONCE = 16
 
 _PRECONDITION_CODES = {"PreconditionFailed", "412", "ConditionalRequestConflict"}
 _DENIED_CODES = {
@@ -448,28 +444,6 @@ class Store:
         """The whole object. A missing one raises :class:`ObjectNotFound`."""
         with self.errors("reading", name):
             return self.fs.cat_file(self.path(name))
-
-    def read_large(self, name: str = "") -> bytes | bytearray:
-        """The whole object, as :meth:`read_bytes`; on remote storage, one larger than :data:`LARGE_CHUNK` is
-        fetched in ranges of that size, :data:`LARGE_CHUNKS_AT_ONCE` at a time (a request more: its size)."""
-        if self.is_local:
-            return self.read_bytes(name)
-        size = self.size(name)
-        if size <= LARGE_CHUNK:
-            return self.read_bytes(name)
-        out = bytearray(size)
-        starts = list(range(0, size, LARGE_CHUNK))
-        for first in range(0, len(starts), LARGE_CHUNKS_AT_ONCE):
-            window = starts[first : first + LARGE_CHUNKS_AT_ONCE]
-            pieces = self.read_ranges(name, window, [min(start + LARGE_CHUNK, size) for start in window])
-            for start, piece in zip(window, pieces, strict=True):
-                if len(piece) != min(LARGE_CHUNK, size - start):
-                    raise StorageError(
-                        f"{self.url(name)} changed while it was read: {size} bytes, then a range of "
-                        f"{len(piece)} at {start}"
-                    )
-                out[start : start + len(piece)] = piece
-        return out
 
     def read_ranges(self, name: str, starts: list[int], ends: list[int]) -> list[bytes]:
         """The bytes ``[start, end)`` of the object for each pair (fetched concurrently where possible); fewer

@@ -30,6 +30,7 @@ import torch
 from fsspec.implementations.local import LocalFileSystem
 
 from . import safetensors_reader
+from .ahead_reader import AheadReader
 from .config import TextConfig, VisionConfig, XCLIPConfig
 from .sources import ModelSource
 from .weights_hash import HashWhileLoading
@@ -283,10 +284,13 @@ def _torch_weights(source: ModelSource, name: str, where: str) -> Weights:
     )
 
 
+HEADER_BLOCK = 1 << 20  # bytes a remote safetensors file's header is read in (most headers: ~100 KB)
+
+
 def _safetensors_weights(source: ModelSource, name: str, where: str) -> Weights:
     path = source.path(name)
     try:
-        with source.fs.open(path, "rb") as f:
+        with source.fs.open(path, "rb", block_size=HEADER_BLOCK) as f:  # not the 50 MB s3fs reads ahead
             stored = safetensors_reader.read_header(f, source.fs.size(path))
     except FileNotFoundError:
         raise FileNotFoundError(f"{source.uri}: no file {name!r} (looked for {path})") from None
@@ -296,7 +300,9 @@ def _safetensors_weights(source: ModelSource, name: str, where: str) -> Weights:
         raise CheckpointError(f"{where}: no state dict found: the file holds no tensors")
 
     def tensors(into: Destinations | None) -> Iterator[tuple[str, torch.Tensor]]:
-        with source.fs.open(path, "rb") as f:
+        remote = not isinstance(source.fs, LocalFileSystem)  # a remote file: ranges fetched ahead, at once
+        opened = AheadReader(source.fs, path, source.fs.size(path)) if remote else source.fs.open(path, "rb")
+        with opened as f:
             for stored_key, entry in stored.items():
                 key = stored_key.removeprefix("module.")
                 try:

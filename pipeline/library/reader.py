@@ -188,7 +188,7 @@ def read_index_file(root: Store, entry: dict[str, Any]) -> faiss.Index:
     """The index file of a manifest's index ``entry``, as written (a delta's base; the delta not applied);
     its bytes checked against the CRC-32 the entry records (versions written before it: unchecked)."""
     with parsing(root, entry["path"], f"`videosearch reindex {root.uri}` builds it again"):
-        data = root.read_large(entry["path"])
+        data = root.read_bytes(entry["path"])
         crc = zlib.crc32(data) if "crc32" in entry else None
         if crc != entry.get("crc32"):
             raise ValueError(f"its CRC-32 is {crc}, the manifest recorded {entry['crc32']}")

@@ -114,10 +114,10 @@ def test_follow_benchmark_makes_the_index_without_reading_its_file() -> None:
     assert re.search(r"read / made: \d+\.\dx", out), out
 
 
-def test_index_download_benchmark_reads_one_object_both_ways() -> None:
-    out = bench("index_download.py", "--mb", "40", "--stream-mbps", "400", "--latency-ms", "1")
-    assert re.search(r"one stream\s+\d+\.\d+ s.*\n\s+ranges\s+\d+\.\d+ s", out), out
-    assert re.search(r"one stream / ranges: \d+\.\d+", out), out
+def test_large_reads_benchmark_reads_a_checkpoint_three_ways() -> None:
+    out = bench("large_reads.py", "--mb", "40", "--stream-mbps", "400", "--latency-ms", "1")
+    assert len(re.findall(r"(?:one stream|ahead|whole file)\s+\d+\.\d+ s\s+\d+\.\d MB/s", out)) == 3, out
+    assert re.search(r"one stream / ahead: \d+\.\d+", out), out
 
 
 def test_remote_reads_benchmark_counts_two_requests_a_part() -> None:

@@ -8,6 +8,7 @@ must accept the converted weights with ``strict=True`` and compute the same feat
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import pickle
@@ -22,7 +23,10 @@ from collections.abc import Iterator
 
 import fsspec
 import pytest
+import s3fs
+import safetensors.torch
 import torch
+from fault_proxy import FaultProxy
 from torch import nn
 from transformers import XCLIPConfig as HFXCLIPConfig
 from transformers import XCLIPModel
@@ -786,6 +790,29 @@ def test_memory_url_round_trip():
         assert original_to_hf(load_tensors(f"{root}/original.pth")).keys() == hf.keys()
     finally:
         fs.rm(root.removeprefix("memory://"), recursive=True)
+
+
+def test_a_checkpoint_on_s3_is_read_in_ranges_fetched_at_once(s3, bucket, tmp_path):
+    generator = torch.Generator().manual_seed(0)
+    saved = {
+        name: torch.randn(n, generator=generator) for name, n in (("a", 5 << 20), ("b", 4 << 20), ("c", 7))
+    }
+    safetensors.torch.save_file(saved, tmp_path / "model.safetensors")  # 36 MiB: ranges of 32 and 4 MiB
+    s3fs.S3FileSystem(**s3.options.for_protocol("s3")).put(
+        str(tmp_path / "model.safetensors"), f"{bucket}/m/"
+    )
+    proxy = FaultProxy(s3.endpoint_url)
+    try:
+        options = dataclasses.replace(s3.options, endpoint_url=proxy.url).for_protocol("s3")
+        loaded = load_tensors(ModelSource(f"s3://{bucket}/m", options), "model.safetensors")
+    finally:
+        proxy.close()
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
+    ranges = [r.removeprefix("bytes=").split("-") for method, _, r in proxy.faults.seen if method == "GET"]
+    fetched = sum(int(end) + 1 - int(start) for start, end in ranges)
+    size = (tmp_path / "model.safetensors").stat().st_size
+    assert size < fetched <= size + (1 << 20)  # the file once, and a header block
+    assert len(ranges) == 3 and proxy.faults.most_in_flight >= 2  # the header's, then two at once
 
 
 def test_saved_safetensors_load_in_transformers(tmp_path):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import http.server
 import os
@@ -15,13 +14,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 import s3fs
-from fault_proxy import FaultProxy
 from helpers import write_video
 
 from pipeline.embed.stages.decode import DecodeSettings, decode_video
 from pipeline.embed.stages.list import list_objects
 from pipeline.storage import (
-    LARGE_CHUNK,
     MAX_ATTEMPTS,
     S3_CLIENT_CONFIG,
     ObjectNotFound,
@@ -310,28 +307,9 @@ def target(request: pytest.FixtureRequest, tmp_path: Path) -> tuple[str, Storage
 def test_write_and_read_bytes(target: tuple[str, StorageOptions | None]) -> None:
     uri, options = target
     Store(uri, options).write_bytes("", b"hello")
-    assert Store(uri, options).read_bytes() == b"hello" == Store(uri, options).read_large()
+    assert Store(uri, options).read_bytes() == b"hello"
     data, token = Store(uri, options).read_with_token()
     assert data == b"hello" and token == Store(uri, options).current_token()
-
-
-def test_a_large_remote_object_is_read_in_ranges_at_once(s3: MotoS3, bucket: str) -> None:
-    data = np.random.default_rng(0).bytes(2 * LARGE_CHUNK + 12345)
-    Store(f"s3://{bucket}/big", s3.options).write_bytes("", data)
-    proxy = FaultProxy(s3.endpoint_url)
-    try:
-        through = dataclasses.replace(s3.options, endpoint_url=proxy.url)
-        store = Store(f"s3://{bucket}/big", through)
-        assert store.read_large() == data
-        ranges = [r for method, _, r in proxy.faults.seen if method == "GET"]
-        assert len(ranges) == 3 and all(ranges) and proxy.faults.most_in_flight >= 2  # three, together
-        proxy.faults.seen.clear()
-        small = Store(f"s3://{bucket}/small", through)
-        small.write_bytes("", b"small")
-        assert small.read_large() == b"small"  # one request for its size, one for its bytes
-        assert [(m, r) for m, _, r in proxy.faults.seen][-2:] == [("HEAD", None), ("GET", None)]
-    finally:
-        proxy.close()
 
 
 def test_put_if_compare_and_swap(target: tuple[str, StorageOptions | None]) -> None:
