@@ -10,7 +10,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -216,6 +216,12 @@ def _parser() -> argparse.ArgumentParser:
         metavar="VIDEO",
         help="instead of a text: videos like this one (a file or URL, embedded whole as one clip, as the "
         "library's videos were)",
+    )
+    query.add_argument(
+        "--queries",
+        metavar="FILE",
+        help="instead of a text: many texts, one a line, from a file (- for stdin), answered as they come "
+        "by one opened library and model; with --json, a JSON object a line: {query, hits}",
     )
     query.add_argument("-k", type=int, default=10, help="results (default 10)")
     query.add_argument("--version", type=int, help="search this version (default: the current one)")
@@ -478,8 +484,9 @@ def _run_embed(args: argparse.Namespace, out: TextIO) -> int:
 def _run_query(args: argparse.Namespace, out: TextIO) -> int:
     if args.k < 1:
         raise ValueError(f"-k must be at least 1, got {args.k}")
-    if (args.text is None) == (args.like is None):
-        raise ValueError("give either a TEXT to look for or --like VIDEO, not both or neither")
+    if [args.text, args.like, args.queries].count(None) != 2:
+        raise ValueError("give one of a TEXT to look for, --like VIDEO or --queries FILE")
+    texts = _query_lines(args.queries) if args.queries else None  # a missing file: before torch loads
     from .search import Searcher  # torch: after the arguments' checks
 
     under, like = (
@@ -487,6 +494,12 @@ def _run_query(args: argparse.Namespace, out: TextIO) -> int:
     )
     searcher = Searcher.open(args.library, _storage(args), args.version)
     narrowed = {"k": args.k, "per_video": args.per_video, "under": under}
+    if texts is not None:
+        for text in texts:
+            hits = searcher.search(text, **narrowed)
+            _print_hits(hits, args.json, "this model has no re-rank stage", out, text)
+            out.flush()  # each answer as it comes (a pipe)
+        return 0
     hits = searcher.like(like, **narrowed) if like else searcher.search(args.text, **narrowed)
     if not hits:  # on stderr: stdout stays the (empty) result
         library = searcher.library
@@ -495,15 +508,37 @@ def _run_query(args: argparse.Namespace, out: TextIO) -> int:
             f"no results: {library.uri} version {library.version} holds no embedded video{where}",
             file=sys.stderr,
         )
-    if args.json:
-        print(json.dumps([hit.to_dict() for hit in hits], indent=2), file=out)
-    else:
-        if hits and hits[0].scored_by == "cosine":
-            why = "a video is the query" if like else "this model has no re-rank stage"
-            print(f"scores: the embeddings' cosine ({why})", file=out)
-        for rank, hit in enumerate(hits, 1):
-            print(f"{rank:3d}. {hit.score:.4f}  {hit.uri}  [{hit.start_s:.1f}s-{hit.end_s:.1f}s]", file=out)
+    why = "a video is the query" if like else "this model has no re-rank stage"
+    _print_hits(hits, args.json, why, out)
     return 0
+
+
+def _query_lines(source: str) -> Iterator[str]:
+    """The non-blank lines of ``source``, stripped: a local file's, or stdin's (``-``) as they come."""
+    if source == "-":
+        return (line.strip() for line in sys.stdin if line.strip())
+    with open(source, encoding="utf-8") as f:
+        return iter([line.strip() for line in f if line.strip()])
+
+
+def _print_hits(
+    hits: list[Any], as_json: bool, cosine_why: str, out: TextIO, query: str | None = None
+) -> None:
+    """Hits as ``query`` prints them: a JSON list (one object a line, ``{query, hits}``, for one of many
+    queries), or ranked lines (under the query, for one of many)."""
+    if as_json:
+        listed = [hit.to_dict() for hit in hits]
+        text = json.dumps(listed, indent=2) if query is None else json.dumps({"query": query, "hits": listed})
+        print(text, file=out)
+        return
+    if query is not None:
+        print(query, file=out)
+    if hits and hits[0].scored_by == "cosine" and query is None:
+        print(f"scores: the embeddings' cosine ({cosine_why})", file=out)
+    for rank, hit in enumerate(hits, 1):
+        print(f"{rank:3d}. {hit.score:.4f}  {hit.uri}  [{hit.start_s:.1f}s-{hit.end_s:.1f}s]", file=out)
+    if query is not None:
+        print(file=out)
 
 
 def _run_serve(args: argparse.Namespace, out: TextIO) -> int:

@@ -13,6 +13,7 @@ and run concurrently.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 from dataclasses import dataclass
@@ -426,6 +427,23 @@ def test_query_from_another_directory_finds_segments(
     nowhere = capsys.readouterr()
     assert nowhere.out.strip() == ""
     assert f"no embedded video under {local_jobs.videos / 'elsewhere'}" in nowhere.err
+
+    # many texts, one a line, from a file or stdin: a JSON object a line, each ranked as alone
+    (tmp_path / "queries.txt").write_text(f"{QUERIES[0]}\n\n  {QUERIES[1]}  \n")
+    assert main(["query", str(local_jobs.library), "--queries", str(tmp_path / "queries.txt"), "--json"]) == 0
+    answers = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [answer["query"] for answer in answers] == list(QUERIES)
+    assert_ranked(answers[0]["hits"], expected, k=10)
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n".join(QUERIES)))
+    assert main(["query", str(local_jobs.library), "--queries", "-", "-k", "3"]) == 0
+    batch = capsys.readouterr().out
+    alone = []
+    for query in QUERIES:
+        assert main(["query", str(local_jobs.library), query, "-k", "3"]) == 0
+        alone.append(f"{query}\n{capsys.readouterr().out}\n")  # the text, its ranked lines, a blank line
+    assert batch == "".join(alone)
+    assert main(["query", str(local_jobs.library), text, "--queries", "-"]) == 2
+    assert "give one of a TEXT to look for, --like VIDEO or --queries FILE" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------------------------ failures
