@@ -496,8 +496,7 @@ def _run_query(args: argparse.Namespace, out: TextIO) -> int:
     narrowed = {"k": args.k, "per_video": args.per_video, "under": under}
     if texts is not None:
         for text in texts:
-            hits = searcher.search(text, **narrowed)
-            _print_hits(hits, args.json, "this model has no re-rank stage", out, text)
+            _print_hits(searcher.search(text, **narrowed), args.json, out, text)
             out.flush()  # each answer as it comes (a pipe)
         return 0
     hits = searcher.like(like, **narrowed) if like else searcher.search(args.text, **narrowed)
@@ -508,8 +507,10 @@ def _run_query(args: argparse.Namespace, out: TextIO) -> int:
             f"no results: {library.uri} version {library.version} holds no embedded video{where}",
             file=sys.stderr,
         )
-    why = "a video is the query" if like else "this model has no re-rank stage"
-    _print_hits(hits, args.json, why, out)
+    if hits and hits[0].scored_by == "cosine" and not args.json:
+        why = "a video is the query" if like else "this model has no re-rank stage"
+        print(f"scores: the embeddings' cosine ({why})", file=out)
+    _print_hits(hits, args.json, out)
     return 0
 
 
@@ -521,9 +522,7 @@ def _query_lines(source: str) -> Iterator[str]:
         return iter([line.strip() for line in f if line.strip()])
 
 
-def _print_hits(
-    hits: list[Any], as_json: bool, cosine_why: str, out: TextIO, query: str | None = None
-) -> None:
+def _print_hits(hits: list[Any], as_json: bool, out: TextIO, query: str | None = None) -> None:
     """Hits as ``query`` prints them: a JSON list (one object a line, ``{query, hits}``, for one of many
     queries), or ranked lines (under the query, for one of many)."""
     if as_json:
@@ -533,8 +532,6 @@ def _print_hits(
         return
     if query is not None:
         print(query, file=out)
-    if hits and hits[0].scored_by == "cosine" and query is None:
-        print(f"scores: the embeddings' cosine ({cosine_why})", file=out)
     for rank, hit in enumerate(hits, 1):
         print(f"{rank:3d}. {hit.score:.4f}  {hit.uri}  [{hit.start_s:.1f}s-{hit.end_s:.1f}s]", file=out)
     if query is not None:

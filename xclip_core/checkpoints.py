@@ -290,8 +290,9 @@ HEADER_BLOCK = 1 << 20  # bytes a remote safetensors file's header is read in (m
 def _safetensors_weights(source: ModelSource, name: str, where: str) -> Weights:
     path = source.path(name)
     try:
+        size = source.fs.size(path)
         with source.fs.open(path, "rb", block_size=HEADER_BLOCK) as f:  # not the 50 MB s3fs reads ahead
-            stored = safetensors_reader.read_header(f, source.fs.size(path))
+            stored = safetensors_reader.read_header(f, size)
     except FileNotFoundError:
         raise FileNotFoundError(f"{source.uri}: no file {name!r} (looked for {path})") from None
     except ValueError as err:
@@ -301,7 +302,7 @@ def _safetensors_weights(source: ModelSource, name: str, where: str) -> Weights:
 
     def tensors(into: Destinations | None) -> Iterator[tuple[str, torch.Tensor]]:
         remote = not isinstance(source.fs, LocalFileSystem)  # a remote file: ranges fetched ahead, at once
-        opened = AheadReader(source.fs, path, source.fs.size(path)) if remote else source.fs.open(path, "rb")
+        opened = AheadReader(source.fs, path, size) if remote else source.fs.open(path, "rb")
         with opened as f:
             for stored_key, entry in stored.items():
                 key = stored_key.removeprefix("module.")
