@@ -23,7 +23,11 @@ import s3fs
 from helpers import MotoS3, cli_env, run, run_all, write_video
 
 from pipeline import Library, Searcher
+from pipeline.library.index import ids_of, search
 from pipeline.search.example import BadExample
+from pipeline.search.service import ServiceOptions
+from pipeline.search.service.follow import VersionFollower
+from pipeline.storage import Store
 
 TOL = 1e-4
 CPU_ENCODERS = ["--gpus-per-encoder", "0"]  # float32, as the comparison to TOL needs
@@ -44,6 +48,19 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def rows(library: Library) -> dict[tuple[str, int], dict[str, Any]]:
     table = library.table(["id", "uri", "segment", "etag", "embedding", "error"])
     return {(row["uri"], row["segment"]): row for row in table.to_pylist()}
+
+
+def assert_follows(follower: VersionFollower, latest: Library) -> None:
+    """The follower moves to ``latest``, whose index it holds as a reader that opens it does."""
+    assert follower.check() and follower.searcher().library.version == latest.version
+    held, read = follower.searcher().cpu_index, latest.read_index()
+    assert sorted(ids_of(held)) == sorted(ids_of(read))
+    query = np.random.default_rng(0).standard_normal((1, read.d)).astype(np.float32)  # every row: flat
+    found = [search(index, query, read.ntotal) for index in (held, read)]
+    held_scores, read_scores = (
+        {int(i): round(float(s), 5) for s, i in zip(scores[0], ids[0], strict=True)} for scores, ids in found
+    )
+    assert held_scores == read_scores
 
 
 def assert_same_library(refreshed: Library, fresh: Library) -> None:
@@ -101,6 +118,7 @@ def test_refresh_embeds_only_what_changed_and_equals_a_fresh_embed(
     assert (nothing["published"], nothing["version"], nothing["changes"]["unchanged"]) == (False, 1, 4)
 
     reader = Library.open(library, s3.options)  # holds version 1 while version 2 is published
+    follower = VersionFollower(Store(library, s3.options), ServiceOptions())  # the service's, following
     before = [h.to_dict() for h in Searcher(reader).search(QUERIES[0], k=8)]
     written = {p.path: fs.info(f"{bucket}/library/{p.path}")["ETag"] for p in reader.snapshot.parts}
 
@@ -122,11 +140,13 @@ def test_refresh_embeds_only_what_changed_and_equals_a_fresh_embed(
     assert new_rows == 4  # b's and e's two segments each: nothing else was encoded
     assert [h.to_dict() for h in Searcher(reader).search(QUERIES[0], k=8)] == before
     assert_same_library(latest, fresh_embed("fresh-2"))
+    assert_follows(follower, latest)
 
     put("c")  # re-added, as it was
     third = refresh()
     assert (third["version"], third["changes"]["new"], third["changes"]["unchanged"]) == (3, 1, 4)
     assert_same_library(Library.open(library, s3.options), fresh_embed("fresh-3"))
+    assert_follows(follower, Library.open(library, s3.options))
 
     versions = run("versions", library, "--endpoint-url", s3.endpoint_url, "--json").json()
     assert [(v["number"], v["current"], v["counts"]["videos"]) for v in versions] == [
