@@ -487,12 +487,13 @@ def _run_query(args: argparse.Namespace, out: TextIO) -> int:
     if [args.text, args.like, args.queries].count(None) != 2:
         raise ValueError("give one of a TEXT to look for, --like VIDEO or --queries FILE")
     texts = _query_lines(args.queries) if args.queries else None  # a missing file: before torch loads
+    from .library.local_cache import LocalCache
     from .search import Searcher  # torch: after the arguments' checks
 
     under, like = (
         path if not path or "://" in path else os.path.abspath(path) for path in (args.under, args.like)
     )
-    searcher = Searcher.open(args.library, _storage(args), args.version)
+    searcher = Searcher.open(args.library, _storage(args), args.version, LocalCache.from_env())
     narrowed = {"k": args.k, "per_video": args.per_video, "under": under}
     if texts is not None:
         for text in texts:

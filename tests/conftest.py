@@ -23,6 +23,16 @@ from xclip_core.tokenizer import CLIPTokenizer
 from xclip_core.video_transforms import VideoPreprocessor
 
 
+@pytest.fixture(scope="session", autouse=True)
+def local_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The folder of the local copies ``query`` keeps of remote libraries: the session's own, not the
+    user's ``~/.cache`` (the CLI runs in subprocesses inherit it)."""
+    with pytest.MonkeyPatch.context() as mp:
+        folder = tmp_path_factory.mktemp("videosearch-cache")
+        mp.setenv("VIDEOSEARCH_CACHE", str(folder))
+        yield folder
+
+
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoS3]:
     """A moto S3 server for the session, with dummy AWS credentials in the environment while it runs."""

@@ -21,6 +21,7 @@ from xclip_core.identity import ModelIdentity
 from ..storage import StorageOptions, Store, as_store, each_at_once
 from .features import FeatureFile
 from .index import add, deserialize, remove
+from .local_cache import LocalCache
 from .manifest import (
     CURRENT,
     NotALibraryError,
@@ -184,15 +185,23 @@ def embedded_rows(root: Store, parts: list[PartInfo], schema: pa.Schema) -> tupl
     return table["id"].to_numpy(), vectors
 
 
-def read_index_file(root: Store, entry: dict[str, Any]) -> faiss.Index:
+def read_index_file(root: Store, entry: dict[str, Any], cache: LocalCache | None = None) -> faiss.Index:
     """The index file of a manifest's index ``entry``, as written (a delta's base; the delta not applied);
-    its bytes checked against the CRC-32 the entry records (versions written before it: unchecked)."""
+    its bytes checked against the CRC-32 the entry records (versions written before it: unchecked). With
+    ``cache``, its local copy where it has a sound one, else the file, then copied."""
+    key = LocalCache.key(root, entry["path"])
+    kept = cache.get(key) if cache else None  # checked as it was written
+    if kept is not None:
+        return deserialize(kept)
     with parsing(root, entry["path"], f"`videosearch reindex {root.uri}` builds it again"):
-        data = root.read_bytes(entry["path"])
+        data = root.read_large(entry["path"])
         crc = zlib.crc32(data) if "crc32" in entry else None
         if crc != entry.get("crc32"):
             raise ValueError(f"its CRC-32 is {crc}, the manifest recorded {entry['crc32']}")
-        return deserialize(data)
+        index = deserialize(data)
+    if cache:
+        cache.put(key, data)
+    return index
 
 
 class Library:
@@ -203,31 +212,42 @@ class Library:
     """
 
     def __init__(
-        self, location: str | Store, version: Version, options: StorageOptions | None = None
+        self,
+        location: str | Store,
+        version: Version,
+        options: StorageOptions | None = None,
+        cache: LocalCache | None = None,
     ) -> None:
         self.store = as_store(location, options)
         self.snapshot = version
+        # local copies of what is read of a remote library (see local_cache): its index file, row lookups
+        self.cache = None if self.store.is_local else cache
         self._index: faiss.Index | None = None
 
     @classmethod
     def open(
-        cls, location: str | Store, options: StorageOptions | None = None, version: int | None = None
+        cls,
+        location: str | Store,
+        options: StorageOptions | None = None,
+        version: int | None = None,
+        cache: LocalCache | None = None,
     ) -> Library:
-        """The current version of the library at ``location``, or version ``version``.
+        """The current version of the library at ``location``, or version ``version``; ``cache``: where to
+        keep local copies of what is read of it (:mod:`~pipeline.library.local_cache`).
 
         Raises :class:`NotALibraryError` when it holds no library, :class:`VersionNotFoundError` (listing the
         available versions) when it has no version ``version``, and ``StorageError`` when storage fails.
         """
         store = as_store(location, options)
         if version is not None:
-            return cls(store, Version(version, read_manifest(store, version)))
+            return cls(store, Version(version, read_manifest(store, version)), cache=cache)
         current = current_version(store)
         if current is None:
             raise NotALibraryError(
                 f"{store.uri} is not a videosearch library (it has no {CURRENT}); "
                 f"create one with `videosearch embed <videos> {store.uri}`"
             )
-        return cls(store, current)
+        return cls(store, current, cache=cache)
 
     @staticmethod
     def current_version(location: str | Store, options: StorageOptions | None = None) -> Version | None:
@@ -297,7 +317,7 @@ class Library:
         """A fresh copy of the version's index: its index file, with the manifest's delta applied (the ids it
         removes out, the embedded rows of the parts it adds in)."""
         entry = self.manifest["index"]
-        index = read_index_file(self.store, entry)
+        index = read_index_file(self.store, entry, self.cache)
         if entry.get("removed"):
             index = remove(index, np.array(entry["removed"], np.int64))
         added = [part for part in self.snapshot.parts if part.path in set(entry.get("added", ()))]

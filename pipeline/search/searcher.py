@@ -25,6 +25,7 @@ import torch
 from ..embed.stages.decode import DecodeSettings
 from ..library import Library
 from ..library import index as faiss_index
+from ..library.local_cache import LocalCache
 from ..library.lookup import PartTables, RowLookup
 from ..library.next_index import index_after
 from ..models import VideoTextModel, load_library_model
@@ -83,6 +84,7 @@ class Searcher:
             )
         self.scorer = ExactScorer(self.model)
         snapshot = library.snapshot
+        tables = PartTables(library.cache) if tables is None else tables
         self.rows = RowLookup(library.store, snapshot.parts, library.schema, library.rerank_shape, tables)
         made = (
             index_after(before.library, before.cpu_index, before.rows, library, self.rows) if before else None
@@ -93,10 +95,15 @@ class Searcher:
 
     @classmethod
     def open(
-        cls, location: str | Store, options: StorageOptions | None = None, version: int | None = None
+        cls,
+        location: str | Store,
+        options: StorageOptions | None = None,
+        version: int | None = None,
+        cache: LocalCache | None = None,
     ) -> Searcher:
-        """A searcher of the library at ``location`` (its current version, or ``version``)."""
-        return cls(Library.open(location, options, version))
+        """A searcher of the library at ``location`` (its current version, or ``version``); ``cache``: where
+        to keep local copies of what it reads of a remote library (:mod:`~pipeline.library.local_cache`)."""
+        return cls(Library.open(location, options, version, cache))
 
     def memory_bytes(self) -> int:
         """About the memory the version takes here: its index (on the CPU) and row lookup; the model aside."""

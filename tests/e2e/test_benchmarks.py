@@ -126,3 +126,7 @@ def test_remote_reads_benchmark_counts_two_requests_a_part() -> None:
     assert requests["together"] == requests["per part"] == "2.0" and requests["unsized"] == "3.0", out
     assert float(requests["chunked"]) > 3, out
     assert re.search(r"chunked / together: \d+\.\d+", out), out
+    # again: _current, the manifest and the CRC-checked local copies of the index and parts
+    assert re.search(
+        r"first \d+\.\d+ s \(\d+ requests\), again \d+\.\d+ s \(2 requests, local copies\)", out
+    ), out

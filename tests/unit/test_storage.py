@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import http.server
 import os
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pytest
 import s3fs
+from fault_proxy import FaultProxy
 from helpers import write_video
 
 from pipeline.embed.stages.decode import DecodeSettings, decode_video
@@ -310,6 +312,26 @@ def test_write_and_read_bytes(target: tuple[str, StorageOptions | None]) -> None
     assert Store(uri, options).read_bytes() == b"hello"
     data, token = Store(uri, options).read_with_token()
     assert data == b"hello" and token == Store(uri, options).current_token()
+
+
+def test_a_read_is_one_request_and_a_large_read_ranges_fetched_at_once(s3: MotoS3, bucket: str) -> None:
+    data = np.random.default_rng(0).bytes(60 << 20)  # s3fs reads objects over 50 MB in ranges
+    Store(f"s3://{bucket}/big", s3.options).write_bytes("", data)
+    Store(f"s3://{bucket}/small", s3.options).write_bytes("", b"small")
+    proxy = FaultProxy(s3.endpoint_url)
+    try:
+        through = dataclasses.replace(s3.options, endpoint_url=proxy.url)
+        small, big = (Store(f"s3://{bucket}/{name}", through) for name in ("small", "big"))
+        for store, expected in ((small, b"small"), (big, data)):
+            proxy.faults.seen.clear()
+            assert store.read_bytes() == expected
+            assert [method for method, _, _ in proxy.faults.seen] == ["GET"]  # one request, whatever the size
+        proxy.faults.seen.clear()
+        assert big.read_large() == data
+        methods = [method for method, _, r in proxy.faults.seen]
+        assert methods == ["HEAD", "GET", "GET"] and proxy.faults.most_in_flight >= 2  # its size, then ranges
+    finally:
+        proxy.close()
 
 
 def test_put_if_compare_and_swap(target: tuple[str, StorageOptions | None]) -> None:
