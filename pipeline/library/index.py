@@ -262,7 +262,7 @@ def serialize(index: faiss.Index) -> bytes:
     return faiss.serialize_index(index).tobytes()
 
 
-def deserialize(data: bytes) -> faiss.Index:
+def deserialize(data: bytes | memoryview) -> faiss.Index:
     """The index that :func:`serialize` wrote."""
     return faiss.deserialize_index(np.frombuffer(data, dtype=np.uint8))
 

@@ -57,12 +57,12 @@ class LocalCache:
         of what was kept of it (``detail``)."""
         return f"{store.options.endpoint_url or ''}|{store.url(name)}|{detail}"
 
-    def get(self, key: str) -> bytes | None:
+    def get(self, key: str) -> memoryview | None:
         """The copy under ``key`` (now the most recently used), or ``None``: none, or one that fails its
         CRC-32 (a copy damaged on disk)."""
         path = self._path(key)
         try:
-            kept = path.read_bytes()
+            kept = memoryview(path.read_bytes())  # its data a view, not a copy (an index: gigabytes)
             os.utime(path)
         except OSError:
             return None
