@@ -43,7 +43,12 @@ class LocalCache:
         if where.strip().lower() == "off":
             return None
         if not where:
-            where = os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "videosearch")
+            try:
+                where = os.path.join(
+                    os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "videosearch"
+                )
+            except RuntimeError:  # no home folder (a container's user without one): no copies
+                return None
         gb = os.environ.get("VIDEOSEARCH_CACHE_GB", str(DEFAULT_GB))
         try:
             max_bytes = int(float(gb) * 1e9)
