@@ -224,9 +224,11 @@ def test_a_local_folder_moved_with_mv_is_not_embedded_again(
     (tmp_path / "notes.mp4").write_text("not a video")
     with pytest.raises(BadExample, match="notes.mp4 cannot be used as an example: "):
         Searcher.open(str(library)).like(str(tmp_path / "notes.mp4"))
-    for args in (["a text", "--like", "notes.mp4"], []):
+    for args in (["a text", "--like", "notes.mp4"], [], ["--like", "notes.mp4", "--queries", "-"]):
         refused = run("query", library, *args, cwd=tmp_path)
-        assert refused.code == 2 and "not both or neither" in refused.stderr, refused.stderr
+        assert refused.code == 2 and "give one of a TEXT to look for, --like VIDEO or --queries FILE" in (
+            refused.stderr
+        ), refused.stderr
 
     # a copy of the folder (`cp -r`: new dates, no ETags) is found by its bytes: nothing decoded
     shutil.copytree(source / "sorted", source / "backup", copy_function=shutil.copy)
