@@ -540,9 +540,14 @@ def _print_hits(hits: list[Any], as_json: bool, out: TextIO, query: str | None =
 
 
 def _run_serve(args: argparse.Namespace, out: TextIO) -> int:
+    from .library.local_cache import LocalCache
     from .search.service import serve
 
-    options = ServiceOptions(api_key=args.api_key or os.environ.get("VIDEOSEARCH_API_KEY"), poll_s=args.poll)
+    options = ServiceOptions(
+        api_key=args.api_key or os.environ.get("VIDEOSEARCH_API_KEY"),
+        poll_s=args.poll,
+        cache=LocalCache.from_env(default_folder=False),  # a folder named: a volume meant for it
+    )
     serve(args.library, _storage(args), options, args.host, args.port)
     return 0
 

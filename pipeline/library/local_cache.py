@@ -4,7 +4,8 @@ A library's files never change once written (parts and index files have names of
 local disk stays right for as long as the file exists. ``videosearch query`` keeps what it reads of a
 remote library here (the index file, the row lookup's columns of each part) and reads the copies next
 time: a query of a library on S3 then reads ``_current``, the manifest and the re-rank records of its
-candidates, not the index and every part again.
+candidates, not the index and every part again. ``videosearch serve`` does so where ``$VIDEOSEARCH_CACHE``
+names a folder (a volume that outlives it: a restarted service reads its copies).
 
 Where: ``$VIDEOSEARCH_CACHE`` (a folder; ``off``: no cache), else ``$XDG_CACHE_HOME/videosearch``, else
 ``~/.cache/videosearch``; at most ``$VIDEOSEARCH_CACHE_GB`` GB (default 4), the least recently used copies
@@ -37,10 +38,11 @@ class LocalCache:
         self._warned = False
 
     @classmethod
-    def from_env(cls) -> LocalCache | None:
-        """The cache the environment names (see the module), or ``None`` where it says ``off``."""
+    def from_env(cls, default_folder: bool = True) -> LocalCache | None:
+        """The cache the environment names (see the module), or ``None`` where it says ``off`` (or names no
+        folder, without ``default_folder``)."""
         where = os.environ.get("VIDEOSEARCH_CACHE", "")
-        if where.strip().lower() == "off":
+        if where.strip().lower() == "off" or not (where or default_folder):
             return None
         if not where:
             try:

@@ -22,6 +22,8 @@ from pipeline.library.local_cache import LocalCache
 from pipeline.library.reader import embedded_rows
 from pipeline.models import VideoTextModel, load_model
 from pipeline.search import Searcher
+from pipeline.search.service import ServiceOptions
+from pipeline.search.service.follow import VersionFollower
 from pipeline.storage import Store
 
 QUERY = "a red square moving left"
@@ -99,6 +101,19 @@ def test_damaged_copies_are_read_again_from_the_library(
         proxy.close()
 
 
+def test_a_restarted_service_reads_its_local_copies(s3: MotoS3, remote_library: str, tmp_path: Path) -> None:
+    options = ServiceOptions(cache=LocalCache(tmp_path / "cache", 1 << 30))
+    proxy = FaultProxy(s3.endpoint_url)
+    try:
+        store = Store(remote_library, replace(s3.options, endpoint_url=proxy.url))
+        first = VersionFollower(store, options).searcher().search(QUERY, k=60)
+        assert len(library_reads(proxy)) >= 4
+        again = VersionFollower(store, options).searcher().search(QUERY, k=60)  # a restart
+        assert library_reads(proxy) == [] and [h.to_dict() for h in again] == [h.to_dict() for h in first]
+    finally:
+        proxy.close()
+
+
 def test_the_cache_keeps_its_size_dropping_the_least_recently_used(tmp_path: Path) -> None:
     cache = LocalCache(tmp_path, max_bytes=20)  # each copy takes 4 bytes more: its CRC-32
     cache.put("a", b"aaaaaa")
@@ -115,6 +130,7 @@ def test_the_environment_names_the_cache(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv("VIDEOSEARCH_CACHE", "off")
     assert LocalCache.from_env() is None
     monkeypatch.delenv("VIDEOSEARCH_CACHE")
+    assert LocalCache.from_env(default_folder=False) is None  # the service's: only a folder named
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setenv("VIDEOSEARCH_CACHE_GB", "0.5")
     cache = LocalCache.from_env()

@@ -63,8 +63,9 @@ class VersionFollower:
             options.cached_versions, Searcher.memory_bytes, options.cached_versions_mb << 20
         )
         # the current version's part tables: the next version's lookup reads its new parts only
-        self._tables = PartTables()
-        self.current = self._searcher(Library.open(store), self._tables)
+        self._cache = None if store.is_local else options.cache  # a local library's files are local
+        self._tables = PartTables(self._cache)
+        self.current = self._searcher(Library.open(store, cache=self._cache), self._tables)
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing: str | None = None  # the failure of the last check, if it failed
@@ -76,7 +77,7 @@ class VersionFollower:
         if version is None or version == current.library.version:
             return current
         return self._others.get_or_make(
-            version, lambda: self._searcher(Library.open(self.store, version=version))
+            version, lambda: self._searcher(Library.open(self.store, version=version, cache=self._cache))
         )
 
     def check(self) -> bool:
@@ -87,7 +88,7 @@ class VersionFollower:
         if published is None or published.number == current.library.version:
             return False
         searcher = self._others.get(published.number) or self._searcher(
-            Library(self.store, published), self._tables, current
+            Library(self.store, published, cache=self._cache), self._tables, current
         )
         self._others.put(current.library.version, current)
         self.current = searcher  # one assignment: requests take either the old searcher or the new one

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ...library.local_cache import LocalCache
+
 MAX_K = 100  # results per query (k), and neighbours per "more like this"
 MAX_QUERIES = 32  # texts in one POST /search
 MAX_QUERY_CHARS = 4096  # longer texts are refused; a text past the model's context is truncated and says so
@@ -22,7 +24,8 @@ class ServiceOptions:
     for rather than held). ``cached_texts``: text embeddings of recent queries kept. ``url_ttl_s``: the
     lifetime of the presigned and signed URLs that answers carry. ``max_upload_mb``: the largest example
     video that ``POST /search/like`` takes; ``max_decode_s``: how long its decoding may take (past it, a
-    422).
+    422). ``cache``: where to keep local copies of a remote library's index files and parts' lookup columns
+    (:mod:`~pipeline.library.local_cache`; on a volume that outlives the service, a restart reads them).
     """
 
     api_key: str | None = None
@@ -33,6 +36,7 @@ class ServiceOptions:
     url_ttl_s: int = 3600
     max_upload_mb: int = 256
     max_decode_s: float = 60.0
+    cache: LocalCache | None = None
 
     def __post_init__(self) -> None:
         if self.api_key is not None and not self.api_key.strip():
