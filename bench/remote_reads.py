@@ -51,7 +51,7 @@ from pipeline.library.reader import READ_THREADS, read_each, read_part  # noqa: 
 from pipeline.models import load_model  # noqa: E402
 from pipeline.storage import StorageOptions, Store, each_at_once  # noqa: E402
 
-PART_ROWS = 256  # pipeline.embed.stages.write.PART_ROWS
+PART_ROWS = 256  # pipeline.library.writer.PART_ROWS
 DIM, SHAPE = 512, (1, 64)  # the re-rank records are not read as a searcher opens
 
 

@@ -6,7 +6,7 @@ work and actors take CPU from the stages (on 2 cores a 200-video job runs 2-3x a
 when the job runs on this machine (no cluster to join) and either the objects to embed are few
 (``IN_PROCESS_MAX_OBJECTS`` and ``IN_PROCESS_MAX_BYTES`` in :mod:`pipeline.embed.options`) or the machine is
 small (at most ``IN_PROCESS_MAX_CPUS`` CPUs), the same stage callables run here: decode -> encode -> write,
-one part per :data:`~pipeline.embed.stages.write.PART_ROWS` rows, each part recorded in the journal as soon
+one part per :data:`~pipeline.library.writer.PART_ROWS` rows, each part recorded in the journal as soon
 as it is written, exactly as the Ray plan does. ``--executor ray`` or ``in-process`` overrides the choice.
 
 Decoding runs one decoder per CPU, a few batches ahead of the encoder, and the batches reach the encoder in
@@ -39,6 +39,7 @@ import torch
 
 from ..library import LibraryWriter, PartInfo
 from ..library.journal import Journal
+from ..library.writer import PART_ROWS
 from ..models import VideoTextModel
 from .compiling import compiles
 from .ctrl_c import CtrlC, deferred
@@ -55,7 +56,7 @@ from .parallel import in_parallel
 from .resources import COLD_OVER_WARM, encode_cpu_s, share_cpus, time_decode, time_encode, torch_threads
 from .stages.decode import DecodeSettings, DecodeVideos
 from .stages.encode import EncodeFrames
-from .stages.write import PART_ROWS, WritePart, written_part
+from .stages.write import WritePart, written_part
 
 log = logging.getLogger(__name__)
 

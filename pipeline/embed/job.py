@@ -106,7 +106,10 @@ def _run(source: str, library: str, options: EmbedOptions, refresh: bool) -> Emb
                 )
         copied = copy_rows(writer, reused, plan) if reused is not None and plan.copies else []
         new_parts = resumed + copied + whole_videos(writer, embedded)
-        index, trained_on = _index(writer, plan, new_parts, reused)
+        # the base index's delta names parts by path: their rows are rewritten into parts it can name
+        added = reused.manifest["index"].get("added", ()) if reused is not None else ()
+        rewritten, readded = rewrite_parts(writer, plan.rewrite, frozenset(added))
+        index, trained_on = _index(writer, plan, new_parts, reused, rewritten, readded)
         changes = replace(plan.changes, resumed_rows=sum(p.rows - len(p.deleted) for p in resumed)).to_dict()
         # the version's rows, read once before publishing: nothing is read after it (a store failing then
         # would report an error for a published version)
@@ -114,7 +117,7 @@ def _run(source: str, library: str, options: EmbedOptions, refresh: bool) -> Emb
         if base is not None and not options.allow_worse:
             _refuse_worse(base, rows)
         version = writer.publish(
-            plan.kept + rewrite_parts(writer, plan.rewrite) + new_parts,
+            plan.kept + rewritten + readded + new_parts,
             index,
             model.identity,
             base,
@@ -208,19 +211,25 @@ def _embed_objects(
 
 
 def _index(
-    writer: LibraryWriter, plan: RefreshPlan, new_parts: list[PartInfo], base: Library | None
+    writer: LibraryWriter,
+    plan: RefreshPlan,
+    new_parts: list[PartInfo],
+    base: Library | None,
+    rewritten: list[PartInfo],
+    readded: list[PartInfo],
 ) -> tuple[faiss.Index | IndexDelta, int]:
     """The new version's index and the vectors its centroids saw: the base's with a delta (small changes),
     the base's updated in place (its changed and deleted rows out, the new rows in), or built anew (no base,
-    or too much drift)."""
+    or too much drift). ``rewritten`` and ``readded``: the parts that ``plan.rewrite``'s rows were written
+    into, rows of the base's index file and of its delta's parts (:func:`rewrite_parts`)."""
     ids, vectors = embedded_rows(writer.store, new_parts, writer.schema)
     if base is not None:
         entry = base.manifest["index"]
         trained_on = entry.get("trained_on") or entry["ntotal"]
         total = entry["ntotal"] - len(plan.gone_ids) + len(ids)
         if not faiss_index.needs_rebuild(entry["kind"], total, trained_on):
-            parts = plan.kept + new_parts
-            delta = None if plan.rewrite else index_delta(entry, plan.gone_ids, new_parts, parts, total)
+            parts = plan.kept + rewritten + readded + new_parts
+            delta = index_delta(entry, plan.gone_ids, new_parts + readded, parts, total)
             if delta is not None:
                 return delta, trained_on
             index = faiss_index.remove(base.read_index(), plan.gone_ids)

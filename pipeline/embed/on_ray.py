@@ -25,6 +25,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from ..flags import NodeSettingError
 from ..library import LibraryWriter, PartInfo
 from ..library.journal import Journal
+from ..library.writer import PART_ROWS
 from ..models import VideoTextModel
 from ..storage import StorageOptions
 from .autoscaling import BOOTSTRAP_CONFIG, NodeType, launcher_node_types, reported_node_types
@@ -41,7 +42,7 @@ from .resources import (
 )
 from .stages.decode import DecodeSettings, DecodeVideos
 from .stages.encode import EncodeFrames
-from .stages.write import PART_ROWS, WritePart, written_part
+from .stages.write import WritePart, written_part
 
 log = logging.getLogger(__name__)
 

@@ -24,11 +24,18 @@ store gives one, else size and modification time. Then:
 Rows leave a part by a deletion mask (the part's ``deleted`` ids in the manifest), not by rewriting the part:
 a refresh then writes only its new rows, the index and a manifest, whatever the library's size. A part whose
 rows would be mostly masked (more than :data:`REWRITE_MASKED_FRACTION`) is rewritten with the rows it keeps,
-so that masks never make readers skip more than they read; a part with no row left is dropped.
+so that masks never make readers skip more than they read; a part with no row left is dropped. Small parts
+(each refresh writes one for its few new rows) are merged once :data:`MERGE_SMALL_PARTS` of them hold fewer
+than :data:`SMALL_PART_ROWS` rows each: a library refreshed every hour for a year keeps a few parts per
+:data:`~pipeline.library.writer.PART_ROWS` rows, not one per refresh, and a reader opening it (one or two
+requests per part on S3) or a refresh comparing with it pays for its rows, not for its history. Rewritten
+rows are written together, at most ``PART_ROWS`` to a part (:func:`rewrite_parts`).
 
 The index, likewise, is not rewritten for a small change: the new version names its base's index file and a
 delta (ids removed, parts whose rows are added; :func:`index_delta`), applied by readers as they load it.
-Once the delta outgrows :data:`DELTA_MAX_FRACTION` of the file, a new index file is written.
+Once the delta outgrows :data:`DELTA_MAX_FRACTION` of the file, a new index file is written. Rewriting parts
+changes no index: their rows keep their ids and vectors, so the delta goes on naming the same file (rows of
+the delta's parts are rewritten apart from the file's, into parts the delta then names).
 """
 
 from __future__ import annotations
@@ -47,9 +54,11 @@ from ..storage import each_at_once
 from .manifest import PartInfo
 from .reader import READ_THREADS, Library, read_each, read_part, read_parts
 from .schema import LISTED, row_id
-from .writer import IndexDelta, LibraryWriter
+from .writer import PART_ROWS, IndexDelta, LibraryWriter
 
 REWRITE_MASKED_FRACTION = 0.5
+SMALL_PART_ROWS = PART_ROWS // 4  # a part keeping fewer rows than this is small...
+MERGE_SMALL_PARTS = 8  # ...and this many small parts are merged (rewritten together)
 DELTA_MAX_FRACTION = (
     0.1  # an index delta grows up to this fraction of its file's vectors, then a file is written
 )
@@ -101,7 +110,8 @@ class RefreshPlan:
     # the base's parts that hold those rows, as the base has them
     copied_from: list[PartInfo] = field(default_factory=list)
     kept: list[PartInfo] = field(default_factory=list)
-    rewrite: list[PartInfo] = field(default_factory=list)  # masked parts whose kept rows go into new parts
+    # mostly masked parts, and small ones to merge: their kept rows go into new parts
+    rewrite: list[PartInfo] = field(default_factory=list)
     gone_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     changes: Changes = field(default_factory=Changes)
 
@@ -174,6 +184,11 @@ def plan_refresh(
         if len(part.deleted) >= part.rows:
             continue  # no row left
         (plan.rewrite if len(part.deleted) > REWRITE_MASKED_FRACTION * part.rows else plan.kept).append(part)
+    small = [part for part in plan.kept if part.rows - len(part.deleted) < SMALL_PART_ROWS]
+    if len(small) >= MERGE_SMALL_PARTS:
+        merged = {part.path for part in small}
+        plan.kept = [part for part in plan.kept if part.path not in merged]
+        plan.rewrite += small
     reused = sum(part.rows - len(part.deleted) for part in plan.kept + plan.rewrite)
     plan.changes = Changes(**counts, reused_rows=reused)
     return plan
@@ -315,9 +330,24 @@ def index_delta(
     return IndexDelta(base, tuple(sorted(removed)), tuple(added), ntotal)
 
 
-def rewrite_parts(writer: LibraryWriter, parts: list[PartInfo]) -> list[PartInfo]:
-    """Each mostly masked part's kept rows, written as a new part."""
-    return [writer.write_part(read_parts(writer.store, [part], writer.schema)) for part in parts]
+def rewrite_parts(
+    writer: LibraryWriter, parts: list[PartInfo], delta_parts: frozenset[str] = frozenset()
+) -> tuple[list[PartInfo], list[PartInfo]]:
+    """The rows that ``parts`` keep, written anew, at most :data:`~pipeline.library.writer.PART_ROWS` to a
+    part: the new parts holding rows of the index file, and those holding rows of the parts whose paths
+    ``delta_parts`` names (the base index's delta adds them). The two are never mixed, so that the new
+    version's delta names the latter in their place, and the index stays the same."""
+
+    def rewritten(group: list[PartInfo]) -> list[PartInfo]:
+        table = read_parts(writer.store, group, writer.schema)
+        return [
+            writer.write_part(table.slice(start, PART_ROWS)) for start in range(0, table.num_rows, PART_ROWS)
+        ]
+
+    return (
+        rewritten([part for part in parts if part.path not in delta_parts]),
+        rewritten([part for part in parts if part.path in delta_parts]),
+    )
 
 
 def copy_rows(writer: LibraryWriter, base: Library, plan: RefreshPlan) -> list[PartInfo]:

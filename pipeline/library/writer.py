@@ -34,6 +34,7 @@ from .manifest import CURRENT, FORMAT, ConcurrentWriteError, PartInfo, Version, 
 from .reader import read_parts
 from .schema import PROMPT, dense_rows, part_schema
 
+PART_ROWS = 256  # rows per part file: what a job writes at most, and what refresh merges small parts into
 ROW_GROUP_ROWS = 1024  # rows per Parquet row group: the unit rows_by_id can skip by id statistics
 
 

@@ -106,8 +106,8 @@ def test_masked_rows_stay_out_and_mostly_masked_parts_are_rewritten(tmp_path: Pa
     plan = plan_refresh(library, [a])  # b's 3 rows of 4 leave: more than half, rewritten with a's row
     assert REWRITE_MASKED_FRACTION * 4 < 3 and not plan.kept
     writer = LibraryWriter(str(tmp_path), embedding_dim=DIM, prompt_shape=None)
-    (rewritten,) = rewrite_parts(writer, plan.rewrite)
-    assert (rewritten.rows, rewritten.deleted) == (1, ())
+    (rewritten,), readded = rewrite_parts(writer, plan.rewrite)
+    assert (rewritten.rows, rewritten.deleted, readded) == (1, (), [])
     assert plan_refresh(library, []).kept == [] and plan_refresh(library, []).changes.deleted == 2
 
 

@@ -17,7 +17,6 @@ from ...library import LibraryWriter, PartInfo
 from ...library.schema import part_schema, row_id
 from ...storage import Store
 
-PART_ROWS = 256  # rows per Parquet part file
 # PartInfo's fields but its mask
 PART_COLUMNS = ("path", "features", "rows", "ok", "errors", "crc32", "file_bytes", "features_crc32")
 _TEXT = ("path", "features")
