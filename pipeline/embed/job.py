@@ -106,16 +106,16 @@ def _run(source: str, library: str, options: EmbedOptions, refresh: bool) -> Emb
                 )
         copied = copy_rows(writer, reused, plan) if reused is not None and plan.copies else []
         new_parts = resumed + copied + whole_videos(writer, embedded)
-        # the base index's delta names parts by path: their rows are rewritten into parts it can name
-        added = reused.manifest["index"].get("added", ()) if reused is not None else ()
-        rewritten, readded = rewrite_parts(writer, plan.rewrite, frozenset(added))
-        index, trained_on = _index(writer, plan, new_parts, reused, rewritten, readded)
         changes = replace(plan.changes, resumed_rows=sum(p.rows - len(p.deleted) for p in resumed)).to_dict()
         # the version's rows, read once before publishing: nothing is read after it (a store failing then
         # would report an error for a published version)
         rows = read_parts(writer.store, plan.kept + plan.rewrite + new_parts, writer.schema, ["uri", "error"])
         if base is not None and not options.allow_worse:
-            _refuse_worse(base, rows)
+            _refuse_worse(base, rows)  # before anything is rewritten or indexed for it
+        # the base index's delta names parts by path: their rows are rewritten into parts it can name
+        added = reused.manifest["index"].get("added", ()) if reused is not None else ()
+        rewritten, readded = rewrite_parts(writer, plan.rewrite, frozenset(added))
+        index, trained_on = _index(writer, plan, new_parts, reused, rewritten, readded)
         version = writer.publish(
             plan.kept + rewritten + readded + new_parts,
             index,
