@@ -9,11 +9,15 @@ refresh's rules (small parts merged: ``pipeline/library/refresh.py``), one with 
 refresh's part kept, as before it). Prints each library's parts at the end, the mean seconds of a refresh,
 and what a searcher reads as it opens each (the manifest, the index, every part's lookup columns; no local
 copies) behind a proxy that holds every request for ``--latency-ms``: seconds and requests, and their ratios.
+The refreshes so far read every part from the library (``$VIDEOSEARCH_CACHE=off``, as on a new machine). Last,
+three refreshes of the unmerged library (one new clip each) through the proxy: without local copies, then
+making them, then reading them (``pipeline/library/local_cache.py``): seconds and requests.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -34,6 +38,8 @@ from pipeline.samples.synthetic import sample_scenes, write_clip  # noqa: E402
 from pipeline.storage import StorageOptions, Store  # noqa: E402
 
 MERGING = refresh_rules.MERGE_SMALL_PARTS
+# $VIDEOSEARCH_CACHE of the three refreshes through the proxy (DIR: the workdir)
+COPIES = {"no local copies": "off", "copies made": "DIR/cache", "copies read": "DIR/cache"}
 
 
 def main() -> None:
@@ -48,7 +54,8 @@ def main() -> None:
         pool, source = Path(workdir) / "pool", Path(workdir) / "source"
         pool.mkdir()
         source.mkdir()
-        for i, scene in enumerate(sample_scenes(args.videos + args.refreshes, seed=5)):
+        clips = args.videos + args.refreshes + len(COPIES)
+        for i, scene in enumerate(sample_scenes(clips, seed=5)):
             write_clip(pool / f"clip-{i:04d}.mp4", scene)
         for i in range(args.videos):
             shutil.copy(pool / f"clip-{i:04d}.mp4", source)
@@ -57,6 +64,7 @@ def main() -> None:
         Store("s3://bench", storage).fs.mkdir("bench")
         libraries = {"merged": "s3://bench/merged", "unmerged": "s3://bench/unmerged"}
         seconds = dict.fromkeys(libraries, 0.0)
+        os.environ["VIDEOSEARCH_CACHE"] = "off"  # parts read from the library, as a new machine reads them
         for library in libraries.values():
             embed(str(source), library, options)
         for i in range(args.videos, args.videos + args.refreshes):
@@ -78,6 +86,18 @@ def main() -> None:
                 started = time.perf_counter()
                 opening(store, None)
                 opened[name] = (time.perf_counter() - started, len(proxy.faults.seen))
+            # the library of many parts refreshed through the proxy: without local copies, then with
+            refresh_rules.MERGE_SMALL_PARTS = 1 << 40
+            through = EmbedOptions(storage=StorageOptions(endpoint_url=proxy.url))
+            refreshed = {}
+            for i, (label, cache) in enumerate(COPIES.items(), start=clips - len(COPIES)):
+                os.environ["VIDEOSEARCH_CACHE"] = cache.replace("DIR", workdir)
+                shutil.copy(pool / f"clip-{i:04d}.mp4", source)
+                proxy.faults.seen.clear()
+                started = time.perf_counter()
+                refresh(str(source), libraries["unmerged"], through)
+                refreshed[label] = (time.perf_counter() - started, len(proxy.faults.seen))
+            refresh_rules.MERGE_SMALL_PARTS = MERGING
         finally:
             proxy.close()
     print(
@@ -94,6 +114,14 @@ def main() -> None:
         f"  unmerged / merged: opening {unmerged_s / merged_s:.2f}x the time, "
         f"{unmerged_requests / merged_requests:.2f}x the requests; a refresh "
         f"{seconds['unmerged'] / seconds['merged']:.2f}x the time"
+    )
+    print(f"a refresh of one new clip of the unmerged library ({parts['unmerged']} parts) through the proxy:")
+    for label, (took, requests) in refreshed.items():
+        print(f"  {label:16s} {took:5.2f} s, {requests:4d} requests")
+    (cold_s, cold_requests), (warm_s, warm_requests) = refreshed["no local copies"], refreshed["copies read"]
+    print(
+        f"  no local copies / copies read: {cold_s / warm_s:.2f}x the time, "
+        f"{cold_requests / warm_requests:.1f}x the requests"
     )
 
 

@@ -25,7 +25,8 @@ from ..flags import NodeSettingError
 from ..library import Library, LibraryWriter, PartInfo, Version, WorseVersionError
 from ..library import index as faiss_index
 from ..library.journal import Journal, resumable
-from ..library.reader import embedded_rows, read_parts
+from ..library.local_cache import LocalCache
+from ..library.reader import embedded_rows
 from ..library.refresh import (
     RefreshPlan,
     copy_rows,
@@ -33,6 +34,7 @@ from ..library.refresh import (
     plan_refresh,
     rewrite_parts,
     same_local_bytes,
+    version_rows,
     whole_videos,
 )
 from ..library.writer import IndexDelta, count_videos
@@ -84,12 +86,15 @@ def _run(source: str, library: str, options: EmbedOptions, refresh: bool) -> Emb
     command = "refresh" if refresh else "embed"
     with Journal(store, model.identity.sha256, decode, command) as journal:  # the lease: one writer at a time
         base = Library.current_version(store)
-        reused = Library(store, base) if _reusable(base, model.identity, decode, refresh) else None
+        # a remote library's parts and index file are read from local copies where this machine has them
+        cache = None if store.is_local else LocalCache.from_env()
+        reusable = _reusable(base, model.identity, decode, refresh)
+        reused = Library(store, base, cache=cache) if reusable else None
         local = as_store(source, options.storage).is_local  # a new file without an ETag: compare its bytes
         plan = plan_refresh(reused, listed, options.retry_failed, same_local_bytes if local else None)
-        if refresh and base is not None and plan.changes.nothing:
+        if reused is not None and refresh and plan.changes.nothing:
             journal.finish()
-            rows = Library(store, base).table(["uri", "error"])
+            rows = version_rows(store, reused.schema, plan, reused.snapshot.parts, ["uri", "error"], cache)
             return _summary(
                 store.uri, base.number, rows, listed, started, plan.changes.to_dict(), published=False
             )
@@ -109,7 +114,9 @@ def _run(source: str, library: str, options: EmbedOptions, refresh: bool) -> Emb
         changes = replace(plan.changes, resumed_rows=sum(p.rows - len(p.deleted) for p in resumed)).to_dict()
         # the version's rows, read once before publishing: nothing is read after it (a store failing then
         # would report an error for a published version)
-        rows = read_parts(writer.store, plan.kept + plan.rewrite + new_parts, writer.schema, ["uri", "error"])
+        rows = version_rows(
+            store, writer.schema, plan, plan.kept + plan.rewrite + new_parts, ["id", "uri", "error"], cache
+        )
         if base is not None and not options.allow_worse:
             _refuse_worse(base, rows)  # before anything is rewritten or indexed for it
         # the base index's delta names parts by path: their rows are rewritten into parts it can name
@@ -125,6 +132,7 @@ def _run(source: str, library: str, options: EmbedOptions, refresh: bool) -> Emb
             changes=changes,
             trained_on=trained_on,
             model_files=model.files,
+            rows=rows,  # read once: not again
         )
         _finish(journal)
     InFlightMarker(store.uri).clear()  # whichever way this job ran, nothing of the library is in flight

@@ -5,7 +5,9 @@ local disk stays right for as long as the file exists. ``videosearch query`` kee
 remote library here (the index file, the row lookup's columns of each part) and reads the copies next
 time: a query of a library on S3 then reads ``_current``, the manifest and the re-rank records of its
 candidates, not the index and every part again. ``videosearch serve`` does so where ``$VIDEOSEARCH_CACHE``
-names a folder (a volume that outlives it: a restarted service reads its copies).
+names a folder (a volume that outlives it: a restarted service reads its copies). ``embed`` and ``refresh``
+keep the columns a refresh compares (:data:`~pipeline.library.refresh.PLAN_COLUMNS`) and the index file:
+a refresh from the same machine reads the parts new since the last one.
 
 Where: ``$VIDEOSEARCH_CACHE`` (a folder; ``off``: no cache), else ``$XDG_CACHE_HOME/videosearch``, else
 ``~/.cache/videosearch``; at most ``$VIDEOSEARCH_CACHE_GB`` GB (default 4), the least recently used copies

@@ -26,15 +26,16 @@ LOOKUP_COLUMNS = [*HIT_COLUMNS, "error"]  # what a lookup reads of each part
 
 
 class PartTables:
-    """The columns a lookup reads of each part file, by path, kept for the next version's lookup: a part file
-    never changes and a version shares most of its parts with the one before, so the lookup of the next
-    version a reader opens (the service following a library) reads its new parts only. Holds the parts of
-    the last version read; for one thread at a time. With ``cache`` (a remote library's), parts are read
-    from their local copies where they have one (:mod:`~pipeline.library.local_cache`), and copied."""
+    """The columns a lookup reads of each part file (or ``columns``), by path, kept for the next version's
+    lookup: a part file never changes and a version shares most of its parts with the one before, so the
+    lookup of the next version a reader opens (the service following a library) reads its new parts only.
+    Holds the parts of the last version read; for one thread at a time. With ``cache`` (a remote
+    library's), parts are read from their local copies where they have one
+    (:mod:`~pipeline.library.local_cache`), and copied."""
 
-    def __init__(self, cache: LocalCache | None = None) -> None:
+    def __init__(self, cache: LocalCache | None = None, columns: list[str] = LOOKUP_COLUMNS) -> None:
         self._tables: dict[str, pa.Table] = {}
-        self.cache = cache
+        self.cache, self.columns = cache, columns
 
     def read(self, store: Store, parts: list[PartInfo], schema: pa.Schema) -> list[pa.Table]:
         """Each of ``parts``' tables, unmasked (row i at position i): those not held, read."""
@@ -43,23 +44,22 @@ class PartTables:
             table = self._tables.get(part.path)
             held[part.path] = self._copy(store, part.path) if table is None else table
         missing = [part for part in parts if held[part.path] is None]
-        read = read_each(store, missing, schema, LOOKUP_COLUMNS, masked=False)
+        read = read_each(store, missing, schema, self.columns, masked=False)
         for part, table in zip(missing, read, strict=True):
             held[part.path] = table
             if self.cache:
-                self.cache.put(_key(store, part.path), _ipc(table))
+                self.cache.put(self._key(store, part.path), _ipc(table))
         self._tables = held
         return list(held.values())
 
     def _copy(self, store: Store, path: str) -> pa.Table | None:
         """Part ``path``'s table from its local copy (checked as it was written), or ``None``."""
-        data = self.cache.get(_key(store, path)) if self.cache else None
+        data = self.cache.get(self._key(store, path)) if self.cache else None
         return None if data is None else pa.ipc.open_stream(data).read_all()
 
-
-def _key(store: Store, path: str) -> str:
-    """The local copy's key of the columns a lookup reads of part ``path``."""
-    return LocalCache.key(store, path, ",".join(LOOKUP_COLUMNS))
+    def _key(self, store: Store, path: str) -> str:
+        """The local copy's key of the columns read of part ``path``."""
+        return LocalCache.key(store, path, ",".join(self.columns))
 
 
 def _ipc(table: pa.Table) -> bytes:

@@ -50,7 +50,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..storage import each_at_once
+from ..storage import Store, each_at_once
+from .local_cache import LocalCache
+from .lookup import PartTables
 from .manifest import PartInfo
 from .reader import READ_THREADS, Library, read_each, read_part, read_parts
 from .schema import LISTED, row_id
@@ -62,7 +64,7 @@ MERGE_SMALL_PARTS = 8  # ...and this many small parts are merged (rewritten toge
 DELTA_MAX_FRACTION = (
     0.1  # an index delta grows up to this fraction of its file's vectors, then a file is written
 )
-_COLUMNS = ["id", "uri", "etag", "size", "mtime", "error"]
+PLAN_COLUMNS = ["id", "uri", "etag", "size", "mtime", "error"]  # what a refresh reads of each part
 LOCAL_COMPARED = 4  # library videos of a new local file's size that its bytes are compared with, at most
 COMPARED_CHUNK = 1 << 20
 _MD5_ETAG = re.compile(r'"?[0-9a-fA-F]{32}(-[0-9]+)?"?')
@@ -114,6 +116,8 @@ class RefreshPlan:
     rewrite: list[PartInfo] = field(default_factory=list)
     gone_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     changes: Changes = field(default_factory=Changes)
+    # the base's parts' columns the plan read (``PLAN_COLUMNS``, every row: masks not applied), by path
+    tables: dict[str, pa.Table] = field(default_factory=dict)
 
 
 def fingerprint(row: dict[str, Any]) -> tuple:
@@ -129,14 +133,16 @@ def plan_refresh(
 ) -> RefreshPlan:
     """Compare ``listed`` (the source's listing, sorted by uri) with the ``base`` version's rows.
     ``same_bytes(new, old)`` tells whether a new object without an ETag holds the bytes of an unchanged one
-    (:func:`same_local_bytes` for a local source; ``None``: such objects are never copies)."""
+    (:func:`same_local_bytes` for a local source; ``None``: such objects are never copies). The base's parts
+    are read from their local copies where ``base.cache`` has them (a remote library refreshed from the same
+    machine again reads the parts that are new since), and copied there."""
     if base is None:
         return RefreshPlan(list(listed), changes=Changes(new=len(listed)))
     parts = base.snapshot.parts
     videos: dict[str, dict[str, Any]] = {}  # uri -> fingerprint, failed, ids per part, embedded ids
-    tables = read_each(base.store, parts, base.schema, list(_COLUMNS))
+    tables = PartTables(base.cache, PLAN_COLUMNS).read(base.store, parts, base.schema)
     for part, table in zip(parts, tables, strict=True):
-        for row in table.to_pylist():
+        for row in kept_rows(table, part).to_pylist():
             video = videos.setdefault(row["uri"], {"print": fingerprint(row), "failed": False, "rows": []})
             video["failed"] |= row["error"] is not None
             video["rows"].append((part.path, row["id"], row["error"] is None))
@@ -178,6 +184,7 @@ def plan_refresh(
         copies=copies,
         copied_from=[part for part in parts if part.path in copied_from],
         gone_ids=np.array(sorted(gone_ids), np.int64),
+        tables={part.path: table for part, table in zip(parts, tables, strict=True)},
     )
     for part in parts:
         part = part.masked(masks[part.path]) if masks[part.path] else part
@@ -293,6 +300,32 @@ def _compare(listed: dict[str, Any] | None, video: dict[str, Any], retry_failed:
     if fingerprint(listed) != video["print"]:
         return "changed"
     return "retried" if video["failed"] and retry_failed else "unchanged"
+
+
+def kept_rows(table: pa.Table, part: PartInfo) -> pa.Table:
+    """The rows of ``table`` (columns of every row of ``part``, ``id`` among them) that its mask keeps."""
+    if not part.deleted:
+        return table
+    return table.filter(pc.invert(pc.is_in(table["id"], pa.array(part.deleted, pa.int64()))))
+
+
+def version_rows(
+    store: Store,
+    schema: pa.Schema,
+    plan: RefreshPlan,
+    parts: list[PartInfo],
+    columns: list[str],
+    cache: LocalCache | None = None,
+) -> pa.Table:
+    """The ``columns`` (of :data:`PLAN_COLUMNS`) of the rows that ``parts`` hold, masks applied: the base's
+    parts from the tables the plan read, the others (written by the job) read, and copied into ``cache`` for
+    the next refresh's plan."""
+    written = [part for part in parts if part.path not in plan.tables]
+    read = PartTables(cache, PLAN_COLUMNS).read(store, written, schema)
+    tables = plan.tables | {part.path: table for part, table in zip(written, read, strict=True)}
+    if not parts:
+        return schema.empty_table().select(columns)
+    return pa.concat_tables([kept_rows(tables[part.path], part).select(columns) for part in parts])
 
 
 def whole_videos(writer: LibraryWriter, parts: list[PartInfo]) -> list[PartInfo]:

@@ -173,6 +173,7 @@ class LibraryWriter:
         changes: dict[str, int] | None = None,
         trained_on: int | None = None,
         model_files: str | None = None,
+        rows: pa.Table | None = None,
     ) -> dict[str, Any]:
         """Check the parts and the index, write the index file, and return the new version's manifest
         (its ``"version"`` still ``None``). An example manifest::
@@ -201,7 +202,8 @@ class LibraryWriter:
         index was trained on (the index's own size when not given); ``crc32``: the index file's CRC-32,
         checked as it is read (its bytes can change without FAISS noticing). ``model_files``: the digest of
         the listing the model was loaded from (:func:`pipeline.embed.job_model.files_digest`; ``null`` when
-        unknown): a job that finds the same files needs not load the model to know it.
+        unknown): a job that finds the same files needs not load the model to know it. ``rows``: the ``id``,
+        ``uri`` and ``error`` of the rows ``parts`` hold, where the caller has them (else they are read).
         """
         if base is not None and base.token is None:
             raise ValueError(
@@ -211,7 +213,8 @@ class LibraryWriter:
             raise ValueError(f"model must be a ModelIdentity (where the weights came from), got {model!r}")
         if not isinstance(index, IndexDelta) and index.d != self.embedding_dim:
             raise ValueError(f"the index has dimension {index.d}, the parts' embeddings {self.embedding_dim}")
-        rows = read_parts(self.store, parts, self.schema, ["id", "uri", "error"])
+        if rows is None:
+            rows = read_parts(self.store, parts, self.schema, ["id", "uri", "error"])
         counts = count_videos(rows)
         if index.ntotal != counts["segments"]:
             raise ValueError(

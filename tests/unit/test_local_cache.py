@@ -13,9 +13,11 @@ import numpy as np
 import pyarrow as pa
 import pytest
 from fault_proxy import FaultProxy
-from helpers import MotoS3, part_row
+from helpers import MotoS3, part_row, write_video
 
 from pipeline.cli import main
+from pipeline.embed.job import embed, refresh
+from pipeline.embed.options import EmbedOptions
 from pipeline.library import Library, LibraryWriter
 from pipeline.library.index import build_index
 from pipeline.library.local_cache import LocalCache
@@ -110,6 +112,33 @@ def test_a_restarted_service_reads_its_local_copies(s3: MotoS3, remote_library: 
         assert len(library_reads(proxy)) >= 4
         again = VersionFollower(store, options).searcher().search(QUERY, k=60)  # a restart
         assert library_reads(proxy) == [] and [h.to_dict() for h in again] == [h.to_dict() for h in first]
+    finally:
+        proxy.close()
+
+
+def test_a_refresh_of_a_remote_library_reads_only_the_parts_new_since(
+    s3: MotoS3, bucket: str, tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VIDEOSEARCH_CACHE", str(tmp_path / "cache"))
+    videos, library = tmp_path / "videos", f"s3://{bucket}/refreshed"
+    videos.mkdir()
+    for seed in range(3):
+        write_video(videos / f"{seed}.mp4", 8, 48, 40, fps=6, seed=seed)
+    proxy = FaultProxy(s3.endpoint_url)
+    try:
+        storage = replace(s3.options, endpoint_url=proxy.url)
+        options = EmbedOptions(model=str(tiny_model), storage=storage, gpus_per_encoder=0)
+        embed(str(videos), library, options)  # its part copied as the job reads its rows back
+        (first,) = Library.open(library, storage).snapshot.parts
+        library_reads(proxy)
+        write_video(videos / "3.mp4", 8, 48, 40, fps=6, seed=3)
+        assert refresh(str(videos), library, options).changes["new"] == 1
+        assert not any(path.endswith(first.path) for path in library_reads(proxy))
+        nothing = refresh(str(videos), library, options)
+        assert (nothing.published, nothing.ok, library_reads(proxy)) == (False, 4, [])
+        monkeypatch.setenv("VIDEOSEARCH_CACHE", "off")
+        refresh(str(videos), library, options)
+        assert len(library_reads(proxy)) >= 2  # without copies: every part read
     finally:
         proxy.close()
 
