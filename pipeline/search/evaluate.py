@@ -4,7 +4,8 @@ A captioned table (``uri,caption``) measures text -> video retrieval: each capti
 library, and recall@k is the share of captions whose video is among the first k (median rank beside it).
 A labeled table (``uri,label``) measures zero-shot classification: each listed video's best label among the
 table's labels, each prompted through a template. A video embedded in segments scores as its best segment.
-Scores are exact (every video against every text), not the FAISS candidates of a search.
+Scores are exact (every video against every text), not the FAISS candidates of a search: the index is
+never read.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import pyarrow.compute as pc
 import torch
 
 from ..library import Library
+from ..models import load_library_model
 from ..storage import StorageOptions
 from ..video_table import DEFAULT_TEMPLATE, DescribedVideo, read_video_table
 from .scorer import ExactScorer, StoredVideos
-from .searcher import Searcher
 
 RECALL_AT = (1, 5, 10)
 TEXTS_PER_CHUNK = 64  # texts encoded at once
@@ -49,7 +50,8 @@ class _VideoScores:
     """Every library video against any texts: (videos, texts) exact scores, best segment per video."""
 
     def __init__(self, library: Library):
-        self.scorer = ExactScorer(Searcher(library).model)
+        # the model alone: scores are exact, so neither the index nor the row lookup is read
+        self.scorer = ExactScorer(load_library_model(library.model, library.options))
         columns = ["uri", "error", "embedding"] + (["prompt_features"] if library.rerank_shape else [])
         table = library.table(columns)
         table = table.filter(pc.is_null(table["error"]))

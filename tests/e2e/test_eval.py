@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -60,6 +61,14 @@ def test_recall_and_median_rank_follow_the_search_ranking(library) -> None:
     for k in (1, 5, 10):
         assert result.metrics[f"recall@{k}"] == pytest.approx(sum(r <= k for r in ranks) / CLIPS)
     assert result.metrics["median_rank"] == sorted(ranks)[(CLIPS - 1) // 2]  # the lower median, as torch's
+
+
+def test_eval_reads_no_index(library, tmp_path) -> None:
+    lib, table = library
+    copy = shutil.copytree(lib, tmp_path / "library")
+    (index,) = (copy / "index").iterdir()
+    index.unlink()  # a search would fail: eval scores every video exactly, without it
+    assert evaluate(str(copy), table).metrics == evaluate(lib, table).metrics
 
 
 def test_labeled_table_gives_zero_shot_accuracy(library, tmp_path) -> None:
