@@ -17,6 +17,7 @@ from pipeline.library.features import FeatureFile, record_dtype, to_records, wri
 from pipeline.library.index import build_index
 from pipeline.library.lookup import RowLookup
 from pipeline.library.reader import embedded_rows, read_part
+from pipeline.library.refresh import rewrite_parts
 from pipeline.library.schema import part_schema
 from pipeline.models import VideoTextModel, load_model
 from pipeline.search import Searcher
@@ -119,6 +120,33 @@ def test_an_older_library_refreshed_mixes_part_formats_and_still_ranks_exactly(t
     assert [bool(p.features) for p in library.snapshot.parts].count(True) == 1  # the new part only
     assert library.manifest["format"] == 3
     assert_ranks_as_brute_force(library, bundled)
+
+
+def test_an_older_librarys_part_merged_with_a_new_one_answers_as_before(tmp_path, model) -> None:
+    location = tmp_path / "old"
+    shutil.copytree(DATA / "library-format1", location)
+    bundled = Searcher(Library.open(str(location))).model
+    before = publish(str(location), bundled, [part_rows(bundled, range(0, 4))])  # a format 1 part, a new one
+    writer = LibraryWriter(
+        str(location), embedding_dim=bundled.embedding_dim, prompt_shape=bundled.rerank_shape
+    )
+    (merged_part,), readded = rewrite_parts(writer, before.snapshot.parts)  # refresh's merge of small parts
+    assert (
+        readded == []
+        and merged_part.features
+        and merged_part.rows == sum(p.rows for p in before.snapshot.parts)
+    )
+    merged = Library(
+        str(location), writer.publish([merged_part], before.index(), bundled.identity, before.snapshot)
+    )
+    assert_ranks_as_brute_force(merged, bundled)
+    for text in QUERIES:  # what a query sees is unchanged: the records moved out of the old part intact
+        ours, theirs = (
+            Searcher(merged, bundled).search(text, k=20),
+            Searcher(before, bundled).search(text, k=20),
+        )
+        assert [(h.id, h.uri) for h in ours] == [(h.id, h.uri) for h in theirs]
+        np.testing.assert_allclose([h.score for h in ours], [h.score for h in theirs], atol=1e-6, rtol=0)
 
 
 def test_a_remote_record_costs_its_own_bytes(s3: MotoS3, bucket: str) -> None:
