@@ -29,9 +29,9 @@ class PartTables:
     """The columns a lookup reads of each part file (or ``columns``), by path, kept for the next version's
     lookup: a part file never changes and a version shares most of its parts with the one before, so the
     lookup of the next version a reader opens (the service following a library) reads its new parts only.
-    Holds the parts of the last version read; for one thread at a time. With ``cache`` (a remote
-    library's), parts are read from their local copies where they have one
-    (:mod:`~pipeline.library.local_cache`), and copied."""
+    Holds the parts of the last version read; for one thread at a time. With ``cache``, a remote library's
+    parts are read from their local copies where they have one (:mod:`~pipeline.library.local_cache`), and
+    copied; a local library's are read from its files, as :class:`~pipeline.library.reader.Library` does."""
 
     def __init__(self, cache: LocalCache | None = None, columns: list[str] = LOOKUP_COLUMNS) -> None:
         self._tables: dict[str, pa.Table] = {}
@@ -39,27 +39,34 @@ class PartTables:
 
     def read(self, store: Store, parts: list[PartInfo], schema: pa.Schema) -> list[pa.Table]:
         """Each of ``parts``' tables, unmasked (row i at position i): those not held, read."""
+        cache = None if store.is_local else self.cache
         held: dict[str, pa.Table | None] = {}
         for part in parts:
             table = self._tables.get(part.path)
-            held[part.path] = self._copy(store, part.path) if table is None else table
+            held[part.path] = self._copy(cache, store, part.path) if table is None else table
         missing = [part for part in parts if held[part.path] is None]
         read = read_each(store, missing, schema, self.columns, masked=False)
         for part, table in zip(missing, read, strict=True):
             held[part.path] = table
-            if self.cache:
-                self.cache.put(self._key(store, part.path), _ipc(table))
+            if cache:
+                cache.put(self._key(store, part.path), _ipc(table))
         self._tables = held
         return list(held.values())
 
-    def _copy(self, store: Store, path: str) -> pa.Table | None:
-        """Part ``path``'s table from its local copy (checked as it was written), or ``None``."""
-        data = self.cache.get(self._key(store, path)) if self.cache else None
+    def _copy(self, cache: LocalCache | None, store: Store, path: str) -> pa.Table | None:
+        """Part ``path``'s table from its local copy in ``cache`` (checked as it was written), or ``None``."""
+        data = cache.get(self._key(store, path)) if cache else None
         return None if data is None else pa.ipc.open_stream(data).read_all()
 
     def _key(self, store: Store, path: str) -> str:
         """The local copy's key of the columns read of part ``path``."""
         return LocalCache.key(store, path, ",".join(self.columns))
+
+
+def held_rows(table: pa.Table, part: PartInfo) -> pa.ChunkedArray:
+    """Which rows of ``table`` (of every row of ``part``, ``id`` among its columns) the version holds: those
+    that the part's mask (its ``deleted`` ids) leaves."""
+    return pc.invert(pc.is_in(table["id"], pa.array(part.deleted, pa.int64())))
 
 
 def _ipc(table: pa.Table) -> bytes:
@@ -88,7 +95,7 @@ class RowLookup:
         for number, (part, table) in enumerate(zip(parts, tables, strict=True)):
             keep = pc.is_null(table["error"])
             if part.deleted:
-                keep = pc.and_(keep, pc.invert(pc.is_in(table["id"], pa.array(part.deleted, pa.int64()))))
+                keep = pc.and_(keep, held_rows(table, part))
             kept = np.flatnonzero(keep.to_numpy(zero_copy_only=False))
             ids.append(table["id"].to_numpy()[kept])
             positions.append(kept)

@@ -52,7 +52,7 @@ import pyarrow.compute as pc
 
 from ..storage import Store, each_at_once
 from .local_cache import LocalCache
-from .lookup import PartTables
+from .lookup import PartTables, held_rows
 from .manifest import PartInfo
 from .reader import READ_THREADS, Library, read_each, read_part, read_parts
 from .schema import LISTED, row_id
@@ -304,9 +304,7 @@ def _compare(listed: dict[str, Any] | None, video: dict[str, Any], retry_failed:
 
 def kept_rows(table: pa.Table, part: PartInfo) -> pa.Table:
     """The rows of ``table`` (columns of every row of ``part``, ``id`` among them) that its mask keeps."""
-    if not part.deleted:
-        return table
-    return table.filter(pc.invert(pc.is_in(table["id"], pa.array(part.deleted, pa.int64()))))
+    return table.filter(held_rows(table, part)) if part.deleted else table
 
 
 def version_rows(

@@ -63,7 +63,7 @@ class VersionFollower:
             options.cached_versions, Searcher.memory_bytes, options.cached_versions_mb << 20
         )
         # the current version's part tables: the next version's lookup reads its new parts only
-        self._cache = None if store.is_local else options.cache  # a local library's files are local
+        self._cache = options.cache
         self._tables = PartTables(self._cache)
         self.current = self._searcher(Library.open(store, cache=self._cache), self._tables)
         self._stopping = threading.Event()
