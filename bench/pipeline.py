@@ -28,15 +28,16 @@ run of each: their ratio is the goal these machines' drifts (10-40% over minutes
 
 ``--sampling fast`` runs the decode stage and both jobs with fast sampling, ``--precision bf16`` the encode
 stage and both jobs in bfloat16 (the plain loop stays decord's exact sampling and float32 on CPUs: the
-baseline). It prints videos/s and cores busy (CPU time / wall time of this process) for
-each, the ratios pipeline / slowest stage alone (goal >= 0.85) and pipeline / plain loop (goal >= 1.3), on a
-machine without a GPU the CPU bound (cores / the two stages' CPU-seconds per video: the most any schedule of
-them on these cores can reach, start-up excluded) and the best whole-job ratios it allows after Ray Data's
-start-up floor, the driver's peak RSS (getrusage), the Ray workers' peak RSS (psutil, sampled during the
-pipeline run; RSS counts the object-store pages a worker touched, so the sum double-counts those), and the
-machine: cores, torch threads, load average before and after (other processes skew every figure alike).
-Stage and loop figures exclude model loading (reported separately); the pipeline figure includes everything
-its job does after Ray is up (model check and hash in the driver, actor start-up and model load, indexing).
+baseline). It prints videos/s and cores busy (CPU time / wall time of this process) for each, the ratios
+pipeline / slowest stage alone (goal >= 0.85) and pipeline / plain loop (goal >= 1.3; 1.0 where encoding is
+the slowest stage), on a machine without a GPU the CPU bound (cores / the two stages' CPU-seconds per video:
+the most any schedule of them on these cores can reach, start-up excluded) and the best whole-job ratios it
+allows after Ray Data's start-up floor, the driver's peak RSS (getrusage), the Ray workers' peak RSS (psutil,
+sampled during the pipeline run; RSS counts the object-store pages a worker touched, so the sum double-counts
+those), and the machine: cores, torch threads, load average before and after (other processes skew every
+figure alike). Stage and loop figures exclude model loading (reported separately); the pipeline figure
+includes everything its job does after Ray is up (model check and hash in the driver, actor start-up and model
+load, indexing).
 """
 
 from __future__ import annotations
@@ -503,10 +504,13 @@ def print_report(
     slowest = min(standard, key=lambda r: r.rate)
     print("ratios:")
     with_start_up = " (start-up included)"
+    # issue 20: where encoding dominates (base-patch32 on CPUs) the job must not lose to the loop, which
+    # encodes with the same model; where decoding does (the bundled model), it must beat it by 1.3x
+    over_loop = 1.0 if slowest.name.startswith("encode") else 1.3
     ratios = [
         (f"pipeline / slowest stage alone ({slowest.name.split()[0]})", run.rate / slowest.rate, 0.85, ""),
-        ("pipeline / plain loop", run.rate / plain.rate, 1.3, ""),
-        ("whole job in this process / plain loop", here.rate / plain.rate, 1.3, with_start_up),
+        ("pipeline / plain loop", run.rate / plain.rate, over_loop, ""),
+        ("whole job in this process / plain loop", here.rate / plain.rate, over_loop, with_start_up),
         ("whole job in this process / slowest stage alone", here.rate / slowest.rate, 0.85, with_start_up),
     ]
     for label, value, goal, note in ratios:

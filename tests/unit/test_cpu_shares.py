@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+import torch
 
 from pipeline.embed.resources import (
     FALLBACK_DECODE_S,
@@ -64,6 +65,30 @@ def test_timings_come_from_a_real_video_and_the_model(tmp_path, tiny_model) -> N
     assert 0 < time_decode(bad + good, DecodeSettings(4, preprocessor), options) < 10
     model = XCLIPModel.from_pretrained(tiny_model)
     assert 0 < time_encode(model) < 10 and 0 < encode_cpu_s(model) < 10
+
+
+def test_a_timing_stops_inside_the_model_once_its_seconds_so_far_are_enough(tiny_model) -> None:
+    model = XCLIPModel.from_pretrained(tiny_model)
+    clip = torch.rand(1, model.num_frames, 3, *model.preprocessor.crop_size)
+    with torch.inference_mode():
+        expected = model.encode_videos(clip).video_embeds
+    ran: list[torch.nn.Module] = []
+    counting = [m.register_forward_pre_hook(lambda module, _: ran.append(module)) for m in model.modules()]
+    encode_cpu_s(model, settled=lambda first: True)
+    whole_run = len(ran)
+    ran.clear()
+    assert encode_cpu_s(model, settled=lambda first: True, enough=lambda so_far: True) < 0.5
+    assert len(ran) == 1 < whole_run  # stopped before the first module's work
+    ran.clear()
+    encode_cpu_s(model, settled=lambda first: True, enough=lambda so_far: False)  # never enough: a whole run
+    assert len(ran) == whole_run
+    for hook in counting:
+        hook.remove()
+    assert not any(module._forward_pre_hooks for module in model.modules())  # the timing's hooks are gone
+    with torch.inference_mode():
+        torch.testing.assert_close(
+            model.encode_videos(clip).video_embeds, expected
+        )  # and the model is as it was
 
 
 def test_a_first_run_that_settles_the_question_is_not_repeated() -> None:

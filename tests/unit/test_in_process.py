@@ -244,25 +244,31 @@ def test_large_jobs_share_the_cpus_between_decoding_threads_and_the_encoder_by_m
     assert encoder_threads(many, settings, options, timed, on_gpu=True) is None  # the encoder is a GPU
     assert 1 <= encoder_threads(many, settings, options, timed, on_gpu=False) <= 4  # measured
     monkeypatch.setattr(in_process, "time_decode", lambda *args: 0.07)
-    settled = []
+    settled, stopped_at = [], []
 
-    def clip_costs(first: float, warm: float) -> Callable[[Callable[[float], bool]], float]:
-        """A clip's timing whose first run costs ``first`` CPU-s and a warm one ``warm``."""
+    def clip_costs(first: float, warm: float) -> Callable[[Callable, Callable], float]:
+        """A clip's timing whose first run costs ``first`` CPU-s and a warm one ``warm``, stopped (as
+        :func:`encode_cpu_s` stops it) at the first tenth of a millisecond that is ``enough``."""
 
-        def timed(settles: Callable[[float], bool]) -> float:
-            settled.append(settles(first))
-            return first if settled[-1] else warm
+        def timed(settles: Callable[[float], bool], enough: Callable[[float], bool]) -> float:
+            so_far = next((t / 1e4 for t in range(round(first * 1e4)) if enough(t / 1e4)), first)
+            stopped_at.append(so_far)
+            settled.append(settles(so_far))
+            return so_far if settled[-1] else warm
 
         return timed
 
     # decode-bound (a tiny model): torch gets one thread, a thread per CPU decodes; the first run settles it
     assert encoder_threads(many, settings, options, clip_costs(0.02, 0.014), on_gpu=False) == 1
-    # encode-bound (base-patch32): the encoder gets every core, by the first run alone
+    assert stopped_at[-1] == 0.02  # never enough to stop early
+    # encode-bound (base-patch32): the encoder gets every core, by the first run, stopped early: decoding
+    # costs 0.07 CPU-s, so from 0.21 CPU-s of warm encoding on the encoder gets 4 threads of 4 CPUs, and a
+    # first run may cost up to COLD_OVER_WARM times a warm one
     assert encoder_threads(many, settings, options, clip_costs(1.2, 1.0), on_gpu=False) == 4
-    assert settled == [True, True]
+    assert settled == [True, True] and 0.42 <= stopped_at[-1] < 0.43
     # near a boundary the first run may be mostly one-time cost: the warm run decides (2 threads, not 3)
     assert encoder_threads(many, settings, options, clip_costs(0.08, 0.04), on_gpu=False) == 2
-    assert settled[-1] is False
+    assert settled[-1] is False and stopped_at[-1] == 0.08
 
 
 def test_a_job_with_compile_on_encodes_through_one_compiled_graph_and_stores_the_eager_embeddings(
