@@ -111,6 +111,7 @@ def write_frames(
     faststart: bool = False,
     live: bool = False,
     picture_first: np.ndarray | None = None,
+    pix_fmt: str | None = None,
 ) -> str:
     """Encode uint8 ``(T, H, W, 3)`` RGB ``frames``; returns the path (the container follows its extension).
 
@@ -120,7 +121,8 @@ def write_frames(
     time in seconds (variable frame rate, millisecond precision) instead of ``i / fps``. ``faststart``: put
     the MP4 index (``moov``) before the media data. ``live``: write through a non-seekable output, as a
     live recording does: Matroska then has no duration and no index (MP4 needs a seekable output).
-    ``picture_first``: a track of this one JPEG picture before the video's (an unmarked cover).
+    ``picture_first``: a track of this one JPEG picture before the video's (an unmarked cover). ``pix_fmt``:
+    the encoded pixel format (default: 4:2:0, or 4:4:4 for H.264 at an odd size).
     """
     path = os.fspath(path)
     _, height, width, _ = frames.shape
@@ -135,7 +137,7 @@ def write_frames(
         picture = [] if picture_first is None else picture_stream(container, picture_first, False)
         stream = container.add_stream(codec, rate=fps)
         stream.width, stream.height = width, height
-        stream.pix_fmt = "yuv444p" if codec == "libx264" and odd else "yuv420p"
+        stream.pix_fmt = pix_fmt or ("yuv444p" if codec == "libx264" and odd else "yuv420p")
         if gop:
             stream.codec_context.gop_size = gop
         if rotation:

@@ -135,6 +135,33 @@ def test_frames_equal_independent_decoding(
 
 
 @pytest.mark.parametrize(
+    ("name", "codec", "pix_fmt"),
+    [
+        ("h264_10bit.mp4", "libx264", "yuv420p10le"),  # High 10, as phones record HDR
+        ("hevc_10bit.mp4", "libx265", "yuv420p10le"),
+        ("h264_444.mp4", "libx264", "yuv444p"),  # full-resolution colour (screen recordings)
+        ("prores.mov", "prores", "yuv422p10le"),  # cameras and editors: every frame a keyframe
+        ("raw.h264", "libx264", "yuv420p"),  # an elementary stream: no container, no timestamps, no index
+        ("animation.gif", "gif", "rgb8"),  # a palette, no codec timestamps of its own
+    ],
+)
+@pytest.mark.parametrize("sampling", ["exact", "fast"])
+def test_deep_colour_chroma_layouts_and_bare_streams_give_the_sampled_frames(
+    tmp_path: Path, name: str, codec: str, pix_fmt: str, sampling: str
+) -> None:
+    shapes = pattern_frames(40, 96, 54, "shapes", 5)
+    path = write_frames(tmp_path / name, shapes, codec=codec, pix_fmt=pix_fmt, gop=10)
+    (row,) = decode_video(path, DecodeSettings(8, PRE, sampling=sampling))
+    frames = every_frame(path)
+    assert row["frame_count"] == len(frames) == 40 and row["duration_s"] == pytest.approx(40 / 25)
+    if sampling == "exact":
+        assert row["sample_error_s"] < 1e-9  # the frame shown at each wanted time
+        np.testing.assert_array_equal(row["frames"], PRE.resize_crop(frames[segment_frame_indices(40, 8)]))
+    else:  # within half the sampling interval of each wanted time, every frame sampled
+        assert row["frames"].shape == (8, *PRE.crop_size, 3) and row["sample_error_s"] <= 40 / 25 / 8 / 2
+
+
+@pytest.mark.parametrize(
     ("name", "skips"), [("h264_10s", True), ("hevc", True), ("avi", False), ("av1", False)]
 )
 def test_unreferenced_frames_are_skipped_where_the_decoder_allows_it(
