@@ -2,23 +2,26 @@
 
 Usage: python bench/pipeline.py [--videos 200] [--distinct N] [--seconds 10] [--width 640 --height 360]
                                 [--gop N] [--model PRESET_OR_DIR] [--batch-size 4] [--sampling exact|fast]
-                                [--precision auto|fp32|bf16] [--rounds N] [--workdir DIR]
+                                [--precision auto|fp32|bf16] [--rounds N] [--stage-videos N] [--no-ray]
+                                [--workdir DIR]
 
 Generates ``--videos`` real H.264 clips (moving shapes from ``pipeline.samples.synthetic``, 25 fps; cached in
 the workdir, so re-runs reuse them) and a checkpoint (``--model``: a preset's geometry with seeded random
 weights, default ``xclip-base-patch32``; ``videosearch-tiny``, the bundled model; or an existing checkpoint
 directory). Then, one after the other in this process, it times:
 
-  decode alone    ``DecodeVideos`` over every video, one video per call, in this process
+  decode alone    ``DecodeVideos`` over every video (the first ``--stage-videos``), one video per call, in
+                  this process
   encode alone    ``EncodeFrames`` over the pre-decoded frames, ``--batch-size`` videos per call, with torch's
                   default thread count, and again with the thread count the pipeline gives its encoder
   pipeline        ``pipeline.embed.job.embed`` into a fresh library on a local Ray with the default plan;
                   Ray is started before the clock starts (``ray.init`` is timed and reported on its own);
-                  then the same job on one video, a trivial Ray Data job of the same shape (start-up
-                  floor), and the one-video job in this process (``--executor in-process``, what ``auto``
-                  runs for a small job)
+                  then the same job on one video and a trivial Ray Data job of the same shape (start-up
+                  floor); not with ``--no-ray`` (a machine without Ray: the lent GPU's)
+  one video here  the one-video job in this process (``--executor in-process``, what ``auto`` runs for a
+                  small job)
   plain loop      decord ``VideoReader`` + ``segment_frame_indices`` + ``VideoPreprocessor`` +
-                  ``XCLIPModel.encode_videos``, one video at a time
+                  ``XCLIPModel.encode_videos``, one video at a time (the first ``--stage-videos``)
   in-process      the whole job in this process (``--executor in-process``: what ``auto`` runs when there
                   is no cluster to join for at most 64 objects, or any number on a machine of at most 4
                   CPUs), model load included
@@ -303,7 +306,6 @@ class PipelineRun:
     ray_init_s: float
     summary_s: float  # the job's own timer (EmbedSummary.seconds)
     one_video_s: float  # the same job on one video, Ray up: the job's fixed cost plus one video
-    one_video_here_s: float  # the one-video job in this process (what --executor auto runs for a small job)
     plan: (
         logging.LogRecord | None
     )  # the embed job's "plan: ..." record; args = decoders, CPU each, encoders, GPU, CPU each
@@ -345,19 +347,21 @@ def measure_pipeline(run_dir: Path, videos: list[Path], job: EmbedOptions) -> Pi
         embed(one, str(run_dir / "library-one"), options)
         one_video_s = time.perf_counter() - started
         floor_s = measure_ray_data_floor()
-        started = time.perf_counter()
-        here = replace(options, executor="in-process")
-        embed(one, str(run_dir / "library-one-here"), here)
-        one_video_here_s = time.perf_counter() - started
     finally:
         ray.shutdown()
     if summary.ok != summary.objects:
         raise RuntimeError(f"the pipeline did not embed every video:\n{summary.text()}")
     plan = next((r for r in plan_log if r.msg.startswith("plan:")), None)
     result = Result("full Ray pipeline", summary.objects, seconds, "embed() wall time, Ray already up")
-    return PipelineRun(
-        result, ray_init_s, summary.seconds, one_video_s, one_video_here_s, plan, workers, floor_s
-    )
+    return PipelineRun(result, ray_init_s, summary.seconds, one_video_s, plan, workers, floor_s)
+
+
+def measure_one_video_here(run_dir: Path, videos: list[Path], job: EmbedOptions) -> float:
+    """Seconds of the one-video job in this process (what ``--executor auto`` runs for a small job)."""
+    one = str(make_source(run_dir / "one-here", videos[:1]))
+    started = time.perf_counter()
+    embed(one, str(run_dir / "library-one-here"), replace(job, executor="in-process"))
+    return time.perf_counter() - started
 
 
 class _ImportsStageModules:
@@ -455,11 +459,13 @@ def _capture_log(name: str) -> list[logging.LogRecord]:
 def print_report(
     args: argparse.Namespace,
     stages: list[Result],
-    pipeline: PipelineRun,
+    pipeline: PipelineRun | None,
     plain: Result,
     here: Result,
+    one_video_here_s: float,
     load: tuple[float, float],
 ) -> None:
+    """The figures and their ratios; ``pipeline`` None where the in-process job ran alone (``--no-ray``)."""
     cores, usable, threads = os.cpu_count(), len(os.sched_getaffinity(0)), torch.get_num_threads()
     cuda = "yes" if torch.cuda.is_available() else "no"
     print(
@@ -473,31 +479,32 @@ def print_report(
         f"frames; model {model}, {load_model(args.checkpoint).num_frames} frames per video, "
         f"batch size {args.batch_size}, {args.sampling} sampling, {args.precision} precision"
     )
-    print(pipeline.plan.getMessage() if pipeline.plan else "plan: (not logged)")
-    run = pipeline.result
-    rows = [*stages, run, plain, here]
-    for r in rows:
+    if pipeline is not None:
+        print(pipeline.plan.getMessage() if pipeline.plan else "plan: (not logged)")
+    run = pipeline.result if pipeline is not None else None
+    for r in [*stages, *([run] if run else []), plain, here]:
         busy = f"{r.cpu_seconds / r.seconds:4.2f}" if r.cpu_seconds is not None else " n/a"
         print(
             f"  {r.name:26s} {r.rate:8.2f} videos/s   {r.videos} in {r.seconds:6.1f} s   cores busy {busy}   "
             f"load {r.load:4.1f}   driver peak RSS {r.peak_rss_mib:5.0f} MiB   ({r.detail})"
         )
-    with_init = run.videos / (run.seconds + pipeline.ray_init_s)
-    print(
-        f"  {'pipeline incl. ray.init':26s} {with_init:8.2f} videos/s   ray.init "
-        f"{pipeline.ray_init_s:.1f} s; the job's own summary: {pipeline.summary_s:.1f} s"
-    )
-    steady = pipeline.steady_rate
-    print(
-        f"  {'pipeline once running':26s} "
-        + (f"{steady:8.2f} videos/s" if steady else "     n/a")
-        + f"   (N-1) / (T_N - T_1): the same job on 1 video took {pipeline.one_video_s:.1f} s"
-    )
-    steady_here = steady_rate(here, pipeline.one_video_here_s)
+    steady = pipeline.steady_rate if pipeline is not None else None
+    if pipeline is not None:
+        with_init = run.videos / (run.seconds + pipeline.ray_init_s)
+        print(
+            f"  {'pipeline incl. ray.init':26s} {with_init:8.2f} videos/s   ray.init "
+            f"{pipeline.ray_init_s:.1f} s; the job's own summary: {pipeline.summary_s:.1f} s"
+        )
+        print(
+            f"  {'pipeline once running':26s} "
+            + (f"{steady:8.2f} videos/s" if steady else "     n/a")
+            + f"   (N-1) / (T_N - T_1): the same job on 1 video took {pipeline.one_video_s:.1f} s"
+        )
+    steady_here = steady_rate(here, one_video_here_s)
     print(
         f"  {'in this process, running':26s} "
         + (f"{steady_here:8.2f} videos/s" if steady_here else "     n/a")
-        + f"   (N-1) / (T_N - T_1): the same job on 1 video took {pipeline.one_video_here_s:.1f} s"
+        + f"   (N-1) / (T_N - T_1): the same job on 1 video took {one_video_here_s:.1f} s"
     )
 
     standard = [r for r in stages if not r.name.startswith("encode alone,")]
@@ -508,25 +515,40 @@ def print_report(
     # encodes with the same model; where decoding does (the bundled model), it must beat it by 1.3x
     over_loop = 1.0 if slowest.name.startswith("encode") else 1.3
     ratios = [
-        (f"pipeline / slowest stage alone ({slowest.name.split()[0]})", run.rate / slowest.rate, 0.85, ""),
-        ("pipeline / plain loop", run.rate / plain.rate, over_loop, ""),
         ("whole job in this process / plain loop", here.rate / plain.rate, over_loop, with_start_up),
         ("whole job in this process / slowest stage alone", here.rate / slowest.rate, 0.85, with_start_up),
     ]
+    if run is not None:
+        ratios = [
+            (
+                f"pipeline / slowest stage alone ({slowest.name.split()[0]})",
+                run.rate / slowest.rate,
+                0.85,
+                "",
+            ),
+            ("pipeline / plain loop", run.rate / plain.rate, over_loop, ""),
+            *ratios,
+        ]
     for label, value, goal, note in ratios:
         verdict = "met" if value >= goal else "MISSED"
         print(f"  {label:48s} {value:5.2f}   goal >= {goal}: {verdict}{note}")
     for r in stages:
-        if r.name.startswith("encode alone,"):
+        if r.name.startswith("encode alone,") and run is not None:
             print(
                 f"  {'pipeline / ' + r.name:48s} {run.rate / r.rate:5.2f}   (the pipeline encoder's threads)"
             )
     if steady:
         print(f"  {'pipeline once running / slowest stage alone':48s} {steady / slowest.rate:5.2f}")
-    print_cpu_bound(standard, run, steady, plain, slowest, pipeline.floor_s, here, steady_here)
-    start_up = pipeline.one_video_here_s / (pipeline.floor_s + 3)
+    if steady_here:
+        print(f"  {'in this process, running / slowest stage alone':48s} {steady_here / slowest.rate:5.2f}")
+    floor_s = pipeline.floor_s if pipeline is not None else None
+    print_cpu_bound(standard, run, steady, plain, slowest, floor_s, here, steady_here)
+    if pipeline is None:
+        print(f"  one-video job in this process (--executor auto's choice): {one_video_here_s:.1f} s")
+        return
+    start_up = one_video_here_s / (pipeline.floor_s + 3)
     print(
-        f"  one-video job in this process (--executor auto's choice): {pipeline.one_video_here_s:.1f} s; "
+        f"  one-video job in this process (--executor auto's choice): {one_video_here_s:.1f} s; "
         f"/ (Ray Data floor + 3 s) = {start_up:.2f}   goal <= 1: {'met' if start_up <= 1 else 'MISSED'}"
         f"   (on Ray: {pipeline.one_video_s:.1f} s)"
     )
@@ -553,18 +575,19 @@ def print_report(
 
 def print_cpu_bound(
     stages: list[Result],
-    run: Result,
+    run: Result | None,
     steady: float | None,
     plain: Result,
     slowest: Result,
-    floor_s: float,
+    floor_s: float | None,
     here: Result,
     steady_here: float | None,
 ) -> None:
     """Where decoding and encoding share the same cores (no GPU), no schedule beats cores / (CPU-seconds
-    per video of both stages): print that bound, the figures against it (the Ray pipeline's and the whole
-    job in this process's, its CPU-seconds per video against the stages'), and the best whole-job ratios
-    any Ray Data job could reach: this many videos at the bound after Ray Data's start-up floor."""
+    per video of both stages): print that bound, the figures against it (the Ray pipeline's, where ``run``,
+    and the whole job in this process's, its CPU-seconds per video against the stages'), and the best
+    whole-job ratios any Ray Data job could reach: this many videos at the bound after Ray Data's start-up
+    floor (``floor_s``)."""
     if torch.cuda.is_available() or any(r.cpu_seconds is None for r in stages):
         return
     cores = len(os.sched_getaffinity(0))
@@ -574,9 +597,11 @@ def print_cpu_bound(
     print(
         f"CPU bound: both stages share {cores} cores, so no schedule exceeds cores / CPU-seconds per video "
         f"({spent}) = {bound:.2f} videos/s,\n  i.e. {bound / slowest.rate:.2f} x slowest stage alone and "
-        f"{bound / plain.rate:.2f} x the plain loop; the pipeline reaches {run.rate / bound:.2f} of it"
+        f"{bound / plain.rate:.2f} x the plain loop; "
+        + (f"the pipeline reaches {run.rate / bound:.2f} of it" if run is not None else "")
         + (f" ({steady / bound:.2f} once running)" if steady else "")
-        + f", the whole job in this process {here.rate / bound:.2f}"
+        + (", " if run is not None else "")
+        + f"the whole job in this process {here.rate / bound:.2f}"
     )
     if steady_here:
         verdict = "met" if steady_here / bound >= 0.85 else "MISSED"
@@ -591,6 +616,8 @@ def print_cpu_bound(
             f"  whole job in this process: {spent_here:.3f} CPU-s per video, {ratio:.2f} x the two stages "
             f"alone (goal <= 1.3: {'met' if ratio <= 1.3 else 'MISSED'})"
         )
+    if run is None or floor_s is None:
+        return
     best = run.videos / (floor_s + run.videos / bound)
     print(
         f"  Ray Data start-up floor (a trivial job of the same shape, one row): {floor_s:.1f} s; at the "
@@ -646,6 +673,16 @@ def parse_args() -> argparse.Namespace:
         help="the encode stage's and the jobs' precision (the plain loop runs float32 on CPUs: the baseline)",
     )
     parser.add_argument(
+        "--stage-videos",
+        type=int,
+        help="videos that the stages alone and the plain loop run (default: all); the jobs run every one",
+    )
+    parser.add_argument(
+        "--no-ray",
+        action="store_true",
+        help="no Ray pipeline: the job in this process alone (--executor in-process) against stages and loop",
+    )
+    parser.add_argument(
         "--workdir",
         type=Path,
         default=Path(tempfile.gettempdir()) / "videosearch-bench-pipeline",
@@ -665,8 +702,10 @@ def main() -> None:
     )
     args.checkpoint = make_checkpoint(args.workdir, args.model)
     run_dir = args.workdir / f"run-{os.getpid()}"
+    # the stages alone and the plain loop on the first --stage-videos: their rates are per video
+    alone = videos[: args.stage_videos or len(videos)]
     try:
-        source = make_source(run_dir / "videos", videos)
+        source = make_source(run_dir / "videos", alone)
         job = EmbedOptions(
             model=args.checkpoint,
             batch_size=args.batch_size,
@@ -676,19 +715,21 @@ def main() -> None:
         decode, frames = measure_decode(source, args.checkpoint, args.sampling)
         _progress(decode)
         stages = [decode, _progress(measure_encode(frames, job, threads=None))]
-        pipeline = measure_pipeline(run_dir, videos, job)
-        _progress(pipeline.result)
+        pipeline = None if args.no_ray else measure_pipeline(run_dir, videos, job)
+        if pipeline is not None:
+            _progress(pipeline.result)
+        one_video_here_s = measure_one_video_here(run_dir, videos, job)
         plains, heres = [], []
         for round_ in range(args.rounds):  # alternating, so that the machine's drifts fall on both alike
-            plains.append(_progress(measure_plain_loop(videos, args.checkpoint)))
+            plains.append(_progress(measure_plain_loop(alone, args.checkpoint)))
             heres.append(_progress(measure_in_process(run_dir, videos, job, round_)))
         plain, here = (max(results, key=lambda r: r.rate) for results in (plains, heres))
-        threads = pipeline.encoder_threads
+        threads = pipeline.encoder_threads if pipeline is not None else None
         if threads is not None and threads != torch.get_num_threads():  # the encoder as the pipeline runs it
             stages.append(_progress(measure_encode(frames, job, threads=threads)))
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
-    print_report(args, stages, pipeline, plain, here, (load_before, os.getloadavg()[0]))
+    print_report(args, stages, pipeline, plain, here, one_video_here_s, (load_before, os.getloadavg()[0]))
 
 
 if __name__ == "__main__":
