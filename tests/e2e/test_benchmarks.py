@@ -3,6 +3,7 @@ encoder benchmark's two implementations agree). Figures come from full runs: see
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -53,6 +54,35 @@ def test_pipeline_benchmark_reports_ratios_and_cpu(tmp_path: Path) -> None:
         assert line in out, out
     floor = re.search(r"start-up floor \(a trivial job of the same shape, one row\): (\S+) s", out)
     assert floor and float(floor[1]) > 0, out
+
+
+def test_pipeline_benchmark_runs_without_ray_where_ray_is_missing(tmp_path: Path) -> None:
+    """As on the lent GPU machine, whose image has no Ray: the job in its own process, the stages and the
+    plain loop on a sample of the videos."""
+    blocker = tmp_path / "no-ray"
+    blocker.mkdir()
+    (blocker / "sitecustomize.py").write_text(
+        "import importlib.abc, sys\n"
+        "class NoRay(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name.split('.')[0] == 'ray':\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, NoRay())\n"
+    )
+    model = str(ROOT / "xclip_core" / "data" / "default-model")
+    args = ["--videos", "5", "--distinct", "2", "--stage-videos", "2", "--no-ray", "--seconds", "1"]
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "pipeline.py"), *args, "--width", "64", "--height", "48",
+         "--model", model, "--workdir", str(tmp_path / "work")],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(blocker)},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    out = done.stdout
+    assert "Ray" not in out.replace("Ray Data", "")  # no Ray pipeline, no figure that needs one
+    assert re.search(r"decode stage alone .* 2 in ", out) and re.search(r"plain loop .* 2 in ", out), out
+    assert re.search(r"whole job in this process .* 5 in ", out), out
+    for line in ("whole job in this process / plain loop", "one-video job in this process"):
+        assert line in out, out
 
 
 def test_refresh_benchmark_reports_its_ratios(tmp_path: Path) -> None:
