@@ -21,7 +21,7 @@ from helpers import cli_env, compiled_graphs_from_here, pattern_frames, videosea
 
 from pipeline.embed import in_flight, in_process
 from pipeline.embed.in_flight import InFlightMarker
-from pipeline.embed.in_process import TIMED_FROM, encoder_threads, runs_in_process
+from pipeline.embed.in_process import TIMED_FROM, encoder_lanes, encoder_threads, runs_in_process
 from pipeline.embed.job import embed, refresh
 from pipeline.embed.options import (
     IN_PROCESS_MAX_BYTES,
@@ -32,6 +32,7 @@ from pipeline.embed.options import (
 from pipeline.embed.parallel import in_parallel
 from pipeline.embed.resources import encode_cpu_s
 from pipeline.embed.stages.decode import DecodeSettings
+from pipeline.embed.stages.encode import EncodeFrames
 from pipeline.library import Library
 from pipeline.models import load_model
 
@@ -269,6 +270,49 @@ def test_large_jobs_share_the_cpus_between_decoding_threads_and_the_encoder_by_m
     # near a boundary the first run may be mostly one-time cost: the warm run decides (2 threads, not 3)
     assert encoder_threads(many, settings, options, clip_costs(0.08, 0.04), on_gpu=False) == 2
     assert settled[-1] is False and stopped_at[-1] == 0.08
+
+
+def test_an_encoder_of_several_threads_encodes_batches_side_by_side_and_writes_the_same_library(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for i in range(9):
+        write_video(videos / f"{i}.mp4", 12, 48, 40, fps=6, seed=i)
+    threads_of_calls: list[str] = []
+    encode = EncodeFrames.__call__
+
+    def noting_the_thread(self: EncodeFrames, batch: dict) -> dict:
+        threads_of_calls.append(threading.current_thread().name)
+        time.sleep(0.05)  # long enough for the lanes to overlap on any machine
+        return encode(self, batch)
+
+    monkeypatch.setattr(EncodeFrames, "__call__", noting_the_thread)
+    libraries, callers = {}, torch.get_num_threads()
+    for lanes in (1, 3):  # the encoder's CPU share, as the job measures it for a large job
+        monkeypatch.setattr(in_process, "encoder_threads", lambda *args, lanes=lanes: lanes)
+        threads_of_calls.clear()
+        libraries[lanes] = str(tmp_path / f"library-{lanes}")
+        options = EmbedOptions(model=str(tiny_model), batch_size=2, executor="in-process")
+        assert embed(str(videos), libraries[lanes], options).ok == 9
+        assert len(threads_of_calls) == 5  # 9 videos in batches of 2
+        on_lanes = {name for name in threads_of_calls if name.startswith("videosearch-encode")}
+        assert len(on_lanes) == (0 if lanes == 1 else 3), threads_of_calls
+        assert torch.get_num_threads() == callers  # the lanes' one torch thread each was the job's only
+    one, three = (Library.open(libraries[n]) for n in (1, 3))
+    assert [p.rows for p in one.snapshot.parts] == [p.rows for p in three.snapshot.parts]
+    rows = [lib.table(["id", "uri", "embedding"]) for lib in (one, three)]
+    assert rows[0]["uri"].to_pylist() == rows[1]["uri"].to_pylist()  # the same order: ids follow it
+    assert rows[0]["id"].to_pylist() == rows[1]["id"].to_pylist()
+    np.testing.assert_allclose(
+        np.stack(rows[1]["embedding"].to_numpy(zero_copy_only=False)),
+        np.stack(rows[0]["embedding"].to_numpy(zero_copy_only=False)),
+        atol=1e-6,
+    )
+    # at most 4 lanes (each holds a batch's activations), dividing the encoder's threads between them
+    shares = [None, 1, 2, 3, 4, 6, 8, 16, 7]
+    assert [encoder_lanes(threads, compiled=False) for threads in shares] == [1, 1, 2, 3, 4, 3, 4, 4, 1]
+    assert encoder_lanes(8, compiled=True) == 1  # one compiled graph, one batch at a time
 
 
 def test_a_job_with_compile_on_encodes_through_one_compiled_graph_and_stores_the_eager_embeddings(
