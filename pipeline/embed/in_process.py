@@ -10,8 +10,8 @@ one part per :data:`~pipeline.library.writer.PART_ROWS` rows, each part recorded
 as it is written, exactly as the Ray plan does. ``--executor ray`` or ``in-process`` overrides the choice.
 
 Decoding runs one decoder per CPU, a few batches ahead of the encoder, and the batches reach the encoder in
-the listed order; an encoder given several CPUs encodes up to 4 batches side by side, each on its share of
-the torch threads (:func:`encoder_lanes`), and they are written in that order:
+the listed order (an encoder given several CPUs takes several batches a call and encodes them side by side,
+each on its share of its torch threads: :func:`~pipeline.embed.resources.encoder_lanes`):
 
 - a small change set (at most ``IN_PROCESS_MAX_OBJECTS``) decodes on threads of this process, which start at
   once (PyAV and Pillow release the GIL: 2 threads decode ~1.6x as fast as one);
@@ -43,7 +43,7 @@ from ..library.journal import Journal
 from ..library.writer import PART_ROWS
 from ..models import VideoTextModel
 from .compiling import compiles
-from .ctrl_c import NEVER, CtrlC, deferred
+from .ctrl_c import CtrlC, deferred
 from .decoder_processes import DecoderProcesses
 from .in_flight import InFlightMarker
 from .options import (
@@ -54,7 +54,15 @@ from .options import (
     StagesRun,
 )
 from .parallel import in_parallel
-from .resources import COLD_OVER_WARM, encode_cpu_s, share_cpus, time_decode, time_encode, torch_threads
+from .resources import (
+    COLD_OVER_WARM,
+    encode_cpu_s,
+    encoder_lanes,
+    share_cpus,
+    time_decode,
+    time_encode,
+    torch_threads,
+)
 from .stages.decode import DecodeSettings, DecodeVideos
 from .stages.encode import EncodeFrames
 from .stages.write import WritePart, written_part
@@ -65,7 +73,6 @@ PLACEMENT = "this process"  # the summary's node name for the stages run here
 DECODER_PROCESSES = "decoder processes"  # ... and for the decoder processes it starts (their count)
 DECODED_AHEAD = 2  # decoded batches that may wait for the encoder beyond one per decoding thread
 TIMED_FROM = 16  # objects from which the job times one video per stage to share the CPUs between them
-MAX_ENCODER_LANES = 4  # batches a CPU encoder takes at once (see encoder_lanes)
 
 
 def runs_in_process(listed: list[dict[str, Any]], options: EmbedOptions, library: str) -> bool:
@@ -133,7 +140,14 @@ def embed_in_process(
         on_gpu = options.gpus_per_encoder != 0 and torch.cuda.is_available()
         threads = encoder_threads(listed, settings, options, functools.partial(encode_cpu_s, model), on_gpu)
         ctrl_c.check()
-        groups = (listed[i : i + options.batch_size] for i in range(0, len(listed), options.batch_size))
+        callers_threads = torch.get_num_threads()
+        stack.callback(torch.set_num_threads, callers_threads)  # the caller's, whatever the encoder was given
+        compiled = compiles(
+            options.compile, on_gpu, len(listed), lambda: time_encode(model, threads or callers_threads)
+        )
+        lanes = encoder_lanes(threads, compiled)
+        per_call = options.batch_size * lanes
+        groups = (listed[i : i + per_call] for i in range(0, len(listed), per_call))
         batches = (as_batch(group) for group in groups)  # one encoder call's videos each
         if workers is not None:
             decoded = workers.decoded(batches, DECODED_AHEAD, ctrl_c)
@@ -141,12 +155,6 @@ def embed_in_process(
             decode = DecodeVideos(settings, options.storage, crash_ledger=marker)
             decoded = _on_threads(batches, decode, ctrl_c)
         stack.enter_context(contextlib.closing(decoded))  # its decoding stops before the workers do
-        callers_threads = torch.get_num_threads()
-        stack.callback(torch.set_num_threads, callers_threads)  # the caller's, whatever the encoder was given
-        compiled = compiles(
-            options.compile, on_gpu, len(listed), lambda: time_encode(model, threads or callers_threads)
-        )
-        lanes = encoder_lanes(threads, compiled)
         encode = EncodeFrames(
             options.model,
             options.storage,
@@ -156,46 +164,22 @@ def embed_in_process(
             loaded=model,
             precision=options.precision,
             compiled=compiled,
+            lanes=lanes,
         )
         write = WritePart(writer.store, writer.embedding_dim, writer.prompt_shape)
-        _encode_and_write(decoded, encode, write, journal, lanes, ctrl_c)
+        _encode_and_write(decoded, encode, write, journal)
     decoders = {DECODER_PROCESSES: processes} if processes else {PLACEMENT: 1}
     return journal.parts, StagesRun({"decode": decoders, "encode": {PLACEMENT: 1}}, encode.compiled)
 
 
-def encoder_lanes(threads: int | None, compiled: bool) -> int:
-    """How many batches the encoder takes at once, each on a thread of its own with ``threads / lanes``
-    torch threads: where the encoder has a CPU share of several (``threads``), the largest divisor of them up
-    to :data:`MAX_ENCODER_LANES`; else 1 (a GPU, a job too small to share the CPUs, or a compiled encoder,
-    whose one graph takes one batch at a time).
-
-    Side by side on one model (torch releases the GIL) the batches keep each core on its own matrices: 2
-    lanes of one torch thread encoded base-patch32 at 1.02-1.07x the rate of one batch on 2 torch threads,
-    whose cores wait for each other at the end of every operation (2 cores; a lane is 1.27 videos/s alone).
-    Each lane holds its batch's activations (base-patch32, 4 videos: ~75 MB), hence the cap."""
-    if not threads or compiled:
-        return 1
-    return max(n for n in range(1, min(threads, MAX_ENCODER_LANES) + 1) if threads % n == 0)
-
-
 def _encode_and_write(
-    decoded: Iterable[list[dict[str, np.ndarray]]],
-    encode: EncodeFrames,
-    write: WritePart,
-    journal: Journal,
-    lanes: int = 1,
-    ctrl_c: CtrlC = NEVER,
+    decoded: Iterable[list[dict[str, np.ndarray]]], encode: EncodeFrames, write: WritePart, journal: Journal
 ) -> None:
-    """Encode the ``decoded`` batches, ``lanes`` at once (:func:`encoder_lanes`), and write them in order, a
-    part per :data:`PART_ROWS` rows, each recorded in ``journal`` as soon as it is written."""
-    batches = (batch for batches in decoded for batch in batches)
-    if lanes == 1:
-        encoded: Iterable[dict[str, np.ndarray]] = map(encode, batches)
-    else:  # one batch waiting beyond those encoding: a lane never waits for the writer
-        encoded = in_parallel(((lambda b=b: encode(b)) for b in batches), lanes, 1, ctrl_c, "encode")
+    """Encode the ``decoded`` batches in order and write them, a part per :data:`PART_ROWS` rows, each
+    recorded in ``journal`` as soon as it is written."""
     pending: list[dict[str, np.ndarray]] = []
-    for rows in encoded:
-        pending.append(rows)
+    for frames in (batch for batches in decoded for batch in batches):
+        pending.append(encode(frames))
         while sum(len(b["uri"]) for b in pending) >= PART_ROWS:
             part, pending = _split(pending, PART_ROWS)
             journal.record(_written(write, part))

@@ -35,6 +35,7 @@ from .resources import (
     WRITE_CPUS,
     Node,
     encode_cpu_s,
+    encoder_lanes,
     stage_resources,
     time_decode,
     time_encode,
@@ -298,6 +299,9 @@ def embed_on_ray(
         len(listed) / stages.encoders,
         lambda: time_encode(model, torch_threads(stages.cpus_per_encoder)),
     )
+    # on a CPU the encoder runs its share of the cores, rounded up, in lanes of sub-batches side by side
+    threads = None if stages.gpus_per_encoder else torch_threads(stages.cpus_per_encoder)
+    lanes = encoder_lanes(threads, compiled)
     placement = PlacementLedger()
     ds = decoded(
         listed,
@@ -316,13 +320,13 @@ def embed_on_ray(
             storage_options=options.storage,
             device=stages.encoder_device,  # the plan decides, not what the actor can see
             batch_size=options.batch_size,
-            # on a CPU the encoder runs its share of the cores, rounded up
-            threads=None if stages.gpus_per_encoder else torch_threads(stages.cpus_per_encoder),
+            threads=None if threads is None else threads // lanes,
             compiled=compiled,
             precision=options.precision,
             placement=placement,
+            lanes=lanes,
         ),
-        batch_size=options.batch_size,
+        batch_size=options.batch_size * lanes,
         batch_format="numpy",
         compute=pool(stages.encoders, stages.max_encoders),
         num_cpus=stages.cpus_per_encoder,

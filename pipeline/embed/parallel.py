@@ -1,5 +1,5 @@
-"""Calls run on a pool of threads, their results taken in order: the in-process executor's decoders and
-encoder lanes."""
+"""Calls run on a pool of threads, their results taken in order: the in-process executor's decoders, and the
+sub-batches an encoder encodes side by side."""
 
 from __future__ import annotations
 

@@ -8,6 +8,8 @@ here with plain numpy, so the embeddings are checked against code that shares no
 from __future__ import annotations
 
 import shutil
+import threading
+import time
 import zlib
 
 import numpy as np
@@ -133,6 +135,27 @@ def test_sub_batches_give_the_same_result_as_one_batch(checkpoint):
     np.testing.assert_allclose(
         split["prompt_features"].astype(np.float32), whole["prompt_features"].astype(np.float32), atol=2e-3
     )
+
+
+def test_lanes_encode_sub_batches_side_by_side_with_the_same_rows(checkpoint, monkeypatch):
+    clips = list(videos(6, seed=2))
+    errors = [None, "cannot decode", None, None, None, None, None]
+    batch = decoded_batch([clips[0], None, *clips[1:]], errors)
+    one = EncodeFrames(checkpoint[0], batch_size=2)(batch)
+    threads = set()
+    encode = EncodeFrames._encode
+
+    def noting_the_thread(self, videos):
+        threads.add(threading.current_thread().name)
+        time.sleep(0.05)  # the lanes overlap on any machine
+        return encode(self, videos)
+
+    monkeypatch.setattr(EncodeFrames, "_encode", noting_the_thread)
+    lanes = EncodeFrames(checkpoint[0], batch_size=2, lanes=3)(batch)
+    assert len([name for name in threads if name.startswith("videosearch-encode")]) == 3
+    assert lanes["error"].tolist() == errors and not lanes["embedding"][1].any()
+    np.testing.assert_allclose(lanes["embedding"], one["embedding"], atol=1e-6, rtol=0)
+    np.testing.assert_array_equal(lanes["prompt_features"], one["prompt_features"])
 
 
 def test_bf16_on_the_cpu_runs_the_model_in_bfloat16_within_its_rounding_of_the_reference(checkpoint):

@@ -21,7 +21,7 @@ from helpers import cli_env, compiled_graphs_from_here, pattern_frames, videosea
 
 from pipeline.embed import in_flight, in_process
 from pipeline.embed.in_flight import InFlightMarker
-from pipeline.embed.in_process import TIMED_FROM, encoder_lanes, encoder_threads, runs_in_process
+from pipeline.embed.in_process import TIMED_FROM, encoder_threads, runs_in_process
 from pipeline.embed.job import embed, refresh
 from pipeline.embed.options import (
     IN_PROCESS_MAX_BYTES,
@@ -30,7 +30,7 @@ from pipeline.embed.options import (
     EmbedOptions,
 )
 from pipeline.embed.parallel import in_parallel
-from pipeline.embed.resources import encode_cpu_s
+from pipeline.embed.resources import encode_cpu_s, encoder_lanes
 from pipeline.embed.stages.decode import DecodeSettings
 from pipeline.embed.stages.encode import EncodeFrames
 from pipeline.library import Library
@@ -280,14 +280,14 @@ def test_an_encoder_of_several_threads_encodes_batches_side_by_side_and_writes_t
     for i in range(9):
         write_video(videos / f"{i}.mp4", 12, 48, 40, fps=6, seed=i)
     threads_of_calls: list[str] = []
-    encode = EncodeFrames.__call__
+    encode = EncodeFrames._encode
 
-    def noting_the_thread(self: EncodeFrames, batch: dict) -> dict:
+    def noting_the_thread(self: EncodeFrames, videos: np.ndarray) -> tuple:
         threads_of_calls.append(threading.current_thread().name)
         time.sleep(0.05)  # long enough for the lanes to overlap on any machine
-        return encode(self, batch)
+        return encode(self, videos)
 
-    monkeypatch.setattr(EncodeFrames, "__call__", noting_the_thread)
+    monkeypatch.setattr(EncodeFrames, "_encode", noting_the_thread)
     libraries, callers = {}, torch.get_num_threads()
     for lanes in (1, 3):  # the encoder's CPU share, as the job measures it for a large job
         monkeypatch.setattr(in_process, "encoder_threads", lambda *args, lanes=lanes: lanes)
@@ -295,7 +295,7 @@ def test_an_encoder_of_several_threads_encodes_batches_side_by_side_and_writes_t
         libraries[lanes] = str(tmp_path / f"library-{lanes}")
         options = EmbedOptions(model=str(tiny_model), batch_size=2, executor="in-process")
         assert embed(str(videos), libraries[lanes], options).ok == 9
-        assert len(threads_of_calls) == 5  # 9 videos in batches of 2
+        assert len(threads_of_calls) == 5  # 9 videos in sub-batches of 2 (a call takes one per lane)
         on_lanes = {name for name in threads_of_calls if name.startswith("videosearch-encode")}
         assert len(on_lanes) == (0 if lanes == 1 else 3), threads_of_calls
         assert torch.get_num_threads() == callers  # the lanes' one torch thread each was the job's only

@@ -18,6 +18,7 @@ from ...bf16 import warn_if_emulated
 from ...flags import PRECISIONS, check_choice
 from ...models import VideoTextModel, load_model
 from ...storage import StorageOptions
+from ..parallel import in_parallel
 
 T = TypeVar("T")
 
@@ -35,7 +36,9 @@ class EncodeFrames:
     ``precision`` (:func:`compute_dtype`), over sub-batches of at most ``batch_size`` videos.
     ``compiled``: the video side goes through ``torch.compile`` (:func:`compiled_encoder`), every sub-batch
     padded to ``batch_size`` so that one graph serves them all. ``threads`` sets torch's CPU thread count if
-    given. ``loaded`` is the model of ``model_src`` where the caller has it loaded already (the job's own
+    given. ``lanes``: sub-batches encoded side by side on threads of their own, each on ``threads`` torch
+    threads (:func:`~pipeline.embed.resources.encoder_lanes`; the caller sends ``lanes * batch_size`` rows a
+    call). ``loaded`` is the model of ``model_src`` where the caller has it loaded already (the job's own
     process); the stage then moves it to its device and dtype.
 
     Attributes: ``identity`` (the hash is of the float32 weights as loaded, so CPU and GPU actors agree);
@@ -52,9 +55,11 @@ class EncodeFrames:
         loaded: VideoTextModel | None = None,
         compiled: bool = False,
         precision: str = "auto",
+        lanes: int = 1,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.lanes = lanes
         if threads:
             torch.set_num_threads(threads)
         try:
@@ -93,9 +98,11 @@ class EncodeFrames:
         good = [i for i in range(rows) if errors[i] is None]
         embedding = np.zeros((rows, self.embedding_dim), np.float32)
         rerank = np.zeros((rows, *self.rerank_shape), np.float16) if self.rerank_shape else None
-        for start in range(0, len(good), self.batch_size):
-            chunk = good[start : start + self.batch_size]
-            embedding[chunk], features = self._encode(np.stack([frames[i] for i in chunk]))
+        chunks = [good[start : start + self.batch_size] for start in range(0, len(good), self.batch_size)]
+        calls = ((lambda chunk=chunk: self._encode(np.stack([frames[i] for i in chunk]))) for chunk in chunks)
+        encoded = in_parallel(calls, self.lanes, 0, name="encode") if self.lanes > 1 else (c() for c in calls)
+        for chunk, (chunk_embedding, features) in zip(chunks, encoded, strict=True):
+            embedding[chunk] = chunk_embedding
             if rerank is not None:
                 rerank[chunk] = features
         out = {name: column for name, column in batch.items() if name != "frames"}
