@@ -156,6 +156,8 @@ def test_lanes_encode_sub_batches_side_by_side_with_the_same_rows(checkpoint, mo
     assert lanes["error"].tolist() == errors and not lanes["embedding"][1].any()
     np.testing.assert_allclose(lanes["embedding"], one["embedding"], atol=1e-6, rtol=0)
     np.testing.assert_array_equal(lanes["prompt_features"], one["prompt_features"])
+    with pytest.raises(ValueError, match="lanes must be 1"):
+        EncodeFrames(checkpoint[0], compiled=True, lanes=2)  # one graph cannot take sub-batches at once
 
 
 def test_bf16_on_the_cpu_runs_the_model_in_bfloat16_within_its_rounding_of_the_reference(checkpoint):

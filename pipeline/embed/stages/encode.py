@@ -59,6 +59,8 @@ class EncodeFrames:
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if lanes > 1 and compiled:
+            raise ValueError("a compiled encoder runs one graph, one batch at a time: lanes must be 1")
         self.lanes = lanes
         if threads:
             torch.set_num_threads(threads)
