@@ -160,7 +160,7 @@ def embed_in_process(
             options.storage,
             "cuda" if on_gpu else "cpu",
             options.batch_size,
-            threads=None if threads is None else threads // lanes,  # each lane its share
+            threads=threads,
             loaded=model,
             precision=options.precision,
             compiled=compiled,

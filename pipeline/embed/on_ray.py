@@ -320,7 +320,7 @@ def embed_on_ray(
             storage_options=options.storage,
             device=stages.encoder_device,  # the plan decides, not what the actor can see
             batch_size=options.batch_size,
-            threads=None if threads is None else threads // lanes,
+            threads=threads,
             compiled=compiled,
             precision=options.precision,
             placement=placement,

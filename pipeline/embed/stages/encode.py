@@ -35,11 +35,11 @@ class EncodeFrames:
     every row. The model runs on ``device`` ("auto": CUDA if available, else CPU) in the dtype of
     ``precision`` (:func:`compute_dtype`), over sub-batches of at most ``batch_size`` videos.
     ``compiled``: the video side goes through ``torch.compile`` (:func:`compiled_encoder`), every sub-batch
-    padded to ``batch_size`` so that one graph serves them all. ``threads`` sets torch's CPU thread count if
-    given. ``lanes``: sub-batches encoded side by side on threads of their own, each on ``threads`` torch
-    threads (:func:`~pipeline.embed.resources.encoder_lanes`; the caller sends ``lanes * batch_size`` rows a
-    call). ``loaded`` is the model of ``model_src`` where the caller has it loaded already (the job's own
-    process); the stage then moves it to its device and dtype.
+    padded to ``batch_size`` so that one graph serves them all. ``threads``: the encoder's CPU threads in
+    all, if given. ``lanes``: sub-batches encoded side by side on threads of their own, each on ``threads /
+    lanes`` torch threads (:func:`~pipeline.embed.resources.encoder_lanes`; the caller sends ``lanes *
+    batch_size`` rows a call). ``loaded`` is the model of ``model_src`` where the caller has it loaded
+    already (the job's own process); the stage then moves it to its device and dtype.
 
     Attributes: ``identity`` (the hash is of the float32 weights as loaded, so CPU and GPU actors agree);
     ``frame_shape`` = the ``(T, crop, crop, 3)`` the model takes; ``embedding_dim`` and ``rerank_shape``.
@@ -63,7 +63,7 @@ class EncodeFrames:
             raise ValueError("a compiled encoder runs one graph, one batch at a time: lanes must be 1")
         self.lanes = lanes
         if threads:
-            torch.set_num_threads(threads)
+            torch.set_num_threads(threads // lanes)  # each lane its share
         try:
             model = loaded or load_model(model_src, storage_options)
             self.preprocessor = model.preprocessor
