@@ -42,6 +42,7 @@ class Faults:
     methods: tuple[str, ...] = ("GET", "HEAD", "PUT", "POST", "DELETE")
     kinds: tuple[str, ...] = FAULTS
     delay_s: float = 2.0
+    together: int = 0  # a delay ends early once this many requests have been answered at once (0: never)
     bytes_per_s: float = 0.0  # each answer's body sent at most this fast (0: at once), as S3 sends a stream
     seed: int = 0
     requests: int = 0  # the requests that could be faulted
@@ -51,9 +52,29 @@ class Faults:
     most_in_flight: int = 0  # the most answered at once
     _random: random.Random = field(init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _changed: threading.Condition = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._random = random.Random(self.seed)
+        self._changed = threading.Condition(self._lock)
+
+    def arrive(self) -> None:
+        """Count a request being answered."""
+        with self._changed:
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+            self._changed.notify_all()
+
+    def leave(self) -> None:
+        """Count a request answered."""
+        with self._changed:
+            self.in_flight -= 1
+
+    def hold(self) -> None:
+        """A ``delay`` fault: ``delay_s``, or until ``together`` requests have been in flight at once, so
+        that a test of requests sent together does not depend on how fast a busy machine sends them."""
+        with self._changed:
+            self._changed.wait_for(lambda: 0 < self.together <= self.most_in_flight, timeout=self.delay_s)
 
     def pick(self, method: str, path: str) -> str | None:
         """The fault for a request, or None to pass it through."""
@@ -92,14 +113,11 @@ class FaultProxy:
 
             def _handle(self) -> None:
                 faults = proxy.faults
-                with faults._lock:
-                    faults.in_flight += 1
-                    faults.most_in_flight = max(faults.most_in_flight, faults.in_flight)
+                faults.arrive()
                 try:
                     self._answer()
                 finally:
-                    with faults._lock:
-                        faults.in_flight -= 1
+                    faults.leave()
 
             def _answer(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -115,7 +133,7 @@ class FaultProxy:
                     self._reply(status, {"Content-Type": "application/xml"}, xml.encode())
                     return
                 if fault == "delay":
-                    time.sleep(proxy.faults.delay_s)
+                    proxy.faults.hold()
                 upstream_conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
                 try:
                     headers = {k: v for k, v in self.headers.items() if k.lower() not in HOP_HEADERS}

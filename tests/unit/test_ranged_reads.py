@@ -148,7 +148,9 @@ def test_the_requests_of_many_remote_parts_are_sent_together(remote_part) -> Non
         for n in range(1, 2 * READ_THREADS)
     ]
     proxy.faults.seen.clear()
-    proxy.faults.delay_s, proxy.faults.kinds, proxy.faults.rate = 0.5, ("delay",), 1.0  # each held a while
+    # each request held until all the parts' are in flight at once; sent one part per thread, they never are
+    proxy.faults.delay_s, proxy.faults.together = 5.0, len(parts)
+    proxy.faults.kinds, proxy.faults.rate = ("delay",), 1.0
     tables = read_each(store, parts, schema, ["id", "uri"])
     assert [t["id"].to_pylist() for t in tables] == [list(range(300))] + [[1000 * n] for n in range(1, 16)]
     # two requests for the first part, one for each other: a tail holds all of a part that small
