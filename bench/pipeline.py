@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
-import math
 import os
 import resource
 import shutil
@@ -306,9 +305,7 @@ class PipelineRun:
     ray_init_s: float
     summary_s: float  # the job's own timer (EmbedSummary.seconds)
     one_video_s: float  # the same job on one video, Ray up: the job's fixed cost plus one video
-    plan: (
-        logging.LogRecord | None
-    )  # the embed job's "plan: ..." record; args = decoders, CPU each, encoders, GPU, CPU each
+    plan: logging.LogRecord | None  # the embed job's "plan: ..." record (encoder_threads, encoder_lanes)
     workers: WorkerUsage
     floor_s: float  # a trivial Ray Data job of the pipeline's shape on one row: start-up no job avoids
 
@@ -319,10 +316,9 @@ class PipelineRun:
 
     @property
     def encoder_threads(self) -> int | None:
-        """The torch threads the embed job gives a CPU encoder: its CPUs rounded up; None for GPU encoders."""
-        if self.plan is None or self.plan.args[3]:
-            return None
-        return math.ceil(self.plan.args[4])
+        """The torch threads the embed job gives a CPU encoder in all (its lanes share them); None for GPU
+        encoders."""
+        return getattr(self.plan, "encoder_threads", None)
 
 
 def measure_pipeline(run_dir: Path, videos: list[Path], job: EmbedOptions) -> PipelineRun:

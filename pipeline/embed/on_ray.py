@@ -280,19 +280,6 @@ def embed_on_ray(
         timings=lambda: (time_decode(listed, settings, options.storage), encode_cpu_s(model)),
         node_types=autoscaled_node_types(),
     )
-    log.info(
-        "plan: %d decoders (up to %d; %.2g CPU each, nodes %s), %d encoders (up to %d; %.2g GPU, %.2g CPU "
-        "each, nodes %s)",
-        stages.decoders,
-        stages.max_decoders or stages.decoders,
-        stages.cpus_per_decoder,
-        stages.decode_selector or "any",
-        stages.encoders,
-        stages.max_encoders or stages.encoders,
-        stages.gpus_per_encoder,
-        stages.cpus_per_encoder,
-        stages.encode_selector or "any",
-    )
     compiled = compiles(
         options.compile,
         stages.gpus_per_encoder > 0,
@@ -302,6 +289,22 @@ def embed_on_ray(
     # on a CPU the encoder runs its share of the cores, rounded up, in lanes of sub-batches side by side
     threads = None if stages.gpus_per_encoder else torch_threads(stages.cpus_per_encoder)
     lanes = encoder_lanes(threads, compiled)
+    log.info(
+        "plan: %d decoders (up to %d; %.2g CPU each, nodes %s), %d encoders (up to %d; %.2g GPU, %.2g CPU "
+        "each, %d lane(s) of %d video(s), nodes %s)",
+        stages.decoders,
+        stages.max_decoders or stages.decoders,
+        stages.cpus_per_decoder,
+        stages.decode_selector or "any",
+        stages.encoders,
+        stages.max_encoders or stages.encoders,
+        stages.gpus_per_encoder,
+        stages.cpus_per_encoder,
+        lanes,
+        options.batch_size,
+        stages.encode_selector or "any",
+        extra={"encoder_threads": threads, "encoder_lanes": lanes},  # None: a GPU encoder
+    )
     placement = PlacementLedger()
     ds = decoded(
         listed,

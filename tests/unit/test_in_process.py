@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import logging
 import os
 import shutil
 import signal
@@ -15,11 +17,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pytest
+import ray
 import torch
 from helpers import cli_env, compiled_graphs_from_here, pattern_frames, videosearch, write_frames, write_video
 
-from pipeline.embed import in_flight, in_process
+from pipeline.embed import in_flight, in_process, on_ray
 from pipeline.embed.in_flight import InFlightMarker
 from pipeline.embed.in_process import TIMED_FROM, encoder_threads, runs_in_process
 from pipeline.embed.job import embed, refresh
@@ -313,6 +317,36 @@ def test_an_encoder_of_several_threads_encodes_batches_side_by_side_and_writes_t
     shares = [None, 1, 2, 3, 4, 6, 8, 16, 7]
     assert [encoder_lanes(threads, compiled=False) for threads in shares] == [1, 1, 2, 3, 4, 3, 4, 4, 1]
     assert encoder_lanes(8, compiled=True) == 1  # one compiled graph, one batch at a time
+
+
+def test_ray_encoders_of_several_threads_encode_in_lanes_and_write_what_one_lane_writes(
+    tiny_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    videos = videos_and_a_broken_file(tmp_path, 7)
+    options = EmbedOptions(model=str(tiny_model), batch_size=2, gpus_per_encoder=0)
+    one = embed(str(videos), str(tmp_path / "one-lane"), dataclasses.replace(options, executor="in-process"))
+    # the tiny model's share of the CPUs is under one; a model whose encoding dominates gets the cores
+    monkeypatch.setattr(on_ray, "torch_threads", lambda cpus: 2)
+    caplog.set_level(logging.INFO, logger="pipeline.embed.on_ray")
+    try:
+        lanes = embed(str(videos), str(tmp_path / "lanes"), dataclasses.replace(options, executor="ray"))
+    finally:
+        ray.shutdown()  # the module's later jobs find no Ray to join
+    plan = next(r for r in caplog.records if r.getMessage().startswith("plan:"))
+    assert (plan.encoder_threads, plan.encoder_lanes) == (2, 2)  # two lanes of one torch thread each
+    assert "2 lane(s) of 2 video(s)" in plan.getMessage()
+    assert (one.executor, lanes.executor) == ("in-process", "ray")
+    assert (lanes.ok, lanes.failed) == (one.ok, one.failed) == (7, 1)
+    rows = [
+        Library.open(str(tmp_path / name)).table(["uri", "error", "embedding"]).sort_by("uri")
+        for name in ("one-lane", "lanes")
+    ]
+    assert rows[0]["uri"].to_pylist() == rows[1]["uri"].to_pylist()
+    assert rows[0]["error"].to_pylist() == rows[1]["error"].to_pylist()
+    ok = pc.is_null(rows[0]["error"])
+    np.testing.assert_allclose(
+        *(np.stack(r.filter(ok)["embedding"].to_numpy(zero_copy_only=False)) for r in rows), atol=1e-6
+    )
 
 
 def test_a_job_with_compile_on_encodes_through_one_compiled_graph_and_stores_the_eager_embeddings(
