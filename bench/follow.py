@@ -26,6 +26,7 @@ from pathlib import Path
 
 import faiss
 import numpy as np
+import pyarrow as pa
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "bench")]
@@ -88,10 +89,11 @@ def main() -> None:
         try:
             store = Store("s3://bench/library", StorageOptions(endpoint_url=proxy.url))
             first, second = Library.open(store, version=1), Library.open(store, version=2)
-            tables = PartTables()
+            tables, arrow = PartTables(), pa.total_allocated_bytes()
             first_rows = RowLookup(store, first.snapshot.parts, first.schema, SHAPE, tables)
             held = first.index()
             second_rows = RowLookup(store, second.snapshot.parts, second.schema, SHAPE, tables)
+            arrow = pa.total_allocated_bytes() - arrow  # both lookups: the service keeps the version before
             read = timed(proxy, second.read_index)
             made = timed(proxy, lambda: index_after(first, held, first_rows, second, second_rows))
         finally:
@@ -104,6 +106,8 @@ def main() -> None:
     for name, (seconds, requests, _) in (("read", read), ("made", made)):
         print(f"  {name}  {seconds:6.2f} s  {requests:3d} requests")
     print(f"  read / made: {read[0] / made[0]:.1f}x; the file's {file_bytes / 1e6:.0f} MB not read again")
+    print(f"the reader's row lookups of both versions and the part tables kept: {arrow / 2**20:.1f} MiB "
+          f"of Arrow memory, {arrow / len(second_rows):.0f} bytes a row of the second")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -207,7 +207,11 @@ def main() -> None:
         if searcher is None:
             print("  latency: needs the bundled geometry (the bundled model scores it); recall only")
         else:
-            print(f"  searcher opened in {time.perf_counter() - started:.2f} s")
+            lookup = searcher.rows.nbytes
+            print(
+                f"  searcher opened in {time.perf_counter() - started:.2f} s; its row lookup holds "
+                f"{lookup / 2**20:.1f} MiB ({lookup / rows:.0f} bytes a row)"
+            )
             searcher.search(CAPTIONS[0])  # warm
             for name, narrowed in (
                 ("", {}),

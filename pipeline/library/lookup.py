@@ -1,8 +1,9 @@
 """Rows by id for stage 2 of a search: where each embedded row of a version lies, kept in memory.
 
 Built once per version from the few small columns a hit shows (``id``, ``uri``, ``segment``, ``start_s``,
-``end_s``: about 100 bytes a row, 100 MB at a million rows), it finds a row's part and position by binary
-search, and reads the row's re-rank record (:mod:`pipeline.library.features`) in O(its own bytes). Parts of
+``end_s``) and ``error``, held once (about 100 bytes a row, 100 MB at a million rows; the part tables kept for
+the next version are the same memory), it finds a row by binary search over its ids (20 bytes a row), and
+reads the row's re-rank record (:mod:`pipeline.library.features`) in O(its own bytes). Parts of
 libraries older than format 3 keep their re-rank features inside the Parquet part: those are read there.
 """
 
@@ -53,6 +54,23 @@ class PartTables:
         self._tables = held
         return list(held.values())
 
+    def read_together(
+        self, store: Store, parts: list[PartInfo], schema: pa.Schema
+    ) -> tuple[pa.Table, np.ndarray]:
+        """The rows of ``parts`` (:meth:`read`) as one table in one piece of memory, each part's rows in
+        order, and where each part's rows start in it (the total last). The parts are then held as slices
+        of that table: the tables kept for the next version and the rows a lookup takes from are the same
+        memory, and a take of rows from many parts is one take."""
+        tables = self.read(store, parts, schema)
+        empty = schema.empty_table().select(self.columns)
+        together = (pa.concat_tables(tables) if tables else empty).combine_chunks()
+        starts = np.cumsum([0, *(len(table) for table in tables)])
+        self._tables = {
+            part.path: together.slice(start, end - start)
+            for part, start, end in zip(parts, starts[:-1], starts[1:], strict=True)
+        }
+        return together, starts
+
     def _copy(self, cache: LocalCache | None, store: Store, path: str) -> pa.Table | None:
         """Part ``path``'s table from its local copy in ``cache`` (checked as it was written), or ``None``."""
         data = cache.get(self._key(store, path)) if cache else None
@@ -90,25 +108,18 @@ class RowLookup:
         tables: PartTables | None = None,
     ) -> None:
         self.store, self.parts, self.schema, self.prompt_shape = store, parts, schema, prompt_shape
-        tables = (tables or PartTables()).read(store, parts, schema)
-        ids, where, positions, hits = [], [], [], []
-        for number, (part, table) in enumerate(zip(parts, tables, strict=True)):
-            keep = pc.is_null(table["error"])
+        # every row of the parts in one table, the same memory as the part tables kept for the next version
+        together, self._starts = (tables or PartTables()).read_together(store, parts, schema)
+        keep = pc.is_null(together["error"]).to_numpy(zero_copy_only=False)
+        for part, start, end in zip(parts, self._starts[:-1], self._starts[1:], strict=True):
             if part.deleted:
-                keep = pc.and_(keep, held_rows(table, part))
-            kept = np.flatnonzero(keep.to_numpy(zero_copy_only=False))
-            ids.append(table["id"].to_numpy()[kept])
-            positions.append(kept)
-            where.append(np.full(len(kept), number, np.int32))
-            hits.append(table.select(HIT_COLUMNS).take(kept))
-        self.ids = np.concatenate(ids) if ids else np.zeros(0, np.int64)
-        order = np.argsort(self.ids, kind="stable")
-        self.ids = self.ids[order]
-        self.part_of = (np.concatenate(where) if where else np.zeros(0, np.int32))[order]
-        self.position = (np.concatenate(positions) if positions else np.zeros(0, np.int64))[order]
-        self.hits_table = (pa.concat_tables(hits) if hits else schema.empty_table().select(HIT_COLUMNS)).take(
-            pa.array(order)
-        )
+                keep[start:end] &= held_rows(together.slice(start, end - start), part).to_numpy()
+        kept = np.flatnonzero(keep)  # rows of the table
+        order = np.argsort(together["id"].to_numpy()[kept], kind="stable")
+        self._row = kept[order]  # by id: the row in the table
+        self.ids = together["id"].to_numpy()[self._row]
+        self.part_of = (np.searchsorted(self._starts, self._row, side="right") - 1).astype(np.int32)
+        self._hits = together.select(HIT_COLUMNS)
         self._files: dict[str, FeatureFile] = {}
 
     def __len__(self) -> int:
@@ -116,15 +127,17 @@ class RowLookup:
 
     @property
     def nbytes(self) -> int:
-        """The memory the lookup holds (its part tables, kept for the next version, aside)."""
-        return self.ids.nbytes + self.part_of.nbytes + self.position.nbytes + self.hits_table.nbytes
+        """The memory the lookup holds: its arrays by id and its table of the parts' rows (shared with the
+        part tables kept for the next version)."""
+        arrays = (self.ids, self.part_of, self._row, self._starts)
+        return sum(array.nbytes for array in arrays) + self._hits.nbytes
 
     def ids_under(self, folder: str) -> np.ndarray:
         """The ids (sorted) of the embedded rows whose video is ``folder`` itself or lies under it (a
         folder's uri, ``s3://bucket/2024/``, with or without its last ``/``; or one video's)."""
-        uris = self.hits_table["uri"]
+        uris = self._hits["uri"]
         inside = pc.or_(pc.equal(uris, folder), pc.starts_with(uris, folder.rstrip("/") + "/"))
-        return self.ids[inside.to_numpy(zero_copy_only=False)]
+        return self.ids[inside.to_numpy(zero_copy_only=False)[self._row]]
 
     def ids_of_parts(self, paths: set[str]) -> dict[str, np.ndarray]:
         """The ids (sorted) of the embedded rows of each part of the version whose path is in ``paths``."""
@@ -138,8 +151,8 @@ class RowLookup:
         return {self.parts[n].path: part_ids for n, part_ids in zip(numbers, ids, strict=True)}
 
     def rows(self, ids: np.ndarray | list[int]) -> np.ndarray:
-        """Where the rows with ``ids`` are in :attr:`hits_table` and the other arrays, in the order of
-        ``ids``. Raises ``KeyError`` for ids that are not embedded rows of the version."""
+        """Where the rows with ``ids`` are in :attr:`ids` and :attr:`part_of`, in the order of ``ids``.
+        Raises ``KeyError`` for ids that are not embedded rows of the version."""
         wanted = np.asarray(ids, dtype=np.int64).reshape(-1)
         found = np.searchsorted(self.ids, wanted).clip(0, max(len(self.ids) - 1, 0))
         missing = wanted[(self.ids[found] != wanted)] if len(self.ids) else wanted
@@ -149,7 +162,7 @@ class RowLookup:
 
     def hits(self, ids: np.ndarray | list[int]) -> pa.Table:
         """The :data:`HIT_COLUMNS` of the rows with ``ids``, in that order."""
-        return self.hits_table.take(pa.array(self.rows(ids)))
+        return self._hits.take(self._row[self.rows(ids)])
 
     def records(self, ids: np.ndarray | list[int]) -> np.ndarray:
         """The re-rank records (:func:`~pipeline.library.features.record_dtype`) of the rows with ``ids``, in
@@ -162,7 +175,7 @@ class RowLookup:
         for slot, row in enumerate(rows):
             by_part[int(self.part_of[row])].append(slot)
         for number, slots in by_part.items():
-            part, positions = self.parts[number], self.position[rows[slots]]
+            part, positions = self.parts[number], self._row[rows[slots]] - self._starts[number]
             out[slots] = self._part_records(part, positions, self.ids[rows[slots]])
         return out
 

@@ -15,7 +15,7 @@ from helpers import MotoS3
 from pipeline.library import Library, LibraryWriter, PartInfo
 from pipeline.library.features import FeatureFile, record_dtype, to_records, write_features
 from pipeline.library.index import build_index
-from pipeline.library.lookup import RowLookup
+from pipeline.library.lookup import PartTables, RowLookup
 from pipeline.library.reader import embedded_rows, read_part
 from pipeline.library.refresh import rewrite_parts
 from pipeline.library.schema import part_schema
@@ -110,6 +110,38 @@ def test_stage_two_ranks_exactly_as_brute_force_over_parts_masks_and_errors(tmp_
     lookup = RowLookup(library.store, library.snapshot.parts, library.schema, library.rerank_shape)
     with pytest.raises(KeyError, match="1004"):
         lookup.records([1000, 1004])  # masked: not a row of this version
+
+
+def test_the_row_lookup_finds_hits_and_folders_across_parts_masks_and_errors(tmp_path, model) -> None:
+    location = str(tmp_path / "lib")
+    publish(location, model, [part_rows(model, range(0, 6), failed=(2,)), part_rows(model, range(6, 11))])
+    library = publish(location, model, [part_rows(model, range(20, 23))], masked=frozenset({1004, 1007}))
+    lookup = RowLookup(library.store, library.snapshot.parts, library.schema, library.rerank_shape)
+    held = library.table(["id", "uri", "segment", "start_s", "end_s"], pc.field("error").is_null())
+    by_id = {row["id"]: row for row in held.to_pylist()}
+    ids = np.random.default_rng(0).permutation(sorted(by_id)).tolist()  # the parts' rows interleaved
+    assert lookup.hits(ids).to_pylist() == [by_id[i] for i in ids]
+    assert lookup.hits([1021, 1000, 1021]).to_pylist() == [by_id[1021], by_id[1000], by_id[1021]]
+    assert lookup.hits([]).num_rows == 0
+    with pytest.raises(KeyError, match="1007"):
+        lookup.hits([1000, 1007])  # masked
+    assert lookup.ids_under("s3://videos/").tolist() == sorted(by_id)
+    for video, expected in (("v8", [1008]), ("v21", [1021]), ("v2", []), ("v7", []), ("v5", [1005])):
+        assert lookup.ids_under(f"s3://videos/{video}.mp4").tolist() == expected  # failed v2, masked v7
+    assert lookup.nbytes >= held.nbytes
+
+
+def test_a_lookup_holds_its_parts_rows_once_with_the_part_tables_it_keeps(tmp_path, model) -> None:
+    location = str(tmp_path / "lib")
+    library = publish(location, model, [part_rows(model, range(n, n + 256)) for n in range(0, 2048, 256)])
+    tables = PartTables()
+    allocated = pa.total_allocated_bytes()
+    lookup = RowLookup(library.store, library.snapshot.parts, library.schema, library.rerank_shape, tables)
+    allocated = pa.total_allocated_bytes() - allocated
+    kept = tables.read(library.store, library.snapshot.parts, library.schema)  # all held: none read again
+    once = sum(table.nbytes for table in kept)
+    assert once <= allocated < 1.2 * once  # the rows a lookup takes from are the part tables kept, not a copy
+    assert len(lookup) == 2048 and lookup.hits([1000 + 2047])["uri"].to_pylist() == ["s3://videos/v2047.mp4"]
 
 
 def test_an_older_library_refreshed_mixes_part_formats_and_still_ranks_exactly(tmp_path, model) -> None:
