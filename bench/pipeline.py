@@ -13,7 +13,7 @@ directory). Then, one after the other in this process, it times:
   decode alone    ``DecodeVideos`` over every video (the first ``--stage-videos``), one video per call, in
                   this process
   encode alone    ``EncodeFrames`` over the pre-decoded frames, ``--batch-size`` videos per call, with torch's
-                  default thread count, and again with the thread count the pipeline gives its encoder
+                  default thread count, and again as the pipeline runs its encoder (its threads and lanes)
   pipeline        ``pipeline.embed.job.embed`` into a fresh library on a local Ray with the default plan;
                   Ray is started before the clock starts (``ray.init`` is timed and reported on its own);
                   then the same job on one video and a trivial Ray Data job of the same shape (start-up
@@ -203,13 +203,17 @@ def measure_decode(source: Path, model_dir: str, sampling: str) -> tuple[Result,
     return Result("decode stage alone", len(listed), seconds, detail, cpu), frames
 
 
-def measure_encode(frames: list[np.ndarray], job: EmbedOptions, threads: int | None) -> Result:
+def measure_encode(
+    frames: list[np.ndarray], job: EmbedOptions, threads: int | None, lanes: int = 1
+) -> Result:
     """The encode stage alone as ``job`` runs it: ``EncodeFrames`` on the pre-decoded frames, ``batch_size``
-    videos per call, in its precision, after one untimed warm-up batch. ``threads`` None keeps torch's current
-    thread count."""
-    previous, batch_size = torch.get_num_threads(), job.batch_size
+    videos per lane and call, in its precision, after one untimed warm-up call. ``threads`` None keeps torch's
+    current thread count; ``lanes``: sub-batches side by side, ``threads / lanes`` torch threads each."""
+    previous, batch_size = torch.get_num_threads(), job.batch_size * lanes
     started = time.perf_counter()
-    encoder = EncodeFrames(job.model, batch_size=batch_size, threads=threads, precision=job.precision)
+    encoder = EncodeFrames(
+        job.model, batch_size=job.batch_size, threads=threads, precision=job.precision, lanes=lanes
+    )
     load_s = time.perf_counter() - started
     try:
         used = torch.get_num_threads()
@@ -226,9 +230,13 @@ def measure_encode(frames: list[np.ndarray], job: EmbedOptions, threads: int | N
     finally:
         torch.set_num_threads(previous)
     plural = "s" * (used > 1)
-    name = "encode stage alone" if threads is None else f"encode alone, {used} thread{plural}"
+    in_lanes = f" in {lanes} lanes" if lanes > 1 else ""
+    name = "encode stage alone" if threads is None else f"encode alone, {threads} thread{'s' * (threads > 1)}"
+    name += in_lanes
+    each = " each" * (lanes > 1)
     detail = (
-        f"{encoder.device.type}, batch {batch_size}, torch {used} thread{plural}; model load {load_s:.1f} s"
+        f"{encoder.device.type}, batch {job.batch_size}{in_lanes}, torch {used} thread{plural}{each}; "
+        f"model load {load_s:.1f} s"
     )
     return Result(name, len(frames), seconds, detail, cpu)
 
@@ -319,6 +327,11 @@ class PipelineRun:
         """The torch threads the embed job gives a CPU encoder in all (its lanes share them); None for GPU
         encoders."""
         return getattr(self.plan, "encoder_threads", None)
+
+    @property
+    def encoder_lanes(self) -> int:
+        """The sub-batches the embed job's encoder encodes side by side."""
+        return getattr(self.plan, "encoder_lanes", 1)
 
 
 def measure_pipeline(run_dir: Path, videos: list[Path], job: EmbedOptions) -> PipelineRun:
@@ -721,8 +734,10 @@ def main() -> None:
             heres.append(_progress(measure_in_process(run_dir, videos, job, round_)))
         plain, here = (max(results, key=lambda r: r.rate) for results in (plains, heres))
         threads = pipeline.encoder_threads if pipeline is not None else None
-        if threads is not None and threads != torch.get_num_threads():  # the encoder as the pipeline runs it
-            stages.append(_progress(measure_encode(frames, job, threads=threads)))
+        lanes = pipeline.encoder_lanes if pipeline is not None else 1
+        # the encoder again as the pipeline runs it, where that differs: its threads, its lanes
+        if threads is not None and (threads != torch.get_num_threads() or lanes > 1):
+            stages.append(_progress(measure_encode(frames, job, threads, lanes)))
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     print_report(args, stages, pipeline, plain, here, one_video_here_s, (load_before, os.getloadavg()[0]))
