@@ -62,9 +62,7 @@ class PartTables:
         of that table: the tables kept for the next version and the rows a lookup takes from are the same
         memory, and a take of rows from many parts is one take."""
         tables = self.read(store, parts, schema)
-        empty = schema.empty_table().select(self.columns)
-        together = (pa.concat_tables(tables) if tables else empty).combine_chunks()
-        starts = np.cumsum([0, *(len(table) for table in tables)])
+        together, starts = one_table(tables, schema.empty_table().select(self.columns))
         self._tables = {
             part.path: together.slice(start, end - start)
             for part, start, end in zip(parts, starts[:-1], starts[1:], strict=True)
@@ -79,6 +77,18 @@ class PartTables:
     def _key(self, store: Store, path: str) -> str:
         """The local copy's key of the columns read of part ``path``."""
         return LocalCache.key(store, path, ",".join(self.columns))
+
+
+def one_table(tables: list[pa.Table], empty: pa.Table) -> tuple[pa.Table, np.ndarray]:
+    """``tables`` (of one schema; ``empty`` where there are none) as one table in one piece of memory, and
+    where each one's rows start in it (the total last). Its strings have 64-bit offsets: a column of over
+    2 GiB (some 30M uris) is one piece too, which a take of rows needs."""
+    wide = pa.schema(
+        [f.with_type(pa.large_string()) if f.type == pa.string() else f for f in empty.schema],
+        empty.schema.metadata,
+    )
+    together = pa.concat_tables([table.cast(wide) for table in tables] or [empty.cast(wide)])
+    return together.combine_chunks(), np.cumsum([0, *(len(table) for table in tables)])
 
 
 def held_rows(table: pa.Table, part: PartInfo) -> pa.ChunkedArray:

@@ -15,7 +15,7 @@ from helpers import MotoS3
 from pipeline.library import Library, LibraryWriter, PartInfo
 from pipeline.library.features import FeatureFile, record_dtype, to_records, write_features
 from pipeline.library.index import build_index
-from pipeline.library.lookup import PartTables, RowLookup
+from pipeline.library.lookup import PartTables, RowLookup, one_table
 from pipeline.library.reader import embedded_rows, read_part
 from pipeline.library.refresh import rewrite_parts
 from pipeline.library.schema import part_schema
@@ -142,6 +142,20 @@ def test_a_lookup_holds_its_parts_rows_once_with_the_part_tables_it_keeps(tmp_pa
     once = sum(table.nbytes for table in kept)
     assert once <= allocated < 1.2 * once  # the rows a lookup takes from are the part tables kept, not a copy
     assert len(lookup) == 2048 and lookup.hits([1000 + 2047])["uri"].to_pylist() == ["s3://videos/v2047.mp4"]
+
+
+def test_the_parts_rows_make_one_table_past_two_gib_of_uris() -> None:
+    rows, length = 1_100_000, 1000  # each part's uris 1.1 GB: 32-bit string offsets overflow together
+    offsets = pa.py_buffer((np.arange(rows + 1, dtype=np.int32) * length).tobytes())
+    uris = pa.StringArray.from_buffers(
+        rows, offsets, pa.py_buffer(np.full(rows * length, ord("u"), np.uint8))
+    )
+    schema = pa.schema([("id", pa.int64()), ("uri", pa.string())])
+    tables = [pa.table([pa.array(np.arange(rows) + n * rows), uris], schema=schema) for n in range(2)]
+    together, starts = one_table(tables, schema.empty_table())
+    assert starts.tolist() == [0, rows, 2 * rows]
+    taken = together.take([0, 2 * rows - 1])  # one take across both parts
+    assert taken["id"].to_pylist() == [0, 2 * rows - 1] and taken["uri"].to_pylist() == ["u" * length] * 2
 
 
 def test_an_older_library_refreshed_mixes_part_formats_and_still_ranks_exactly(tmp_path, model) -> None:
