@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import shutil
 import threading
-import time
 import zlib
 
 import numpy as np
@@ -144,10 +143,11 @@ def test_lanes_encode_sub_batches_side_by_side_with_the_same_rows(checkpoint, mo
     one = EncodeFrames(checkpoint[0], batch_size=2)(batch)
     threads = set()
     encode = EncodeFrames._encode
+    together = threading.Barrier(3, timeout=30)  # passed only by three sub-batches encoding at once
 
     def noting_the_thread(self, videos):
         threads.add(threading.current_thread().name)
-        time.sleep(0.05)  # the lanes overlap on any machine
+        together.wait()
         return encode(self, videos)
 
     monkeypatch.setattr(EncodeFrames, "_encode", noting_the_thread)

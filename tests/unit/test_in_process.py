@@ -286,9 +286,12 @@ def test_an_encoder_of_several_threads_encodes_batches_side_by_side_and_writes_t
     threads_of_calls: list[str] = []
     encode = EncodeFrames._encode
 
+    together = threading.Barrier(3, timeout=30)  # passed only by three sub-batches encoding at once
+
     def noting_the_thread(self: EncodeFrames, videos: np.ndarray) -> tuple:
         threads_of_calls.append(threading.current_thread().name)
-        time.sleep(0.05)  # long enough for the lanes to overlap on any machine
+        if self.lanes > 1 and len(threads_of_calls) <= 3:
+            together.wait()  # the first call's three sub-batches
         return encode(self, videos)
 
     monkeypatch.setattr(EncodeFrames, "_encode", noting_the_thread)
