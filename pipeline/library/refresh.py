@@ -229,10 +229,17 @@ def _copies(
     uri -> fingerprint, failed, rows): an MD5 ETag (:func:`content_hash`) that the video was embedded under,
     or, without an ETag, ``same_bytes`` with one of the ``unchanged`` videos of its size. That video's uri ->
     them."""
-    whole = {video["print"]: uri for uri, video in sorted(videos.items()) if not video["failed"]}
-    sized: dict[int, list[str]] = defaultdict(list)  # ETag-less unchanged videos by size
-    for uri in sorted(unchanged):
-        if same_bytes and not videos[uri]["failed"] and videos[uri]["print"][0] == "size":
+    if not added:
+        return {}
+    prints = {fingerprint(row) for row in added}  # only these can be found: the base is not sorted whole
+    whole: dict[tuple, str] = {}  # of videos of one fingerprint, the last uri in order
+    for uri, video in videos.items():
+        if video["print"] in prints and not video["failed"]:
+            whole[video["print"]] = max(uri, whole.get(video["print"], uri))
+    sizes = {("size", row["size"]) for row in added if not row["etag"]} if same_bytes else set()
+    sized: dict[int, list[str]] = defaultdict(list)  # ETag-less unchanged videos of those sizes, by size
+    for uri in sorted(uri for uri in unchanged if sizes and videos[uri]["print"][:2] in sizes):
+        if not videos[uri]["failed"]:
             sized[videos[uri]["print"][1]].append(uri)
     copies: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in added:
